@@ -1,0 +1,50 @@
+# redisecho: the two set-up commands are `go run ./example` and `make test`.
+# Every target works on a fresh Debian/Ubuntu machine with Go 1.26: what is
+# missing (redis-server, wrk) is installed with apt-get.
+
+SHELL := /bin/bash
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FUZZTIME ?= 10s
+
+.PHONY: test redis-server wrk fmt vet staticcheck unit fuzz build bench
+
+## test: everything CI runs (installs redis-server when missing).
+test: redis-server fmt vet staticcheck unit fuzz build
+
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@redis-server --version
+
+wrk:
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
+
+fmt:
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
+
+vet:
+	go vet ./...
+	cd bench && go vet ./...
+
+staticcheck:
+	go run $(STATICCHECK) ./...
+	cd bench && go run $(STATICCHECK) ./...
+
+## unit: the whole suite with the race detector, on a standalone server and a
+## 3-master cluster that the tests start themselves. It includes the fuzz seed
+## corpus.
+unit:
+	go test -race -count=1 ./...
+
+## fuzz: a short run of the key fuzzer beyond its seed corpus.
+fuzz:
+	go test -run '^$$' -fuzz FuzzGroupKeysShareSlot -fuzztime $(FUZZTIME) .
+
+build:
+	go build -o /dev/null ./example
+	cd bench && go build -o /dev/null .
+
+## bench: the performance table of the README (wrk -t1 -c32 -d5s, two
+## interleaved rounds, medians as ratios to a baseline route).
+bench: redis-server wrk
+	cd bench && go run .

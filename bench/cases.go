@@ -1,0 +1,69 @@
+package main
+
+import (
+	"context"
+	"net/http"
+
+	"github.com/labstack/echo/v4"
+)
+
+// A Case is one benchmarked route.
+//
+// The harness registers every case on one Echo instance, calls Setup once
+// the server listens, checks that the route answers 2xx with the same body
+// as its baseline, then runs wrk against Path with the headers Setup
+// returned.
+type Case struct {
+	// Name identifies the case in the table and in -cases; it must be
+	// unique. The case's Redis key prefix is derived from it (Env.KeyPrefix).
+	Name string
+	// Baseline is the path of the baseline route the case is compared with:
+	// "/n" or "/p". The case must answer the same body.
+	Baseline string
+	// Method is the HTTP method wrk sends; empty means GET.
+	Method string
+	// Path is the route wrk hits; it must be unique across cases.
+	Path string
+	// Register adds the case's route, inside its own group with its own
+	// middleware, and creates its clients (register their Close with
+	// env.OnClose).
+	Register func(e *echo.Echo, env *Env) error
+	// Setup, optional, prepares the case once the server is up (warms a
+	// cache, logs in) and returns headers for every wrk request.
+	Setup func(ctx context.Context, env *Env) (http.Header, error)
+	// Redis, optional, lists the Redis servers the case uses, whose
+	// commands are counted. Nil means the default server (env.Redis).
+	Redis func(env *Env) []string
+}
+
+// baselines are the reference routes: no middleware, no Redis. They run in
+// every round, before the cases.
+var baselines = []Case{
+	{Name: "baseline /n", Baseline: "/n", Path: "/n", Register: func(*echo.Echo, *Env) error { return nil }},
+	{Name: "baseline /p", Baseline: "/p", Path: "/p", Register: func(*echo.Echo, *Env) error { return nil }},
+}
+
+// cases is the registry, run in this order.
+//
+// redisecho cases go here as well, next to the peer they compete with (for
+// example "redisecho session/write" after "scs/write"), with Register using
+// the redisecho middleware. The first of them to import
+// github.com/redisecho/redisecho must also add to go.mod:
+//
+//	require github.com/redisecho/redisecho v0.0.0
+//	replace github.com/redisecho/redisecho => ../
+var cases = []Case{
+	// Sessions, baseline /n. Write: one value per request into an existing
+	// session. Read: one value from a live session.
+	redistoreCase("redistore/write", "/redistore/write", true),
+	redistoreCase("redistore/read", "/redistore/read", false),
+	scsCase("scs/write", "/scs/write", true),
+	scsCase("scs/read", "/scs/read", false),
+
+	// Rate limiting, baseline /p: one Allow per request, never denied.
+	redisRateCase("redis_rate/allow", "/redis_rate/allow"),
+
+	// Response caching, baseline /p: a warm cache hit serving the /p body.
+	goRedisCacheCase("go-redis-cache-tinylfu/hit", "/go-redis-cache/hit"),
+	guideCacheCase("guide-cache/hit", "/guide-cache/hit"),
+}

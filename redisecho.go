@@ -1,0 +1,265 @@
+// Package redisecho puts Redis behind Echo v4 web applications: server-side
+// sessions, response caching and a cache service, rate limiting, realtime
+// fan-out over Server-Sent Events and a reliable job queue, all on
+// github.com/redis/rueidis with client-side caching.
+//
+// Every feature follows Echo's middleware grid (XConfig, X(...),
+// XWithConfig(cfg), (XConfig).ToMiddleware()) and shares the plumbing in this
+// file and in options.go: cluster-safe key naming, SCAN over every master,
+// the circuit breaker, per-call deadlines, the clock and the logger.
+package redisecho
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/redis/rueidis"
+)
+
+// DefaultPrefix is the namespace every key written by the library starts
+// with, unless a feature's Prefix option says otherwise.
+const DefaultPrefix = "redisecho:"
+
+// ErrInvalidPrefix is returned when a key prefix contains '{' or '}'. A brace
+// in the prefix would become the hash tag of every key and defeat the
+// per-group slot placement that Keyspace guarantees.
+var ErrInvalidPrefix = errors.New("redisecho: key prefix must not contain '{' or '}'")
+
+// Keyspace builds every key the library writes. Keys are cluster-safe by
+// construction:
+//
+//   - every key starts with the prefix (DefaultPrefix for the zero value);
+//   - keys of one Group share exactly one hash tag, so multi-key commands and
+//     Lua scripts over a group never cross slots on a Redis Cluster;
+//   - every part is escaped, so user input (a URL path, a user ID, a queue
+//     name) can neither open nor close a hash tag, nor make two different
+//     part lists produce the same key.
+//
+// Escaping is percent-encoding of exactly four bytes: '%' (%25), ':' (%3A),
+// '{' (%7B) and '}' (%7D). Everything else is kept as is, so keys stay
+// readable in redis-cli. Use Digest for parts that are long or secret.
+//
+// The zero value is ready to use and writes under DefaultPrefix.
+type Keyspace struct {
+	prefix string
+	set    bool
+}
+
+// NewKeyspace returns a Keyspace writing under prefix. An empty prefix means
+// DefaultPrefix. It returns ErrInvalidPrefix when prefix contains a brace.
+func NewKeyspace(prefix string) (Keyspace, error) {
+	if strings.ContainsAny(prefix, "{}") {
+		return Keyspace{}, fmt.Errorf("%w: %q", ErrInvalidPrefix, prefix)
+	}
+	if prefix == "" {
+		return Keyspace{}, nil
+	}
+	return Keyspace{prefix: prefix, set: true}, nil
+}
+
+// Prefix returns the namespace prefix of every key built by ks.
+func (ks Keyspace) Prefix() string {
+	if !ks.set {
+		return DefaultPrefix
+	}
+	return ks.prefix
+}
+
+// Key returns an ungrouped key, prefix + escaped parts joined by ':'. Use it
+// for keys that no command touches together with another key. It never
+// contains a hash tag, whatever the parts hold.
+func (ks Keyspace) Key(parts ...string) string {
+	var b strings.Builder
+	b.Grow(len(ks.Prefix()) + partsLen(parts))
+	b.WriteString(ks.Prefix())
+	writeParts(&b, parts)
+	return b.String()
+}
+
+// Group returns the builder of keys that share the hash tag made of the
+// escaped tag parts, e.g. Group("queue", "emails").Key("pending") is
+// "redisecho:{queue:emails}:pending". An empty tag is written as "{%}", which
+// no escaped input can produce, so a group never falls back to hashing whole
+// keys.
+func (ks Keyspace) Group(tag ...string) KeyGroup {
+	var b strings.Builder
+	b.Grow(len(ks.Prefix()) + partsLen(tag) + 2)
+	b.WriteString(ks.Prefix())
+	b.WriteByte('{')
+	n := b.Len()
+	writeParts(&b, tag)
+	if b.Len() == n {
+		b.WriteByte('%')
+	}
+	b.WriteByte('}')
+	return KeyGroup{head: b.String()}
+}
+
+// KeyGroup builds keys that share one hash tag, and therefore one cluster
+// slot. Build it with Keyspace.Group.
+type KeyGroup struct {
+	head string // prefix + "{" + tag + "}"
+}
+
+// Key returns the group's key for the escaped parts:
+// prefix + "{" + tag + "}" + (":" + part)...
+func (g KeyGroup) Key(parts ...string) string {
+	var b strings.Builder
+	b.Grow(len(g.head) + partsLen(parts) + 1)
+	b.WriteString(g.head)
+	for _, p := range parts {
+		b.WriteByte(':')
+		escapePart(&b, p)
+	}
+	return b.String()
+}
+
+// Tag returns the hash tag of the group, braces included.
+func (g KeyGroup) Tag() string {
+	return g.head[strings.IndexByte(g.head, '{'):]
+}
+
+// Digest returns a fixed-length (43 character), key-safe stand-in for s: the
+// unpadded base64url SHA-256 of s. Use it as a key part for input that is long
+// (a URL with its query) or secret (a session token): the key stays short and
+// a Redis dump or MONITOR log does not reveal s.
+func Digest(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+func partsLen(parts []string) int {
+	n := 0
+	for _, p := range parts {
+		n += len(p) + 1
+	}
+	return n
+}
+
+func writeParts(b *strings.Builder, parts []string) {
+	for i, p := range parts {
+		if i > 0 {
+			b.WriteByte(':')
+		}
+		escapePart(b, p)
+	}
+}
+
+// escapePart writes p percent-encoding '%', ':', '{' and '}'.
+func escapePart(b *strings.Builder, p string) {
+	for i := 0; i < len(p); i++ {
+		switch c := p[i]; c {
+		case '%':
+			b.WriteString("%25")
+		case ':':
+			b.WriteString("%3A")
+		case '{':
+			b.WriteString("%7B")
+		case '}':
+			b.WriteString("%7D")
+		default:
+			b.WriteByte(c)
+		}
+	}
+}
+
+// keySlot returns the Redis Cluster slot of key: CRC16 (XMODEM) of the hash
+// tag, or of the whole key when it has none, modulo 16384.
+func keySlot(key string) uint16 {
+	if open := strings.IndexByte(key, '{'); open >= 0 {
+		if end := strings.IndexByte(key[open+1:], '}'); end > 0 {
+			key = key[open+1 : open+1+end]
+		}
+	}
+	var crc uint16
+	for i := 0; i < len(key); i++ {
+		crc ^= uint16(key[i]) << 8
+		for range 8 {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return crc % 16384
+}
+
+// masters returns one client per master node: the single node of a
+// standalone or sentinel client, every master of a cluster. Replicas are left
+// out, because a write sent through one fails with MOVED and a SCAN of both
+// would see every key twice. Each ROLE call runs under ctx.
+func masters(ctx context.Context, client rueidis.Client) ([]rueidis.Client, error) {
+	nodes := client.Nodes()
+	if client.Mode() != rueidis.ClientModeCluster {
+		out := make([]rueidis.Client, 0, len(nodes))
+		for _, n := range nodes {
+			out = append(out, n)
+		}
+		return out, nil
+	}
+	out := make([]rueidis.Client, 0, len(nodes))
+	for addr, n := range nodes {
+		role, err := n.Do(ctx, n.B().Role().Build()).ToArray()
+		if err != nil {
+			return nil, fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
+		}
+		if len(role) > 0 {
+			if r, _ := role[0].ToString(); r == "master" {
+				out = append(out, n)
+			}
+		}
+	}
+	return out, nil
+}
+
+// scanMasters runs SCAN MATCH pattern over every master (see masters) and
+// calls fn with each batch of keys, together with the node that holds them so
+// that fn can act on them there. A batch holds keys of one node only. It stops
+// at the first error, from Redis or from fn.
+func scanMasters(ctx context.Context, client rueidis.Client, pattern string, fn func(ctx context.Context, node rueidis.Client, keys []string) error) error {
+	nodes, err := masters(ctx, client)
+	if err != nil {
+		return err
+	}
+	for _, n := range nodes {
+		var cursor uint64
+		for {
+			entry, err := n.Do(ctx, n.B().Scan().Cursor(cursor).Match(pattern).Count(500).Build()).AsScanEntry()
+			if err != nil {
+				return fmt.Errorf("redisecho: SCAN: %w", err)
+			}
+			if len(entry.Elements) > 0 {
+				if err := fn(ctx, n, entry.Elements); err != nil {
+					return err
+				}
+			}
+			cursor = entry.Cursor
+			if cursor == 0 {
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// matchPattern returns the SCAN MATCH pattern for every key that starts with
+// prefix, escaping the glob metacharacters it contains.
+func matchPattern(prefix string) string {
+	var b strings.Builder
+	for i := 0; i < len(prefix); i++ {
+		switch c := prefix[i]; c {
+		case '*', '?', '[', ']', '\\':
+			b.WriteByte('\\')
+			b.WriteByte(c)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	b.WriteByte('*')
+	return b.String()
+}

@@ -15,8 +15,14 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"net/http"
+	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
+	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 )
 
@@ -262,4 +268,242 @@ func matchPattern(prefix string) string {
 	}
 	b.WriteByte('*')
 	return b.String()
+}
+
+// ClientHolder dials Redis in the background and keeps retrying until it
+// connects, so that an application can start while Redis is down.
+// rueidis.NewClient fails when no server answers (a cluster client needs the
+// topology), and it reconnects by itself only once it has connected. The
+// holder owns the client it creates and closes it in Close.
+type ClientHolder struct {
+	opt    rueidis.ClientOption
+	client atomic.Pointer[rueidis.Client]
+	err    atomic.Pointer[error]
+	ready  chan struct{}
+	stop   chan struct{}
+	done   chan struct{}
+	start  sync.Once
+	close  sync.Once
+}
+
+// NewClientHolder returns a holder for a client built from opt. It does no
+// I/O: call Start.
+func NewClientHolder(opt rueidis.ClientOption) *ClientHolder {
+	return &ClientHolder{opt: opt, ready: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
+}
+
+// Start begins dialing in the background, retrying with a backoff that grows
+// from 100 ms to 5 s until it connects or Close is called. Calling Start again
+// does nothing.
+func (h *ClientHolder) Start() {
+	h.start.Do(func() {
+		go func() {
+			defer close(h.done)
+			backoff := 100 * time.Millisecond
+			for {
+				c, err := rueidis.NewClient(h.opt)
+				if err == nil {
+					select {
+					case <-h.stop:
+						c.Close()
+						return
+					default:
+					}
+					h.client.Store(&c)
+					close(h.ready)
+					return
+				}
+				h.err.Store(&err)
+				select {
+				case <-h.stop:
+					return
+				case <-time.After(backoff):
+				}
+				backoff = min(backoff*2, 5*time.Second)
+			}
+		}()
+	})
+}
+
+// Client returns the connected client, or nil until the first dial succeeded.
+func (h *ClientHolder) Client() rueidis.Client {
+	if c := h.client.Load(); c != nil {
+		return *c
+	}
+	return nil
+}
+
+// Ready is closed once Client returns a client.
+func (h *ClientHolder) Ready() <-chan struct{} { return h.ready }
+
+// Err returns the error of the last failed dial, nil if none failed yet.
+func (h *ClientHolder) Err() error {
+	if e := h.err.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// Close stops dialing and closes the client the holder created.
+func (h *ClientHolder) Close() {
+	h.close.Do(func() {
+		close(h.stop)
+		h.start.Do(func() { close(h.done) }) // never started: nothing to wait for
+		<-h.done
+		if c := h.Client(); c != nil {
+			c.Close()
+		}
+	})
+}
+
+// DefaultHealthTimeout bounds a readiness check when ReadinessConfig.Timeout
+// is zero.
+const DefaultHealthTimeout = time.Second
+
+// ReadinessConfig configures the readiness handler, the guide's "monitor
+// Redis health with health check endpoints".
+type ReadinessConfig struct {
+	// Client is the Redis to check. Exactly one of Client and Holder is
+	// required.
+	Client rueidis.Client
+	// Holder is the Redis to check when the application dials in the
+	// background: until it connects, readiness answers 503 "connecting".
+	Holder *ClientHolder
+	// Timeout bounds the whole check: the handler answers within it even
+	// when Redis hangs. Default: DefaultHealthTimeout (1 s).
+	Timeout time.Duration
+	// Breaker is the breaker whose scopes are reported; any scope that is
+	// not closed makes the answer 503. Default: BreakerFor(client).
+	Breaker *Breaker
+}
+
+// HealthReport is the JSON body of the readiness handler.
+type HealthReport struct {
+	// Status is "ok" (HTTP 200) or "unavailable" (HTTP 503).
+	Status string `json:"status"`
+	// Redis describes what the check found.
+	Redis RedisHealth `json:"redis"`
+}
+
+// RedisHealth is the Redis part of a HealthReport.
+type RedisHealth struct {
+	// State is "up", "down", "breaker-open" or "connecting".
+	State string `json:"state"`
+	// Mode is the client's mode: "standalone", "cluster" or "sentinel".
+	Mode string `json:"mode,omitempty"`
+	// LatencyMS is the slowest node's PING round trip, in milliseconds.
+	LatencyMS float64 `json:"latency_ms"`
+	// Nodes reports each node the client knows.
+	Nodes []NodeHealth `json:"nodes,omitempty"`
+	// Breaker reports each breaker scope.
+	Breaker []BreakerStats `json:"breaker,omitempty"`
+}
+
+// NodeHealth is one node's PING result. Error is "timeout" or "unreachable":
+// the underlying error goes to no HTTP client.
+type NodeHealth struct {
+	Addr      string  `json:"addr"`
+	OK        bool    `json:"ok"`
+	LatencyMS float64 `json:"latency_ms"`
+	Error     string  `json:"error,omitempty"`
+}
+
+// Readiness returns the readiness handler for client with the defaults of
+// ReadinessConfig. It PINGs every node under a 1 s deadline and answers 200
+// with a HealthReport, or 503 when a node does not answer or a breaker scope
+// is open. It panics when client is nil.
+func Readiness(client rueidis.Client) echo.HandlerFunc {
+	return ReadinessWithConfig(ReadinessConfig{Client: client})
+}
+
+// ReadinessWithConfig returns the readiness handler for cfg. It panics when
+// cfg is invalid; use ToHandler to get the error instead.
+func ReadinessWithConfig(cfg ReadinessConfig) echo.HandlerFunc {
+	h, err := cfg.ToHandler()
+	if err != nil {
+		panic(err)
+	}
+	return h
+}
+
+// ToHandler validates cfg, fills its defaults and returns the handler.
+func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
+	if (cfg.Client == nil) == (cfg.Holder == nil) {
+		return nil, fmt.Errorf("readiness: %w: set exactly one of Client and Holder", ErrNilClient)
+	}
+	if cfg.Timeout < 0 {
+		return nil, fmt.Errorf("readiness: %w: %v", ErrInvalidTimeout, cfg.Timeout)
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultHealthTimeout
+	}
+	return func(c echo.Context) error {
+		client := cfg.Client
+		if cfg.Holder != nil {
+			client = cfg.Holder.Client()
+		}
+		if client == nil {
+			return c.JSON(http.StatusServiceUnavailable, HealthReport{Status: "unavailable", Redis: RedisHealth{State: "connecting"}})
+		}
+		breaker := cfg.Breaker
+		if breaker == nil {
+			breaker = BreakerFor(client)
+		}
+		ctx, cancel := context.WithTimeout(c.Request().Context(), cfg.Timeout)
+		defer cancel()
+		rep := checkRedis(ctx, client, breaker)
+		code := http.StatusOK
+		if rep.Status != "ok" {
+			code = http.StatusServiceUnavailable
+		}
+		c.Response().Header().Set("Cache-Control", "no-store")
+		return c.JSON(code, rep)
+	}, nil
+}
+
+// checkRedis PINGs every node concurrently under ctx.
+func checkRedis(ctx context.Context, client rueidis.Client, breaker *Breaker) HealthReport {
+	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: breaker.Stats()}}
+	nodes := client.Nodes()
+	rep.Redis.Nodes = make([]NodeHealth, 0, len(nodes))
+	results := make(chan NodeHealth, len(nodes))
+	for addr, n := range nodes {
+		go func() {
+			start := time.Now()
+			err := n.Do(ctx, n.B().Ping().Build()).Error()
+			h := NodeHealth{Addr: addr, OK: err == nil, LatencyMS: float64(time.Since(start).Microseconds()) / 1000}
+			switch {
+			case err == nil:
+			case errors.Is(err, context.DeadlineExceeded):
+				h.Error = "timeout"
+			default:
+				h.Error = "unreachable"
+			}
+			results <- h
+		}()
+	}
+	for range nodes {
+		h := <-results
+		rep.Redis.Nodes = append(rep.Redis.Nodes, h)
+		rep.Redis.LatencyMS = max(rep.Redis.LatencyMS, h.LatencyMS)
+		if !h.OK {
+			rep.Status, rep.Redis.State = "unavailable", "down"
+		}
+	}
+	sort.Slice(rep.Redis.Nodes, func(i, j int) bool { return rep.Redis.Nodes[i].Addr < rep.Redis.Nodes[j].Addr })
+	if rep.Status == "ok" && breaker.AnyOpen() {
+		rep.Status, rep.Redis.State = "unavailable", "breaker-open"
+	}
+	return rep
+}
+
+// Liveness returns the liveness handler: 200 {"status":"ok"} as long as the
+// process serves HTTP. It does not touch Redis, so that an orchestrator does
+// not restart every instance during a Redis outage that the cache and the
+// limiter are built to survive.
+func Liveness() echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Response().Header().Set("Cache-Control", "no-store")
+		return c.JSON(http.StatusOK, map[string]string{"status": "ok"})
+	}
 }

@@ -1,0 +1,601 @@
+package redisecho
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/redis/rueidis"
+)
+
+// DefaultTimeout bounds every Redis call the library makes when a feature's
+// Timeout option is zero. rueidis calls can hang without a deadline (a paused
+// server, a half-open connection), so none is ever sent without one.
+const DefaultTimeout = 500 * time.Millisecond
+
+// Configuration errors. ToMiddleware (and every constructor that validates)
+// returns them wrapped with the offending value; XWithConfig panics with them.
+var (
+	// ErrNilClient is returned when a feature is given no rueidis client.
+	ErrNilClient = errors.New("redisecho: rueidis client is nil")
+	// ErrInvalidTimeout is returned for a negative timeout or interval.
+	ErrInvalidTimeout = errors.New("redisecho: timeout must not be negative")
+	// ErrInvalidBreaker is returned for a BreakerConfig with negative values.
+	ErrInvalidBreaker = errors.New("redisecho: invalid breaker configuration")
+)
+
+// ErrBreakerOpen is returned by Redis calls that the circuit breaker refused
+// to send because Redis failed repeatedly. Each feature decides what it means
+// for a request (the cache bypasses, the limiter applies its fail policy,
+// sessions answer 503).
+var ErrBreakerOpen = errors.New("redisecho: circuit breaker open, Redis call not sent")
+
+// Clock tells the time to logic that tests must be able to move (breaker
+// cool-downs, session idle timeouts). Logic that several instances must agree
+// on (rate-limit windows) uses Redis TIME instead.
+type Clock interface {
+	Now() time.Time
+}
+
+// SystemClock is the Clock used when a feature's Clock option is nil.
+type SystemClock struct{}
+
+// Now returns time.Now().
+func (SystemClock) Now() time.Time { return time.Now() }
+
+// Options is the plumbing every feature shares. Each feature's Config embeds
+// it, so the fields below read the same everywhere:
+//
+//	redisecho.SessionConfig{Options: redisecho.Options{Timeout: time.Second}}
+type Options struct {
+	// Prefix is the namespace of every key the feature writes. It must not
+	// contain '{' or '}'. Default: DefaultPrefix ("redisecho:").
+	Prefix string
+	// Timeout is the deadline of every Redis call the feature makes, applied
+	// on top of the request's own context. Default: DefaultTimeout (500 ms).
+	Timeout time.Duration
+	// Breaker guards the feature's Redis calls. Default: the breaker that
+	// every feature using the same client shares (see BreakerFor).
+	Breaker *Breaker
+	// Clock tells the time. Default: SystemClock.
+	Clock Clock
+	// Logger receives the errors a feature handles rather than returns (a
+	// cache bypassed because Redis failed, say), at most once per second per
+	// feature, with the number of repeats it left out. Default: slog.Default().
+	Logger *slog.Logger
+}
+
+// backend is a feature's way to Redis: the client with the options applied.
+// Every call gets the deadline, goes through the breaker of the node that
+// holds its key, and never panics on a Redis error.
+type backend struct {
+	client  rueidis.Client
+	shared  *clientState
+	keys    Keyspace
+	timeout time.Duration
+	breaker *Breaker
+	clock   Clock
+	log     *rateLog
+}
+
+// newBackend validates o and fills its defaults. It does no I/O.
+func newBackend(feature string, client rueidis.Client, o Options) (*backend, error) {
+	if client == nil {
+		return nil, fmt.Errorf("%s: %w", feature, ErrNilClient)
+	}
+	keys, err := NewKeyspace(o.Prefix)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", feature, err)
+	}
+	if o.Timeout < 0 {
+		return nil, fmt.Errorf("%s: %w: %v", feature, ErrInvalidTimeout, o.Timeout)
+	}
+	if o.Timeout == 0 {
+		o.Timeout = DefaultTimeout
+	}
+	if o.Clock == nil {
+		o.Clock = SystemClock{}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	st := stateOf(client)
+	if o.Breaker == nil {
+		o.Breaker = st.breaker
+	}
+	b := &backend{
+		client:  client,
+		shared:  st,
+		keys:    keys,
+		timeout: o.Timeout,
+		breaker: o.Breaker,
+		clock:   o.Clock,
+		log:     &rateLog{logger: o.Logger.With("component", "redisecho", "feature", feature), clock: o.Clock},
+	}
+	return b, nil
+}
+
+// scope returns the breaker scope of key: the address of the master that
+// holds its slot on a cluster, "redis" otherwise.
+func (b *backend) scope(key string) string {
+	return b.shared.nodeOf(b.client, key, b.timeout)
+}
+
+// call runs fn with the deadline, under the breaker of key's node.
+func (b *backend) call(ctx context.Context, key string, fn func(ctx context.Context) error) error {
+	b.shared.checkCache(b.client, b.log, b.timeout)
+	n := b.breaker.node(b.scope(key))
+	if !b.breaker.allow(n) {
+		n.rejected.Add(1)
+		return ErrBreakerOpen
+	}
+	cctx, cancel := context.WithTimeout(ctx, b.timeout)
+	err := fn(cctx)
+	cancel()
+	b.breaker.record(n, classify(ctx, err))
+	return err
+}
+
+// Do sends cmd, whose key (or first key) is key.
+func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (res rueidis.RedisResult) {
+	err := b.call(ctx, key, func(ctx context.Context) error {
+		res = b.client.Do(ctx, cmd)
+		return res.Error()
+	})
+	if errors.Is(err, ErrBreakerOpen) {
+		return rueidis.NewErrorResult(err)
+	}
+	return res
+}
+
+// DoCache sends cmd through client-side caching, whose key is key.
+func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable, ttl time.Duration) (res rueidis.RedisResult) {
+	err := b.call(ctx, key, func(ctx context.Context) error {
+		res = b.client.DoCache(ctx, cmd, ttl)
+		return res.Error()
+	})
+	if errors.Is(err, ErrBreakerOpen) {
+		return rueidis.NewErrorResult(err)
+	}
+	return res
+}
+
+// DoMulti pipelines cmds, which must all live in key's slot.
+func (b *backend) DoMulti(ctx context.Context, key string, cmds ...rueidis.Completed) (res []rueidis.RedisResult) {
+	err := b.call(ctx, key, func(ctx context.Context) error {
+		res = b.client.DoMulti(ctx, cmds...)
+		for _, r := range res {
+			if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
+				return err
+			}
+		}
+		return nil
+	})
+	if errors.Is(err, ErrBreakerOpen) {
+		res = make([]rueidis.RedisResult, len(cmds))
+		for i := range res {
+			res[i] = rueidis.NewErrorResult(err)
+		}
+	}
+	return res
+}
+
+// Exec runs script over keys (which must share a slot) with args.
+func (b *backend) Exec(ctx context.Context, script *rueidis.Lua, keys, args []string) (res rueidis.RedisResult) {
+	var first string
+	if len(keys) > 0 {
+		first = keys[0]
+	}
+	err := b.call(ctx, first, func(ctx context.Context) error {
+		res = script.Exec(ctx, b.client, keys, args)
+		return res.Error()
+	})
+	if errors.Is(err, ErrBreakerOpen) {
+		return rueidis.NewErrorResult(err)
+	}
+	return res
+}
+
+// outcome is what a call tells the breaker about Redis's health.
+type outcome uint8
+
+const (
+	healthy   outcome = iota // Redis answered (even with an error reply)
+	unhealthy                // timeout, network error, or Redis not serving
+	unknown                  // the caller gave up: says nothing about Redis
+)
+
+// classify tells a Redis failure from a caller that gave up. parent is the
+// caller's context, before the call's own deadline was added: when it is done
+// (the HTTP client disconnected, the request timed out), the error is not
+// Redis's fault and must not trip the breaker, or anyone could switch a
+// feature off for everyone by disconnecting.
+func classify(parent context.Context, err error) outcome {
+	switch {
+	case err == nil, rueidis.IsRedisNil(err):
+		return healthy
+	case parent.Err() != nil, errors.Is(err, context.Canceled):
+		return unknown
+	case errors.Is(err, context.DeadlineExceeded):
+		return unhealthy
+	}
+	if re, ok := rueidis.IsRedisErr(err); ok {
+		// Replies that mean the server cannot serve now count as failures;
+		// any other error reply (WRONGTYPE, a script error) proves it is up.
+		msg := re.Error()
+		for _, p := range []string{"LOADING", "BUSY ", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM", "READONLY", "NOREPLICAS"} {
+			if strings.HasPrefix(msg, p) {
+				return unhealthy
+			}
+		}
+		return healthy
+	}
+	return unhealthy
+}
+
+// BreakerState is the state of one breaker scope.
+type BreakerState int32
+
+// The states of a circuit breaker scope.
+const (
+	// BreakerClosed lets every call through.
+	BreakerClosed BreakerState = iota
+	// BreakerOpen refuses every call with ErrBreakerOpen until the cool-down
+	// has passed.
+	BreakerOpen
+	// BreakerHalfOpen lets one probe call through; its outcome closes or
+	// reopens the breaker.
+	BreakerHalfOpen
+)
+
+// String returns "closed", "open" or "half-open".
+func (s BreakerState) String() string {
+	switch s {
+	case BreakerOpen:
+		return "open"
+	case BreakerHalfOpen:
+		return "half-open"
+	default:
+		return "closed"
+	}
+}
+
+// BreakerConfig configures a Breaker.
+type BreakerConfig struct {
+	// Failures is the run of consecutive failed calls (timeouts, network
+	// errors, LOADING/BUSY/CLUSTERDOWN-like replies) that opens a scope.
+	// Calls the caller abandoned do not count. Default: 5.
+	Failures int
+	// Cooldown is how long an open scope refuses calls before it lets one
+	// probe through. Default: 2 s.
+	Cooldown time.Duration
+	// Clock tells the time. Default: SystemClock.
+	Clock Clock
+	// Logger receives state changes (open, half-open, closed) at Warn and
+	// Info level. Default: slog.Default().
+	Logger *slog.Logger
+}
+
+// Breaker is the circuit breaker shared by the library's features. It keeps
+// one state machine per scope. Its scope is one Redis node: the whole server
+// for a standalone or sentinel client ("redis"), and each master for a
+// cluster (its address), so that one dead master does not switch off the
+// features whose keys live on healthy masters. Until the library has read
+// the cluster's slot map, a cluster's calls share the scope "cluster".
+//
+// A scope opens after a run of Failures consecutive failures, refuses calls
+// for Cooldown, then lets a single probe through (half-open): its success
+// closes the scope, its failure reopens it. While closed, a call costs two
+// atomic loads and no lock.
+type Breaker struct {
+	failures int32
+	cooldown time.Duration
+	clock    Clock
+	logger   *slog.Logger
+	nodes    sync.Map // scope string -> *breakerNode
+}
+
+// NewBreaker returns a Breaker. It panics on a negative Failures or Cooldown
+// (see BreakerConfig for the defaults of zero values).
+func NewBreaker(cfg BreakerConfig) *Breaker {
+	if cfg.Failures < 0 || cfg.Cooldown < 0 {
+		panic(fmt.Errorf("%w: %+v", ErrInvalidBreaker, cfg))
+	}
+	if cfg.Failures == 0 {
+		cfg.Failures = 5
+	}
+	if cfg.Cooldown == 0 {
+		cfg.Cooldown = 2 * time.Second
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = SystemClock{}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Breaker{failures: int32(cfg.Failures), cooldown: cfg.Cooldown, clock: cfg.Clock, logger: cfg.Logger}
+}
+
+// BreakerStats is a snapshot of one breaker scope.
+type BreakerStats struct {
+	// Scope is the node address, "redis" or "cluster".
+	Scope string `json:"scope"`
+	// State is the scope's state now.
+	State BreakerState `json:"-"`
+	// StateName is State as text, for JSON.
+	StateName string `json:"state"`
+	// ConsecutiveFailures is the current run of failures.
+	ConsecutiveFailures int64 `json:"consecutive_failures"`
+	// Successes counts calls Redis answered.
+	Successes uint64 `json:"successes"`
+	// Failures counts calls that failed and counted against Redis.
+	Failures uint64 `json:"failures"`
+	// Rejected counts calls refused while open.
+	Rejected uint64 `json:"rejected"`
+	// Opened counts how often the scope opened.
+	Opened uint64 `json:"opened"`
+}
+
+// Stats returns a snapshot of every scope the breaker has seen, sorted by
+// scope.
+func (b *Breaker) Stats() []BreakerStats {
+	var out []BreakerStats
+	b.nodes.Range(func(k, v any) bool {
+		n := v.(*breakerNode)
+		s := BreakerState(n.state.Load())
+		out = append(out, BreakerStats{
+			Scope: k.(string), State: s, StateName: s.String(),
+			ConsecutiveFailures: int64(n.run.Load()),
+			Successes:           n.successes.Load(), Failures: n.failed.Load(),
+			Rejected: n.rejected.Load(), Opened: n.opened.Load(),
+		})
+		return true
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].Scope < out[j].Scope })
+	return out
+}
+
+// State returns the state of one scope; a scope never used is closed.
+func (b *Breaker) State(scope string) BreakerState {
+	if v, ok := b.nodes.Load(scope); ok {
+		return BreakerState(v.(*breakerNode).state.Load())
+	}
+	return BreakerClosed
+}
+
+// AnyOpen reports whether some scope refuses calls now (open or half-open).
+func (b *Breaker) AnyOpen() bool {
+	open := false
+	b.nodes.Range(func(_, v any) bool {
+		open = BreakerState(v.(*breakerNode).state.Load()) != BreakerClosed
+		return !open
+	})
+	return open
+}
+
+func (b *Breaker) node(scope string) *breakerNode {
+	if v, ok := b.nodes.Load(scope); ok {
+		return v.(*breakerNode)
+	}
+	v, _ := b.nodes.LoadOrStore(scope, &breakerNode{scope: scope})
+	return v.(*breakerNode)
+}
+
+type breakerNode struct {
+	scope     string
+	state     atomic.Int32 // BreakerState
+	run       atomic.Int32 // consecutive failures
+	since     atomic.Int64 // unix nanos of the last open, or of the probe's start
+	successes atomic.Uint64
+	failed    atomic.Uint64
+	rejected  atomic.Uint64
+	opened    atomic.Uint64
+}
+
+// allow reports whether a call to n may go out now. While open, the first
+// call after the cool-down becomes the half-open probe. A probe that never
+// reports back (its caller's goroutine died) is replaced after another
+// cool-down.
+func (b *Breaker) allow(n *breakerNode) bool {
+	if BreakerState(n.state.Load()) == BreakerClosed {
+		return true
+	}
+	now := b.clock.Now()
+	since := n.since.Load()
+	if now.UnixNano()-since < int64(b.cooldown) {
+		return false
+	}
+	if n.since.CompareAndSwap(since, now.UnixNano()) {
+		n.state.Store(int32(BreakerHalfOpen))
+		return true
+	}
+	return false
+}
+
+func (b *Breaker) record(n *breakerNode, o outcome) {
+	switch o {
+	case healthy:
+		n.successes.Add(1)
+		if n.run.Load() != 0 {
+			n.run.Store(0)
+		}
+		if n.state.Load() != int32(BreakerClosed) && n.state.Swap(int32(BreakerClosed)) != int32(BreakerClosed) {
+			b.logger.Info("redisecho: circuit breaker closed: Redis answers again", "scope", n.scope)
+		}
+	case unhealthy:
+		n.failed.Add(1)
+		run := n.run.Add(1)
+		st := BreakerState(n.state.Load())
+		if st == BreakerHalfOpen || (st == BreakerClosed && run >= b.failures) {
+			n.since.Store(b.clock.Now().UnixNano())
+			if BreakerState(n.state.Swap(int32(BreakerOpen))) != BreakerOpen {
+				n.opened.Add(1)
+				b.logger.Warn("redisecho: circuit breaker open: Redis calls are refused during the cool-down",
+					"scope", n.scope, "consecutive_failures", run, "cooldown", b.cooldown)
+			}
+		}
+	case unknown:
+		// A probe whose caller gave up proves nothing: let the next call probe.
+		if n.state.CompareAndSwap(int32(BreakerHalfOpen), int32(BreakerOpen)) {
+			n.since.Store(0)
+		}
+	}
+}
+
+// rateLog logs handled errors at most once per second, counting the rest.
+type rateLog struct {
+	logger     *slog.Logger
+	clock      Clock
+	last       atomic.Int64
+	suppressed atomic.Int64
+}
+
+// Error logs msg with err unless another message was logged within the last
+// second.
+func (l *rateLog) Error(msg string, err error, attrs ...any) {
+	now := l.clock.Now().UnixNano()
+	last := l.last.Load()
+	if now-last < int64(time.Second) || !l.last.CompareAndSwap(last, now) {
+		l.suppressed.Add(1)
+		return
+	}
+	if n := l.suppressed.Swap(0); n > 0 {
+		attrs = append(attrs, "suppressed", n)
+	}
+	l.logger.Warn(msg, append(attrs, "error", err)...)
+}
+
+// clientState is what the library keeps per rueidis client, shared by every
+// feature that uses it: the default breaker, the cluster's slot map, and the
+// one-time client-side caching check.
+type clientState struct {
+	breaker *Breaker
+
+	slots       atomic.Pointer[[16384]string] // master address per slot
+	refreshing  atomic.Bool
+	lastRefresh atomic.Int64
+
+	cacheOnce sync.Once
+	// cacheOff is set when the check found that DoCache is a plain round trip.
+	cacheOff atomic.Bool
+}
+
+var clients sync.Map // rueidis.Client -> *clientState
+
+func stateOf(client rueidis.Client) *clientState {
+	if v, ok := clients.Load(client); ok {
+		return v.(*clientState)
+	}
+	v, _ := clients.LoadOrStore(client, &clientState{breaker: NewBreaker(BreakerConfig{})})
+	return v.(*clientState)
+}
+
+// BreakerFor returns the Breaker that every feature using client shares by
+// default. Read its Stats to observe Redis health, or pass another Breaker in
+// a feature's Options to isolate that feature.
+func BreakerFor(client rueidis.Client) *Breaker {
+	return stateOf(client).breaker
+}
+
+// nodeOf returns the breaker scope of key. On a cluster it reads the slot
+// map, which it loads in the background on first use and refreshes at most
+// once a second while calls fail over, and every 30 s otherwise.
+func (s *clientState) nodeOf(client rueidis.Client, key string, timeout time.Duration) string {
+	if client.Mode() != rueidis.ClientModeCluster {
+		return "redis"
+	}
+	m := s.slots.Load()
+	last := time.Unix(0, s.lastRefresh.Load())
+	if m == nil || time.Since(last) > 30*time.Second {
+		s.refreshSlots(client, timeout)
+	}
+	if m == nil || key == "" {
+		return "cluster"
+	}
+	if addr := m[keySlot(key)]; addr != "" {
+		return addr
+	}
+	return "cluster"
+}
+
+func (s *clientState) refreshSlots(client rueidis.Client, timeout time.Duration) {
+	if time.Since(time.Unix(0, s.lastRefresh.Load())) < time.Second || !s.refreshing.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer s.refreshing.Store(false)
+		defer s.lastRefresh.Store(time.Now().UnixNano())
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		ranges, err := client.Do(ctx, client.B().ClusterSlots().Build()).ToArray()
+		if err != nil {
+			return
+		}
+		var m [16384]string
+		for _, r := range ranges {
+			f, err := r.ToArray()
+			if err != nil || len(f) < 3 {
+				continue
+			}
+			lo, _ := f[0].AsInt64()
+			hi, _ := f[1].AsInt64()
+			node, err := f[2].ToArray()
+			if err != nil || len(node) < 2 {
+				continue
+			}
+			host, _ := node[0].ToString()
+			port, _ := node[1].AsInt64()
+			addr := host + ":" + strconv.FormatInt(port, 10)
+			for slot := lo; slot <= hi && slot < 16384; slot++ {
+				m[slot] = addr
+			}
+		}
+		s.slots.Store(&m)
+	}()
+}
+
+// checkCache finds out once per client, in the background, whether DoCache
+// really serves repeated reads from memory. It is off with DisableCache,
+// with RESP2 (AlwaysRESP2, Redis < 6) and with servers without CLIENT
+// TRACKING such as miniredis; rueidis then silently sends every DoCache to
+// Redis. The check reads one missing key a few times through DoCache and
+// logs a warning if no read was a cache hit.
+func (s *clientState) checkCache(client rueidis.Client, log *rateLog, timeout time.Duration) {
+	s.cacheOnce.Do(func() {
+		go func() {
+			key := Keyspace{}.Key("csc-check")
+			for range 8 {
+				ctx, cancel := context.WithTimeout(context.Background(), timeout)
+				res := client.DoCache(ctx, client.B().Get().Key(key).Cache(), time.Minute)
+				cancel()
+				if res.IsCacheHit() {
+					return
+				}
+				if err := res.Error(); err != nil && !rueidis.IsRedisNil(err) {
+					return // Redis is down: nothing can be told now
+				}
+			}
+			s.cacheOff.Store(true)
+			log.logger.Warn("redisecho: client-side caching is off for this rueidis client " +
+				"(DisableCache, RESP2, or a server without CLIENT TRACKING such as miniredis): " +
+				"cache hits, session reads and other cached reads each cost a Redis round trip " +
+				"instead of being served from process memory")
+		}()
+	})
+}
+
+// errUnavailable is the HTTP error features return when Redis fails: a 503
+// whose body says nothing about the cause, which is kept as the internal
+// error for the application's logs.
+func errUnavailable(cause error) *echo.HTTPError {
+	return echo.NewHTTPError(http.StatusServiceUnavailable, http.StatusText(http.StatusServiceUnavailable)).SetInternal(cause)
+}

@@ -1,0 +1,418 @@
+package redisecho
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// fakeClock is a Clock that tests move by hand.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{now: time.Unix(1_700_000_000, 0)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+// syncBuffer is a log sink safe for concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestBreakerStateMachine(t *testing.T) {
+	clock := newFakeClock()
+	b := NewBreaker(BreakerConfig{Failures: 3, Cooldown: time.Second, Clock: clock, Logger: discardLogger()})
+	n := b.node("redis")
+
+	for range 2 {
+		require.True(t, b.allow(n))
+		b.record(n, unhealthy)
+	}
+	require.Equal(t, BreakerClosed, b.State("redis"), "two failures are below the threshold")
+	require.True(t, b.allow(n))
+	b.record(n, healthy)
+	require.Zero(t, n.run.Load(), "a success ends the run")
+
+	for range 3 {
+		require.True(t, b.allow(n))
+		b.record(n, unhealthy)
+	}
+	require.Equal(t, BreakerOpen, b.State("redis"), "three consecutive failures open it")
+	require.True(t, b.AnyOpen())
+	require.False(t, b.allow(n), "open refuses")
+
+	clock.Advance(999 * time.Millisecond)
+	require.False(t, b.allow(n), "still cooling down")
+	clock.Advance(time.Millisecond)
+	require.True(t, b.allow(n), "the first call after the cool-down is the probe")
+	require.Equal(t, BreakerHalfOpen, b.State("redis"))
+	require.False(t, b.allow(n), "only one probe at a time")
+
+	b.record(n, unhealthy)
+	require.Equal(t, BreakerOpen, b.State("redis"), "a failed probe reopens")
+	require.False(t, b.allow(n))
+
+	clock.Advance(time.Second)
+	require.True(t, b.allow(n))
+	b.record(n, unknown)
+	require.Equal(t, BreakerOpen, b.State("redis"), "an abandoned probe proves nothing")
+	require.True(t, b.allow(n), "so the next call probes at once")
+	b.record(n, healthy)
+	require.Equal(t, BreakerClosed, b.State("redis"), "a good probe closes")
+
+	clock.Advance(time.Second)
+	require.True(t, b.allow(n))
+
+	st := b.Stats()
+	require.Len(t, st, 1)
+	assert.Equal(t, "redis", st[0].Scope)
+	assert.Equal(t, "closed", st[0].StateName)
+	assert.Equal(t, uint64(2), st[0].Successes)
+	assert.Equal(t, uint64(6), st[0].Failures)
+	assert.Equal(t, uint64(2), st[0].Opened)
+}
+
+func TestBreakerStuckProbeIsReplaced(t *testing.T) {
+	clock := newFakeClock()
+	b := NewBreaker(BreakerConfig{Failures: 1, Cooldown: time.Second, Clock: clock, Logger: discardLogger()})
+	n := b.node("redis")
+	b.record(n, unhealthy)
+	clock.Advance(time.Second)
+	require.True(t, b.allow(n), "probe that will never report")
+	require.False(t, b.allow(n))
+	clock.Advance(time.Second)
+	require.True(t, b.allow(n), "a probe silent for a cool-down is replaced")
+}
+
+func TestBreakerConcurrentUse(t *testing.T) {
+	b := NewBreaker(BreakerConfig{Failures: 50, Logger: discardLogger()})
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			for j := range 1000 {
+				n := b.node(fmt.Sprint("s", (i+j)%3))
+				if b.allow(n) {
+					b.record(n, outcome((i+j)%2))
+				}
+			}
+		})
+	}
+	wg.Wait()
+	require.Len(t, b.Stats(), 3)
+}
+
+func TestNewBreakerRejectsNegativeValues(t *testing.T) {
+	require.PanicsWithError(t, fmt.Errorf("%w: %+v", ErrInvalidBreaker, BreakerConfig{Failures: -1}).Error(), func() {
+		NewBreaker(BreakerConfig{Failures: -1})
+	})
+}
+
+func TestClassify(t *testing.T) {
+	canceled, cancel := context.WithCancel(context.Background())
+	cancel()
+	live := context.Background()
+	tests := []struct {
+		name   string
+		parent context.Context
+		given  error
+		want   outcome
+	}{
+		{name: "success", parent: live, given: nil, want: healthy},
+		{name: "nil reply", parent: live, given: rueidis.Nil, want: healthy},
+		{name: "own deadline", parent: live, given: context.DeadlineExceeded, want: unhealthy},
+		{name: "client went away", parent: canceled, given: context.Canceled, want: unknown},
+		{name: "client went away while Redis timed out", parent: canceled, given: context.DeadlineExceeded, want: unknown},
+		{name: "network error", parent: live, given: &net.OpError{Op: "dial", Err: errors.New("connection refused")}, want: unhealthy},
+		{name: "client closing", parent: live, given: rueidis.ErrClosing, want: unhealthy},
+		{name: "io eof", parent: live, given: io.EOF, want: unhealthy},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, classify(tt.parent, tt.given))
+		})
+	}
+}
+
+// TestClassifyRedisReplies uses real error replies: a WRONGTYPE proves Redis
+// is up, a BUSY script does not.
+func TestClassifyRedisReplies(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		k := r.Keys.Key("list")
+		require.NoError(t, c.Do(ctx, c.B().Lpush().Key(k).Element("x").Build()).Error())
+		err := c.Do(ctx, c.B().Get().Key(k).Build()).Error()
+		require.Error(t, err)
+		assert.Equal(t, healthy, classify(ctx, err), "WRONGTYPE: %v", err)
+	})
+}
+
+func TestNewBackendValidates(t *testing.T) {
+	c := standaloneClient(t)
+	tests := []struct {
+		name    string
+		client  rueidis.Client
+		given   Options
+		wantErr error
+	}{
+		{name: "nil client", given: Options{}, wantErr: ErrNilClient},
+		{name: "brace in prefix", client: c, given: Options{Prefix: "a{b}"}, wantErr: ErrInvalidPrefix},
+		{name: "negative timeout", client: c, given: Options{Timeout: -time.Second}, wantErr: ErrInvalidTimeout},
+		{name: "defaults", client: c, given: Options{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b, err := newBackend("test", tt.client, tt.given)
+			if tt.wantErr != nil {
+				require.ErrorIs(t, err, tt.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, DefaultTimeout, b.timeout)
+			assert.Equal(t, DefaultPrefix, b.keys.Prefix())
+			assert.Same(t, BreakerFor(c), b.breaker, "features on one client share a breaker")
+		})
+	}
+}
+
+func standaloneClient(t *testing.T) rueidis.Client {
+	return newTestRedis(t, standaloneRedis.name, standaloneRedis.addrs).Client()
+}
+
+// faultBackend returns a backend on a dedicated deployment with a fast
+// breaker (2 failures) on a fake clock.
+func faultBackend(t *testing.T, f *faultRedis, clock *fakeClock) (*backend, rueidis.Client) {
+	c := f.Client()
+	br := NewBreaker(BreakerConfig{Failures: 2, Cooldown: 10 * time.Second, Clock: clock, Logger: discardLogger()})
+	b, err := newBackend("test", c, Options{Prefix: f.Keys.Prefix(), Timeout: 200 * time.Millisecond, Breaker: br, Clock: clock, Logger: discardLogger()})
+	require.NoError(t, err)
+	return b, c
+}
+
+// waitSlotMap waits until the backend resolves key to a node address, which
+// on a cluster needs the slot map that loads in the background.
+func waitSlotMap(t *testing.T, b *backend, key string) string {
+	require.Eventually(t, func() bool { return b.scope(key) != "cluster" }, 10*time.Second, 10*time.Millisecond)
+	return b.scope(key)
+}
+
+func TestBackendDeadlineAndBreakerOnPausedServer(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		clock := newFakeClock()
+		b, c := faultBackend(t, f, clock)
+		key := b.keys.Key("k")
+		get := func() error {
+			return b.Do(context.Background(), key, c.B().Get().Key(key).Build()).Error()
+		}
+		require.True(t, rueidis.IsRedisNil(get()))
+		scope := waitSlotMap(t, b, key)
+
+		f.Pause(t)
+		for range 2 {
+			start := time.Now()
+			require.ErrorIs(t, get(), context.DeadlineExceeded)
+			require.Less(t, time.Since(start), 2*time.Second, "the deadline bounds a call to a hung server")
+		}
+		require.Equal(t, BreakerOpen, b.breaker.State(scope))
+
+		start := time.Now()
+		require.ErrorIs(t, get(), ErrBreakerOpen)
+		require.Less(t, time.Since(start), 50*time.Millisecond, "an open breaker sends nothing")
+
+		f.Resume(t)
+		clock.Advance(10 * time.Second)
+		require.Eventually(t, func() bool { return get() != nil && rueidis.IsRedisNil(get()) }, 10*time.Second, 20*time.Millisecond)
+		require.Equal(t, BreakerClosed, b.breaker.State(scope), "a successful probe closes the breaker")
+	})
+}
+
+func TestBackendBreakerOnStoppedServer(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		clock := newFakeClock()
+		b, c := faultBackend(t, f, clock)
+		key := b.keys.Key("k")
+		set := func() error {
+			return b.Do(context.Background(), key, c.B().Set().Key(key).Value("v").Build()).Error()
+		}
+		require.NoError(t, set())
+		scope := waitSlotMap(t, b, key)
+
+		f.Stop(t)
+		require.Eventually(t, func() bool {
+			_ = set()
+			return b.breaker.State(scope) == BreakerOpen
+		}, 10*time.Second, 10*time.Millisecond)
+		require.ErrorIs(t, set(), ErrBreakerOpen)
+
+		f.Start(t)
+		require.Eventually(t, func() bool {
+			clock.Advance(10 * time.Second)
+			return set() == nil
+		}, 20*time.Second, 50*time.Millisecond, "the breaker recovers after the server restarts")
+		require.Equal(t, BreakerClosed, b.breaker.State(scope))
+	})
+}
+
+func TestBackendSurvivesKilledConnections(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		clock := newFakeClock()
+		b, c := faultBackend(t, f, clock)
+		key := b.keys.Key("k")
+		for range 5 {
+			f.KillConnections(t)
+			require.Eventually(t, func() bool {
+				return b.Do(context.Background(), key, c.B().Incr().Key(key).Build()).Error() == nil
+			}, 5*time.Second, 10*time.Millisecond)
+		}
+		require.Equal(t, BreakerClosed, b.breaker.State(b.scope(key)), "one blip per kill does not open the breaker")
+	})
+}
+
+// TestClientCancellationsDoNotTripBreaker: clients that disconnect while Redis
+// hangs must not switch the feature off for everyone.
+func TestClientCancellationsDoNotTripBreaker(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		clock := newFakeClock()
+		b, c := faultBackend(t, f, clock)
+		key := b.keys.Key("k")
+		require.True(t, rueidis.IsRedisNil(b.Do(context.Background(), key, c.B().Get().Key(key).Build()).Error()))
+		scope := waitSlotMap(t, b, key)
+
+		f.Pause(t)
+		var wg sync.WaitGroup
+		for range 10 {
+			wg.Go(func() {
+				ctx, cancel := context.WithCancel(context.Background())
+				time.AfterFunc(20*time.Millisecond, cancel)
+				assert.Error(t, b.Do(ctx, key, c.B().Get().Key(key).Build()).Error())
+			})
+		}
+		wg.Wait()
+		require.Equal(t, BreakerClosed, b.breaker.State(scope))
+		require.Zero(t, b.breaker.node(scope).run.Load())
+		f.Resume(t)
+	})
+}
+
+// TestBreakerIsPerNodeOnCluster: a paused master opens only its own scope;
+// keys on the other masters keep working.
+func TestBreakerIsPerNodeOnCluster(t *testing.T) {
+	t.Parallel()
+	f := newFaultRedis(t, "cluster")
+	clock := newFakeClock()
+	b, c := faultBackend(t, f, clock)
+	// One key per master.
+	byNode := map[string]string{}
+	for i := 0; len(byNode) < 3 && i < 1000; i++ {
+		k := b.keys.Key("k", fmt.Sprint(i))
+		byNode[waitSlotMap(t, b, k)] = k
+	}
+	require.Len(t, byNode, 3)
+	paused := f.Servers()[0]
+	f.Pause(t, paused)
+	for range 2 {
+		for _, k := range byNode {
+			_ = b.Do(context.Background(), k, c.B().Set().Key(k).Value("v").Build()).Error()
+		}
+	}
+	for addr, k := range byNode {
+		err := b.Do(context.Background(), k, c.B().Set().Key(k).Value("v").Build()).Error()
+		if addr == paused.addr() {
+			require.ErrorIs(t, err, ErrBreakerOpen)
+			require.Equal(t, BreakerOpen, b.breaker.State(addr))
+		} else {
+			require.NoError(t, err, "keys on healthy masters keep working")
+			require.Equal(t, BreakerClosed, b.breaker.State(addr))
+		}
+	}
+	f.Resume(t, paused)
+}
+
+func TestCacheCheckWarnsWhenClientSideCachingIsOff(t *testing.T) {
+	tests := []struct {
+		name     string
+		opt      func(*rueidis.ClientOption)
+		wantWarn bool
+	}{
+		{name: "default client caches", opt: func(*rueidis.ClientOption) {}, wantWarn: false},
+		{name: "DisableCache", opt: func(o *rueidis.ClientOption) { o.DisableCache = true }, wantWarn: true},
+		{name: "RESP2", opt: func(o *rueidis.ClientOption) { o.AlwaysRESP2, o.DisableCache = true, true }, wantWarn: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			forEachTopology(t, func(t *testing.T, r *testRedis) {
+				c := r.Client(tt.opt)
+				var logs syncBuffer
+				b, err := newBackend("test", c, Options{Prefix: r.Keys.Prefix(), Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+				require.NoError(t, err)
+				key := b.keys.Key("x")
+				require.True(t, rueidis.IsRedisNil(b.Do(context.Background(), key, c.B().Get().Key(key).Build()).Error()))
+				if tt.wantWarn {
+					require.Eventually(t, b.shared.cacheOff.Load, 5*time.Second, 10*time.Millisecond)
+					require.Contains(t, logs.String(), "client-side caching is off")
+					return
+				}
+				time.Sleep(200 * time.Millisecond)
+				require.False(t, b.shared.cacheOff.Load())
+				require.NotContains(t, logs.String(), "client-side caching is off")
+			})
+		})
+	}
+}
+
+func TestRateLogSuppressesRepeats(t *testing.T) {
+	var logs syncBuffer
+	clock := newFakeClock()
+	l := &rateLog{logger: slog.New(slog.NewTextHandler(&logs, nil)), clock: clock}
+	for range 5 {
+		l.Error("redis failed", errors.New("boom"))
+	}
+	clock.Advance(time.Second)
+	l.Error("redis failed", errors.New("boom"))
+	out := logs.String()
+	require.Equal(t, 2, bytes.Count([]byte(out), []byte("redis failed")))
+	require.Contains(t, out, "suppressed=4")
+}

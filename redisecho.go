@@ -438,6 +438,7 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 		cfg.Timeout = DefaultHealthTimeout
 	}
 	return func(c echo.Context) error {
+		c.Response().Header().Set("Cache-Control", "no-store")
 		client := cfg.Client
 		if cfg.Holder != nil {
 			client = cfg.Holder.Client()
@@ -456,7 +457,6 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 		if rep.Status != "ok" {
 			code = http.StatusServiceUnavailable
 		}
-		c.Response().Header().Set("Cache-Control", "no-store")
 		return c.JSON(code, rep)
 	}, nil
 }

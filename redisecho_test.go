@@ -2,12 +2,16 @@ package redisecho
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -269,4 +273,148 @@ func TestFaultHelpers(t *testing.T) {
 		require.Eventually(t, func() bool { return do(time.Second) == nil }, 20*time.Second, 50*time.Millisecond,
 			"the client recovers after the server restarts")
 	})
+}
+
+// getHealth serves one request to h and decodes the HealthReport.
+func getHealth(t *testing.T, h echo.HandlerFunc) (int, HealthReport, time.Duration) {
+	t.Helper()
+	e := echo.New()
+	e.GET("/health", h)
+	rec := httptest.NewRecorder()
+	start := time.Now()
+	e.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/health", nil))
+	took := time.Since(start)
+	var rep HealthReport
+	require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &rep), rec.Body.String())
+	require.Equal(t, "no-store", rec.Header().Get("Cache-Control"))
+	return rec.Code, rep, took
+}
+
+func TestReadinessReportsModeAndNodes(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		code, rep, _ := getHealth(t, Readiness(c))
+		require.Equal(t, http.StatusOK, code)
+		assert.Equal(t, "ok", rep.Status)
+		assert.Equal(t, "up", rep.Redis.State)
+		assert.Equal(t, r.Topology, rep.Redis.Mode)
+		if r.Topology == "cluster" {
+			assert.Len(t, rep.Redis.Nodes, 3)
+		} else {
+			assert.Len(t, rep.Redis.Nodes, 1)
+		}
+		for _, n := range rep.Redis.Nodes {
+			assert.True(t, n.OK, n.Addr)
+		}
+	})
+}
+
+func TestReadinessIsUnavailableWhileBreakerIsOpen(t *testing.T) {
+	c := standaloneClient(t)
+	br := NewBreaker(BreakerConfig{Failures: 1, Logger: discardLogger()})
+	br.record(br.node("redis"), unhealthy)
+	code, rep, _ := getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br}))
+	require.Equal(t, http.StatusServiceUnavailable, code)
+	assert.Equal(t, "breaker-open", rep.Redis.State)
+	require.Len(t, rep.Redis.Breaker, 1)
+	assert.Equal(t, "open", rep.Redis.Breaker[0].StateName)
+}
+
+func TestReadinessUnderFaults(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		c := f.Client()
+		h := ReadinessWithConfig(ReadinessConfig{Client: c, Timeout: 300 * time.Millisecond})
+		code, _, _ := getHealth(t, h)
+		require.Equal(t, http.StatusOK, code)
+
+		f.Pause(t)
+		code, rep, took := getHealth(t, h)
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		require.Less(t, took, 2*time.Second, "readiness answers within its deadline when Redis hangs")
+		assert.Equal(t, "down", rep.Redis.State)
+		assert.Contains(t, []string{"timeout", "unreachable"}, rep.Redis.Nodes[0].Error)
+		f.Resume(t)
+		require.Eventually(t, func() bool { code, _, _ := getHealth(t, h); return code == http.StatusOK }, 10*time.Second, 50*time.Millisecond)
+
+		f.Stop(t)
+		code, _, took = getHealth(t, h)
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		require.Less(t, took, 2*time.Second)
+		f.Start(t)
+		require.Eventually(t, func() bool { code, _, _ := getHealth(t, h); return code == http.StatusOK }, 20*time.Second, 50*time.Millisecond,
+			"readiness recovers without a restart")
+	})
+}
+
+// TestClientHolderStartsWhileRedisIsDown: an app whose Redis is down at start
+// answers readiness 503 "connecting", then 200 once Redis is up, without a
+// restart.
+func TestClientHolderStartsWhileRedisIsDown(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		f.Stop(t)
+		holder := NewClientHolder(rueidis.ClientOption{InitAddress: f.addrs})
+		require.Nil(t, holder.Client(), "no I/O before Start")
+		holder.Start()
+		t.Cleanup(holder.Close)
+		h := ReadinessWithConfig(ReadinessConfig{Holder: holder, Timeout: 300 * time.Millisecond})
+
+		code, rep, took := getHealth(t, h)
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		require.Equal(t, "connecting", rep.Redis.State)
+		require.Less(t, took, time.Second)
+		require.Eventually(t, func() bool { return holder.Err() != nil }, 5*time.Second, 10*time.Millisecond)
+
+		f.Start(t)
+		select {
+		case <-holder.Ready():
+		case <-time.After(20 * time.Second):
+			t.Fatal("the holder did not connect after Redis started")
+		}
+		require.Eventually(t, func() bool { code, _, _ := getHealth(t, h); return code == http.StatusOK }, 10*time.Second, 50*time.Millisecond)
+		_, rep, _ = getHealth(t, h)
+		require.Equal(t, f.Topology, rep.Redis.Mode)
+	})
+}
+
+func TestClientHolderCloseWithoutStart(t *testing.T) {
+	h := NewClientHolder(rueidis.ClientOption{InitAddress: []string{"127.0.0.1:1"}})
+	h.Close()
+	h.Close()
+	require.Nil(t, h.Client())
+}
+
+func TestReadinessConfigValidation(t *testing.T) {
+	c := standaloneClient(t)
+	tests := []struct {
+		name    string
+		given   ReadinessConfig
+		wantErr error
+	}{
+		{name: "neither client nor holder", given: ReadinessConfig{}, wantErr: ErrNilClient},
+		{name: "both", given: ReadinessConfig{Client: c, Holder: NewClientHolder(rueidis.ClientOption{})}, wantErr: ErrNilClient},
+		{name: "negative timeout", given: ReadinessConfig{Client: c, Timeout: -1}, wantErr: ErrInvalidTimeout},
+		{name: "ok", given: ReadinessConfig{Client: c}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := tt.given.ToHandler()
+			if tt.wantErr != nil {
+				require.ErrorIs(t, err, tt.wantErr)
+				require.Panics(t, func() { ReadinessWithConfig(tt.given) })
+				return
+			}
+			require.NoError(t, err)
+		})
+	}
+}
+
+func TestLivenessNeedsNoRedis(t *testing.T) {
+	e := echo.New()
+	e.GET("/livez", Liveness())
+	rec := httptest.NewRecorder()
+	e.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/livez", nil))
+	require.Equal(t, http.StatusOK, rec.Code)
+	require.JSONEq(t, `{"status":"ok"}`, rec.Body.String())
 }

@@ -47,11 +47,9 @@ var baselines = []Case{
 //
 // redisecho cases go here as well, next to the peer they compete with (for
 // example "redisecho session/write" after "scs/write"), with Register using
-// the redisecho middleware. The first of them to import
-// github.com/redisecho/redisecho must also add to go.mod:
-//
-//	require github.com/redisecho/redisecho v0.0.0
-//	replace github.com/redisecho/redisecho => ../
+// the redisecho middleware. go.mod already replaces the root module with
+// ../; the first case to import github.com/redisecho/redisecho adds the
+// require (go mod tidy does it).
 var cases = []Case{
 	// Sessions, baseline /n. Write: one value per request into an existing
 	// session. Read: one value from a live session.
@@ -63,7 +61,9 @@ var cases = []Case{
 	// Rate limiting, baseline /p: one Allow per request, never denied.
 	redisRateCase("redis_rate/allow", "/redis_rate/allow"),
 
-	// Response caching, baseline /p: a warm cache hit serving the /p body.
+	// Caching, baseline /p: a warm cache hit answering the /p body
+	// (go-redis/cache: cache-aside of the data, rendered by the handler;
+	// the guide: a response cache sending the stored JSON).
 	goRedisCacheCase("go-redis-cache-tinylfu/hit", "/go-redis-cache/hit"),
 	guideCacheCase("guide-cache/hit", "/guide-cache/hit"),
 }

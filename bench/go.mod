@@ -36,3 +36,7 @@ require (
 	golang.org/x/text v0.42.0 // indirect
 	golang.org/x/time v0.15.0 // indirect
 )
+
+// The root module, for redisecho cases; require it when a case first
+// imports it (see the registry in cases.go).
+replace github.com/redisecho/redisecho => ../

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -90,7 +91,9 @@ func methodScript(method string) (string, error) {
 
 // runWrk runs wrk once and parses its report.
 func runWrk(ctx context.Context, bin string, args []string) (wrkResult, error) {
-	out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // dies with the harness
+	out, err := cmd.CombinedOutput()
 	if ctx.Err() != nil {
 		return wrkResult{}, ctx.Err()
 	}

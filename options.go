@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"sort"
 	"strconv"
 	"strings"
@@ -13,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 )
 
@@ -591,11 +589,4 @@ func (s *clientState) checkCache(client rueidis.Client, log *rateLog, timeout ti
 				"instead of being served from process memory")
 		}()
 	})
-}
-
-// errUnavailable is the HTTP error features return when Redis fails: a 503
-// whose body says nothing about the cause, which is kept as the internal
-// error for the application's logs.
-func errUnavailable(cause error) *echo.HTTPError {
-	return echo.NewHTTPError(http.StatusServiceUnavailable, http.StatusText(http.StatusServiceUnavailable)).SetInternal(cause)
 }

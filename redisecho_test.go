@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
 	"sort"
 	"strings"
 	"testing"
@@ -423,4 +425,24 @@ func TestLivenessNeedsNoRedis(t *testing.T) {
 	e.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/livez", nil))
 	require.Equal(t, http.StatusOK, rec.Code)
 	require.JSONEq(t, `{"status":"ok"}`, rec.Body.String())
+}
+
+// TestSuiteFailsLoudlyWithoutRedis runs this test binary again with no
+// redis-server in PATH and no server variables: it must fail with the
+// install hint, never skip.
+func TestSuiteFailsLoudlyWithoutRedis(t *testing.T) {
+	if os.Getenv("REDISECHO_TEST_CHILD") == "1" {
+		return
+	}
+	bin, err := os.Executable()
+	require.NoError(t, err)
+	cmd := exec.Command(bin, "-test.run=^TestSuiteFailsLoudlyWithoutRedis$", "-test.count=1")
+	cmd.Env = []string{"PATH=" + t.TempDir(), "HOME=" + os.Getenv("HOME"), "REDISECHO_TEST_CHILD=1"}
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	require.ErrorAs(t, err, &exit, "the run must fail: %s", out)
+	require.NotZero(t, exit.ExitCode())
+	require.Contains(t, string(out), "redis-server not found")
+	require.Contains(t, string(out), "apt-get install -y redis-server")
+	require.NotContains(t, string(out), "SKIP")
 }

@@ -221,9 +221,13 @@ func standaloneClient(t *testing.T) rueidis.Client {
 // faultBackend returns a backend on a dedicated deployment with a fast
 // breaker (2 failures) on a fake clock.
 func faultBackend(t *testing.T, f *faultRedis, clock *fakeClock) (*backend, rueidis.Client) {
+	return faultBackendTimeout(t, f, clock, 200*time.Millisecond)
+}
+
+func faultBackendTimeout(t *testing.T, f *faultRedis, clock *fakeClock, timeout time.Duration) (*backend, rueidis.Client) {
 	c := f.Client()
 	br := NewBreaker(BreakerConfig{Failures: 2, Cooldown: 10 * time.Second, Clock: clock, Logger: discardLogger()})
-	b, err := newBackend("test", c, Options{Prefix: f.Keys.Prefix(), Timeout: 200 * time.Millisecond, Breaker: br, Clock: clock, Logger: discardLogger()})
+	b, err := newBackend("test", c, Options{Prefix: f.Keys.Prefix(), Timeout: timeout, Breaker: br, Clock: clock, Logger: discardLogger()})
 	require.NoError(t, err)
 	return b, c
 }
@@ -317,7 +321,8 @@ func TestClientCancellationsDoNotTripBreaker(t *testing.T) {
 	t.Parallel()
 	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
 		clock := newFakeClock()
-		b, c := faultBackend(t, f, clock)
+		// A deadline far beyond the cancellations, so that only they end the calls.
+		b, c := faultBackendTimeout(t, f, clock, 2*time.Second)
 		key := b.keys.Key("k")
 		require.True(t, rueidis.IsRedisNil(b.Do(context.Background(), key, c.B().Get().Key(key).Build()).Error()))
 		scope := waitSlotMap(t, b, key)

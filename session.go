@@ -1,0 +1,1393 @@
+package redisecho
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/gob"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+	"github.com/redis/rueidis"
+)
+
+// Session defaults.
+const (
+	// DefaultSessionCookie is the cookie name when SessionConfig.CookieName
+	// is empty (the guide's "sessionId").
+	DefaultSessionCookie = "sessionId"
+	// DefaultSessionLifetime is the absolute lifetime of a session (the
+	// guide's 24 hours).
+	DefaultSessionLifetime = 24 * time.Hour
+	// DefaultSessionIdleTimeout ends a session nobody used for this long.
+	DefaultSessionIdleTimeout = 2 * time.Hour
+	// DefaultSessionTouchAfter is the share of the idle timeout that must
+	// pass before a read-only request extends it.
+	DefaultSessionTouchAfter = 0.25
+	// DefaultSessionMaxSize bounds the encoded size of a session's values.
+	DefaultSessionMaxSize = 64 << 10
+)
+
+// Session configuration and usage errors.
+var (
+	// ErrNoSessionKeys is returned when SessionConfig.Keys is empty.
+	ErrNoSessionKeys = errors.New("redisecho: session: at least one signing key is required")
+	// ErrWeakSessionKey is returned for a signing key shorter than 32 bytes.
+	ErrWeakSessionKey = errors.New("redisecho: session: signing keys must be at least 32 bytes")
+	// ErrInvalidSessionConfig is returned for out-of-range session options.
+	ErrInvalidSessionConfig = errors.New("redisecho: session: invalid configuration")
+	// ErrNoSessionMiddleware is returned by GetSession when the Session
+	// middleware did not run for the request.
+	ErrNoSessionMiddleware = errors.New("redisecho: session: the Session middleware is not installed on this route")
+	// ErrSessionTooLarge is returned by Set when the session's values would
+	// exceed MaxSize. The session is left as it was.
+	ErrSessionTooLarge = errors.New("redisecho: session: too large")
+	// ErrInvalidSessionKey is returned by Set for an empty key or one longer
+	// than 256 bytes.
+	ErrInvalidSessionKey = errors.New("redisecho: session: invalid value key")
+	// ErrSessionCommitted is returned by changes made after the response
+	// started: they could no longer be saved before the client sees the
+	// response, so they are refused.
+	ErrSessionCommitted = errors.New("redisecho: session: response already started")
+	// ErrSessionUnavailable is what Err returns when the session could not
+	// be read from Redis; the request is answered 503.
+	ErrSessionUnavailable = errors.New("redisecho: session: store unavailable")
+)
+
+// SessionCodec encodes session values. Each value is encoded on its own, so
+// one request can change one value without rewriting the others.
+type SessionCodec interface {
+	Marshal(v any) ([]byte, error)
+	Unmarshal(data []byte, v any) error
+}
+
+// JSONCodec is the default SessionCodec: encoding/json.
+type JSONCodec struct{}
+
+// Marshal encodes v as JSON.
+func (JSONCodec) Marshal(v any) ([]byte, error) { return json.Marshal(v) }
+
+// Unmarshal decodes JSON data into v.
+func (JSONCodec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
+
+// GobCodec encodes values with encoding/gob, keeping their Go types through
+// an interface (register custom types with gob.Register). The gorilla store
+// uses it so that sess.Values["userId"].(int) survives a reload.
+type GobCodec struct{}
+
+// Marshal encodes v, as an interface value, with gob.
+func (GobCodec) Marshal(v any) ([]byte, error) {
+	var b bytes.Buffer
+	if err := gob.NewEncoder(&b).Encode(&v); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+// Unmarshal decodes data into v, which must be a non-nil pointer to the
+// encoded value's type or to an interface it implements (such as *any).
+func (GobCodec) Unmarshal(data []byte, v any) error {
+	var x any
+	if err := gob.NewDecoder(bytes.NewReader(data)).Decode(&x); err != nil {
+		return err
+	}
+	dst := reflect.ValueOf(v)
+	if dst.Kind() != reflect.Pointer || dst.IsNil() {
+		return fmt.Errorf("redisecho: gob: cannot decode into %T", v)
+	}
+	if x == nil {
+		dst.Elem().SetZero()
+		return nil
+	}
+	src := reflect.ValueOf(x)
+	if !src.Type().AssignableTo(dst.Elem().Type()) {
+		return fmt.Errorf("redisecho: gob: cannot decode %T into %T", x, v)
+	}
+	dst.Elem().Set(src)
+	return nil
+}
+
+// SessionConfig configures the Session middleware and its SessionStore.
+type SessionConfig struct {
+	// Client is the rueidis client. Required.
+	Client rueidis.Client
+	// Options is the shared plumbing: Prefix, Timeout, Breaker, Clock and
+	// Logger, with their defaults.
+	Options
+	// Skipper skips the middleware for a request. Default: never skip.
+	Skipper middleware.Skipper
+	// Keys is the HMAC-SHA256 key ring that signs cookies, newest first: the
+	// first key signs, every key verifies, so keys rotate without logging
+	// anyone out. Each key must be at least 32 bytes. Required.
+	Keys []string
+	// CookieName is the session cookie's name. Default: "sessionId".
+	CookieName string
+	// CookiePath is the cookie's Path. Default: "/".
+	CookiePath string
+	// CookieDomain is the cookie's Domain. Default: none (host-only).
+	CookieDomain string
+	// InsecureCookie drops the Secure attribute, for local development over
+	// plain HTTP only. Default: false (cookies are Secure).
+	InsecureCookie bool
+	// SameSite is the cookie's SameSite mode. Default: http.SameSiteLaxMode.
+	SameSite http.SameSite
+	// Lifetime is the absolute lifetime of a session, enforced by the
+	// server; a remembered session's cookie gets it as Max-Age. Regenerate
+	// keeps it: it does not restart. Default: 24 h.
+	Lifetime time.Duration
+	// IdleTimeout ends a session nobody used for this long, enforced by the
+	// server. It slides, but only once TouchAfter of it has passed, so the
+	// effective timeout is between (1-TouchAfter)×IdleTimeout and IdleTimeout
+	// after the last request. Default: 2 h.
+	IdleTimeout time.Duration
+	// TouchAfter is the share of IdleTimeout that must pass before a request
+	// that changes nothing extends the session, so that read-only requests
+	// usually write nothing. Between 0 (exclusive) and 1. Default: 0.25.
+	TouchAfter float64
+	// MaxSize bounds the encoded size of all of a session's values, in
+	// bytes. Default: 64 KiB.
+	MaxSize int
+	// Codec encodes values. Default: JSONCodec.
+	Codec SessionCodec
+	// BrowserSessionCookie makes new sessions use a browser-session cookie
+	// (no Max-Age: it ends when the browser closes) instead of a persistent
+	// one whose Max-Age is the remaining Lifetime. Change it per session with
+	// Session.SetRememberMe. Default: false (persistent, as in the guide).
+	BrowserSessionCookie bool
+	// RecordUserAgent stores the User-Agent (first 256 bytes) of the
+	// request that created the session, for ListUserSessions. Default: false.
+	RecordUserAgent bool
+	// Degrade runs handlers with an empty session that is never saved when
+	// Redis is down or the breaker is open, instead of answering 503.
+	// Default: false (503 with {"error":"session store unavailable"}).
+	Degrade bool
+}
+
+// Session returns the session middleware for client with the defaults of
+// SessionConfig, signing cookies with keys (newest first). It panics when
+// the configuration is invalid (no key, a key shorter than 32 bytes).
+func Session(client rueidis.Client, keys ...string) echo.MiddlewareFunc {
+	return SessionWithConfig(SessionConfig{Client: client, Keys: keys})
+}
+
+// SessionWithConfig returns the session middleware for cfg. It panics when
+// cfg is invalid; use ToMiddleware to get the error instead.
+func SessionWithConfig(cfg SessionConfig) echo.MiddlewareFunc {
+	mw, err := cfg.ToMiddleware()
+	if err != nil {
+		panic(err)
+	}
+	return mw
+}
+
+// ToMiddleware validates cfg, fills its defaults and returns the middleware.
+// It does no I/O.
+func (cfg SessionConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
+	st, err := NewSessionStore(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return st.Middleware(), nil
+}
+
+// SessionStore is the Redis side of sessions: one hash per session, saved
+// field by field. The middleware and the gorilla adapter use it; use it
+// directly for ListUserSessions and DestroyUserSessions. Build it with
+// NewSessionStore; it is safe for concurrent use.
+//
+// Keys, with S the session's slot tag (kept across regeneration) and D the
+// SHA-256 of its token (the token itself is never stored):
+//
+//	<prefix>{sess:S}:D          hash: "v:<key>" values, "f:<key>" flashes, "_…" metadata
+//	<prefix>{user:U}:sessions   sorted set: handles of user U's sessions, scored by expiry (ms)
+type SessionStore struct {
+	b        *backend
+	cfg      SessionConfig
+	keys     [][]byte
+	touchGap time.Duration
+
+	loads, cacheHits, saves, saveErrors, staleBypass atomic.Uint64
+}
+
+// NewSessionStore validates cfg, fills its defaults and returns the store.
+// It does no I/O.
+func NewSessionStore(cfg SessionConfig) (*SessionStore, error) {
+	b, err := newBackend("session", cfg.Client, cfg.Options)
+	if err != nil {
+		return nil, err
+	}
+	if len(cfg.Keys) == 0 {
+		return nil, ErrNoSessionKeys
+	}
+	keys := make([][]byte, len(cfg.Keys))
+	for i, k := range cfg.Keys {
+		if len(k) < 32 {
+			return nil, fmt.Errorf("%w: key %d has %d bytes", ErrWeakSessionKey, i, len(k))
+		}
+		keys[i] = []byte(k)
+	}
+	if cfg.CookieName == "" {
+		cfg.CookieName = DefaultSessionCookie
+	}
+	if !validCookieName(cfg.CookieName) {
+		return nil, fmt.Errorf("%w: cookie name %q", ErrInvalidSessionConfig, cfg.CookieName)
+	}
+	if cfg.CookiePath == "" {
+		cfg.CookiePath = "/"
+	}
+	if cfg.SameSite == 0 {
+		cfg.SameSite = http.SameSiteLaxMode
+	}
+	if cfg.Lifetime == 0 {
+		cfg.Lifetime = DefaultSessionLifetime
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = DefaultSessionIdleTimeout
+	}
+	if cfg.TouchAfter == 0 {
+		cfg.TouchAfter = DefaultSessionTouchAfter
+	}
+	if cfg.MaxSize == 0 {
+		cfg.MaxSize = DefaultSessionMaxSize
+	}
+	switch {
+	case cfg.Lifetime < time.Second, cfg.IdleTimeout < time.Second:
+		return nil, fmt.Errorf("%w: Lifetime and IdleTimeout must be at least 1 s", ErrInvalidSessionConfig)
+	case cfg.TouchAfter <= 0 || cfg.TouchAfter >= 1:
+		return nil, fmt.Errorf("%w: TouchAfter %v is not in (0, 1)", ErrInvalidSessionConfig, cfg.TouchAfter)
+	case cfg.MaxSize < 0:
+		return nil, fmt.Errorf("%w: MaxSize %d", ErrInvalidSessionConfig, cfg.MaxSize)
+	}
+	if cfg.Codec == nil {
+		cfg.Codec = JSONCodec{}
+	}
+	if cfg.Skipper == nil {
+		cfg.Skipper = middleware.DefaultSkipper
+	}
+	return &SessionStore{
+		b: b, cfg: cfg, keys: keys,
+		touchGap: time.Duration(float64(cfg.IdleTimeout) * cfg.TouchAfter),
+	}, nil
+}
+
+func validCookieName(name string) bool {
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("()<>@,;:\\\"/[]?={}", c) >= 0 {
+			return false
+		}
+	}
+	return name != ""
+}
+
+// SessionStats counts what a SessionStore did since it was created.
+type SessionStats struct {
+	// Loads counts session reads.
+	Loads uint64
+	// CacheHits counts reads served from client-side caching, with no
+	// Redis round trip.
+	CacheHits uint64
+	// StaleBypasses counts reads whose cached copy was older than the
+	// client's cookie, and that went to Redis (read-your-writes).
+	StaleBypasses uint64
+	// Saves counts successful saves.
+	Saves uint64
+	// SaveErrors counts saves that failed.
+	SaveErrors uint64
+}
+
+// Stats returns the store's counters.
+func (st *SessionStore) Stats() SessionStats {
+	return SessionStats{
+		Loads: st.loads.Load(), CacheHits: st.cacheHits.Load(), StaleBypasses: st.staleBypass.Load(),
+		Saves: st.saves.Load(), SaveErrors: st.saveErrors.Load(),
+	}
+}
+
+// A token is a session's secret: a slot tag that survives regeneration, so
+// that old and new keys share a slot, and 256 random bits.
+type token struct {
+	tag    string // 4 base64url characters (24 random bits)
+	secret string // 43 base64url characters (256 random bits)
+}
+
+func newToken(tag string) token {
+	var b [35]byte
+	_, _ = rand.Read(b[:]) // crypto/rand never fails on supported platforms
+	if tag == "" {
+		tag = base64.RawURLEncoding.EncodeToString(b[32:])
+	}
+	return token{tag: tag, secret: base64.RawURLEncoding.EncodeToString(b[:32])}
+}
+
+// handle is the opaque, non-secret name of a session in its user's index: it
+// locates the session key but is not a credential.
+func (t token) handle() string { return t.tag + "." + Digest(t.secret) }
+
+func (st *SessionStore) keyOf(handle string) (string, bool) {
+	tag, digest, ok := strings.Cut(handle, ".")
+	if !ok || len(tag) != 4 || len(digest) != 43 {
+		return "", false
+	}
+	return st.b.keys.Group("sess", tag).Key(digest), true
+}
+
+func (st *SessionStore) key(t token) string {
+	return st.b.keys.Group("sess", t.tag).Key(Digest(t.secret))
+}
+
+func (st *SessionStore) userKey(userID string) string {
+	return st.b.keys.Group("user", userID).Key("sessions")
+}
+
+// The cookie value is "<tag>.<secret>.<version>.<mac>": the version is the
+// session version the client last saw (for read-your-writes), and mac is the
+// first 128 bits of HMAC-SHA256 over the cookie name and the rest, under the
+// newest key.
+func (st *SessionStore) encodeCookie(t token, version int64) string {
+	payload := t.tag + "." + t.secret + "." + strconv.FormatInt(version, 10)
+	return payload + "." + st.mac(st.keys[0], payload)
+}
+
+func (st *SessionStore) mac(key []byte, payload string) string {
+	h := hmac.New(sha256.New, key)
+	h.Write([]byte(st.cfg.CookieName))
+	h.Write([]byte{0})
+	h.Write([]byte(payload))
+	var sum [sha256.Size]byte
+	return base64.RawURLEncoding.EncodeToString(h.Sum(sum[:0])[:16])
+}
+
+// decodeCookie verifies a cookie value. rotated reports that a key other
+// than the newest signed it, so the cookie should be re-signed.
+func (st *SessionStore) decodeCookie(v string) (t token, version int64, rotated, ok bool) {
+	if len(v) < 4+1+43+1+1+1+22 || len(v) > 4+1+43+1+19+1+22 {
+		return token{}, 0, false, false
+	}
+	i := strings.LastIndexByte(v, '.')
+	payload, mac := v[:i], v[i+1:]
+	parts := strings.Split(payload, ".")
+	if len(parts) != 3 || len(parts[0]) != 4 || len(parts[1]) != 43 || len(mac) != 22 {
+		return token{}, 0, false, false
+	}
+	for k, key := range st.keys {
+		if subtle.ConstantTimeCompare([]byte(st.mac(key, payload)), []byte(mac)) == 1 {
+			version, err := strconv.ParseInt(parts[2], 10, 64)
+			if err != nil || version < 0 {
+				return token{}, 0, false, false
+			}
+			return token{tag: parts[0], secret: parts[1]}, version, k > 0, true
+		}
+	}
+	return token{}, 0, false, false
+}
+
+// Metadata fields of the session hash. Values live under "v:", flashes under
+// "f:", so user keys never clash with these.
+const (
+	fVersion  = "_v"  // incremented by every save that changes data
+	fCreated  = "_c"  // creation, unix ms
+	fAbsolute = "_a"  // absolute expiry, unix ms
+	fSeen     = "_s"  // last extension of the idle timeout, unix ms
+	fUser     = "_u"  // bound user ID
+	fAgent    = "_ua" // User-Agent at creation
+	fRemember = "_r"  // "1": persistent cookie
+	fSize     = "_z"  // encoded size of "v:" and "f:" fields
+)
+
+// saveScript applies one save atomically.
+//
+// KEYS[1] the session's current key; KEYS[2] the key to save under (differs
+// from KEYS[1] when regenerating; both share the slot tag).
+// ARGV[1] "new" (create; fails if KEYS[2] exists), "update" (the session
+// must exist and be unexpired) or "destroy"; ARGV[2] now (unix ms);
+// ARGV[3] idle timeout (ms); ARGV[4] absolute expiry (ms, "new" only; for
+// "destroy", the user the session must be bound to, or "" for any);
+// ARGV[5] max size of values (bytes); ARGV[6] "1" to increment the version;
+// ARGV[7] n, the number of field/value pairs that follow and are set; the
+// remaining ARGV are fields to delete.
+//
+// It returns {version, absolute expiry, remember, previous user}, or an
+// integer: -1 the session is gone (expired, destroyed, unknown), -2 the new
+// key exists (a token collision), -3 the values would exceed the max size.
+// Sizes of "v:"/"f:" fields are kept in _z, so the size check costs
+// O(fields changed).
+var saveScript = rueidis.NewLuaScript(`
+local src, dst = KEYS[1], KEYS[2]
+local mode, now, idle = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if mode == 'destroy' then
+  local u = redis.call('HGET', src, '_u') or ''
+  if ARGV[4] == '' or u == ARGV[4] then redis.call('DEL', src) end
+  return {0, 0, '', u}
+end
+local abs
+if mode == 'new' then
+  if redis.call('EXISTS', dst) == 1 then return -2 end
+  abs = tonumber(ARGV[4])
+else
+  local meta = redis.call('HMGET', src, '_a', '_s')
+  abs = tonumber(meta[1])
+  local seen = tonumber(meta[2])
+  if not abs or abs <= now or (seen and now - seen > idle) then
+    redis.call('DEL', src)
+    return -1
+  end
+end
+local n = tonumber(ARGV[7])
+local size = tonumber(redis.call('HGET', src, '_z') or '0')
+local i = 8
+for _ = 1, n do
+  local f = ARGV[i]
+  local c = string.sub(f, 1, 2)
+  if c == 'v:' or c == 'f:' then
+    size = size + #ARGV[i + 1] - redis.call('HSTRLEN', src, f)
+  end
+  i = i + 2
+end
+for j = i, #ARGV do
+  local c = string.sub(ARGV[j], 1, 2)
+  if c == 'v:' or c == 'f:' then
+    size = size - redis.call('HSTRLEN', src, ARGV[j])
+  end
+end
+if size > tonumber(ARGV[5]) then return -3 end
+local prev = ''
+if mode ~= 'new' then
+  prev = redis.call('HGET', src, '_u') or ''
+  if dst ~= src then
+    if redis.call('EXISTS', dst) == 1 then return -2 end
+    redis.call('RENAME', src, dst)
+  end
+else
+  redis.call('HSET', dst, '_c', ARGV[2], '_a', ARGV[4])
+end
+if n > 0 then redis.call('HSET', dst, unpack(ARGV, 8, 7 + 2 * n)) end
+if i <= #ARGV then redis.call('HDEL', dst, unpack(ARGV, i, #ARGV)) end
+local v
+if ARGV[6] == '1' then
+  v = redis.call('HINCRBY', dst, '_v', 1)
+else
+  v = tonumber(redis.call('HGET', dst, '_v') or '0')
+end
+redis.call('HSET', dst, '_s', ARGV[2], '_z', size)
+redis.call('PEXPIRE', dst, math.min(idle, abs - now))
+return {v, abs, redis.call('HGET', dst, '_r') or '', prev}
+`)
+
+// indexScript records a session in its user's index and prunes entries
+// whose absolute expiry passed.
+//
+// KEYS[1] the user's index. ARGV[1] now (unix ms); ARGV[2] the handle;
+// ARGV[3] its absolute expiry (unix ms). The index expires with its last
+// session.
+var indexScript = rueidis.NewLuaScript(`
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
+return 1
+`)
+
+// sessionData is what a load returns.
+type sessionData struct {
+	fields   map[string]string
+	version  int64
+	created  time.Time
+	absolute time.Time
+	seen     time.Time
+}
+
+// load reads a session. A cached copy older than minVersion (the version in
+// the client's cookie) is bypassed, so a client always sees its own writes.
+// found is false for a session that does not exist or has expired.
+func (st *SessionStore) load(ctx context.Context, t token, minVersion int64) (d sessionData, found bool, err error) {
+	st.loads.Add(1)
+	key := st.key(t)
+	res := st.b.DoCache(ctx, key, st.b.client.B().Hgetall().Key(key).Cache(), st.cfg.IdleTimeout)
+	m, err := res.AsStrMap()
+	if err != nil {
+		return d, false, err
+	}
+	if res.IsCacheHit() {
+		if v, _ := strconv.ParseInt(m[fVersion], 10, 64); v < minVersion {
+			st.staleBypass.Add(1)
+			if m, err = st.b.Do(ctx, key, st.b.client.B().Hgetall().Key(key).Build()).AsStrMap(); err != nil {
+				return d, false, err
+			}
+		} else {
+			st.cacheHits.Add(1)
+		}
+	}
+	if len(m) == 0 {
+		return d, false, nil
+	}
+	ms := func(f string) time.Time {
+		n, _ := strconv.ParseInt(m[f], 10, 64)
+		return time.UnixMilli(n)
+	}
+	d = sessionData{fields: m, created: ms(fCreated), absolute: ms(fAbsolute), seen: ms(fSeen)}
+	d.version, _ = strconv.ParseInt(m[fVersion], 10, 64)
+	now := st.b.clock.Now()
+	if !now.Before(d.absolute) || now.Sub(d.seen) > st.cfg.IdleTimeout {
+		return sessionData{}, false, nil
+	}
+	return d, true, nil
+}
+
+// errSessionGone, errSessionCollision and ErrSessionTooLarge are the script's
+// refusals.
+var (
+	errSessionGone      = errors.New("redisecho: session: gone")
+	errSessionCollision = errors.New("redisecho: session: token collision")
+)
+
+type saveResult struct {
+	version  int64
+	absolute time.Time
+	remember bool
+	prevUser string
+}
+
+func (st *SessionStore) runSave(ctx context.Context, src, dst string, args []string) (saveResult, error) {
+	res := st.b.Exec(ctx, saveScript, []string{src, dst}, args)
+	if n, err := res.AsInt64(); err == nil {
+		switch n {
+		case -1:
+			return saveResult{}, errSessionGone
+		case -2:
+			return saveResult{}, errSessionCollision
+		case -3:
+			return saveResult{}, ErrSessionTooLarge
+		}
+	}
+	arr, err := res.ToArray()
+	if err != nil {
+		return saveResult{}, err
+	}
+	if len(arr) != 4 {
+		return saveResult{}, fmt.Errorf("redisecho: session: unexpected save reply of %d elements", len(arr))
+	}
+	v, _ := arr[0].AsInt64()
+	abs, _ := arr[1].AsInt64()
+	rem, _ := arr[2].ToString()
+	prev, _ := arr[3].ToString()
+	return saveResult{version: v, absolute: time.UnixMilli(abs), remember: rem == "1", prevUser: prev}, nil
+}
+
+// UserSession describes one of a user's sessions, as ListUserSessions
+// returns it.
+type UserSession struct {
+	// Handle names the session for DestroyUserSessions. It is opaque and is
+	// not a credential: it cannot be used as a cookie.
+	Handle string `json:"handle"`
+	// Created is when the session was created.
+	Created time.Time `json:"created"`
+	// LastSeen is when a request last extended the session (within
+	// TouchAfter of the idle timeout of the last request).
+	LastSeen time.Time `json:"last_seen"`
+	// Expires is the session's absolute expiry.
+	Expires time.Time `json:"expires"`
+	// UserAgent is the User-Agent that created it, when RecordUserAgent is on.
+	UserAgent string `json:"user_agent,omitempty"`
+}
+
+// ListUserSessions lists the live sessions bound to userID, newest first,
+// from the user's index: it never scans the keyspace. Entries whose session
+// expired are pruned on the way.
+func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]UserSession, error) {
+	idx := st.userKey(userID)
+	now := st.b.clock.Now()
+	members, err := st.b.Do(ctx, idx, st.b.client.B().Zrange().Key(idx).Min("+inf").Max(strconv.FormatInt(now.UnixMilli(), 10)).Byscore().Rev().Build()).AsStrSlice()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]UserSession, 0, len(members))
+	var stale []string
+	for _, h := range members {
+		key, ok := st.keyOf(h)
+		if !ok {
+			stale = append(stale, h)
+			continue
+		}
+		f, err := st.b.Do(ctx, key, st.b.client.B().Hmget().Key(key).Field(fCreated, fSeen, fAbsolute, fAgent, fUser).Build()).ToArray()
+		if err != nil {
+			return nil, err
+		}
+		vals := make([]string, len(f))
+		for i := range f {
+			vals[i], _ = f[i].ToString()
+		}
+		if vals[4] != userID {
+			stale = append(stale, h) // expired, destroyed, or bound to another user
+			continue
+		}
+		ms := func(s string) time.Time { n, _ := strconv.ParseInt(s, 10, 64); return time.UnixMilli(n) }
+		if idle := ms(vals[1]); now.Sub(idle) > st.cfg.IdleTimeout {
+			stale = append(stale, h)
+			continue
+		}
+		out = append(out, UserSession{Handle: h, Created: ms(vals[0]), LastSeen: ms(vals[1]), Expires: ms(vals[2]), UserAgent: vals[3]})
+	}
+	if len(stale) > 0 {
+		if err := st.b.Do(ctx, idx, st.b.client.B().Zrem().Key(idx).Member(stale...).Build()).Error(); err != nil {
+			st.b.log.Error("redisecho: session: pruning a user's index failed", err)
+		}
+	}
+	return out, nil
+}
+
+// DestroyUserSessions ends every session bound to userID except those whose
+// handles are listed (the caller's current session, say), for "log out
+// everywhere" and password changes. It returns how many it ended. A session
+// it ended no longer works when it returns.
+func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, except ...string) (int, error) {
+	idx := st.userKey(userID)
+	members, err := st.b.Do(ctx, idx, st.b.client.B().Zrange().Key(idx).Min("0").Max("-1").Build()).AsStrSlice()
+	if err != nil {
+		return 0, err
+	}
+	ended := 0
+	var done []string
+	for _, h := range members {
+		if slices.Contains(except, h) {
+			continue
+		}
+		if key, ok := st.keyOf(h); ok {
+			// Delete the session only if it is still this user's: a session
+			// rebound to someone else is left alone.
+			res, err := st.runSave(ctx, key, key, []string{"destroy", "0", "0", userID, "0", "0", "0"})
+			if err != nil {
+				return ended, err
+			}
+			if res.prevUser == userID {
+				ended++
+			}
+		}
+		done = append(done, h)
+	}
+	if len(done) > 0 {
+		if err := st.b.Do(ctx, idx, st.b.client.B().Zrem().Key(idx).Member(done...).Build()).Error(); err != nil {
+			return ended, err
+		}
+	}
+	return ended, nil
+}
+
+// SessionState is one request's session. Get it in a handler with GetSession.
+// Reads load it from Redis on first use (through client-side caching, so an
+// unchanged session costs no round trip); changes are saved when the
+// response starts, in one atomic round trip that writes only the values that
+// changed. Two requests that change different values therefore both keep
+// their change; when they change the same value, the last save wins.
+//
+// When the session cannot be read or saved (Redis down, breaker open), the
+// client gets 503 {"error":"session store unavailable"} instead of the
+// handler's response, unless SessionConfig.Degrade is set. A session that
+// would outgrow MaxSize gets 413 {"error":"session too large"}. Either way
+// the stored session is left as it was.
+//
+// A SessionState is safe for use by the handler's goroutines.
+type SessionState struct {
+	st  *SessionStore
+	ctx context.Context
+	ua  string
+
+	mu            sync.Mutex
+	tok           token
+	hasToken      bool // the request carried a valid cookie
+	badCookie     bool // the request carried a cookie we rejected
+	cookieVersion int64
+	rotated       bool // signed by an older key of the ring
+
+	loaded   bool
+	found    bool // the session exists in Redis (when loaded)
+	degraded bool
+	err      error
+	data     sessionData
+
+	set         map[string][]byte // fields to write, "v:…", "f:…" and metadata
+	del         map[string]struct{}
+	regenerate  bool
+	destroy     bool
+	userID      string
+	userChanged bool
+	remember    bool
+	rememberSet bool
+	touch       bool
+	committed   bool
+	failure     *sessionFailure
+}
+
+type sessionFailure struct {
+	code int
+	body string
+}
+
+var (
+	failUnavailable = &sessionFailure{code: http.StatusServiceUnavailable, body: `{"error":"session store unavailable"}`}
+	failTooLarge    = &sessionFailure{code: http.StatusRequestEntityTooLarge, body: `{"error":"session too large"}`}
+)
+
+// sessionContextKey is the echo.Context key of the request's *SessionState.
+const sessionContextKey = "redisecho.session"
+
+// GetSession returns the request's session. It returns
+// ErrNoSessionMiddleware, not a panic, when the Session middleware did not
+// run. It does no I/O.
+func GetSession(c echo.Context) (*SessionState, error) {
+	if s, ok := c.Get(sessionContextKey).(*SessionState); ok {
+		return s, nil
+	}
+	return nil, ErrNoSessionMiddleware
+}
+
+func (st *SessionStore) newSession(r *http.Request) *SessionState {
+	s := &SessionState{st: st, ctx: r.Context(), remember: !st.cfg.BrowserSessionCookie}
+	if st.cfg.RecordUserAgent {
+		s.ua = r.UserAgent()
+		if len(s.ua) > 256 {
+			s.ua = s.ua[:256]
+		}
+	}
+	ck, err := r.Cookie(st.cfg.CookieName)
+	if err != nil {
+		s.loaded = true // no cookie: an empty new session, no I/O
+		return s
+	}
+	if t, v, rotated, ok := st.decodeCookie(ck.Value); ok {
+		s.tok, s.hasToken, s.cookieVersion, s.rotated = t, true, v, rotated
+		return s
+	}
+	s.badCookie, s.loaded = true, true // tampered, malformed or signed by a retired key
+	return s
+}
+
+// ensureLoaded reads the session on first use. Callers hold s.mu.
+func (s *SessionState) ensureLoaded() {
+	if s.loaded {
+		return
+	}
+	s.loaded = true
+	d, found, err := s.st.load(s.ctx, s.tok, s.cookieVersion)
+	switch {
+	case err != nil:
+		s.st.b.log.Error("redisecho: session: load failed", err)
+		if s.st.cfg.Degrade {
+			s.degraded = true
+		} else {
+			s.err = fmt.Errorf("%w: %w", ErrSessionUnavailable, err)
+		}
+	case found:
+		s.found, s.data = true, d
+		s.userID = d.fields[fUser]
+		s.remember = d.fields[fRemember] == "1"
+		s.touch = s.st.b.clock.Now().Sub(d.seen) >= s.st.touchGap
+	}
+}
+
+// Err returns ErrSessionUnavailable (wrapping the cause) when the session
+// could not be loaded. The middleware then answers 503 whatever the handler
+// writes, so a handler only needs Err to skip work it would waste.
+func (s *SessionState) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ensureLoaded()
+	return s.err
+}
+
+// raw returns the stored or pending encoded value of field. Callers hold s.mu.
+func (s *SessionState) raw(field string) ([]byte, bool) {
+	if v, ok := s.set[field]; ok {
+		return v, true
+	}
+	if _, ok := s.del[field]; ok {
+		return nil, false
+	}
+	s.ensureLoaded()
+	if v, ok := s.data.fields[field]; ok {
+		return []byte(v), true
+	}
+	return nil, false
+}
+
+// Get decodes the value of key into dst with the store's codec. It reports
+// whether the key exists.
+func (s *SessionState) Get(key string, dst any) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, ok := s.raw("v:" + key)
+	if !ok {
+		return false, nil
+	}
+	return true, s.st.cfg.Codec.Unmarshal(b, dst)
+}
+
+// SessionValue returns the value of key as a T, and whether it exists and
+// decoded as a T.
+func SessionValue[T any](s *SessionState, key string) (T, bool) {
+	var v T
+	ok, err := s.Get(key, &v)
+	return v, ok && err == nil
+}
+
+// GetString returns the string value of key, or "" and false.
+func (s *SessionState) GetString(key string) (string, bool) { return SessionValue[string](s, key) }
+
+// GetInt returns the int value of key, or 0 and false.
+func (s *SessionState) GetInt(key string) (int, bool) { return SessionValue[int](s, key) }
+
+// GetInt64 returns the int64 value of key, or 0 and false.
+func (s *SessionState) GetInt64(key string) (int64, bool) { return SessionValue[int64](s, key) }
+
+// GetFloat64 returns the float64 value of key, or 0 and false.
+func (s *SessionState) GetFloat64(key string) (float64, bool) { return SessionValue[float64](s, key) }
+
+// GetBool returns the bool value of key, or false and false.
+func (s *SessionState) GetBool(key string) (bool, bool) { return SessionValue[bool](s, key) }
+
+// Has reports whether key has a value.
+func (s *SessionState) Has(key string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.raw("v:" + key)
+	return ok
+}
+
+// Keys returns the keys that have a value, sorted.
+func (s *SessionState) Keys() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ensureLoaded()
+	var keys []string
+	for f := range s.data.fields {
+		if k, ok := strings.CutPrefix(f, "v:"); ok {
+			if _, gone := s.del[f]; !gone {
+				keys = append(keys, k)
+			}
+		}
+	}
+	for f := range s.set {
+		if k, ok := strings.CutPrefix(f, "v:"); ok {
+			if _, stored := s.data.fields[f]; !stored {
+				keys = append(keys, k)
+			}
+		}
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// writable checks that a change can still be saved. Callers hold s.mu.
+func (s *SessionState) writable() error {
+	if s.committed {
+		return ErrSessionCommitted
+	}
+	return nil
+}
+
+func checkValueKey(key string) error {
+	if key == "" || len(key) > 256 {
+		return fmt.Errorf("%w: %q", ErrInvalidSessionKey, key)
+	}
+	return nil
+}
+
+// Set stores value under key, encoded with the store's codec. It returns
+// ErrSessionTooLarge, and changes nothing, when the session's values would
+// exceed MaxSize; the save re-checks atomically against what Redis holds.
+func (s *SessionState) Set(key string, value any) error {
+	if err := checkValueKey(key); err != nil {
+		return err
+	}
+	b, err := s.st.cfg.Codec.Marshal(value)
+	if err != nil {
+		return fmt.Errorf("redisecho: session: encode %q: %w", key, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.setField("v:"+key, b)
+}
+
+// setField stages field = b after the size check. Callers hold s.mu.
+func (s *SessionState) setField(field string, b []byte) error {
+	if err := s.writable(); err != nil {
+		return err
+	}
+	if len(b) > s.st.cfg.MaxSize {
+		return fmt.Errorf("%w: value of %d bytes, limit %d", ErrSessionTooLarge, len(b), s.st.cfg.MaxSize)
+	}
+	if s.loaded {
+		old, _ := s.raw(field)
+		if size := s.size() - len(old) + len(b); size > s.st.cfg.MaxSize {
+			return fmt.Errorf("%w: %d bytes, limit %d", ErrSessionTooLarge, size, s.st.cfg.MaxSize)
+		}
+	}
+	if s.set == nil {
+		s.set = make(map[string][]byte)
+	}
+	s.set[field] = b
+	delete(s.del, field)
+	return nil
+}
+
+// size is the encoded size of values and flashes, pending changes applied.
+// Callers hold s.mu and have loaded the session.
+func (s *SessionState) size() int {
+	n := 0
+	for f, v := range s.data.fields {
+		if isDataField(f) {
+			if _, gone := s.del[f]; !gone {
+				if _, changed := s.set[f]; !changed {
+					n += len(v)
+				}
+			}
+		}
+	}
+	for f, v := range s.set {
+		if isDataField(f) {
+			n += len(v)
+		}
+	}
+	return n
+}
+
+func isDataField(f string) bool { return strings.HasPrefix(f, "v:") || strings.HasPrefix(f, "f:") }
+
+// Delete removes the value of key.
+func (s *SessionState) Delete(key string) error {
+	if err := checkValueKey(key); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.deleteField("v:" + key)
+}
+
+func (s *SessionState) deleteField(field string) error {
+	if err := s.writable(); err != nil {
+		return err
+	}
+	if s.del == nil {
+		s.del = make(map[string]struct{})
+	}
+	delete(s.set, field)
+	s.del[field] = struct{}{}
+	return nil
+}
+
+// SetFlash stores a flash message under key: it is read once, by Flash, in
+// this or a later request.
+func (s *SessionState) SetFlash(key string, value any) error {
+	if err := checkValueKey(key); err != nil {
+		return err
+	}
+	b, err := s.st.cfg.Codec.Marshal(value)
+	if err != nil {
+		return fmt.Errorf("redisecho: session: encode flash %q: %w", key, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.setField("f:"+key, b)
+}
+
+// Flash decodes the flash message under key into dst and removes it. It
+// reports whether there was one.
+func (s *SessionState) Flash(key string, dst any) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, ok := s.raw("f:" + key)
+	if !ok {
+		return false, nil
+	}
+	if err := s.deleteField("f:" + key); err != nil {
+		return true, err
+	}
+	return true, s.st.cfg.Codec.Unmarshal(b, dst)
+}
+
+// Regenerate gives the session a new ID when the response starts, keeping
+// its data and its absolute lifetime, atomically: the old ID stops working
+// at that moment, with no grace window. Call it on every privilege change
+// (login, logout, role change), against session fixation.
+func (s *SessionState) Regenerate() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writable(); err != nil {
+		return err
+	}
+	s.ensureLoaded() // to move the session in its user's index
+	s.regenerate = true
+	return nil
+}
+
+// Destroy deletes the session from Redis when the response starts and
+// clears the cookie. Later changes in the same request are dropped.
+func (s *SessionState) Destroy() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writable(); err != nil {
+		return err
+	}
+	s.destroy = true
+	return nil
+}
+
+// SetUserID binds the session to a user, recording it in the user's index
+// for ListUserSessions and DestroyUserSessions; "" unbinds it.
+func (s *SessionState) SetUserID(id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writable(); err != nil {
+		return err
+	}
+	s.ensureLoaded()
+	if id != s.userID {
+		s.userID, s.userChanged = id, true
+	}
+	return nil
+}
+
+// UserID returns the user the session is bound to, or "".
+func (s *SessionState) UserID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ensureLoaded()
+	return s.userID
+}
+
+// SetRememberMe chooses a persistent cookie (Max-Age = remaining lifetime)
+// when on, or a browser-session cookie when off, for this session.
+func (s *SessionState) SetRememberMe(on bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writable(); err != nil {
+		return err
+	}
+	s.remember, s.rememberSet = on, true
+	return nil
+}
+
+// IsNew reports whether the session does not exist in Redis yet.
+func (s *SessionState) IsNew() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ensureLoaded()
+	return !s.found
+}
+
+// Handle returns the session's handle in its user's index ("" for a new
+// session): compare it with UserSession.Handle to mark the current session.
+func (s *SessionState) Handle() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ensureLoaded()
+	if !s.found {
+		return ""
+	}
+	return s.tok.handle()
+}
+
+// Store returns the session's store, for ListUserSessions and
+// DestroyUserSessions.
+func (s *SessionState) Store() *SessionStore { return s.st }
+
+// dirty reports whether data changes are pending. Callers hold s.mu.
+func (s *SessionState) dirty() bool {
+	return len(s.set) > 0 || len(s.del) > 0 || s.regenerate || s.userChanged || s.rememberSet
+}
+
+// sessionCookie is the outcome of a save for the response's headers.
+type sessionCookie struct {
+	value  string
+	maxAge int // > 0 persistent, 0 browser session, < 0 clear
+}
+
+// save writes the pending changes and tells what cookie to send (nil: none).
+// Callers hold s.mu.
+func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
+	s.committed = true
+	st := s.st
+	if s.degraded || s.err != nil {
+		return nil, nil // nothing was read, so nothing may be written
+	}
+	ctx := s.ctx
+	now := st.b.clock.Now()
+	if s.destroy {
+		if !s.hasToken {
+			if s.badCookie {
+				return &sessionCookie{maxAge: -1}, nil
+			}
+			return nil, nil
+		}
+		res, err := st.runSave(ctx, st.key(s.tok), st.key(s.tok), []string{"destroy", "0", "0", "", "0", "0", "0"})
+		if err != nil {
+			return nil, st.saveFailed(err)
+		}
+		st.saves.Add(1)
+		if res.prevUser != "" {
+			st.unindex(ctx, res.prevUser, s.tok.handle())
+		}
+		return &sessionCookie{maxAge: -1}, nil
+	}
+	if !s.dirty() {
+		switch {
+		case s.touch:
+			res, err := st.runSave(ctx, st.key(s.tok), st.key(s.tok), st.saveArgs("update", now, 0, false, nil, nil))
+			if errors.Is(err, errSessionGone) {
+				return &sessionCookie{maxAge: -1}, nil
+			}
+			if err != nil {
+				// A failed extension loses nothing: log it, keep the response.
+				st.b.log.Error("redisecho: session: extending the idle timeout failed", err)
+				return nil, nil
+			}
+			st.saves.Add(1)
+			if s.rotated {
+				return st.cookieFor(s.tok, res, now), nil
+			}
+		case s.rotated && s.found:
+			return st.cookieFor(s.tok, saveResult{version: s.data.version, absolute: s.data.absolute, remember: s.remember}, now), nil
+		case s.badCookie || (s.hasToken && s.loaded && !s.found && s.err == nil):
+			return &sessionCookie{maxAge: -1}, nil
+		}
+		return nil, nil
+	}
+
+	if s.rememberSet {
+		s.stage(fRemember, boolField(s.remember))
+	}
+	if s.userChanged {
+		s.stage(fUser, []byte(s.userID))
+	}
+	if s.hasToken && (!s.loaded || s.found) {
+		dst := s.tok
+		if s.regenerate {
+			dst = newToken(s.tok.tag)
+		}
+		if s.userID != "" && (s.userChanged || s.regenerate) {
+			if f := st.index(ctx, s.userID, dst.handle(), s.data.absolute, now); f != nil {
+				return nil, f
+			}
+		}
+		res, err := st.runSave(ctx, st.key(s.tok), st.key(dst), st.saveArgs("update", now, 0, true, s.set, s.del))
+		switch {
+		case err == nil:
+			st.saves.Add(1)
+			if res.prevUser != "" && (res.prevUser != s.userID || dst != s.tok) {
+				st.unindex(ctx, res.prevUser, s.tok.handle())
+			}
+			s.tok = dst
+			return st.cookieFor(dst, res, now), nil
+		case !errors.Is(err, errSessionGone):
+			return nil, st.saveFailed(err)
+		}
+		// Expired or destroyed meanwhile: start a new session with the
+		// changes of this request.
+		s.found = false
+	}
+	return s.create(ctx, now)
+}
+
+// create saves a new session with the pending changes. Callers hold s.mu.
+func (s *SessionState) create(ctx context.Context, now time.Time) (*sessionCookie, *sessionFailure) {
+	st := s.st
+	abs := now.Add(st.cfg.Lifetime)
+	s.stage(fRemember, boolField(s.remember))
+	if s.ua != "" {
+		s.stage(fAgent, []byte(s.ua))
+	}
+	if s.userID != "" {
+		s.stage(fUser, []byte(s.userID))
+	}
+	for range 3 { // a collision of 280 random bits is not expected; retry anyway
+		t := newToken("")
+		if s.userID != "" {
+			if f := st.index(ctx, s.userID, t.handle(), abs, now); f != nil {
+				return nil, f
+			}
+		}
+		res, err := st.runSave(ctx, st.key(t), st.key(t), st.saveArgs("new", now, abs.UnixMilli(), true, s.set, s.del))
+		if errors.Is(err, errSessionCollision) {
+			continue
+		}
+		if err != nil {
+			return nil, st.saveFailed(err)
+		}
+		st.saves.Add(1)
+		s.tok, s.hasToken, s.found = t, true, true
+		return st.cookieFor(t, res, now), nil
+	}
+	return nil, st.saveFailed(errSessionCollision)
+}
+
+func (s *SessionState) stage(field string, v []byte) {
+	if s.set == nil {
+		s.set = make(map[string][]byte)
+	}
+	s.set[field] = v
+}
+
+func boolField(b bool) []byte {
+	if b {
+		return []byte("1")
+	}
+	return []byte("0")
+}
+
+func (st *SessionStore) saveArgs(mode string, now time.Time, abs int64, bump bool, set map[string][]byte, del map[string]struct{}) []string {
+	args := make([]string, 7, 7+2*len(set)+len(del))
+	args[0] = mode
+	args[1] = strconv.FormatInt(now.UnixMilli(), 10)
+	args[2] = strconv.FormatInt(st.cfg.IdleTimeout.Milliseconds(), 10)
+	args[3] = strconv.FormatInt(abs, 10)
+	args[4] = strconv.Itoa(st.cfg.MaxSize)
+	args[5] = string(boolField(bump))
+	args[6] = strconv.Itoa(len(set))
+	for f, v := range set {
+		args = append(args, f, string(v))
+	}
+	for f := range del {
+		args = append(args, f)
+	}
+	return args
+}
+
+func (st *SessionStore) saveFailed(err error) *sessionFailure {
+	if errors.Is(err, ErrSessionTooLarge) {
+		return failTooLarge
+	}
+	st.saveErrors.Add(1)
+	st.b.log.Error("redisecho: session: save failed", err)
+	if st.cfg.Degrade {
+		return nil
+	}
+	return failUnavailable
+}
+
+func (st *SessionStore) cookieFor(t token, res saveResult, now time.Time) *sessionCookie {
+	c := &sessionCookie{value: st.encodeCookie(t, res.version)}
+	if res.remember {
+		c.maxAge = max(int(res.absolute.Sub(now).Round(time.Second)/time.Second), 1)
+	}
+	return c
+}
+
+// index records handle in the user's index before the session is written,
+// so a live session is never missing from it.
+func (st *SessionStore) index(ctx context.Context, userID, handle string, abs, now time.Time) *sessionFailure {
+	idx := st.userKey(userID)
+	err := st.b.Exec(ctx, indexScript, []string{idx}, []string{
+		strconv.FormatInt(now.UnixMilli(), 10), handle, strconv.FormatInt(abs.UnixMilli(), 10),
+	}).Error()
+	if err != nil {
+		return st.saveFailed(err)
+	}
+	return nil
+}
+
+// unindex removes handle from the user's index once the session no longer
+// answers to it. A failure leaves a stale entry that ListUserSessions prunes.
+func (st *SessionStore) unindex(ctx context.Context, userID, handle string) {
+	idx := st.userKey(userID)
+	if err := st.b.Do(ctx, idx, st.b.client.B().Zrem().Key(idx).Member(handle).Build()).Error(); err != nil {
+		st.b.log.Error("redisecho: session: removing a session from its user's index failed", err)
+	}
+}
+
+// Middleware returns the Echo middleware of the store.
+func (st *SessionStore) Middleware() echo.MiddlewareFunc {
+	return func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			if st.cfg.Skipper(c) {
+				return next(c)
+			}
+			s := st.newSession(c.Request())
+			c.Set(sessionContextKey, s)
+			res := c.Response()
+			orig := res.Writer
+			// The save runs when the response starts, so its cookie goes
+			// out with the headers and a failure replaces the response.
+			res.Before(func() { st.commit(c, s) })
+			err := next(c)
+			if !res.Committed {
+				// No response yet (none written, or an error for Echo's
+				// error handler): save now, so a failure can replace it.
+				st.commit(c, s)
+				if s.failure != nil {
+					res.Writer = orig
+					return c.Blob(s.failure.code, echo.MIMEApplicationJSON, []byte(s.failure.body))
+				}
+				return err
+			}
+			if s.failure != nil {
+				// The handler's body was discarded; send the error instead.
+				_, _ = orig.Write([]byte(s.failure.body))
+			}
+			return err
+		}
+	}
+}
+
+// commit saves the session once, before the response's headers go out.
+func (st *SessionStore) commit(c echo.Context, s *SessionState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.committed {
+		return
+	}
+	res := c.Response()
+	if s.err != nil && !s.st.cfg.Degrade {
+		s.failure = failUnavailable
+	}
+	var ck *sessionCookie
+	if s.failure == nil {
+		ck, s.failure = s.save()
+	}
+	s.committed = true
+	if s.failure != nil {
+		h := res.Header()
+		for _, k := range []string{echo.HeaderContentLength, echo.HeaderContentEncoding, "ETag", echo.HeaderLastModified, echo.HeaderSetCookie} {
+			h.Del(k)
+		}
+		h.Set(echo.HeaderContentType, echo.MIMEApplicationJSON)
+		h.Set(echo.HeaderCacheControl, "no-store")
+		res.Status = s.failure.code
+		res.Writer = discardBody{res.Writer}
+		return
+	}
+	if ck == nil {
+		return
+	}
+	cookie := &http.Cookie{
+		Name: st.cfg.CookieName, Value: ck.value, Path: st.cfg.CookiePath, Domain: st.cfg.CookieDomain,
+		Secure: !st.cfg.InsecureCookie, HttpOnly: true, SameSite: st.cfg.SameSite, MaxAge: ck.maxAge,
+	}
+	h := res.Header()
+	h.Add(echo.HeaderSetCookie, cookie.String())
+	h.Add(echo.HeaderVary, echo.HeaderCookie)
+	h.Set(echo.HeaderCacheControl, "no-store")
+}
+
+// discardBody passes the header through and drops the body: it stands in
+// for the handler's writer once a failed save replaced its response.
+type discardBody struct{ http.ResponseWriter }
+
+func (d discardBody) Write(p []byte) (int, error) { return len(p), nil }
+
+// Unwrap lets http.ResponseController reach the real writer.
+func (d discardBody) Unwrap() http.ResponseWriter { return d.ResponseWriter }

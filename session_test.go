@@ -3,17 +3,21 @@ package redisecho
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -241,4 +245,272 @@ func TestSessionBasicFlow(t *testing.T) {
 		found, _ = valueOf(t, b.get(app, "/get?k=name"))
 		require.False(t, found)
 	})
+}
+
+func TestSessionTypedGettersAndCodec(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		e := echo.New()
+		e.Use(store.Middleware())
+		e.POST("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.NoError(t, s.Set("n", 42))
+			require.NoError(t, s.Set("f", 2.5))
+			require.NoError(t, s.Set("b", true))
+			require.NoError(t, s.Set("s", "x"))
+			require.NoError(t, s.Set("obj", map[string]int{"a": 1}))
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.GET("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			n, ok := s.GetInt("n")
+			require.True(t, ok)
+			require.Equal(t, 42, n)
+			n64, _ := s.GetInt64("n")
+			require.Equal(t, int64(42), n64)
+			f, _ := s.GetFloat64("f")
+			require.Equal(t, 2.5, f)
+			bv, _ := s.GetBool("b")
+			require.True(t, bv)
+			str, _ := s.GetString("s")
+			require.Equal(t, "x", str)
+			_, ok = s.GetInt("s")
+			require.False(t, ok, "a string is not an int")
+			_, ok = s.GetString("missing")
+			require.False(t, ok)
+			obj, ok := SessionValue[map[string]int](s, "obj")
+			require.True(t, ok)
+			require.Equal(t, map[string]int{"a": 1}, obj)
+			require.Equal(t, []string{"b", "f", "n", "obj", "s"}, s.Keys())
+			return c.NoContent(http.StatusOK)
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		app := &sessionApp{store: store, srv: srv}
+		b := newBrowser(t)
+		require.Equal(t, http.StatusNoContent, b.post(app, "/").code)
+		require.Equal(t, http.StatusOK, b.get(app, "/").code)
+	})
+}
+
+func TestGetSessionWithoutMiddleware(t *testing.T) {
+	e := echo.New()
+	c := e.NewContext(httptest.NewRequest(http.MethodGet, "/", nil), httptest.NewRecorder())
+	s, err := GetSession(c)
+	require.Nil(t, s)
+	require.ErrorIs(t, err, ErrNoSessionMiddleware)
+}
+
+func TestSessionConfigValidation(t *testing.T) {
+	c := standaloneClient(t)
+	tests := []struct {
+		name    string
+		given   SessionConfig
+		wantErr error
+	}{
+		{name: "no client", given: SessionConfig{Keys: []string{testKey}}, wantErr: ErrNilClient},
+		{name: "no keys", given: SessionConfig{Client: c}, wantErr: ErrNoSessionKeys},
+		{name: "weak key", given: SessionConfig{Client: c, Keys: []string{"short"}}, wantErr: ErrWeakSessionKey},
+		{name: "weak old key", given: SessionConfig{Client: c, Keys: []string{testKey, "short"}}, wantErr: ErrWeakSessionKey},
+		{name: "bad cookie name", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "a b"}, wantErr: ErrInvalidSessionConfig},
+		{name: "touch share too big", given: SessionConfig{Client: c, Keys: []string{testKey}, TouchAfter: 1}, wantErr: ErrInvalidSessionConfig},
+		{name: "tiny lifetime", given: SessionConfig{Client: c, Keys: []string{testKey}, Lifetime: time.Millisecond}, wantErr: ErrInvalidSessionConfig},
+		{name: "brace in prefix", given: SessionConfig{Client: c, Keys: []string{testKey}, Options: Options{Prefix: "{x}"}}, wantErr: ErrInvalidPrefix},
+		{name: "defaults", given: SessionConfig{Client: c, Keys: []string{testKey}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := tt.given.ToMiddleware()
+			if tt.wantErr != nil {
+				require.ErrorIs(t, err, tt.wantErr)
+				require.Panics(t, func() { SessionWithConfig(tt.given) })
+				return
+			}
+			require.NoError(t, err)
+			require.NotPanics(t, func() { Session(c, testKey) })
+		})
+	}
+}
+
+// TestSessionBadCookies: a missing, malformed, tampered, foreign or unknown
+// cookie gives a fresh empty session and a cleared cookie: never a 500.
+func TestSessionBadCookies(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newSessionApp(t, r, c, nil)
+		owner := newBrowser(t)
+		require.Equal(t, http.StatusOK, owner.post(app, "/set?k=secret&v=mine").code)
+		good := owner.cookie(app)
+		parts := strings.Split(good, ".")
+		require.Len(t, parts, 4)
+		foreign, err := NewSessionStore(SessionConfig{Client: c, Keys: []string{strings.Repeat("z", 32)}})
+		require.NoError(t, err)
+		tok := token{tag: parts[0], secret: parts[1]}
+
+		tests := []struct {
+			name  string
+			given string
+		}{
+			{name: "garbage", given: "not-a-session"},
+			{name: "empty", given: ""},
+			{name: "too long", given: strings.Repeat("a", 5000)},
+			{name: "tampered mac", given: parts[0] + "." + parts[1] + "." + parts[2] + "." + strings.Repeat("A", 22)},
+			{name: "tampered secret", given: parts[0] + "." + strings.Repeat("B", 43) + "." + parts[2] + "." + parts[3]},
+			{name: "tampered version", given: parts[0] + "." + parts[1] + ".99." + parts[3]},
+			{name: "signed by a key not in the ring", given: foreign.encodeCookie(tok, 1)},
+			{name: "unknown session", given: app.store.encodeCookie(newToken(""), 1)},
+			{name: "negative version", given: func() string {
+				p := tok.tag + "." + tok.secret + ".-1"
+				return p + "." + app.store.mac(app.store.keys[0], p)
+			}()},
+			{name: "braces and dots", given: "{a}.{b}.{c}.{d}"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				b := newBrowser(t)
+				b.setCookie(app, tt.given)
+				rep := b.get(app, "/get?k=secret")
+				found, _ := valueOf(t, rep)
+				require.False(t, found, "a bad cookie never reaches another session")
+				if tt.given != "" {
+					require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=0", "the bad cookie is cleared")
+				}
+				rep = b.post(app, "/set?k=x&v=y")
+				require.Equal(t, http.StatusOK, rep.code, "a bad cookie is replaced by a new session")
+				found, v := valueOf(t, b.get(app, "/get?k=x"))
+				require.True(t, found)
+				require.Equal(t, "y", v)
+			})
+		}
+		found, v := valueOf(t, owner.get(app, "/get?k=secret"))
+		require.True(t, found, "the owner's session is untouched")
+		require.Equal(t, "mine", v)
+	})
+}
+
+// TestSessionKeyRotation: a cookie signed by an older key of the ring still
+// works and is re-signed with the newest key.
+func TestSessionKeyRotation(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		old := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.Keys = []string{testOldKey} })
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(old, "/set?k=n&v=1").code)
+		rotated := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.Keys = []string{testKey, testOldKey} })
+		b.setCookie(rotated, b.cookie(old))
+		rep := b.get(rotated, "/get?k=n")
+		found, v := valueOf(t, rep)
+		require.True(t, found)
+		require.Equal(t, "1", v)
+		require.Contains(t, rep.header.Get("Set-Cookie"), "sessionId=", "re-signed with the newest key")
+		_, _, wasRotated, ok := rotated.store.decodeCookie(b.cookie(rotated))
+		require.True(t, ok)
+		require.False(t, wasRotated)
+		// Once the old key is retired, the re-signed cookie still works.
+		newOnly := newSessionApp(t, r, c, nil)
+		b.setCookie(newOnly, b.cookie(rotated))
+		found, _ = valueOf(t, b.get(newOnly, "/get?k=n"))
+		require.True(t, found)
+	})
+}
+
+// TestSessionConcurrentWritesKeepEveryValue: requests that change different
+// values of one session at the same time all keep their change (the lost
+// update every peer store suffers).
+func TestSessionConcurrentWritesKeepEveryValue(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newSessionApp(t, r, r.Client(), nil)
+		bApp := newSessionApp(t, r, r.Client(), nil)
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(a, "/set?k=seed&v=0").code)
+		cookie := b.cookie(a)
+		const n = 40
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				tab := newBrowser(t)
+				app := a
+				if i%2 == 1 {
+					app = bApp
+				}
+				tab.setCookie(app, cookie)
+				rep := tab.post(app, fmt.Sprintf("/set?k=k%d&v=%d", i, i))
+				assert.Equal(t, http.StatusOK, rep.code, rep.body)
+			})
+		}
+		wg.Wait()
+		rep := b.get(a, "/all")
+		var all map[string]any
+		require.NoError(t, json.Unmarshal([]byte(rep.body), &all))
+		for i := range n {
+			require.Equal(t, strconv.Itoa(i), all[fmt.Sprintf("k%d", i)], "value k%d was lost", i)
+		}
+		require.Equal(t, "0", all["seed"])
+
+		// Same value: the last writer wins.
+		require.Equal(t, http.StatusOK, b.post(a, "/set?k=seed&v=first").code)
+		require.Equal(t, http.StatusOK, b.post(bApp, "/set?k=seed&v=second").code)
+		_, v := valueOf(t, b.get(a, "/get?k=seed"))
+		require.Equal(t, "second", v)
+	})
+}
+
+// TestSessionReadYourWritesAcrossInstances: two instances, each with its own
+// default rueidis client (client-side caching on). Thousands of alternating
+// write-then-read rounds see zero stale reads, and repeated unchanged reads
+// are served from the local cache.
+func TestSessionReadYourWritesAcrossInstances(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		apps := []*sessionApp{newSessionApp(t, r, r.Client(), nil), newSessionApp(t, r, r.Client(), nil)}
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(apps[0], "/set?k=n&v=start").code)
+		for _, a := range apps {
+			b.setCookie(a, b.cookie(apps[0]))
+		}
+		const rounds = 1500
+		stale := 0
+		for i := range rounds {
+			w, rd := apps[i%2], apps[(i+1)%2]
+			// Prime the reader's local cache with the current value first, so
+			// the read after the write would be stale without the guard.
+			_, _ = valueOf(t, b.get(rd, "/get?k=n"))
+			rep := b.post(w, "/set?k=n&v="+strconv.Itoa(i))
+			require.Equal(t, http.StatusOK, rep.code)
+			syncCookie(b, apps, w)
+			_, v := valueOf(t, b.get(rd, "/get?k=n"))
+			if v != strconv.Itoa(i) {
+				stale++
+			}
+			syncCookie(b, apps, rd)
+		}
+		require.Zero(t, stale, "stale reads in %d rounds", rounds)
+
+		// Unchanged session: repeated reads are local cache hits.
+		before := []SessionStats{apps[0].store.Stats(), apps[1].store.Stats()}
+		const reads = 300
+		for i := range reads {
+			_, v := valueOf(t, b.get(apps[i%2], "/get?k=n"))
+			require.Equal(t, strconv.Itoa(rounds-1), v)
+		}
+		var loads, hits uint64
+		for i, a := range apps {
+			st := a.store.Stats()
+			loads += st.Loads - before[i].Loads
+			hits += st.CacheHits - before[i].CacheHits
+		}
+		require.Equal(t, uint64(reads), loads)
+		require.GreaterOrEqual(t, float64(hits)/float64(loads), 0.9, "cache hits %d of %d reads", hits, loads)
+	})
+}
+
+// syncCookie copies the cookie the browser holds for app `from` to every
+// app: they are the same site behind a load balancer.
+func syncCookie(b *browser, apps []*sessionApp, from *sessionApp) {
+	v := b.cookie(from)
+	for _, a := range apps {
+		if a != from {
+			b.setCookie(a, v)
+		}
+	}
 }

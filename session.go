@@ -513,8 +513,10 @@ type sessionData struct {
 }
 
 // load reads a session. A cached copy older than minVersion (the version in
-// the client's cookie) is bypassed, so a client always sees its own writes.
-// found is false for a session that does not exist or has expired.
+// the client's cookie) is bypassed, so a client always sees its own writes;
+// so is a cached copy that looks expired, since an extension this instance
+// just wrote may not have invalidated it yet. found is false for a session
+// that does not exist or has expired.
 func (st *SessionStore) load(ctx context.Context, t token, minVersion int64) (d sessionData, found bool, err error) {
 	st.loads.Add(1)
 	key := st.key(t)
@@ -523,18 +525,25 @@ func (st *SessionStore) load(ctx context.Context, t token, minVersion int64) (d 
 	if err != nil {
 		return d, false, err
 	}
+	d, found = st.parse(m)
 	if res.IsCacheHit() {
-		if v, _ := strconv.ParseInt(m[fVersion], 10, 64); v < minVersion {
+		if d.version < minVersion || !found {
 			st.staleBypass.Add(1)
 			if m, err = st.b.Do(ctx, key, st.b.client.B().Hgetall().Key(key).Build()).AsStrMap(); err != nil {
 				return d, false, err
 			}
+			d, found = st.parse(m)
 		} else {
 			st.cacheHits.Add(1)
 		}
 	}
+	return d, found, nil
+}
+
+// parse reads a session hash; found is false when it is empty or expired.
+func (st *SessionStore) parse(m map[string]string) (d sessionData, found bool) {
 	if len(m) == 0 {
-		return d, false, nil
+		return d, false
 	}
 	ms := func(f string) time.Time {
 		n, _ := strconv.ParseInt(m[f], 10, 64)
@@ -544,9 +553,9 @@ func (st *SessionStore) load(ctx context.Context, t token, minVersion int64) (d 
 	d.version, _ = strconv.ParseInt(m[fVersion], 10, 64)
 	now := st.b.clock.Now()
 	if !now.Before(d.absolute) || now.Sub(d.seen) > st.cfg.IdleTimeout {
-		return sessionData{}, false, nil
+		return d, false
 	}
-	return d, true, nil
+	return d, true
 }
 
 // errSessionGone, errSessionCollision and ErrSessionTooLarge are the script's

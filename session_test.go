@@ -112,7 +112,8 @@ func newSessionApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*
 	e.GET("/untouched", func(c echo.Context) error { return c.String(http.StatusOK, "static") })
 	e.POST("/late", func(c echo.Context) error {
 		require.NoError(t, c.String(http.StatusOK, "done"))
-		return sess(c).Set("late", "x")
+		require.ErrorIs(t, sess(c).Set("late", "x"), ErrSessionCommitted)
+		return nil
 	})
 	srv := httptest.NewServer(e)
 	t.Cleanup(srv.Close)
@@ -513,4 +514,172 @@ func syncCookie(b *browser, apps []*sessionApp, from *sessionApp) {
 			b.setCookie(a, v)
 		}
 	}
+}
+
+func TestSessionExpiry(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		clock := newFakeClock()
+		c := r.Client()
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) {
+			cfg.Clock = clock
+			cfg.IdleTimeout = time.Hour
+			cfg.Lifetime = 3 * time.Hour
+		})
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
+		saves := app.store.Stats().Saves
+
+		// Read-only requests before a quarter of the idle timeout write nothing.
+		clock.Advance(10 * time.Minute)
+		found, _ := valueOf(t, b.get(app, "/get?k=n"))
+		require.True(t, found)
+		require.Equal(t, saves, app.store.Stats().Saves, "no write before TouchAfter")
+
+		// After a quarter, a read extends the idle timeout (one write).
+		clock.Advance(10 * time.Minute)
+		rep := b.get(app, "/get?k=n")
+		found, _ = valueOf(t, rep)
+		require.True(t, found)
+		require.Equal(t, saves+1, app.store.Stats().Saves, "the idle timeout slid")
+		require.Empty(t, rep.header.Get("Set-Cookie"), "extending needs no new cookie")
+
+		// Idle for longer than the timeout: gone, enforced by the server.
+		clock.Advance(61 * time.Minute)
+		rep = b.get(app, "/get?k=n")
+		found, _ = valueOf(t, rep)
+		require.False(t, found, "idle timeout")
+		require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+
+		// Absolute lifetime: gone even when used all along.
+		b = newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
+		for range 5 {
+			clock.Advance(35 * time.Minute)
+			found, _ = valueOf(t, b.get(app, "/get?k=n"))
+			require.True(t, found)
+		}
+		clock.Advance(10 * time.Minute) // 3 h 5 min since creation
+		found, _ = valueOf(t, b.get(app, "/get?k=n"))
+		require.False(t, found, "absolute lifetime")
+
+		// A write-only request on an expired session starts a new one.
+		b = newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=old").code)
+		first := b.cookie(app)
+		clock.Advance(2 * time.Hour)
+		require.Equal(t, http.StatusOK, b.post(app, "/set-silent?k=other&v=new").code)
+		require.NotEqual(t, first, b.cookie(app))
+		found, _ = valueOf(t, b.get(app, "/get?k=n"))
+		require.False(t, found, "the expired session's data is not carried over")
+		found, v := valueOf(t, b.get(app, "/get?k=other"))
+		require.True(t, found)
+		require.Equal(t, "new", v)
+	})
+}
+
+func TestSessionRedisTTLFollowsTimeouts(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.IdleTimeout = time.Hour })
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
+		tok, _, _, ok := app.store.decodeCookie(b.cookie(app))
+		require.True(t, ok)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		ttl, err := c.Do(ctx, c.B().Pttl().Key(app.store.key(tok)).Build()).AsInt64()
+		require.NoError(t, err)
+		require.InDelta(t, time.Hour.Milliseconds(), ttl, 5000, "the key expires with the idle timeout")
+	})
+}
+
+func TestSessionRememberMe(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), func(cfg *SessionConfig) { cfg.BrowserSessionCookie = true })
+		b := newBrowser(t)
+		rep := b.post(app, "/set?k=n&v=1")
+		require.NotContains(t, rep.header.Get("Set-Cookie"), "Max-Age", "a browser-session cookie")
+	})
+}
+
+func TestSessionRegenerate(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		clock := newFakeClock()
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.Clock = clock })
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=cart&v=3%20items").code)
+		before := b.cookie(app)
+		oldTok, _, _, _ := app.store.decodeCookie(before)
+
+		clock.Advance(time.Hour)
+		rep := b.post(app, "/regenerate")
+		require.Equal(t, http.StatusNoContent, rep.code)
+		after := b.cookie(app)
+		newTok, _, _, _ := app.store.decodeCookie(after)
+		require.NotEqual(t, oldTok.secret, newTok.secret, "a new ID")
+		require.Equal(t, oldTok.tag, newTok.tag, "the slot tag survives, so the rename stays in one slot")
+		require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=82800", "the absolute lifetime does not restart")
+
+		found, v := valueOf(t, b.get(app, "/get?k=cart"))
+		require.True(t, found, "the data moved with the session")
+		require.Equal(t, "3 items", v)
+
+		attacker := newBrowser(t)
+		attacker.setCookie(app, before)
+		found, _ = valueOf(t, attacker.get(app, "/get?k=cart"))
+		require.False(t, found, "the old ID stopped working at once")
+		require.Equal(t, 1, countKeys(t, r, c))
+	})
+}
+
+func TestSessionDestroy(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newSessionApp(t, r, c, nil)
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
+		old := b.cookie(app)
+		rep := b.post(app, "/destroy")
+		require.Equal(t, http.StatusNoContent, rep.code)
+		require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+		require.Contains(t, rep.header.Values("Vary"), "Cookie")
+		require.Equal(t, "no-store", rep.header.Get("Cache-Control"))
+		require.Zero(t, countKeys(t, r, c))
+		replay := newBrowser(t)
+		replay.setCookie(app, old)
+		found, _ := valueOf(t, replay.get(app, "/get?k=n"))
+		require.False(t, found)
+	})
+}
+
+func TestSessionFlash(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		b := newBrowser(t)
+		require.Equal(t, http.StatusNoContent, b.post(app, "/flash?v=Saved!").code)
+		found, v := valueOf(t, b.get(app, "/flash"))
+		require.True(t, found)
+		require.Equal(t, "Saved!", v)
+		found, _ = valueOf(t, b.get(app, "/flash"))
+		require.False(t, found, "read once")
+	})
+}
+
+func TestSessionSavedWithoutResponseAndRefusedAfterIt(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		b := newBrowser(t)
+		rep := b.post(app, "/set-silent?k=n&v=quiet")
+		require.Equal(t, http.StatusOK, rep.code)
+		require.Contains(t, rep.header.Get("Set-Cookie"), "sessionId=")
+		found, v := valueOf(t, b.get(app, "/get?k=n"))
+		require.True(t, found, "a handler that writes no response still gets its session saved")
+		require.Equal(t, "quiet", v)
+
+		rep = b.post(app, "/late")
+		require.Equal(t, "done", rep.body)
+		found, _ = valueOf(t, b.get(app, "/get?k=late"))
+		require.False(t, found, "a change after the response started is refused, not silently lost")
+	})
 }

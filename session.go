@@ -795,7 +795,9 @@ func (s *SessionState) ensureLoaded() {
 	d, found, err := s.st.load(s.ctx, s.tok, s.cookieVersion)
 	switch {
 	case err != nil:
-		s.st.b.log.Error("redisecho: session: load failed", err)
+		if s.ctx.Err() == nil { // a client that went away is not news
+			s.st.b.log.Error("redisecho: session: load failed", err)
+		}
 		if s.st.cfg.Degrade {
 			s.degraded = true
 		} else {
@@ -1134,7 +1136,9 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 	if s.degraded || s.err != nil {
 		return nil, nil // nothing was read, so nothing may be written
 	}
-	ctx := s.ctx
+	// The save outlives a client that disconnects: the handler's work is
+	// done, so its changes are kept. The call still has its deadline.
+	ctx := context.WithoutCancel(s.ctx)
 	now := st.b.clock.Now()
 	if s.destroy {
 		if !s.hasToken {

@@ -683,3 +683,105 @@ func TestSessionSavedWithoutResponseAndRefusedAfterIt(t *testing.T) {
 		require.False(t, found, "a change after the response started is refused, not silently lost")
 	})
 }
+
+func TestSessionUserIndex(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.RecordUserAgent = true })
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		const user = "user:{42}" // hostile: braces and a colon
+		devices := make([]*browser, 3)
+		for i := range devices {
+			devices[i] = newBrowser(t)
+			require.Equal(t, http.StatusOK, devices[i].post(app, "/login?user="+url.QueryEscape(user)).code)
+		}
+		other := newBrowser(t)
+		require.Equal(t, http.StatusOK, other.post(app, "/login?user=7").code)
+
+		list, err := app.store.ListUserSessions(ctx, user)
+		require.NoError(t, err)
+		require.Len(t, list, 3)
+		var who struct{ User, Handle string }
+		require.NoError(t, json.Unmarshal([]byte(devices[0].get(app, "/whoami").body), &who))
+		require.Equal(t, user, who.User)
+		handles := map[string]bool{}
+		for _, s := range list {
+			handles[s.Handle] = true
+			require.NotContains(t, s.Handle, strings.Split(devices[0].cookie(app), ".")[1], "a handle never holds the token")
+			require.False(t, s.Created.IsZero())
+			require.Contains(t, s.UserAgent, "Go-http-client")
+		}
+		require.True(t, handles[who.Handle], "the current session is listed")
+
+		// Regeneration keeps the index right: the new handle replaces the old.
+		require.Equal(t, http.StatusNoContent, devices[1].post(app, "/regenerate").code)
+		list, err = app.store.ListUserSessions(ctx, user)
+		require.NoError(t, err)
+		require.Len(t, list, 3)
+
+		// Log out everywhere but here.
+		n, err := app.store.DestroyUserSessions(ctx, user, who.Handle)
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+		for i, d := range devices {
+			require.NoError(t, json.Unmarshal([]byte(d.get(app, "/whoami").body), &who))
+			if i == 0 {
+				require.Equal(t, user, who.User, "the kept session still works")
+			} else {
+				require.Empty(t, who.User, "a destroyed session no longer works when the call returns")
+			}
+		}
+		require.NoError(t, json.Unmarshal([]byte(other.get(app, "/whoami").body), &who))
+		require.Equal(t, "7", who.User, "other users are untouched")
+		list, err = app.store.ListUserSessions(ctx, user)
+		require.NoError(t, err)
+		require.Len(t, list, 1)
+
+		// Logging in as someone else moves the session between indexes.
+		require.Equal(t, http.StatusOK, devices[0].post(app, "/login?user=8").code)
+		list, err = app.store.ListUserSessions(ctx, user)
+		require.NoError(t, err)
+		require.Empty(t, list)
+		list, err = app.store.ListUserSessions(ctx, "8")
+		require.NoError(t, err)
+		require.Len(t, list, 1)
+	})
+}
+
+func TestSessionSizeLimit(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), func(cfg *SessionConfig) { cfg.MaxSize = 100 })
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=a&v="+strings.Repeat("x", 60)).code)
+
+		// The handler read the session, so Set refuses at once.
+		e := echo.New()
+		e.Use(app.store.Middleware())
+		e.POST("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.True(t, s.Has("a"))
+			require.ErrorIs(t, s.Set("b", strings.Repeat("y", 60)), ErrSessionTooLarge)
+			require.ErrorIs(t, s.Set("c", strings.Repeat("y", 200)), ErrSessionTooLarge)
+			require.NoError(t, s.Set("a", "small"), "replacing a value counts its old size out")
+			return c.NoContent(http.StatusNoContent)
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		inline := &sessionApp{store: app.store, srv: srv}
+		b.setCookie(inline, b.cookie(app))
+		require.Equal(t, http.StatusNoContent, b.post(inline, "/").code)
+		b.setCookie(app, b.cookie(inline))
+
+		// A write-only request is checked atomically by the save: 413, and
+		// the stored session is left as it was.
+		require.Equal(t, http.StatusOK, b.post(app, "/set-silent?k=big&v="+strings.Repeat("z", 80)).code)
+		require.Equal(t, http.StatusOK, b.post(app, "/set-silent?k=big2&v="+strings.Repeat("z", 5)).code)
+		rep := b.post(app, "/set-silent?k=huge&v="+strings.Repeat("z", 50))
+		require.Equal(t, http.StatusRequestEntityTooLarge, rep.code)
+		require.JSONEq(t, `{"error":"session too large"}`, rep.body)
+		var all map[string]any
+		require.NoError(t, json.Unmarshal([]byte(b.get(app, "/all").body), &all))
+		require.Equal(t, map[string]any{"a": "small", "big": strings.Repeat("z", 80), "big2": "zzzzz"}, all, "unchanged")
+	})
+}

@@ -57,6 +57,8 @@ var cases = []Case{
 	redistoreCase("redistore/read", "/redistore/read", false),
 	scsCase("scs/write", "/scs/write", true),
 	scsCase("scs/read", "/scs/read", false),
+	redisechoSessionCase("redisecho session/write", "/redisecho/session/write", true),
+	redisechoSessionCase("redisecho session/read", "/redisecho/session/read", false),
 
 	// Rate limiting, baseline /p: one Allow per request, never denied.
 	redisRateCase("redis_rate/allow", "/redis_rate/allow"),

@@ -11,6 +11,8 @@ require (
 	github.com/labstack/echo-contrib v0.50.1
 	github.com/labstack/echo/v4 v4.16.4
 	github.com/redis/go-redis/v9 v9.23.0
+	github.com/redis/rueidis v1.0.79
+	github.com/redisecho/redisecho v0.0.0-00010101000000-000000000000
 )
 
 require (

@@ -785,3 +785,163 @@ func TestSessionSizeLimit(t *testing.T) {
 		require.Equal(t, map[string]any{"a": "small", "big": strings.Repeat("z", 80), "big2": "zzzzz"}, all, "unchanged")
 	})
 }
+
+// TestSessionRedisDown: with Redis stopped, requests that touch a session
+// get a short 503 with no internal text; the rest are unaffected.
+func TestSessionRedisDown(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		app := newSessionApp(t, f.testRedis, f.Client(), func(cfg *SessionConfig) { cfg.Timeout = 200 * time.Millisecond })
+		degraded := newSessionApp(t, f.testRedis, f.Client(), func(cfg *SessionConfig) {
+			cfg.Timeout = 200 * time.Millisecond
+			cfg.Degrade = true
+		})
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
+		b.setCookie(degraded, b.cookie(app))
+		fresh := newBrowser(t)
+
+		f.Stop(t)
+		for _, path := range []string{"/get?k=n", "/all"} {
+			rep := b.get(app, path)
+			require.Equal(t, http.StatusServiceUnavailable, rep.code, path)
+			require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body)
+			require.Empty(t, rep.header.Values("Set-Cookie"))
+		}
+		rep := b.post(app, "/set-silent?k=n&v=2")
+		require.Equal(t, http.StatusServiceUnavailable, rep.code, "a write that cannot be saved is not a success")
+		require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body)
+		rep = fresh.post(app, "/set?k=n&v=1")
+		require.Equal(t, http.StatusServiceUnavailable, rep.code)
+		require.NotContains(t, rep.body, "ok", "the handler's body is replaced")
+
+		require.Equal(t, http.StatusOK, b.get(app, "/untouched").code, "a route that does not touch the session works")
+		found, _ := valueOf(t, fresh.get(app, "/get?k=n"))
+		require.False(t, found, "reading without a cookie needs no Redis")
+
+		// Degraded mode: an empty session that is never saved.
+		found, _ = valueOf(t, b.get(degraded, "/get?k=n"))
+		require.False(t, found)
+		rep = b.post(degraded, "/set?k=n&v=3")
+		require.Equal(t, http.StatusOK, rep.code)
+		require.Empty(t, rep.header.Values("Set-Cookie"))
+
+		f.Start(t)
+		require.Eventually(t, func() bool { return fresh.post(app, "/set?k=n&v=after").code == http.StatusOK },
+			20*time.Second, 50*time.Millisecond, "sessions work again once Redis is back")
+	})
+}
+
+// TestSessionSaveFailureReplacesResponse: the handler wrote 200 "ok", but
+// Redis hung during the save: the client gets 503, never the handler's 200.
+func TestSessionSaveFailureReplacesResponse(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		app := newSessionApp(t, f.testRedis, f.Client(), func(cfg *SessionConfig) { cfg.Timeout = 200 * time.Millisecond })
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
+		f.Pause(t)
+		start := time.Now()
+		rep := b.post(app, "/set?k=n&v=2") // writes {"ok":"yes"} before the save
+		require.Equal(t, http.StatusServiceUnavailable, rep.code)
+		require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body)
+		require.Empty(t, rep.header.Values("Set-Cookie"))
+		require.Less(t, time.Since(start), 3*time.Second, "bounded by the deadline")
+		f.Resume(t)
+		require.Eventually(t, func() bool {
+			rep := b.get(app, "/get?k=n")
+			return rep.code == http.StatusOK
+		}, 10*time.Second, 20*time.Millisecond)
+	})
+}
+
+// TestSessionBreakerOpen: once the breaker opens, session requests get 503
+// at once, without waiting for Redis.
+func TestSessionBreakerOpen(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		br := NewBreaker(BreakerConfig{Failures: 1, Cooldown: time.Hour, Logger: discardLogger()})
+		app := newSessionApp(t, r, r.Client(), func(cfg *SessionConfig) { cfg.Breaker = br })
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
+		for _, scope := range []string{"redis", "cluster"} {
+			br.record(br.node(scope), unhealthy)
+		}
+		tok, _, _, _ := app.store.decodeCookie(b.cookie(app))
+		br.record(br.node(app.store.b.scope(app.store.key(tok))), unhealthy)
+		rep := b.get(app, "/get?k=n")
+		require.Equal(t, http.StatusServiceUnavailable, rep.code)
+		require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body)
+	})
+}
+
+// TestSessionNoHalfWrites: requests that set two values at once, while the
+// server kills every connection over and over, leave each session with both
+// values from the same request or neither: never a half-written save.
+func TestSessionNoHalfWrites(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: f.Client(), Keys: []string{testKey}, Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		e := echo.New()
+		e.Use(store.Middleware())
+		e.POST("/pair", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			v := c.QueryParam("v")
+			require.NoError(t, s.Set("a", v))
+			require.NoError(t, s.Set("b", v))
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.GET("/pair", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			a, _ := s.GetString("a")
+			b, _ := s.GetString("b")
+			return c.JSON(http.StatusOK, []string{a, b})
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		app := &sessionApp{store: store, srv: srv}
+
+		stop := make(chan struct{})
+		killed := make(chan struct{})
+		go func() {
+			defer close(killed)
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(5 * time.Millisecond):
+					f.KillConnections(t)
+				}
+			}
+		}()
+		var wg sync.WaitGroup
+		for w := range 4 {
+			wg.Go(func() {
+				b := newBrowser(t)
+				for i := range 50 {
+					b.post(app, fmt.Sprintf("/pair?v=%d-%d", w, i))
+				}
+			})
+		}
+		wg.Wait()
+		close(stop)
+		<-killed
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c := f.Client()
+		sessions := 0
+		require.NoError(t, scanMasters(ctx, c, matchPattern(f.Keys.Prefix()), func(ctx context.Context, _ rueidis.Client, keys []string) error {
+			sessions += len(keys)
+			for _, k := range keys {
+				m, err := c.Do(ctx, c.B().Hgetall().Key(k).Build()).AsStrMap()
+				require.NoError(t, err)
+				require.Equal(t, m["v:a"], m["v:b"], "half-written session %s: %v", k, m)
+				for _, meta := range []string{fVersion, fCreated, fAbsolute, fSeen, fSize} {
+					require.NotEmpty(t, m[meta], "session %s lacks %s", k, meta)
+				}
+			}
+			return nil
+		}))
+		require.NotZero(t, sessions, "some saves went through between the kills")
+	})
+}

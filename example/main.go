@@ -12,12 +12,16 @@
 //	                Unset: an embedded in-process Redis (miniredis) for a
 //	                zero-setup demo.
 //	ADDR            listen address. Default ":8080".
-//	SESSION_SECRET  comma-separated session key ring, newest first. Unset: a
-//	                development key, with a loud warning.
+//	SESSION_SECRET  comma-separated session key ring, newest first, each key
+//	                at least 32 bytes. Unset: a development key, with a loud
+//	                warning.
+//	COOKIE_INSECURE "1" drops the Secure cookie attribute, for plain-HTTP
+//	                development on a host other than localhost. Default: Secure.
 //
-// The app starts even when Redis is down: it dials in the background and
-// answers /health with 503 until Redis answers. It shuts down gracefully on
-// SIGINT and SIGTERM.
+// The app starts even when Redis is down: it dials in the background,
+// answers /health with 503 and every Redis-backed route with 503 until Redis
+// answers, then serves the full app without a restart. It shuts down
+// gracefully on SIGINT and SIGTERM.
 package main
 
 import (
@@ -30,6 +34,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -56,13 +61,14 @@ func main() {
 
 // config is the app's configuration, read from the environment.
 type config struct {
-	addr        string
-	redisURL    string
-	sessionKeys []string
+	addr           string
+	redisURL       string
+	sessionKeys    []string
+	insecureCookie bool
 }
 
-func loadConfig(getenv func(string) string, logger *slog.Logger) config {
-	cfg := config{addr: getenv("ADDR"), redisURL: getenv("REDIS_URL")}
+func loadConfig(getenv func(string) string, logger *slog.Logger) (config, error) {
+	cfg := config{addr: getenv("ADDR"), redisURL: getenv("REDIS_URL"), insecureCookie: getenv("COOKIE_INSECURE") == "1"}
 	if cfg.addr == "" {
 		cfg.addr = ":8080"
 	}
@@ -71,12 +77,17 @@ func loadConfig(getenv func(string) string, logger *slog.Logger) config {
 			cfg.sessionKeys = append(cfg.sessionKeys, k)
 		}
 	}
+	for i, k := range cfg.sessionKeys {
+		if len(k) < 32 {
+			return cfg, fmt.Errorf("SESSION_SECRET: key %d is %d bytes; each key needs at least 32 (try: openssl rand -base64 32)", i+1, len(k))
+		}
+	}
 	if len(cfg.sessionKeys) == 0 {
 		cfg.sessionKeys = []string{devSessionKey}
 		logger.Warn("!!! SESSION_SECRET is unset: session cookies are signed with a PUBLIC development key. " +
 			"Anyone can forge them. Set SESSION_SECRET to a comma-separated list of long random keys, newest first.")
 	}
-	return cfg
+	return cfg, nil
 }
 
 // redisOption returns the rueidis options for REDIS_URL, or starts the
@@ -109,20 +120,54 @@ func redisOption(cfg config, logger *slog.Logger) (opt rueidis.ClientOption, sto
 	return opt, m.Close, nil
 }
 
-// newApp builds the Echo app around the Redis holder.
-func newApp(holder *redisecho.ClientHolder) *echo.Echo {
+// newBootApp serves while Redis has not answered yet: health endpoints, and
+// 503 for everything else.
+func newBootApp(holder *redisecho.ClientHolder) *echo.Echo {
 	e := echo.New()
-	e.HideBanner = true
-	e.HidePort = true
+	e.HideBanner, e.HidePort = true, true
 	e.GET("/health", redisecho.ReadinessWithConfig(redisecho.ReadinessConfig{Holder: holder}))
 	e.GET("/livez", redisecho.Liveness())
+	e.Any("/*", func(c echo.Context) error {
+		return c.JSON(http.StatusServiceUnavailable, map[string]string{"error": "starting: Redis is not reachable yet"})
+	})
 	return e
+}
+
+// newApp builds the full app on a connected client.
+func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, error) {
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.GET("/health", redisecho.Readiness(client))
+	e.GET("/livez", redisecho.Liveness())
+
+	sessions, err := redisecho.SessionConfig{
+		Client:          client,
+		Options:         redisecho.Options{Logger: logger},
+		Keys:            cfg.sessionKeys,
+		InsecureCookie:  cfg.insecureCookie,
+		RecordUserAgent: true,
+	}.ToMiddleware()
+	if err != nil {
+		return nil, err
+	}
+	auth := e.Group("", sessions)
+	auth.POST("/login", login)
+	auth.GET("/profile", profile)
+	auth.POST("/logout", logout)
+	auth.GET("/sessions", listSessions)
+	auth.POST("/logout-all", logoutAll)
+	auth.PUT("/preferences", putPreferences)
+	auth.GET("/preferences", getPreferences)
+	return e, nil
 }
 
 // run serves the app until ctx is done, then shuts down gracefully. When
 // listening is not nil it receives the bound address once the app serves.
 func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, listening chan<- string) error {
-	cfg := loadConfig(getenv, logger)
+	cfg, err := loadConfig(getenv, logger)
+	if err != nil {
+		return err
+	}
 	opt, stopRedis, err := redisOption(cfg, logger)
 	if err != nil {
 		return err
@@ -140,12 +185,34 @@ func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, l
 		}
 	}()
 
-	e := newApp(holder)
+	// Until Redis answers, a boot app serves; then the full app takes over.
+	var handler atomic.Pointer[http.Handler]
+	var boot http.Handler = newBootApp(holder)
+	handler.Store(&boot)
+	appErr := make(chan error, 1)
+	go func() {
+		select {
+		case <-holder.Ready():
+		case <-ctx.Done():
+			return
+		}
+		app, err := newApp(holder.Client(), cfg, logger)
+		if err != nil {
+			appErr <- err
+			return
+		}
+		var h http.Handler = app
+		handler.Store(&h)
+	}()
+
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: e, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{
+		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { (*handler.Load()).ServeHTTP(w, r) }),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	logger.Info("example listening", "addr", ln.Addr().String())
@@ -155,6 +222,9 @@ func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, l
 
 	select {
 	case err := <-served:
+		return err
+	case err := <-appErr:
+		_ = srv.Close()
 		return err
 	case <-ctx.Done():
 	}

@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/cookiejar"
+	"strings"
 	"testing"
 	"time"
 
@@ -65,7 +68,7 @@ func TestRedisDownAtStart(t *testing.T) {
 	addr := l.Addr().String()
 	require.NoError(t, l.Close())
 
-	base := startExample(t, map[string]string{"REDIS_URL": "redis://" + addr, "SESSION_SECRET": "k1,k2"})
+	base := startExample(t, map[string]string{"REDIS_URL": "redis://" + addr, "SESSION_SECRET": strings.Repeat("n", 32) + "," + strings.Repeat("o", 32)})
 	code, took := status(t, base+"/health")
 	require.Equal(t, http.StatusServiceUnavailable, code)
 	require.Less(t, took, 2*time.Second)
@@ -75,15 +78,120 @@ func TestRedisDownAtStart(t *testing.T) {
 
 func TestSessionKeyRing(t *testing.T) {
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	cfg := loadConfig(func(k string) string { return map[string]string{"SESSION_SECRET": " new , old ,"}[k] }, logger)
-	require.Equal(t, []string{"new", "old"}, cfg.sessionKeys)
+	k1, k2 := strings.Repeat("a", 32), strings.Repeat("b", 40)
+	cfg, err := loadConfig(func(k string) string { return map[string]string{"SESSION_SECRET": " " + k1 + " , " + k2 + " ,"}[k] }, logger)
+	require.NoError(t, err)
+	require.Equal(t, []string{k1, k2}, cfg.sessionKeys)
 	require.Equal(t, ":8080", cfg.addr)
-	cfg = loadConfig(func(string) string { return "" }, logger)
+	require.False(t, cfg.insecureCookie)
+	cfg, err = loadConfig(func(string) string { return "" }, logger)
+	require.NoError(t, err)
 	require.Equal(t, []string{devSessionKey}, cfg.sessionKeys)
+	_, err = loadConfig(func(k string) string { return map[string]string{"SESSION_SECRET": "short"}[k] }, logger)
+	require.ErrorContains(t, err, "at least 32")
 }
 
 func TestBadRedisURL(t *testing.T) {
 	err := run(context.Background(), func(k string) string { return map[string]string{"REDIS_URL": "http://nope", "ADDR": "127.0.0.1:0"}[k] },
 		slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
 	require.ErrorContains(t, err, "REDIS_URL")
+}
+
+// client is a browser with a cookie jar against the example.
+type client struct {
+	t    *testing.T
+	base string
+	hc   *http.Client
+}
+
+func newClient(t *testing.T, base string) *client {
+	jar, err := cookiejar.New(nil)
+	require.NoError(t, err)
+	return &client{t: t, base: base, hc: &http.Client{Jar: jar}}
+}
+
+func (c *client) call(method, path, body string) (int, map[string]any) {
+	c.t.Helper()
+	req, err := http.NewRequest(method, c.base+path, strings.NewReader(body))
+	require.NoError(c.t, err)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.hc.Do(req)
+	require.NoError(c.t, err)
+	defer resp.Body.Close()
+	var out map[string]any
+	_ = json.NewDecoder(resp.Body).Decode(&out)
+	return resp.StatusCode, out
+}
+
+// TestGuideSessionRoutes walks the guide's session routes on the embedded
+// Redis: login, profile, logout, and the new sessions, logout-all and
+// preferences routes.
+func TestGuideSessionRoutes(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1"})
+	require.Eventually(t, func() bool { code, _ := status(t, base+"/health"); return code == http.StatusOK }, 5*time.Second, 20*time.Millisecond)
+
+	alice := newClient(t, base)
+	code, body := alice.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusUnauthorized, code)
+	require.Equal(t, "Not authenticated", body["error"])
+
+	code, body = alice.call(http.MethodPost, "/login", `{"username":"alice","password":"nope"}`)
+	require.Equal(t, http.StatusUnauthorized, code)
+	require.Equal(t, "Invalid credentials", body["error"])
+	code, _ = alice.call(http.MethodPost, "/login", `{"username":`)
+	require.Equal(t, http.StatusBadRequest, code)
+
+	code, body = alice.call(http.MethodPost, "/login", `{"username":"alice","password":"wonderland"}`)
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "Login successful", body["message"])
+	code, body = alice.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, map[string]any{"userId": float64(1), "username": "alice"}, body)
+
+	phone := newClient(t, base)
+	code, _ = phone.call(http.MethodPost, "/login", `{"username":"alice","password":"wonderland"}`)
+	require.Equal(t, http.StatusOK, code)
+	code, body = alice.call(http.MethodGet, "/sessions", "")
+	require.Equal(t, http.StatusOK, code)
+	list := body["sessions"].([]any)
+	require.Len(t, list, 2)
+	currents := 0
+	for _, s := range list {
+		if s.(map[string]any)["current"] == true {
+			currents++
+		}
+	}
+	require.Equal(t, 1, currents)
+
+	// Preferences: anonymous visitors too, and per-value merges.
+	anon := newClient(t, base)
+	code, body = anon.call(http.MethodPut, "/preferences", `{"theme":"dark"}`)
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, map[string]any{"theme": "dark"}, body)
+	code, body = anon.call(http.MethodPut, "/preferences", `{"lang":"fr"}`)
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, map[string]any{"theme": "dark", "lang": "fr"}, body)
+	code, _ = anon.call(http.MethodPut, "/preferences", `["not","an","object"]`)
+	require.Equal(t, http.StatusBadRequest, code)
+	code, _ = anon.call(http.MethodPut, "/preferences", `{"`+strings.Repeat("x", 65)+`":"v"}`)
+	require.Equal(t, http.StatusBadRequest, code)
+	code, body = anon.call(http.MethodGet, "/preferences", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, map[string]any{"theme": "dark", "lang": "fr"}, body)
+
+	code, body = phone.call(http.MethodPost, "/logout-all", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, float64(2), body["ended"])
+	code, _ = alice.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusUnauthorized, code, "logged out everywhere")
+	code, _ = phone.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusUnauthorized, code)
+
+	code, _ = alice.call(http.MethodPost, "/login", `{"username":"alice","password":"wonderland"}`)
+	require.Equal(t, http.StatusOK, code)
+	code, body = alice.call(http.MethodPost, "/logout", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "Logged out", body["message"])
+	code, _ = alice.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusUnauthorized, code)
 }

@@ -1,0 +1,191 @@
+package main
+
+import (
+	"crypto/subtle"
+	"errors"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/redisecho/redisecho"
+)
+
+// user is a demo account. A real app checks a password hash.
+type user struct {
+	id       int
+	username string
+	password string
+}
+
+var users = []user{
+	{id: 1, username: "alice", password: "wonderland"},
+	{id: 2, username: "bob", password: "builder"},
+}
+
+func authenticate(username, password string) (user, bool) {
+	for _, u := range users {
+		nameOK := subtle.ConstantTimeCompare([]byte(u.username), []byte(username)) == 1
+		passOK := subtle.ConstantTimeCompare([]byte(u.password), []byte(password)) == 1
+		if nameOK && passOK {
+			return u, true
+		}
+	}
+	return user{}, false
+}
+
+func jsonError(c echo.Context, code int, msg string) error {
+	return c.JSON(code, map[string]string{"error": msg})
+}
+
+// login is the guide's POST /login, with the session regenerated against
+// fixation and bound to the user for /sessions and /logout-all.
+func login(c echo.Context) error {
+	var in struct {
+		Username string `json:"username"`
+		Password string `json:"password"`
+	}
+	if err := c.Bind(&in); err != nil {
+		return jsonError(c, http.StatusBadRequest, "Invalid JSON body")
+	}
+	u, ok := authenticate(in.Username, in.Password)
+	if !ok {
+		return jsonError(c, http.StatusUnauthorized, "Invalid credentials")
+	}
+	s, err := redisecho.GetSession(c)
+	if err != nil {
+		return err
+	}
+	if err := errors.Join(
+		s.Regenerate(),
+		s.SetUserID(strconv.Itoa(u.id)),
+		s.Set("userId", u.id),
+		s.Set("username", u.username),
+		s.Set("isAuthenticated", true),
+	); err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]string{"message": "Login successful"})
+}
+
+// current returns the session and its user ID, or answers 401.
+func current(c echo.Context) (*redisecho.SessionState, int, bool) {
+	s, err := redisecho.GetSession(c)
+	if err != nil {
+		return nil, 0, false
+	}
+	if ok, _ := s.GetBool("isAuthenticated"); !ok {
+		return s, 0, false
+	}
+	id, ok := s.GetInt("userId")
+	return s, id, ok
+}
+
+func profile(c echo.Context) error {
+	s, id, ok := current(c)
+	if !ok {
+		return jsonError(c, http.StatusUnauthorized, "Not authenticated")
+	}
+	name, _ := s.GetString("username")
+	return c.JSON(http.StatusOK, map[string]any{"userId": id, "username": name})
+}
+
+func logout(c echo.Context) error {
+	s, err := redisecho.GetSession(c)
+	if err != nil {
+		return err
+	}
+	if err := s.Destroy(); err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]string{"message": "Logged out"})
+}
+
+func listSessions(c echo.Context) error {
+	s, id, ok := current(c)
+	if !ok {
+		return jsonError(c, http.StatusUnauthorized, "Not authenticated")
+	}
+	list, err := s.Store().ListUserSessions(c.Request().Context(), strconv.Itoa(id))
+	if err != nil {
+		return echo.NewHTTPError(http.StatusServiceUnavailable).SetInternal(err)
+	}
+	here := s.Handle()
+	out := make([]map[string]any, 0, len(list))
+	for _, us := range list {
+		out = append(out, map[string]any{
+			"handle": us.Handle, "created": us.Created, "lastSeen": us.LastSeen,
+			"userAgent": us.UserAgent, "current": us.Handle == here,
+		})
+	}
+	return c.JSON(http.StatusOK, map[string]any{"sessions": out})
+}
+
+func logoutAll(c echo.Context) error {
+	s, id, ok := current(c)
+	if !ok {
+		return jsonError(c, http.StatusUnauthorized, "Not authenticated")
+	}
+	n, err := s.Store().DestroyUserSessions(c.Request().Context(), strconv.Itoa(id))
+	if err != nil {
+		return echo.NewHTTPError(http.StatusServiceUnavailable).SetInternal(err)
+	}
+	if err := s.Destroy(); err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]any{"message": "Logged out everywhere", "ended": n})
+}
+
+// Preference limits: a request merges at most this many keys, each name and
+// value within these sizes.
+const (
+	maxPreferences     = 50
+	maxPreferenceName  = 64
+	maxPreferenceValue = 1024
+)
+
+// putPreferences merges a JSON object of strings into the session, one
+// session value per key: two tabs changing different preferences at once
+// both keep their change.
+func putPreferences(c echo.Context) error {
+	var in map[string]string
+	if err := c.Bind(&in); err != nil {
+		return jsonError(c, http.StatusBadRequest, "Body must be a JSON object of strings")
+	}
+	if len(in) > maxPreferences {
+		return jsonError(c, http.StatusBadRequest, "Too many preferences in one request")
+	}
+	s, err := redisecho.GetSession(c)
+	if err != nil {
+		return err
+	}
+	for k, v := range in {
+		if k == "" || len(k) > maxPreferenceName || len(v) > maxPreferenceValue {
+			return jsonError(c, http.StatusBadRequest, "Preference names must be 1-64 bytes and values at most 1 KiB")
+		}
+	}
+	for k, v := range in {
+		if err := s.Set("pref:"+k, v); err != nil {
+			if errors.Is(err, redisecho.ErrSessionTooLarge) {
+				return jsonError(c, http.StatusRequestEntityTooLarge, "Too many preferences")
+			}
+			return err
+		}
+	}
+	return getPreferences(c)
+}
+
+func getPreferences(c echo.Context) error {
+	s, err := redisecho.GetSession(c)
+	if err != nil {
+		return err
+	}
+	out := map[string]string{}
+	for _, k := range s.Keys() {
+		if name, ok := strings.CutPrefix(k, "pref:"); ok {
+			out[name], _ = s.GetString(k)
+		}
+	}
+	return c.JSON(http.StatusOK, out)
+}

@@ -83,6 +83,8 @@ type backend struct {
 	breaker *Breaker
 	clock   Clock
 	log     *rateLog
+
+	deadline sharedDeadline
 }
 
 // newBackend validates o and fills its defaults. It does no I/O.
@@ -156,15 +158,46 @@ func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (re
 }
 
 // DoCache sends cmd through client-side caching, whose key is key.
+//
+// Most DoCache calls are hits served from process memory, which need no
+// deadline, so DoCache does not pay for a context.WithTimeout per call: it
+// runs under a deadline context shared by the calls of the same ~1/50 of
+// Timeout, so a miss still waits at most Timeout. The price: a miss does not
+// end early when the caller gives up, only at that deadline.
 func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable, ttl time.Duration) (res rueidis.RedisResult) {
-	err := b.call(ctx, key, func(ctx context.Context) error {
-		res = b.client.DoCache(ctx, cmd, ttl)
-		return res.Error()
-	})
-	if errors.Is(err, ErrBreakerOpen) {
-		return rueidis.NewErrorResult(err)
+	b.shared.checkCache(b.client, b.log, b.timeout)
+	n := b.breaker.node(b.scope(key))
+	if !b.breaker.allow(n) {
+		n.rejected.Add(1)
+		return rueidis.NewErrorResult(ErrBreakerOpen)
 	}
+	res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
+	b.breaker.record(n, classify(ctx, res.Error()))
 	return res
+}
+
+// sharedDeadline hands out a context whose deadline lies between 49/50 and
+// 50/50 of a timeout from now, renewing it when it gets older than 1/50.
+type sharedDeadline struct {
+	cur atomic.Pointer[deadlineCtx]
+}
+
+type deadlineCtx struct {
+	ctx context.Context
+	// cancel is never called early: calls may still use ctx. Its timer
+	// releases it at the deadline.
+	cancel  context.CancelFunc
+	renewAt int64 // unix nanos
+}
+
+func (d *sharedDeadline) get(timeout time.Duration) context.Context {
+	now := time.Now().UnixNano()
+	if c := d.cur.Load(); c != nil && now < c.renewAt {
+		return c.ctx
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	d.cur.Store(&deadlineCtx{ctx: ctx, cancel: cancel, renewAt: now + int64(timeout/50)})
+	return ctx
 }
 
 // DoMulti pipelines cmds, which must all live in key's slot.

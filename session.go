@@ -222,6 +222,9 @@ type SessionStore struct {
 	touchGap time.Duration
 
 	loads, cacheHits, saves, saveErrors, staleBypass atomic.Uint64
+
+	verified  atomic.Pointer[sync.Map] // cookie value -> *verifiedCookie
+	verifiedN atomic.Int64
 }
 
 // NewSessionStore validates cfg, fills its defaults and returns the store.
@@ -397,6 +400,44 @@ func (st *SessionStore) decodeCookie(v string) (t token, version int64, rotated,
 	return token{}, 0, false, false
 }
 
+// verifiedCookie is a cookie value whose signature checked out, with what
+// it says.
+type verifiedCookie struct {
+	tok     token
+	key     string
+	version int64
+	rotated bool
+}
+
+// maxVerifiedCookies bounds the verified-cookie memo; it is emptied when
+// full.
+const maxVerifiedCookies = 1 << 14
+
+// verify checks a cookie value, remembering the values that checked out, so
+// that a returning client costs a map lookup instead of an HMAC and a
+// SHA-256. The memo is keyed by the whole value: a value that differs in any
+// byte is checked again. It returns nil for a bad cookie.
+func (st *SessionStore) verify(v string) *verifiedCookie {
+	m := st.verified.Load()
+	if m != nil {
+		if e, ok := m.Load(v); ok {
+			return e.(*verifiedCookie)
+		}
+	}
+	t, version, rotated, ok := st.decodeCookie(v)
+	if !ok {
+		return nil
+	}
+	vc := &verifiedCookie{tok: t, key: st.key(t), version: version, rotated: rotated}
+	if m == nil || st.verifiedN.Add(1) > maxVerifiedCookies {
+		m = new(sync.Map)
+		st.verified.Store(m)
+		st.verifiedN.Store(0)
+	}
+	m.Store(v, vc)
+	return vc
+}
+
 // Metadata fields of the session hash. Values live under "v:", flashes under
 // "f:", so user keys never clash with these.
 const (
@@ -426,67 +467,67 @@ const (
 // integer: -1 the session is gone (expired, destroyed, unknown), -2 the new
 // key exists (a token collision), -3 the values would exceed the max size.
 // Sizes of "v:"/"f:" fields are kept in _z, so the size check costs
-// O(fields changed).
+// O(fields changed). An update that changes one value makes 5 calls: HMGET,
+// HSTRLEN, HSET, PEXPIRE, and the EVALSHA itself.
 var saveScript = rueidis.NewLuaScript(`
 local src, dst = KEYS[1], KEYS[2]
 local mode, now, idle = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local meta = redis.call('HMGET', src, '_a', '_s', '_z', '_u', '_r', '_v')
 if mode == 'destroy' then
-  local u = redis.call('HGET', src, '_u') or ''
+  local u = meta[4] or ''
   if ARGV[4] == '' or u == ARGV[4] then redis.call('DEL', src) end
   return {0, 0, '', u}
 end
-local abs
+local abs, size, prev, rem, ver
 if mode == 'new' then
-  if redis.call('EXISTS', dst) == 1 then return -2 end
-  abs = tonumber(ARGV[4])
+  if meta[1] then return -2 end
+  abs, size, prev, rem, ver = tonumber(ARGV[4]), 0, '', '', 0
 else
-  local meta = redis.call('HMGET', src, '_a', '_s')
   abs = tonumber(meta[1])
   local seen = tonumber(meta[2])
   if not abs or abs <= now or (seen and now - seen > idle) then
     redis.call('DEL', src)
     return -1
   end
+  size, prev, rem, ver = tonumber(meta[3] or '0'), meta[4] or '', meta[5] or '', tonumber(meta[6] or '0')
+end
+local fields = {'_s', ARGV[2]}
+if mode == 'new' then
+  table.insert(fields, '_c'); table.insert(fields, ARGV[2])
+  table.insert(fields, '_a'); table.insert(fields, ARGV[4])
 end
 local n = tonumber(ARGV[7])
-local size = tonumber(redis.call('HGET', src, '_z') or '0')
 local i = 8
 for _ = 1, n do
-  local f = ARGV[i]
+  local f, v = ARGV[i], ARGV[i + 1]
   local c = string.sub(f, 1, 2)
   if c == 'v:' or c == 'f:' then
-    size = size + #ARGV[i + 1] - redis.call('HSTRLEN', src, f)
+    size = size + #v
+    if mode ~= 'new' then size = size - redis.call('HSTRLEN', src, f) end
+  elseif f == '_r' then
+    rem = v
   end
+  table.insert(fields, f); table.insert(fields, v)
   i = i + 2
 end
 for j = i, #ARGV do
   local c = string.sub(ARGV[j], 1, 2)
-  if c == 'v:' or c == 'f:' then
+  if mode ~= 'new' and (c == 'v:' or c == 'f:') then
     size = size - redis.call('HSTRLEN', src, ARGV[j])
   end
 end
 if size > tonumber(ARGV[5]) then return -3 end
-local prev = ''
-if mode ~= 'new' then
-  prev = redis.call('HGET', src, '_u') or ''
-  if dst ~= src then
-    if redis.call('EXISTS', dst) == 1 then return -2 end
-    redis.call('RENAME', src, dst)
-  end
-else
-  redis.call('HSET', dst, '_c', ARGV[2], '_a', ARGV[4])
+if dst ~= src then
+  if redis.call('EXISTS', dst) == 1 then return -2 end
+  redis.call('RENAME', src, dst)
 end
-if n > 0 then redis.call('HSET', dst, unpack(ARGV, 8, 7 + 2 * n)) end
+if ARGV[6] == '1' then ver = ver + 1 end
+table.insert(fields, '_v'); table.insert(fields, ver)
+table.insert(fields, '_z'); table.insert(fields, size)
+redis.call('HSET', dst, unpack(fields))
 if i <= #ARGV then redis.call('HDEL', dst, unpack(ARGV, i, #ARGV)) end
-local v
-if ARGV[6] == '1' then
-  v = redis.call('HINCRBY', dst, '_v', 1)
-else
-  v = tonumber(redis.call('HGET', dst, '_v') or '0')
-end
-redis.call('HSET', dst, '_s', ARGV[2], '_z', size)
 redis.call('PEXPIRE', dst, math.min(idle, abs - now))
-return {v, abs, redis.call('HGET', dst, '_r') or '', prev}
+return {ver, abs, rem, prev}
 `)
 
 // indexScript records a session in its user's index and prunes entries
@@ -518,8 +559,12 @@ type sessionData struct {
 // just wrote may not have invalidated it yet. found is false for a session
 // that does not exist or has expired.
 func (st *SessionStore) load(ctx context.Context, t token, minVersion int64) (d sessionData, found bool, err error) {
+	return st.loadKey(ctx, st.key(t), minVersion)
+}
+
+// loadKey is load for the session stored at key.
+func (st *SessionStore) loadKey(ctx context.Context, key string, minVersion int64) (d sessionData, found bool, err error) {
 	st.loads.Add(1)
-	key := st.key(t)
 	res := st.b.DoCache(ctx, key, st.b.client.B().Hgetall().Key(key).Cache(), st.cfg.IdleTimeout)
 	m, err := res.AsStrMap()
 	if err != nil {
@@ -718,6 +763,7 @@ type SessionState struct {
 
 	mu            sync.Mutex
 	tok           token
+	key           string // st.key(tok)
 	hasToken      bool // the request carried a valid cookie
 	badCookie     bool // the request carried a cookie we rejected
 	cookieVersion int64
@@ -778,8 +824,8 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 		s.loaded = true // no cookie: an empty new session, no I/O
 		return s
 	}
-	if t, v, rotated, ok := st.decodeCookie(ck.Value); ok {
-		s.tok, s.hasToken, s.cookieVersion, s.rotated = t, true, v, rotated
+	if vc := st.verify(ck.Value); vc != nil {
+		s.tok, s.key, s.hasToken, s.cookieVersion, s.rotated = vc.tok, vc.key, true, vc.version, vc.rotated
 		return s
 	}
 	s.badCookie, s.loaded = true, true // tampered, malformed or signed by a retired key
@@ -792,7 +838,7 @@ func (s *SessionState) ensureLoaded() {
 		return
 	}
 	s.loaded = true
-	d, found, err := s.st.load(s.ctx, s.tok, s.cookieVersion)
+	d, found, err := s.st.loadKey(s.ctx, s.key, s.cookieVersion)
 	switch {
 	case err != nil:
 		if s.ctx.Err() == nil { // a client that went away is not news
@@ -1147,7 +1193,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			}
 			return nil, nil
 		}
-		res, err := st.runSave(ctx, st.key(s.tok), st.key(s.tok), []string{"destroy", "0", "0", "", "0", "0", "0"})
+		res, err := st.runSave(ctx, s.key, s.key, []string{"destroy", "0", "0", "", "0", "0", "0"})
 		if err != nil {
 			return nil, st.saveFailed(err)
 		}
@@ -1160,7 +1206,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 	if !s.dirty() {
 		switch {
 		case s.touch:
-			res, err := st.runSave(ctx, st.key(s.tok), st.key(s.tok), st.saveArgs("update", now, 0, false, nil, nil))
+			res, err := st.runSave(ctx, s.key, s.key, st.saveArgs("update", now, 0, false, nil, nil))
 			if errors.Is(err, errSessionGone) {
 				return &sessionCookie{maxAge: -1}, nil
 			}
@@ -1197,14 +1243,18 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 				return nil, f
 			}
 		}
-		res, err := st.runSave(ctx, st.key(s.tok), st.key(dst), st.saveArgs("update", now, 0, true, s.set, s.del))
+		dstKey := s.key
+		if dst != s.tok {
+			dstKey = st.key(dst)
+		}
+		res, err := st.runSave(ctx, s.key, dstKey, st.saveArgs("update", now, 0, true, s.set, s.del))
 		switch {
 		case err == nil:
 			st.saves.Add(1)
 			if res.prevUser != "" && (res.prevUser != s.userID || dst != s.tok) {
 				st.unindex(ctx, res.prevUser, s.tok.handle())
 			}
-			s.tok = dst
+			s.tok, s.key = dst, dstKey
 			return st.cookieFor(dst, res, now), nil
 		case !errors.Is(err, errSessionGone):
 			return nil, st.saveFailed(err)
@@ -1242,7 +1292,7 @@ func (s *SessionState) create(ctx context.Context, now time.Time) (*sessionCooki
 			return nil, st.saveFailed(err)
 		}
 		st.saves.Add(1)
-		s.tok, s.hasToken, s.found = t, true, true
+		s.tok, s.key, s.hasToken, s.found = t, st.key(t), true, true
 		return st.cookieFor(t, res, now), nil
 	}
 	return nil, st.saveFailed(errSessionCollision)

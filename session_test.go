@@ -945,3 +945,44 @@ func TestSessionNoHalfWrites(t *testing.T) {
 		require.NotZero(t, sessions, "some saves went through between the kills")
 	})
 }
+
+// BenchmarkSessionRead measures the middleware's own cost on a read of a
+// live, unchanged session (served by client-side caching), against the same
+// handler without sessions. Load figures come from the bench/ harness.
+func BenchmarkSessionRead(b *testing.B) {
+	r := newTestRedis(b, standaloneRedis.name, standaloneRedis.addrs)
+	store, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+	require.NoError(b, err)
+	e := echo.New()
+	handler := func(c echo.Context) error { return c.JSON(http.StatusOK, map[string]bool{"ok": true}) }
+	e.GET("/plain", handler)
+	g := e.Group("/s", store.Middleware())
+	g.POST("/login", func(c echo.Context) error {
+		s, _ := GetSession(c)
+		return s.Set("user", "alice")
+	})
+	g.GET("/read", func(c echo.Context) error {
+		s, _ := GetSession(c)
+		if u, _ := s.GetString("user"); u != "alice" {
+			return c.NoContent(http.StatusUnauthorized)
+		}
+		return handler(c)
+	})
+	rec := httptest.NewRecorder()
+	e.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/s/login", nil))
+	cookie := rec.Result().Cookies()[0]
+	for _, tc := range []struct{ name, path string }{{"baseline", "/plain"}, {"session", "/s/read"}} {
+		b.Run(tc.name, func(b *testing.B) {
+			req := httptest.NewRequest(http.MethodGet, tc.path, nil)
+			req.AddCookie(cookie)
+			b.ReportAllocs()
+			for b.Loop() {
+				rec := httptest.NewRecorder()
+				e.ServeHTTP(rec, req)
+				if rec.Code != http.StatusOK {
+					b.Fatal(rec.Code)
+				}
+			}
+		})
+	}
+}

@@ -44,6 +44,7 @@ import (
 	"os"
 	"os/signal"
 	"regexp"
+	"runtime/pprof"
 	"syscall"
 	"time"
 )
@@ -73,6 +74,7 @@ func main() {
 	flag.IntVar(&o.conns, "conns", defaultConns, "wrk connections (-c)")
 	flag.StringVar(&pattern, "cases", "", "regexp selecting cases by name (default all); their baselines always run")
 	flag.StringVar(&o.redis, "redis", "", "address of an existing Redis (default: start a throwaway redis-server)")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (server side: the app and the libraries) to this file")
 	flag.Parse()
 
 	if flag.NArg() > 0 {
@@ -90,9 +92,20 @@ func main() {
 	}
 	o.cases = re
 
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err != nil {
+			fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fatal(err)
+		}
+		defer f.Close()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	broken, err := run(ctx, o)
 	stop()
+	pprof.StopCPUProfile()
 	if err != nil {
 		fatal(err)
 	}

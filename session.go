@@ -764,8 +764,8 @@ type SessionState struct {
 	mu            sync.Mutex
 	tok           token
 	key           string // st.key(tok)
-	hasToken      bool // the request carried a valid cookie
-	badCookie     bool // the request carried a cookie we rejected
+	hasToken      bool   // the request carried a valid cookie
+	badCookie     bool   // the request carried a cookie we rejected
 	cookieVersion int64
 	rotated       bool // signed by an older key of the ring
 

@@ -82,8 +82,62 @@ type JSONCodec struct{}
 // Marshal encodes v as JSON.
 func (JSONCodec) Marshal(v any) ([]byte, error) { return json.Marshal(v) }
 
-// Unmarshal decodes JSON data into v.
-func (JSONCodec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
+// Unmarshal decodes JSON data into v. Plain strings, integers and booleans
+// into *string, *int, *int64 and *bool take a fast path with the same result
+// as encoding/json.
+func (JSONCodec) Unmarshal(data []byte, v any) error {
+	switch p := v.(type) {
+	case *string:
+		if s, ok := plainJSONString(data); ok {
+			*p = s
+			return nil
+		}
+	case *int:
+		if n, err := strconv.ParseInt(string(data), 10, strconv.IntSize); err == nil && plainJSONInt(data) {
+			*p = int(n)
+			return nil
+		}
+	case *int64:
+		if n, err := strconv.ParseInt(string(data), 10, 64); err == nil && plainJSONInt(data) {
+			*p = n
+			return nil
+		}
+	case *bool:
+		switch string(data) {
+		case "true":
+			*p = true
+			return nil
+		case "false":
+			*p = false
+			return nil
+		}
+	}
+	return json.Unmarshal(data, v)
+}
+
+// plainJSONString decodes a JSON string with no escapes and no bytes that
+// encoding/json would treat specially (controls, non-ASCII).
+func plainJSONString(data []byte) (string, bool) {
+	if len(data) < 2 || data[0] != '"' || data[len(data)-1] != '"' {
+		return "", false
+	}
+	for _, c := range data[1 : len(data)-1] {
+		if c < 0x20 || c == '"' || c == '\\' || c >= 0x80 {
+			return "", false
+		}
+	}
+	return string(data[1 : len(data)-1]), true
+}
+
+// plainJSONInt reports whether data is a JSON integer as encoding/json
+// writes it: an optional minus and digits without a leading zero or plus.
+func plainJSONInt(data []byte) bool {
+	d := data
+	if len(d) > 0 && d[0] == '-' {
+		d = d[1:]
+	}
+	return len(d) > 0 && (d[0] != '0' || len(d) == 1) && d[0] != '+'
+}
 
 // GobCodec encodes values with encoding/gob, keeping their Go types through
 // an interface (register custom types with gob.Register). The gorilla store
@@ -544,13 +598,13 @@ redis.call('PEXPIREAT', KEYS[1], last[2])
 return 1
 `)
 
-// sessionData is what a load returns.
+// sessionData is what a load returns. Times are unix milliseconds.
 type sessionData struct {
 	fields   map[string]string
 	version  int64
-	created  time.Time
-	absolute time.Time
-	seen     time.Time
+	absolute int64
+	seen     int64
+	loadedAt int64 // the clock when it was read
 }
 
 // load reads a session. A cached copy older than minVersion (the version in
@@ -590,17 +644,12 @@ func (st *SessionStore) parse(m map[string]string) (d sessionData, found bool) {
 	if len(m) == 0 {
 		return d, false
 	}
-	ms := func(f string) time.Time {
-		n, _ := strconv.ParseInt(m[f], 10, 64)
-		return time.UnixMilli(n)
-	}
-	d = sessionData{fields: m, created: ms(fCreated), absolute: ms(fAbsolute), seen: ms(fSeen)}
+	d.fields = m
 	d.version, _ = strconv.ParseInt(m[fVersion], 10, 64)
-	now := st.b.clock.Now()
-	if !now.Before(d.absolute) || now.Sub(d.seen) > st.cfg.IdleTimeout {
-		return d, false
-	}
-	return d, true
+	d.absolute, _ = strconv.ParseInt(m[fAbsolute], 10, 64)
+	d.seen, _ = strconv.ParseInt(m[fSeen], 10, 64)
+	d.loadedAt = st.b.clock.Now().UnixMilli()
+	return d, d.loadedAt < d.absolute && d.loadedAt-d.seen <= st.cfg.IdleTimeout.Milliseconds()
 }
 
 // errSessionGone, errSessionCollision and ErrSessionTooLarge are the script's
@@ -853,7 +902,7 @@ func (s *SessionState) ensureLoaded() {
 		s.found, s.data = true, d
 		s.userID = d.fields[fUser]
 		s.remember = d.fields[fRemember] == "1"
-		s.touch = s.st.b.clock.Now().Sub(d.seen) >= s.st.touchGap
+		s.touch = d.loadedAt-d.seen >= s.st.touchGap.Milliseconds()
 	}
 }
 
@@ -1220,7 +1269,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 				return st.cookieFor(s.tok, res, now), nil
 			}
 		case s.rotated && s.found:
-			return st.cookieFor(s.tok, saveResult{version: s.data.version, absolute: s.data.absolute, remember: s.remember}, now), nil
+			return st.cookieFor(s.tok, saveResult{version: s.data.version, absolute: time.UnixMilli(s.data.absolute), remember: s.remember}, now), nil
 		case s.badCookie || (s.hasToken && s.loaded && !s.found && s.err == nil):
 			return &sessionCookie{maxAge: -1}, nil
 		}
@@ -1239,7 +1288,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			dst = newToken(s.tok.tag)
 		}
 		if s.userID != "" && (s.userChanged || s.regenerate) {
-			if f := st.index(ctx, s.userID, dst.handle(), s.data.absolute, now); f != nil {
+			if f := st.index(ctx, s.userID, dst.handle(), time.UnixMilli(s.data.absolute), now); f != nil {
 				return nil, f
 			}
 		}

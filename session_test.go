@@ -986,3 +986,29 @@ func BenchmarkSessionRead(b *testing.B) {
 		})
 	}
 }
+
+// FuzzJSONCodecMatchesEncodingJSON: the codec's fast paths decode exactly as
+// encoding/json does.
+func FuzzJSONCodecMatchesEncodingJSON(f *testing.F) {
+	for _, s := range []string{`"x"`, `"a\"b"`, `"é"`, `""`, `"\u0041"`, `42`, `-0`, `007`, `+1`, `1e3`, `true`, `false`, `null`, `"ctl` + "\x01" + `"`, `9223372036854775808`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		check := func(fast, std any) {
+			errFast := JSONCodec{}.Unmarshal(data, fast)
+			errStd := json.Unmarshal(data, std)
+			require.Equal(t, errStd == nil, errFast == nil, "input %q: %v vs %v", data, errFast, errStd)
+			if errStd == nil {
+				require.Equal(t, std, fast, "input %q", data)
+			}
+		}
+		var s1, s2 string
+		check(&s1, &s2)
+		var i1, i2 int
+		check(&i1, &i2)
+		var l1, l2 int64
+		check(&l1, &l2)
+		var b1, b2 bool
+		check(&b1, &b2)
+	})
+}

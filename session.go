@@ -1435,6 +1435,16 @@ func (st *SessionStore) Middleware() echo.MiddlewareFunc {
 			// The save runs when the response starts, so its cookie goes
 			// out with the headers and a failure replaces the response.
 			res.Before(func() { st.commit(c, s) })
+			defer func() {
+				if p := recover(); p != nil {
+					// A handler that panicked saves nothing: its changes may
+					// be half made. The recovering middleware answers.
+					s.mu.Lock()
+					s.committed = true
+					s.mu.Unlock()
+					panic(p)
+				}
+			}()
 			err := next(c)
 			if !res.Committed {
 				// No response yet (none written, or an error for Echo's

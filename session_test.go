@@ -9,12 +9,14 @@ import (
 	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/labstack/echo/v4/middleware"
 	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/assert"
@@ -1010,5 +1012,69 @@ func FuzzJSONCodecMatchesEncodingJSON(f *testing.F) {
 		check(&l1, &l2)
 		var b1, b2 bool
 		check(&b1, &b2)
+	})
+}
+
+func TestSessionPanickingHandlerSavesNothing(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		store, err := NewSessionStore(SessionConfig{Client: c, Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		e := echo.New()
+		e.Use(middleware.Recover(), store.Middleware())
+		e.POST("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.NoError(t, s.Set("half", "made"))
+			panic("boom")
+		})
+		rec := httptest.NewRecorder()
+		e.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/", nil))
+		require.Equal(t, http.StatusInternalServerError, rec.Code)
+		require.Empty(t, rec.Header().Values("Set-Cookie"))
+		require.Zero(t, countKeys(t, r, c))
+	})
+}
+
+// TestSessionInvalidationWindow measures how long another instance keeps
+// serving a session from its local cache after a third party destroyed it
+// (log out everywhere). The README reports the figures; the test only
+// requires that the change arrives.
+func TestSessionInvalidationWindow(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newSessionApp(t, r, r.Client(), nil)
+		other, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		var windows []time.Duration
+		for i := range 100 {
+			b := newBrowser(t)
+			user := fmt.Sprint("u", i)
+			require.Equal(t, http.StatusOK, b.post(a, "/login?user="+user).code)
+			tok, v, _, ok := a.store.decodeCookie(b.cookie(a))
+			require.True(t, ok)
+			// Warm instance A's local cache.
+			for range 3 {
+				_, found, err := a.store.load(ctx, tok, v)
+				require.NoError(t, err)
+				require.True(t, found)
+			}
+			n, err := other.DestroyUserSessions(ctx, user)
+			require.NoError(t, err)
+			require.Equal(t, 1, n)
+			start := time.Now()
+			for {
+				_, found, err := a.store.load(ctx, tok, v)
+				require.NoError(t, err)
+				if !found {
+					break
+				}
+				require.Less(t, time.Since(start), 5*time.Second, "the invalidation never arrived")
+			}
+			windows = append(windows, time.Since(start))
+		}
+		slices.Sort(windows)
+		t.Logf("%s: a destroyed session stays readable on another instance for p50 %v, p99 %v, max %v (100 trials)",
+			r.Topology, windows[49], windows[98], windows[99])
 	})
 }

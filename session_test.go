@@ -1078,3 +1078,39 @@ func TestSessionInvalidationWindow(t *testing.T) {
 			r.Topology, windows[49], windows[98], windows[99])
 	})
 }
+
+func TestSessionValueKeysAreValidated(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		e := echo.New()
+		e.Use(store.Middleware())
+		e.POST("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.ErrorIs(t, s.Set("", 1), ErrInvalidSessionKey)
+			require.ErrorIs(t, s.Set(strings.Repeat("k", 257), 1), ErrInvalidSessionKey)
+			require.ErrorIs(t, s.Delete(""), ErrInvalidSessionKey)
+			require.ErrorIs(t, s.SetFlash("", 1), ErrInvalidSessionKey)
+			require.Error(t, s.Set("fn", func() {}), "values the codec cannot encode are refused")
+			for _, k := range []string{"{a}", "a:b", "_v", "v:x", "%7B", "ключ"} {
+				require.NoError(t, s.Set(k, k), "hostile but valid key %q", k)
+			}
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.GET("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			for _, k := range []string{"{a}", "a:b", "_v", "v:x", "%7B", "ключ"} {
+				v, ok := s.GetString(k)
+				require.True(t, ok, k)
+				require.Equal(t, k, v)
+			}
+			return c.NoContent(http.StatusNoContent)
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		app := &sessionApp{store: store, srv: srv}
+		b := newBrowser(t)
+		require.Equal(t, http.StatusNoContent, b.post(app, "/").code)
+		require.Equal(t, http.StatusNoContent, b.get(app, "/").code, "metadata fields are not clobbered by look-alike keys")
+	})
+}

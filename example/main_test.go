@@ -3,15 +3,18 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -194,4 +197,25 @@ func TestGuideSessionRoutes(t *testing.T) {
 	require.Equal(t, "Logged out", body["message"])
 	code, _ = alice.call(http.MethodGet, "/profile", "")
 	require.Equal(t, http.StatusUnauthorized, code)
+}
+
+// TestPreferencesFromTwoTabs: two tabs changing different preferences at
+// the same time both keep their change.
+func TestPreferencesFromTwoTabs(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1"})
+	require.Eventually(t, func() bool { code, _ := status(t, base+"/health"); return code == http.StatusOK }, 5*time.Second, 20*time.Millisecond)
+	browser := newClient(t, base)
+	code, _ := browser.call(http.MethodPut, "/preferences", `{"seed":"1"}`)
+	require.Equal(t, http.StatusOK, code)
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Go(func() {
+			code, _ := browser.call(http.MethodPut, "/preferences", fmt.Sprintf(`{"tab%d":"v%d"}`, i, i))
+			assert.Equal(t, http.StatusOK, code)
+		})
+	}
+	wg.Wait()
+	code, body := browser.call(http.MethodGet, "/preferences", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Len(t, body, 21, "every tab's preference was kept: %v", body)
 }

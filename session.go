@@ -21,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/gorilla/sessions"
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
 	"github.com/redis/rueidis"
@@ -416,14 +417,16 @@ func (st *SessionStore) userKey(userID string) string {
 // session version the client last saw (for read-your-writes), and mac is the
 // first 128 bits of HMAC-SHA256 over the cookie name and the rest, under the
 // newest key.
-func (st *SessionStore) encodeCookie(t token, version int64) string {
+func (st *SessionStore) encodeCookie(name string, t token, version int64) string {
 	payload := t.tag + "." + t.secret + "." + strconv.FormatInt(version, 10)
-	return payload + "." + st.mac(st.keys[0], payload)
+	return payload + "." + st.mac(st.keys[0], name, payload)
 }
 
-func (st *SessionStore) mac(key []byte, payload string) string {
+// mac binds the cookie's name, so a cookie issued under one name is refused
+// under another.
+func (st *SessionStore) mac(key []byte, name, payload string) string {
 	h := hmac.New(sha256.New, key)
-	h.Write([]byte(st.cfg.CookieName))
+	h.Write([]byte(name))
 	h.Write([]byte{0})
 	h.Write([]byte(payload))
 	var sum [sha256.Size]byte
@@ -432,7 +435,7 @@ func (st *SessionStore) mac(key []byte, payload string) string {
 
 // decodeCookie verifies a cookie value. rotated reports that a key other
 // than the newest signed it, so the cookie should be re-signed.
-func (st *SessionStore) decodeCookie(v string) (t token, version int64, rotated, ok bool) {
+func (st *SessionStore) decodeCookie(name, v string) (t token, version int64, rotated, ok bool) {
 	if len(v) < 4+1+43+1+1+1+22 || len(v) > 4+1+43+1+19+1+22 {
 		return token{}, 0, false, false
 	}
@@ -443,7 +446,7 @@ func (st *SessionStore) decodeCookie(v string) (t token, version int64, rotated,
 		return token{}, 0, false, false
 	}
 	for k, key := range st.keys {
-		if subtle.ConstantTimeCompare([]byte(st.mac(key, payload)), []byte(mac)) == 1 {
+		if subtle.ConstantTimeCompare([]byte(st.mac(key, name, payload)), []byte(mac)) == 1 {
 			version, err := strconv.ParseInt(parts[2], 10, 64)
 			if err != nil || version < 0 {
 				return token{}, 0, false, false
@@ -478,7 +481,7 @@ func (st *SessionStore) verify(v string) *verifiedCookie {
 			return e.(*verifiedCookie)
 		}
 	}
-	t, version, rotated, ok := st.decodeCookie(v)
+	t, version, rotated, ok := st.decodeCookie(st.cfg.CookieName, v)
 	if !ok {
 		return nil
 	}
@@ -1392,7 +1395,7 @@ func (st *SessionStore) saveFailed(err error) *sessionFailure {
 }
 
 func (st *SessionStore) cookieFor(t token, res saveResult, now time.Time) *sessionCookie {
-	c := &sessionCookie{value: st.encodeCookie(t, res.version)}
+	c := &sessionCookie{value: st.encodeCookie(st.cfg.CookieName, t, res.version)}
 	if res.remember {
 		c.maxAge = max(int(res.absolute.Sub(now).Round(time.Second)/time.Second), 1)
 	}
@@ -1513,3 +1516,496 @@ func (d discardBody) Write(p []byte) (int, error) { return len(p), nil }
 
 // Unwrap lets http.ResponseController reach the real writer.
 func (d discardBody) Unwrap() http.ResponseWriter { return d.ResponseWriter }
+
+// ---- gorilla/sessions compatibility (echo-contrib/session) ----
+
+// ErrGorillaSessionUnknown is returned by GorillaStore.Save for a session that
+// this store did not create through Get or New on the same request (one made
+// with sessions.NewSession, or saved with another request), because the
+// store cannot tell which of its values changed.
+var ErrGorillaSessionUnknown = errors.New("redisecho: session: this session was not loaded by this GorillaStore for this request")
+
+// ErrGorillaValueKey is returned by GorillaStore.Save when a key of
+// Session.Values is not a string, or is a string that is empty or longer
+// than 256 bytes. Nothing is saved.
+var ErrGorillaValueKey = errors.New("redisecho: session: gorilla value keys must be non-empty strings of at most 256 bytes")
+
+// GorillaStore is a github.com/gorilla/sessions Store backed by a
+// SessionStore, for applications written for
+// github.com/labstack/echo-contrib/session (or gorilla/sessions directly):
+//
+//	store, err := redisecho.NewSessionStore(redisecho.SessionConfig{Client: client, Keys: keys})
+//	...
+//	e.Use(session.Middleware(redisecho.NewGorillaStore(store)))
+//
+// and handlers keep calling session.Get("session", c), reading and writing
+// sess.Values, and sess.Save(c.Request(), c.Response()).
+//
+// Storage is the SessionStore's: the same Redis hash per session, the same
+// signed cookie format and key ring (rotation works the same way), the same
+// Lifetime and IdleTimeout enforced by Redis, MaxSize, and the user index
+// (a session bound to a user through the SessionState API is removed from
+// the index when the gorilla side deletes it).
+//
+// Cookie name. The cookie is named after the session name given to Get
+// (gorilla's convention), not SessionConfig.CookieName. Its MAC binds that
+// name, so a cookie issued for one name is rejected under another. A
+// session whose name is SessionConfig.CookieName ("sessionId" by default)
+// has exactly the cookie the Session middleware issues, so both APIs open
+// the same session from the same cookie.
+//
+// Values. Keys must be strings. Each value is encoded on its own with
+// GobCodec into the hash field "v:<key>", as SessionState stores values, so
+// types survive a reload: an int stays an int (register custom types with
+// gob.Register, as with any gorilla store). Values written by the Session
+// middleware with another codec (JSONCodec, the default) are not decodable
+// with gob: the gorilla session does not show them and never changes or
+// deletes them. With SessionConfig.Codec set to GobCodec the two APIs read
+// each other's values. Flashes are ordinary values ("_flash" keys).
+//
+// Saves. Save writes, in one atomic round trip, only the values that differ
+// from what Get loaded (added, changed or deleted), so two requests that
+// change different values of one session both keep their change; for one
+// value the last save wins. (Maps are encoded in random order by gob, so a
+// map value may be rewritten although it did not change.) An empty new
+// session is not stored and gets no cookie. A session that expired or was
+// destroyed between Get and Save is not brought back: the values this
+// request changed go to a new session, the others are dropped from Values.
+// Options.MaxAge < 0 deletes the session from Redis and clears the cookie.
+// Call Save before the response is written, as with every gorilla store: on
+// an *echo.Response that was already committed Save returns
+// ErrSessionCommitted and writes nothing.
+//
+// Lifetime. The server enforces Lifetime and IdleTimeout whatever the
+// cookie says. Options.MaxAge > 0 gives a persistent cookie whose Max-Age is
+// MaxAge capped at the session's remaining Lifetime; MaxAge 0 gives a
+// browser-session cookie. The default options of a session follow the
+// store's (SessionConfig.BrowserSessionCookie, or the kind of cookie the
+// stored session has). A Get that finds TouchAfter of the idle timeout
+// passed extends it, so sessions of applications that only Save when they
+// change something do not time out while in use.
+//
+// Cookie attributes. Options.Path, Domain, SameSite and Partitioned are
+// used when set, falling back to SessionConfig's. The cookie is always
+// HttpOnly, and Secure unless SessionConfig.InsecureCookie (Options.Secure
+// can only add it). Responses that set or clear the cookie get
+// "Vary: Cookie" and "Cache-Control: no-store".
+//
+// Errors. A missing, malformed, tampered or unknown cookie gives a new
+// empty session and no error, so handlers that "return err" do not answer
+// 500. When Redis cannot be read, Get and New return a usable empty session
+// and an *echo.HTTPError 503 {"message":"session store unavailable"} whose
+// Internal error wraps ErrSessionUnavailable; that session's Save returns
+// the same error and writes nothing. With SessionConfig.Degrade, Get
+// returns the empty session and no error instead, and its Save writes
+// nothing and returns nil. Save failures are *echo.HTTPError too: 503
+// (wrapping ErrSessionUnavailable) or 413 (wrapping ErrSessionTooLarge),
+// with no internal detail in the message; errors.Is sees the cause.
+//
+// The gorilla API has no user binding or regeneration: use the Session
+// middleware (SessionState.Regenerate, SetUserID) for those, or delete the
+// session (MaxAge -1) and start a new one on login.
+type GorillaStore struct {
+	st *SessionStore
+}
+
+// NewGorillaStore returns the gorilla/sessions Store of st. It does no I/O.
+func NewGorillaStore(st *SessionStore) *GorillaStore {
+	return &GorillaStore{st: st}
+}
+
+var _ sessions.Store = (*GorillaStore)(nil)
+
+// gorillaState is what the store remembers about a session between New and
+// Save.
+type gorillaState struct {
+	mu        sync.Mutex // serialises Saves of the session
+	store     *GorillaStore
+	tok       token
+	hasToken  bool // the request carried a valid cookie, or Save issued one
+	badCookie bool // the request carried a cookie that was rejected
+	rotated   bool // signed by an older key of the ring
+	found     bool // the session exists in Redis
+	remember  bool // the stored "_r" flag: a persistent cookie
+	degraded  bool
+	err       error             // the load failed: Save refuses
+	snapshot  map[string][]byte // "v:<key>" → encoded value, as loaded or last saved
+	userAgent string            // for a new session, when RecordUserAgent
+	absolute  time.Time         // absolute expiry of a found session
+	version   int64             // version of a found session
+}
+
+// gorillaStatesKey is the request-context key of a request's states.
+type gorillaStatesKey struct{}
+
+// gorillaStates maps the sessions a request loaded to their state.
+type gorillaStates struct {
+	mu sync.Mutex
+	m  map[*sessions.Session]*gorillaState
+}
+
+// gorillaStatesOf returns the request's states, attaching them to r (in place, as
+// gorilla's registry does) when create is set.
+func gorillaStatesOf(r *http.Request, create bool) *gorillaStates {
+	if v, ok := r.Context().Value(gorillaStatesKey{}).(*gorillaStates); ok {
+		return v
+	}
+	if !create {
+		return nil
+	}
+	v := &gorillaStates{m: make(map[*sessions.Session]*gorillaState)}
+	*r = *r.WithContext(context.WithValue(r.Context(), gorillaStatesKey{}, v))
+	return v
+}
+
+// Get returns the named session of the request through gorilla's
+// per-request registry, loading it from Redis on the first call.
+func (gs *GorillaStore) Get(r *http.Request, name string) (*sessions.Session, error) {
+	return sessions.GetRegistry(r).Get(gs, name)
+}
+
+// New loads the named session of the request from Redis, or returns a new
+// empty one. It never returns a nil session. See GorillaStore for the
+// errors.
+func (gs *GorillaStore) New(r *http.Request, name string) (*sessions.Session, error) {
+	st := gs.st
+	s := sessions.NewSession(gs, name)
+	s.IsNew = true
+	state := &gorillaState{store: gs, remember: !st.cfg.BrowserSessionCookie}
+	defer func() {
+		s.Options = gs.defaultOptions(state)
+		states := gorillaStatesOf(r, true)
+		states.mu.Lock()
+		states.m[s] = state
+		states.mu.Unlock()
+	}()
+	if st.cfg.RecordUserAgent {
+		state.userAgent = r.UserAgent()
+		if len(state.userAgent) > 256 {
+			state.userAgent = state.userAgent[:256]
+		}
+	}
+	if !validCookieName(name) {
+		state.err = fmt.Errorf("redisecho: session: invalid cookie name %q", name)
+		return s, state.err
+	}
+	ck, err := r.Cookie(name)
+	if err != nil {
+		return s, nil // no cookie: a new session, no I/O
+	}
+	tok, version, rotated, ok := gs.st.decodeCookie(name, ck.Value)
+	if !ok {
+		state.badCookie = true // tampered, malformed or signed by a retired key
+		return s, nil
+	}
+	state.tok, state.hasToken, state.rotated = tok, true, rotated
+	d, found, err := st.load(r.Context(), tok, version)
+	if err != nil {
+		if r.Context().Err() == nil {
+			st.b.log.Error("redisecho: session: load failed", err)
+		}
+		if st.cfg.Degrade {
+			state.degraded = true
+			return s, nil
+		}
+		state.err = unavailableError(err)
+		return s, state.err
+	}
+	if !found {
+		return s, nil // expired, destroyed or unknown: a new session
+	}
+	now := st.b.clock.Now()
+	if now.Sub(time.UnixMilli(d.seen)) >= st.touchGap {
+		// Reading the session is activity: extend the idle timeout here,
+		// since gorilla applications often Save only when they change it.
+		ctx := context.WithoutCancel(r.Context())
+		res, err := st.runSave(ctx, st.key(tok), st.key(tok), st.saveArgs("update", now, 0, false, nil, nil))
+		switch {
+		case errors.Is(err, errSessionGone):
+			return s, nil
+		case err != nil:
+			st.b.log.Error("redisecho: session: extending the idle timeout failed", err)
+		default:
+			st.saves.Add(1)
+			d.version = max(d.version, res.version)
+		}
+	}
+	state.found, state.version, state.absolute = true, d.version, time.UnixMilli(d.absolute)
+	state.remember = d.fields[fRemember] == "1"
+	state.snapshot = make(map[string][]byte)
+	for f, raw := range d.fields {
+		key, ok := strings.CutPrefix(f, "v:")
+		if !ok {
+			continue
+		}
+		var v any
+		if err := (GobCodec{}).Unmarshal([]byte(raw), &v); err != nil {
+			continue // written with another codec: not ours to show or change
+		}
+		s.Values[key] = v
+		state.snapshot[f] = []byte(raw)
+	}
+	s.IsNew = false
+	s.ID = tok.handle()
+	return s, nil
+}
+
+// defaultOptions are the options of a session as New returns it.
+func (gs *GorillaStore) defaultOptions(state *gorillaState) *sessions.Options {
+	cfg := &gs.st.cfg
+	o := &sessions.Options{
+		Path: cfg.CookiePath, Domain: cfg.CookieDomain,
+		Secure: !cfg.InsecureCookie, HttpOnly: true, SameSite: cfg.SameSite,
+	}
+	switch {
+	case state.found && state.remember:
+		o.MaxAge = max(int(state.absolute.Sub(gs.st.b.clock.Now()).Round(time.Second)/time.Second), 1)
+	case !state.found && state.remember:
+		o.MaxAge = int(cfg.Lifetime / time.Second)
+	}
+	return o
+}
+
+// Save writes the session's changes to Redis and sets its cookie. See
+// GorillaStore for what it writes and the errors it returns.
+func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions.Session) error {
+	state := gs.stateOf(r, s)
+	if state == nil {
+		return ErrGorillaSessionUnknown
+	}
+	state.mu.Lock()
+	defer state.mu.Unlock()
+	switch {
+	case state.degraded:
+		return nil // nothing was read, so nothing may be written
+	case state.err != nil:
+		return state.err
+	}
+	if res, ok := w.(*echo.Response); ok && res.Committed {
+		return ErrSessionCommitted
+	}
+	st := gs.st
+	opts := s.Options
+	if opts == nil {
+		opts = gs.defaultOptions(state)
+	}
+	// The save outlives a client that disconnects; it keeps its deadline.
+	ctx := context.WithoutCancel(r.Context())
+	now := st.b.clock.Now()
+
+	if opts.MaxAge < 0 {
+		if state.hasToken {
+			res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), []string{"destroy", "0", "0", "", "0", "0", "0"})
+			if err != nil {
+				return gs.saveError(err)
+			}
+			st.saves.Add(1)
+			if res.prevUser != "" {
+				st.unindex(ctx, res.prevUser, state.tok.handle())
+			}
+		}
+		gs.reset(state, s)
+		gs.setCookie(w, s.Name(), "", opts, -1)
+		return nil
+	}
+
+	set, del, err := gs.changes(s, state)
+	if err != nil {
+		return err
+	}
+	remember := opts.MaxAge > 0
+	deadCookie := state.badCookie || state.hasToken // a cookie to clear if nothing is stored
+	if state.found {
+		if remember != state.remember {
+			set[fRemember] = boolField(remember)
+		}
+		if len(set) == 0 && len(del) == 0 {
+			if state.rotated {
+				// Re-sign a cookie signed by an older key.
+				gs.setCookie(w, s.Name(), gs.st.encodeCookie(s.Name(), state.tok, state.version), opts, gs.maxAge(opts, state.absolute, now))
+				state.rotated = false
+			}
+			return nil
+		}
+		res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), st.saveArgs("update", now, 0, true, set, del))
+		switch {
+		case err == nil:
+			st.saves.Add(1)
+			gs.saved(state, res, set, del)
+			gs.setCookie(w, s.Name(), gs.st.encodeCookie(s.Name(), state.tok, res.version), opts, gs.maxAge(opts, res.absolute, now))
+			return nil
+		case !errors.Is(err, errSessionGone):
+			return gs.saveError(err)
+		}
+		// Expired or destroyed since it was loaded: it is not brought back.
+		// The values this request changed go to a new session.
+		for k := range s.Values {
+			if key, ok := k.(string); ok {
+				if _, changed := set["v:"+key]; changed {
+					continue
+				}
+			}
+			delete(s.Values, k)
+		}
+		delete(set, fRemember)
+		gs.reset(state, s)
+	}
+	if len(set) == 0 {
+		if deadCookie {
+			gs.setCookie(w, s.Name(), "", opts, -1)
+			gs.reset(state, s)
+		}
+		return nil // an empty new session is not stored
+	}
+	return gs.create(ctx, w, s, state, set, opts, now)
+}
+
+// create stores a new session with set. Callers hold state.mu.
+func (gs *GorillaStore) create(ctx context.Context, w http.ResponseWriter, s *sessions.Session, state *gorillaState, set map[string][]byte, opts *sessions.Options, now time.Time) error {
+	st := gs.st
+	set[fRemember] = boolField(opts.MaxAge > 0)
+	if state.userAgent != "" {
+		set[fAgent] = []byte(state.userAgent)
+	}
+	abs := now.Add(st.cfg.Lifetime)
+	for range 3 { // a collision of 280 random bits is not expected; retry anyway
+		t := newToken("")
+		res, err := st.runSave(ctx, st.key(t), st.key(t), st.saveArgs("new", now, abs.UnixMilli(), true, set, nil))
+		if errors.Is(err, errSessionCollision) {
+			continue
+		}
+		if err != nil {
+			return gs.saveError(err)
+		}
+		st.saves.Add(1)
+		state.tok, state.hasToken, state.found, state.badCookie, state.rotated = t, true, true, false, false
+		state.snapshot = make(map[string][]byte)
+		gs.saved(state, res, set, nil)
+		s.IsNew = false
+		s.ID = t.handle()
+		gs.setCookie(w, s.Name(), gs.st.encodeCookie(s.Name(), t, res.version), opts, gs.maxAge(opts, res.absolute, now))
+		return nil
+	}
+	return gs.saveError(errSessionCollision)
+}
+
+// changes compares Values with the snapshot: the encoded values to set and
+// the fields to delete.
+func (gs *GorillaStore) changes(s *sessions.Session, state *gorillaState) (map[string][]byte, map[string]struct{}, error) {
+	set := make(map[string][]byte)
+	seen := make(map[string]struct{}, len(s.Values))
+	for k, v := range s.Values {
+		key, ok := k.(string)
+		if !ok || checkValueKey(key) != nil {
+			return nil, nil, fmt.Errorf("%w: %#v", ErrGorillaValueKey, k)
+		}
+		f := "v:" + key
+		seen[f] = struct{}{}
+		b, err := (GobCodec{}).Marshal(v)
+		if err != nil {
+			return nil, nil, fmt.Errorf("redisecho: session: encode %q (%T): %w", key, v, err)
+		}
+		if old, ok := state.snapshot[f]; !ok || string(old) != string(b) {
+			set[f] = b
+		}
+	}
+	var del map[string]struct{}
+	for f := range state.snapshot {
+		if _, ok := seen[f]; !ok {
+			if del == nil {
+				del = make(map[string]struct{})
+			}
+			del[f] = struct{}{}
+		}
+	}
+	return set, del, nil
+}
+
+// saved records a successful save in state.
+func (gs *GorillaStore) saved(state *gorillaState, res saveResult, set map[string][]byte, del map[string]struct{}) {
+	for f, b := range set {
+		if strings.HasPrefix(f, "v:") {
+			state.snapshot[f] = b
+		}
+	}
+	for f := range del {
+		delete(state.snapshot, f)
+	}
+	state.version, state.absolute, state.remember = res.version, res.absolute, res.remember
+}
+
+// reset makes state a new session's, with no cookie of its own.
+func (gs *GorillaStore) reset(state *gorillaState, s *sessions.Session) {
+	state.tok, state.hasToken, state.badCookie, state.found, state.rotated = token{}, false, false, false, false
+	state.snapshot, state.version, state.absolute = nil, 0, time.Time{}
+	s.IsNew, s.ID = true, ""
+}
+
+// maxAge is the cookie's Max-Age for opts: MaxAge capped at the remaining
+// lifetime, 0 for a browser-session cookie.
+func (gs *GorillaStore) maxAge(opts *sessions.Options, absolute, now time.Time) int {
+	if opts.MaxAge <= 0 {
+		return 0
+	}
+	return min(opts.MaxAge, max(int(absolute.Sub(now).Round(time.Second)/time.Second), 1))
+}
+
+// setCookie sets the session cookie (maxAge < 0 clears it) with the
+// session's options over the store's defaults.
+func (gs *GorillaStore) setCookie(w http.ResponseWriter, name, value string, opts *sessions.Options, maxAge int) {
+	cfg := &gs.st.cfg
+	o := sessions.Options{
+		Path: cfg.CookiePath, Domain: cfg.CookieDomain, MaxAge: maxAge,
+		Secure: opts.Secure || !cfg.InsecureCookie, HttpOnly: true,
+		Partitioned: opts.Partitioned, SameSite: cfg.SameSite,
+	}
+	if opts.Path != "" {
+		o.Path = opts.Path
+	}
+	if opts.Domain != "" {
+		o.Domain = opts.Domain
+	}
+	if opts.SameSite != 0 {
+		o.SameSite = opts.SameSite
+	}
+	http.SetCookie(w, sessions.NewCookie(name, value, &o))
+	h := w.Header()
+	if !slices.Contains(h.Values(echo.HeaderVary), echo.HeaderCookie) {
+		h.Add(echo.HeaderVary, echo.HeaderCookie)
+	}
+	h.Set(echo.HeaderCacheControl, "no-store")
+}
+
+// stateOf returns the state of s, loaded by this store for r.
+func (gs *GorillaStore) stateOf(r *http.Request, s *sessions.Session) *gorillaState {
+	if s == nil {
+		return nil
+	}
+	states := gorillaStatesOf(r, false)
+	if states == nil {
+		return nil
+	}
+	states.mu.Lock()
+	defer states.mu.Unlock()
+	if state := states.m[s]; state != nil && state.store == gs {
+		return state
+	}
+	return nil
+}
+
+// saveError counts and logs a failed save and returns the error for the
+// handler: 413 for a session over MaxSize, 503 otherwise.
+func (gs *GorillaStore) saveError(err error) error {
+	gs.st.saveFailed(err)
+	if errors.Is(err, ErrSessionTooLarge) {
+		return &echo.HTTPError{Code: http.StatusRequestEntityTooLarge, Message: "session too large", Internal: ErrSessionTooLarge}
+	}
+	return unavailableError(err)
+}
+
+func unavailableError(cause error) error {
+	return &echo.HTTPError{
+		Code: http.StatusServiceUnavailable, Message: "session store unavailable",
+		Internal: fmt.Errorf("%w: %w", ErrSessionUnavailable, cause),
+	}
+}

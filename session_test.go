@@ -16,8 +16,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/labstack/echo/v4/middleware"
+	"encoding/gob"
+	"errors"
+
+	"github.com/gorilla/sessions"
+	"github.com/labstack/echo-contrib/session"
 	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -361,11 +366,11 @@ func TestSessionBadCookies(t *testing.T) {
 			{name: "tampered mac", given: parts[0] + "." + parts[1] + "." + parts[2] + "." + strings.Repeat("A", 22)},
 			{name: "tampered secret", given: parts[0] + "." + strings.Repeat("B", 43) + "." + parts[2] + "." + parts[3]},
 			{name: "tampered version", given: parts[0] + "." + parts[1] + ".99." + parts[3]},
-			{name: "signed by a key not in the ring", given: foreign.encodeCookie(tok, 1)},
-			{name: "unknown session", given: app.store.encodeCookie(newToken(""), 1)},
+			{name: "signed by a key not in the ring", given: foreign.encodeCookie(DefaultSessionCookie, tok, 1)},
+			{name: "unknown session", given: app.store.encodeCookie(DefaultSessionCookie, newToken(""), 1)},
 			{name: "negative version", given: func() string {
 				p := tok.tag + "." + tok.secret + ".-1"
-				return p + "." + app.store.mac(app.store.keys[0], p)
+				return p + "." + app.store.mac(app.store.keys[0], DefaultSessionCookie, p)
 			}()},
 			{name: "braces and dots", given: "{a}.{b}.{c}.{d}"},
 		}
@@ -407,7 +412,7 @@ func TestSessionKeyRotation(t *testing.T) {
 		require.True(t, found)
 		require.Equal(t, "1", v)
 		require.Contains(t, rep.header.Get("Set-Cookie"), "sessionId=", "re-signed with the newest key")
-		_, _, wasRotated, ok := rotated.store.decodeCookie(b.cookie(rotated))
+		_, _, wasRotated, ok := rotated.store.decodeCookie(DefaultSessionCookie, b.cookie(rotated))
 		require.True(t, ok)
 		require.False(t, wasRotated)
 		// Once the old key is retired, the re-signed cookie still works.
@@ -585,7 +590,7 @@ func TestSessionRedisTTLFollowsTimeouts(t *testing.T) {
 		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.IdleTimeout = time.Hour })
 		b := newBrowser(t)
 		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
-		tok, _, _, ok := app.store.decodeCookie(b.cookie(app))
+		tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
 		require.True(t, ok)
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
@@ -612,13 +617,13 @@ func TestSessionRegenerate(t *testing.T) {
 		b := newBrowser(t)
 		require.Equal(t, http.StatusOK, b.post(app, "/set?k=cart&v=3%20items").code)
 		before := b.cookie(app)
-		oldTok, _, _, _ := app.store.decodeCookie(before)
+		oldTok, _, _, _ := app.store.decodeCookie(DefaultSessionCookie, before)
 
 		clock.Advance(time.Hour)
 		rep := b.post(app, "/regenerate")
 		require.Equal(t, http.StatusNoContent, rep.code)
 		after := b.cookie(app)
-		newTok, _, _, _ := app.store.decodeCookie(after)
+		newTok, _, _, _ := app.store.decodeCookie(DefaultSessionCookie, after)
 		require.NotEqual(t, oldTok.secret, newTok.secret, "a new ID")
 		require.Equal(t, oldTok.tag, newTok.tag, "the slot tag survives, so the rename stays in one slot")
 		require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=82800", "the absolute lifetime does not restart")
@@ -868,7 +873,7 @@ func TestSessionBreakerOpen(t *testing.T) {
 		for _, scope := range []string{"redis", "cluster"} {
 			br.record(br.node(scope), unhealthy)
 		}
-		tok, _, _, _ := app.store.decodeCookie(b.cookie(app))
+		tok, _, _, _ := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
 		br.record(br.node(app.store.b.scope(app.store.key(tok))), unhealthy)
 		rep := b.get(app, "/get?k=n")
 		require.Equal(t, http.StatusServiceUnavailable, rep.code)
@@ -1051,7 +1056,7 @@ func TestSessionInvalidationWindow(t *testing.T) {
 			b := newBrowser(t)
 			user := fmt.Sprint("u", i)
 			require.Equal(t, http.StatusOK, b.post(a, "/login?user="+user).code)
-			tok, v, _, ok := a.store.decodeCookie(b.cookie(a))
+			tok, v, _, ok := a.store.decodeCookie(DefaultSessionCookie, b.cookie(a))
 			require.True(t, ok)
 			// Warm instance A's local cache.
 			for range 3 {
@@ -1113,4 +1118,649 @@ func TestSessionValueKeysAreValidated(t *testing.T) {
 		require.Equal(t, http.StatusNoContent, b.post(app, "/").code)
 		require.Equal(t, http.StatusNoContent, b.get(app, "/").code, "metadata fields are not clobbered by look-alike keys")
 	})
+}
+
+// ---- gorilla/sessions compatibility (echo-contrib/session) ----
+
+// gorillaTestProfile is a custom type stored through gob, registered as a
+// gorilla application would.
+type gorillaTestProfile struct {
+	Name  string
+	Roles []string
+}
+
+func init() { gob.Register(gorillaTestProfile{}) }
+
+// gorillaApp is one application instance written for echo-contrib/session,
+// with the gorilla store as its only redisecho-specific line, plus routes
+// under /s that use the Session middleware on the same store.
+type gorillaApp struct {
+	*sessionApp
+	gstore *GorillaStore
+	name   string // the session name the /g routes pass to session.Get
+}
+
+func newGorillaApp(t *testing.T, r *testRedis, client rueidis.Client, name string, mod func(*SessionConfig)) *gorillaApp {
+	t.Helper()
+	cfg := SessionConfig{Client: client, Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}}
+	if mod != nil {
+		mod(&cfg)
+	}
+	store, err := NewSessionStore(cfg)
+	require.NoError(t, err)
+	gstore := NewGorillaStore(store)
+	e := echo.New()
+	e.HideBanner = true
+
+	// The application as written for echo-contrib/session.
+	g := e.Group("/g", session.Middleware(gstore))
+	get := func(c echo.Context) (*sessions.Session, error) {
+		if n := c.QueryParam("name"); n != "" {
+			return session.Get(n, c)
+		}
+		return session.Get(name, c)
+	}
+	g.POST("/login", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		sess.Options = &sessions.Options{Path: "/", MaxAge: 86400 * 7, HttpOnly: true}
+		sess.Values["userId"] = 42
+		sess.Values["name"] = "alice"
+		sess.Values["profile"] = gorillaTestProfile{Name: "Alice", Roles: []string{"admin"}}
+		sess.Values["score"] = 2.5
+		sess.Values["admin"] = true
+		if err := sess.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.JSON(http.StatusOK, map[string]string{"message": "Login successful"})
+	})
+	g.GET("/me", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		userID, ok := sess.Values["userId"].(int)
+		name, _ := sess.Values["name"].(string)
+		profile, _ := sess.Values["profile"].(gorillaTestProfile)
+		score, _ := sess.Values["score"].(float64)
+		admin, _ := sess.Values["admin"].(bool)
+		return c.JSON(http.StatusOK, map[string]any{
+			"userId": userID, "isInt": ok, "name": name, "profile": profile, "score": score, "admin": admin,
+			"isNew": sess.IsNew, "id": sess.ID, "count": len(sess.Values),
+		})
+	})
+	g.GET("/all", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		out := map[string]string{}
+		for k, v := range sess.Values {
+			out[fmt.Sprint(k)] = fmt.Sprintf("%T:%v", v, v)
+		}
+		return c.JSON(http.StatusOK, out)
+	})
+	g.POST("/set", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		sess.Values[c.QueryParam("k")] = c.QueryParam("v")
+		if err := sess.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.JSON(http.StatusOK, map[string]string{"ok": "yes"})
+	})
+	g.POST("/delete", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		delete(sess.Values, c.QueryParam("k"))
+		if err := sess.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.NoContent(http.StatusNoContent)
+	})
+	g.POST("/logout", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		sess.Options.MaxAge = -1
+		if err := sess.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.NoContent(http.StatusNoContent)
+	})
+	g.POST("/flash", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		sess.AddFlash(c.QueryParam("v"))
+		if err := sess.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.NoContent(http.StatusNoContent)
+	})
+	g.GET("/flash", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		flashes := sess.Flashes()
+		if err := sess.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.JSON(http.StatusOK, map[string]any{"flashes": flashes})
+	})
+	g.POST("/bad-key", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		sess.Values[7] = "seven"
+		sess.Values["fine"] = "ok"
+		err = sess.Save(c.Request(), c.Response())
+		require.ErrorIs(t, err, ErrGorillaValueKey)
+		return c.NoContent(http.StatusBadRequest)
+	})
+	g.POST("/unregistered", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		sess.Values["m"] = map[string]int{"a": 1} // not gob-registered
+		err = sess.Save(c.Request(), c.Response())
+		require.Error(t, err)
+		return c.NoContent(http.StatusBadRequest)
+	})
+	g.POST("/late", func(c echo.Context) error {
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		require.NoError(t, c.String(http.StatusOK, "done"))
+		sess.Values["late"] = "x"
+		require.ErrorIs(t, sess.Save(c.Request(), c.Response()), ErrSessionCommitted)
+		return nil
+	})
+	g.POST("/gone", func(c echo.Context) error { // the session ends between Get and Save
+		sess, err := get(c)
+		if err != nil {
+			return err
+		}
+		n, err := store.DestroyUserSessions(c.Request().Context(), c.QueryParam("user"))
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		sess.Values["theme"] = "dark"
+		if err := sess.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.JSON(http.StatusOK, map[string]any{"count": len(sess.Values), "isNew": sess.IsNew})
+	})
+	g.POST("/two", func(c echo.Context) error { // two named sessions in one request
+		a, err := session.Get("first", c)
+		if err != nil {
+			return err
+		}
+		b, err := session.Get("second", c)
+		if err != nil {
+			return err
+		}
+		a.Values["which"], b.Values["which"] = "first", "second"
+		if err := sessions.Save(c.Request(), c.Response()); err != nil {
+			return err
+		}
+		return c.NoContent(http.StatusNoContent)
+	})
+	g.GET("/two", func(c echo.Context) error {
+		a, err := session.Get("first", c)
+		if err != nil {
+			return err
+		}
+		b, err := session.Get("second", c)
+		if err != nil {
+			return err
+		}
+		return c.JSON(http.StatusOK, map[string]any{"first": a.Values["which"], "second": b.Values["which"]})
+	})
+
+	// The same store through the Session middleware.
+	s := e.Group("/s", store.Middleware())
+	sess := func(c echo.Context) *SessionState {
+		st, err := GetSession(c)
+		require.NoError(t, err)
+		return st
+	}
+	s.GET("/get", func(c echo.Context) error {
+		var v any
+		ok, err := sess(c).Get(c.QueryParam("k"), &v)
+		if err != nil {
+			return c.JSON(http.StatusOK, map[string]any{"found": ok, "decodeError": true})
+		}
+		return c.JSON(http.StatusOK, map[string]any{"found": ok, "value": v, "type": fmt.Sprintf("%T", v)})
+	})
+	s.GET("/int", func(c echo.Context) error {
+		n, ok := sess(c).GetInt(c.QueryParam("k"))
+		return c.JSON(http.StatusOK, map[string]any{"found": ok, "value": n, "handle": sess(c).Handle()})
+	})
+	s.POST("/set", func(c echo.Context) error {
+		if err := sess(c).Set(c.QueryParam("k"), c.QueryParam("v")); err != nil {
+			return err
+		}
+		return c.NoContent(http.StatusNoContent)
+	})
+	s.POST("/bind", func(c echo.Context) error {
+		if err := sess(c).SetUserID(c.QueryParam("user")); err != nil {
+			return err
+		}
+		return c.NoContent(http.StatusNoContent)
+	})
+
+	srv := httptest.NewServer(e)
+	t.Cleanup(srv.Close)
+	return &gorillaApp{sessionApp: &sessionApp{store: store, srv: srv}, gstore: gstore, name: name}
+}
+
+// cookieOf returns the browser's cookie named name for app, or "".
+func cookieOf(b *browser, app *gorillaApp, name string) string {
+	u, _ := url.Parse(app.srv.URL)
+	u.Scheme = "https"
+	for _, c := range b.jar.Cookies(u) {
+		if c.Name == name {
+			return c.Value
+		}
+	}
+	return ""
+}
+
+func setCookieOf(b *browser, app *gorillaApp, name, value string) {
+	u, _ := url.Parse(app.srv.URL)
+	u.Scheme = "https"
+	b.jar.SetCookies(u, []*http.Cookie{{Name: name, Value: value, Path: "/"}})
+}
+
+func jsonOf(t *testing.T, rep reply) map[string]any {
+	t.Helper()
+	require.Equal(t, http.StatusOK, rep.code, rep.body)
+	var out map[string]any
+	require.NoError(t, json.Unmarshal([]byte(rep.body), &out), rep.body)
+	return out
+}
+
+// hashOf returns the Redis hash of the session in cookie value v of app's
+// session named name.
+func hashOf(t *testing.T, c rueidis.Client, app *gorillaApp, name, v string) map[string]string {
+	t.Helper()
+	tok, _, _, ok := app.gstore.st.decodeCookie(name, v)
+	require.True(t, ok)
+	m, err := c.Do(context.Background(), c.B().Hgetall().Key(app.store.key(tok)).Build()).AsStrMap()
+	require.NoError(t, err)
+	return m
+}
+
+// TestGorillaStoreRoundTripsTypes: values set through echo-contrib/session
+// come back with their Go types in the next request, on another instance
+// too, in the SessionStore's hash layout and cookie format.
+func TestGorillaStoreRoundTripsTypes(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newGorillaApp(t, r, c, "session", nil)
+		other := newGorillaApp(t, r, r.Client(), "session", nil)
+		b := newBrowser(t)
+
+		me := jsonOf(t, b.get(app.sessionApp, "/g/me"))
+		require.Equal(t, true, me["isNew"])
+		require.Zero(t, countKeys(t, r, c), "reading a new session stores nothing")
+
+		rep := b.post(app.sessionApp, "/g/login")
+		require.Equal(t, http.StatusOK, rep.code, rep.body)
+		setCookie := rep.header.Get("Set-Cookie")
+		require.True(t, strings.HasPrefix(setCookie, "session="), setCookie)
+		for _, attr := range []string{"HttpOnly", "Secure", "SameSite=Lax", "Path=/", "Max-Age=86400"} {
+			require.Contains(t, setCookie, attr, "library defaults kept; Max-Age capped at the Lifetime")
+		}
+		require.Contains(t, rep.header.Values("Vary"), "Cookie")
+		require.Equal(t, "no-store", rep.header.Get("Cache-Control"))
+		require.Equal(t, 1, countKeys(t, r, c))
+
+		want := map[string]any{
+			"userId": float64(42), "isInt": true, "name": "alice", "score": 2.5, "admin": true,
+			"profile": map[string]any{"Name": "Alice", "Roles": []any{"admin"}}, "isNew": false, "count": float64(5),
+		}
+		for _, a := range []*gorillaApp{app, other} {
+			me = jsonOf(t, b.get(a.sessionApp, "/g/me"))
+			for k, v := range want {
+				require.Equal(t, v, me[k], k)
+			}
+			require.Empty(t, b.get(a.sessionApp, "/g/me").header.Values("Set-Cookie"), "a read sets no cookie")
+		}
+
+		// The SessionStore's layout: values under "v:", gob-encoded.
+		cookie := cookieOf(b, app, "session")
+		require.Len(t, strings.Split(cookie, "."), 4)
+		h := hashOf(t, c, app, "session", cookie)
+		var n any
+		require.NoError(t, GobCodec{}.Unmarshal([]byte(h["v:userId"]), &n))
+		require.Equal(t, 42, n)
+		for _, f := range []string{fVersion, fCreated, fAbsolute, fSeen, fSize, fRemember} {
+			require.Contains(t, h, f)
+		}
+		require.Equal(t, "1", h[fRemember])
+		require.Equal(t, me["id"], func() string { tok, _, _, _ := app.gstore.st.decodeCookie("session", cookie); return tok.handle() }())
+
+		// Changing one value rewrites that field only, and deleting works.
+		require.Equal(t, http.StatusOK, b.post(other.sessionApp, "/g/set?k=name&v=bob").code)
+		require.Equal(t, http.StatusNoContent, b.post(app.sessionApp, "/g/delete?k=admin").code)
+		all := jsonOf(t, b.get(app.sessionApp, "/g/all"))
+		require.Equal(t, map[string]any{
+			"userId": "int:42", "name": "string:bob", "score": "float64:2.5",
+			"profile": "redisecho.gorillaTestProfile:{Alice [admin]}",
+		}, all)
+
+		// Flashes are read once.
+		require.Equal(t, http.StatusNoContent, b.post(app.sessionApp, "/g/flash?v=saved").code)
+		require.Equal(t, map[string]any{"flashes": []any{"saved"}}, jsonOf(t, b.get(other.sessionApp, "/g/flash")))
+		require.Equal(t, map[string]any{"flashes": nil}, jsonOf(t, b.get(app.sessionApp, "/g/flash")))
+
+		// Refused values: nothing is written.
+		before := hashOf(t, c, app, "session", cookieOf(b, app, "session"))
+		require.Equal(t, http.StatusBadRequest, b.post(app.sessionApp, "/g/bad-key").code)
+		require.Equal(t, http.StatusBadRequest, b.post(app.sessionApp, "/g/unregistered").code)
+		require.Equal(t, before, hashOf(t, c, app, "session", cookieOf(b, app, "session")))
+
+		// A save after the response started is refused.
+		require.Equal(t, http.StatusOK, b.post(app.sessionApp, "/g/late").code)
+		require.NotContains(t, jsonOf(t, b.get(app.sessionApp, "/g/all")), "late")
+	})
+}
+
+// TestGorillaStoreConcurrentChangesKeepEveryValue: requests changing
+// different values of one session at the same time, on two instances, all
+// keep their change, deletions included.
+func TestGorillaStoreConcurrentChangesKeepEveryValue(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		apps := []*gorillaApp{
+			newGorillaApp(t, r, r.Client(), "session", nil),
+			newGorillaApp(t, r, r.Client(), "session", nil),
+		}
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(apps[0].sessionApp, "/g/set?k=seed&v=0").code)
+		require.Equal(t, http.StatusOK, b.post(apps[0].sessionApp, "/g/set?k=doomed&v=1").code)
+		cookie := cookieOf(b, apps[0], "session")
+		const n = 40
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				tab := newBrowser(t)
+				app := apps[i%2]
+				setCookieOf(tab, app, "session", cookie)
+				rep := tab.post(app.sessionApp, fmt.Sprintf("/g/set?k=k%d&v=%d", i, i))
+				assert.Equal(t, http.StatusOK, rep.code, rep.body)
+			})
+		}
+		wg.Go(func() {
+			tab := newBrowser(t)
+			setCookieOf(tab, apps[1], "session", cookie)
+			assert.Equal(t, http.StatusNoContent, tab.post(apps[1].sessionApp, "/g/delete?k=doomed").code)
+		})
+		wg.Wait()
+		all := jsonOf(t, b.get(apps[0].sessionApp, "/g/all"))
+		for i := range n {
+			require.Equal(t, "string:"+strconv.Itoa(i), all[fmt.Sprintf("k%d", i)], "value k%d was lost", i)
+		}
+		require.Equal(t, "string:0", all["seed"])
+		require.NotContains(t, all, "doomed")
+		require.Len(t, all, n+1)
+	})
+}
+
+// TestGorillaStoreMaxAgeDeletes: Options.MaxAge -1 deletes the session from
+// Redis and clears the cookie; the old cookie no longer opens anything.
+func TestGorillaStoreMaxAgeDeletes(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newGorillaApp(t, r, c, "session", nil)
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app.sessionApp, "/g/login").code)
+		old := cookieOf(b, app, "session")
+		require.Equal(t, 1, countKeys(t, r, c))
+
+		rep := b.post(app.sessionApp, "/g/logout")
+		require.Equal(t, http.StatusNoContent, rep.code)
+		require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+		require.Contains(t, rep.header.Values("Vary"), "Cookie")
+		require.Equal(t, "no-store", rep.header.Get("Cache-Control"))
+		require.Zero(t, countKeys(t, r, c), "the session's key is gone")
+		require.Empty(t, cookieOf(b, app, "session"), "the cookie is cleared")
+
+		me := jsonOf(t, b.get(app.sessionApp, "/g/me"))
+		require.Equal(t, true, me["isNew"])
+		require.Equal(t, false, me["isInt"])
+
+		replay := newBrowser(t)
+		setCookieOf(replay, app, "session", old)
+		me = jsonOf(t, replay.get(app.sessionApp, "/g/me"))
+		require.Equal(t, true, me["isNew"], "the old cookie opens nothing")
+		require.Equal(t, float64(0), me["count"])
+	})
+}
+
+// TestGorillaStoreBadCookies: malformed, tampered, foreign or unknown
+// cookies give a fresh, usable session through session.Get, never an error
+// (which the handlers would turn into a 500).
+func TestGorillaStoreBadCookies(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newGorillaApp(t, r, c, "session", nil)
+		owner := newBrowser(t)
+		require.Equal(t, http.StatusOK, owner.post(app.sessionApp, "/g/login").code)
+		good := cookieOf(owner, app, "session")
+		parts := strings.Split(good, ".")
+		require.Len(t, parts, 4)
+		tok := token{tag: parts[0], secret: parts[1]}
+		foreign := NewGorillaStore(func() *SessionStore {
+			st, err := NewSessionStore(SessionConfig{Client: c, Keys: []string{strings.Repeat("z", 32)}})
+			require.NoError(t, err)
+			return st
+		}())
+
+		tests := []struct{ name, given string }{
+			{"garbage", "not-a-session"},
+			{"too long", strings.Repeat("a", 5000)},
+			{"tampered mac", parts[0] + "." + parts[1] + "." + parts[2] + "." + strings.Repeat("A", 22)},
+			{"tampered secret", parts[0] + "." + strings.Repeat("B", 43) + "." + parts[2] + "." + parts[3]},
+			{"tampered version", parts[0] + "." + parts[1] + ".99." + parts[3]},
+			{"signed by a key not in the ring", foreign.st.encodeCookie("session", tok, 1)},
+			{"signed for another cookie name", app.gstore.st.encodeCookie("other", tok, 1)},
+			{"the middleware's cookie for this session", app.store.encodeCookie(app.store.cfg.CookieName, tok, 1)},
+			{"unknown session", app.gstore.st.encodeCookie("session", newToken(""), 1)},
+			{"braces and dots", "{a}.{b}.{c}.{d}"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				b := newBrowser(t)
+				setCookieOf(b, app, "session", tt.given)
+				me := jsonOf(t, b.get(app.sessionApp, "/g/me"))
+				require.Equal(t, true, me["isNew"], "a bad cookie never reaches another session")
+				require.Equal(t, false, me["isInt"])
+				rep := b.post(app.sessionApp, "/g/set?k=x&v=y")
+				require.Equal(t, http.StatusOK, rep.code, "a bad cookie is replaced by a new session")
+				require.NotEqual(t, tt.given, cookieOf(b, app, "session"))
+				require.Equal(t, map[string]any{"x": "string:y"}, jsonOf(t, b.get(app.sessionApp, "/g/all")))
+			})
+		}
+		// A dead cookie is cleared by the next save even when it stores nothing.
+		b := newBrowser(t)
+		setCookieOf(b, app, "session", "not-a-session")
+		rep := b.post(app.sessionApp, "/g/delete?k=nothing")
+		require.Equal(t, http.StatusNoContent, rep.code)
+		require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+
+		me := jsonOf(t, owner.get(app.sessionApp, "/g/me"))
+		require.Equal(t, float64(42), me["userId"], "the owner's session is untouched")
+	})
+}
+
+// TestGorillaStoreNamesAndRotation: each session name is its own cookie and
+// session; a cookie signed by an older key of the ring works and is re-signed
+// by the next save.
+func TestGorillaStoreNamesAndRotation(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		old := newGorillaApp(t, r, c, "session", func(cfg *SessionConfig) { cfg.Keys = []string{testOldKey} })
+		b := newBrowser(t)
+		require.Equal(t, http.StatusNoContent, b.post(old.sessionApp, "/g/two").code)
+		first, second := cookieOf(b, old, "first"), cookieOf(b, old, "second")
+		require.NotEmpty(t, first)
+		require.NotEmpty(t, second)
+		require.Equal(t, 2, countKeys(t, r, c), "two sessions")
+		require.Equal(t, map[string]any{"first": "first", "second": "second"}, jsonOf(t, b.get(old.sessionApp, "/g/two")))
+
+		rotated := newGorillaApp(t, r, c, "session", func(cfg *SessionConfig) { cfg.Keys = []string{testKey, testOldKey} })
+		setCookieOf(b, rotated, "first", first)
+		setCookieOf(b, rotated, "second", second)
+		require.Equal(t, map[string]any{"first": "first", "second": "second"}, jsonOf(t, b.get(rotated.sessionApp, "/g/two")))
+		// A save with no change re-signs the cookie with the newest key.
+		rep := b.post(rotated.sessionApp, "/g/delete?name=first&k=none")
+		require.Equal(t, http.StatusNoContent, rep.code)
+		require.Contains(t, rep.header.Get("Set-Cookie"), "first=")
+		resigned := cookieOf(b, rotated, "first")
+		require.NotEqual(t, first, resigned)
+		_, _, wasRotated, ok := rotated.gstore.st.decodeCookie("first", resigned)
+		require.True(t, ok)
+		require.False(t, wasRotated)
+
+		newOnly := newGorillaApp(t, r, c, "session", nil)
+		setCookieOf(b, newOnly, "first", resigned)
+		setCookieOf(b, newOnly, "second", second)
+		require.Equal(t, map[string]any{"first": "first", "second": nil}, jsonOf(t, b.get(newOnly.sessionApp, "/g/two")),
+			"the re-signed cookie works; one signed by a retired key opens nothing")
+	})
+}
+
+// TestGorillaStoreSessionEndedDuringRequest: a session destroyed between
+// Get and Save ("log out everywhere" in another request) is not brought
+// back: only this request's change goes to a new session.
+func TestGorillaStoreSessionEndedDuringRequest(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newGorillaApp(t, r, c, DefaultSessionCookie, nil)
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app.sessionApp, "/g/login").code)
+		require.Equal(t, http.StatusNoContent, b.post(app.sessionApp, "/s/bind?user=u1").code)
+		old := cookieOf(b, app, DefaultSessionCookie)
+		out := jsonOf(t, b.post(app.sessionApp, "/g/gone?user=u1"))
+		require.Equal(t, float64(1), out["count"], "the other values were dropped")
+		require.Equal(t, false, out["isNew"])
+		require.NotEqual(t, old, cookieOf(b, app, DefaultSessionCookie))
+		require.Equal(t, map[string]any{"theme": "string:dark"}, jsonOf(t, b.get(app.sessionApp, "/g/all")))
+		require.Equal(t, 1, countKeys(t, r, c), "only the new session (the user index went with the old one)")
+	})
+}
+
+// TestGorillaStoreInterop: the gorilla store and the Session middleware share
+// storage and cookie (for the configured cookie name). With GobCodec both
+// read each other's values; with the default JSONCodec each reads only the
+// values written with its codec, and neither destroys the other's.
+func TestGorillaStoreInterop(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		t.Run("gob codec", func(t *testing.T) {
+			app := newGorillaApp(t, r, r.Client(), DefaultSessionCookie, func(cfg *SessionConfig) { cfg.Codec = GobCodec{} })
+			b := newBrowser(t)
+			require.Equal(t, http.StatusOK, b.post(app.sessionApp, "/g/login").code)
+			got := jsonOf(t, b.get(app.sessionApp, "/s/int?k=userId"))
+			require.Equal(t, true, got["found"])
+			require.Equal(t, float64(42), got["value"])
+			me := jsonOf(t, b.get(app.sessionApp, "/g/me"))
+			require.Equal(t, me["id"], got["handle"], "the same session")
+
+			require.Equal(t, http.StatusNoContent, b.post(app.sessionApp, "/s/set?k=name&v=bob").code)
+			me = jsonOf(t, b.get(app.sessionApp, "/g/me"))
+			require.Equal(t, "bob", me["name"])
+			require.Equal(t, float64(42), me["userId"])
+		})
+		t.Run("json codec", func(t *testing.T) {
+			app := newGorillaApp(t, r, r.Client(), DefaultSessionCookie, nil)
+			b := newBrowser(t)
+			require.Equal(t, http.StatusOK, b.post(app.sessionApp, "/g/login").code)
+			got := jsonOf(t, b.get(app.sessionApp, "/s/get?k=userId"))
+			require.Equal(t, true, got["found"], "same session, same field")
+			require.Equal(t, true, got["decodeError"], "but gob bytes are not JSON")
+
+			require.Equal(t, http.StatusNoContent, b.post(app.sessionApp, "/s/set?k=theme&v=dark").code)
+			all := jsonOf(t, b.get(app.sessionApp, "/g/all"))
+			require.NotContains(t, all, "theme", "a JSON value is not shown to gorilla")
+			require.Equal(t, "int:42", all["userId"])
+			require.Equal(t, http.StatusOK, b.post(app.sessionApp, "/g/set?k=name&v=bob").code)
+			got = jsonOf(t, b.get(app.sessionApp, "/s/get?k=theme"))
+			require.Equal(t, "dark", got["value"], "and a gorilla save leaves it alone")
+		})
+	})
+}
+
+// TestGorillaStoreRedisDown: with Redis stopped, session.Get and Save return
+// an error that Echo answers with 503 and no internal text; with Degrade,
+// handlers get an empty session that is never saved.
+func TestGorillaStoreRedisDown(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		app := newGorillaApp(t, f.testRedis, f.Client(), "session", func(cfg *SessionConfig) { cfg.Timeout = 200 * time.Millisecond })
+		degraded := newGorillaApp(t, f.testRedis, f.Client(), "session", func(cfg *SessionConfig) {
+			cfg.Timeout = 200 * time.Millisecond
+			cfg.Degrade = true
+		})
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app.sessionApp, "/g/login").code)
+		setCookieOf(b, degraded, "session", cookieOf(b, app, "session"))
+		fresh := newBrowser(t)
+
+		f.Stop(t)
+		for _, rep := range []reply{b.get(app.sessionApp, "/g/me"), b.post(app.sessionApp, "/g/set?k=n&v=2"), fresh.post(app.sessionApp, "/g/set?k=n&v=1")} {
+			require.Equal(t, http.StatusServiceUnavailable, rep.code, rep.body)
+			require.JSONEq(t, `{"message":"session store unavailable"}`, rep.body)
+			require.Empty(t, rep.header.Values("Set-Cookie"))
+		}
+		me := jsonOf(t, fresh.get(app.sessionApp, "/g/me"))
+		require.Equal(t, true, me["isNew"], "reading without a cookie needs no Redis")
+
+		me = jsonOf(t, b.get(degraded.sessionApp, "/g/me"))
+		require.Equal(t, true, me["isNew"])
+		rep := b.post(degraded.sessionApp, "/g/set?k=n&v=3")
+		require.Equal(t, http.StatusOK, rep.code)
+		require.Empty(t, rep.header.Values("Set-Cookie"), "a degraded session is never saved")
+
+		f.Start(t) // a restarted test server has lost its data
+		require.Eventually(t, func() bool { return fresh.post(app.sessionApp, "/g/login").code == http.StatusOK },
+			20*time.Second, 50*time.Millisecond, "sessions work again once Redis is back")
+		me = jsonOf(t, fresh.get(app.sessionApp, "/g/me"))
+		require.Equal(t, float64(42), me["userId"])
+		me = jsonOf(t, b.get(app.sessionApp, "/g/me"))
+		require.Equal(t, true, me["isNew"], "a session lost with the server's data is a new one, not an error")
+	})
+}
+
+// TestGorillaStoreErrors: misuse is reported, not panicked on.
+func TestGorillaStoreErrors(t *testing.T) {
+	r := newTestRedis(t, "standalone", standaloneRedis.addrs)
+	st, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+	require.NoError(t, err)
+	gs := NewGorillaStore(st)
+	req := httptest.NewRequest(http.MethodGet, "/", nil)
+	s := sessions.NewSession(gs, "session")
+	require.ErrorIs(t, gs.Save(req, httptest.NewRecorder(), s), ErrGorillaSessionUnknown)
+	s, err = gs.New(req, "bad name")
+	require.Error(t, err)
+	require.NotNil(t, s, "never a nil session")
+	s, err = gs.Get(req, "session")
+	require.NoError(t, err)
+	require.True(t, s.IsNew)
+	other := httptest.NewRequest(http.MethodGet, "/", nil)
+	require.ErrorIs(t, gs.Save(other, httptest.NewRecorder(), s), ErrGorillaSessionUnknown)
+	var he *echo.HTTPError
+	require.False(t, errors.As(ErrGorillaSessionUnknown, &he))
 }

@@ -174,6 +174,12 @@ func (tp *topology) waitClusterOK(within time.Duration) error {
 				ok, last = false, fmt.Sprintf("%s: %v %s", s.addr(), err, info)
 				break
 			}
+			// Every node must also map every slot to a master with a known
+			// address, or a client's first topology read may find holes.
+			if covered, err := tp.slotsCovered(s.addr()); err != nil || !covered {
+				ok, last = false, fmt.Sprintf("%s: CLUSTER SLOTS incomplete (%v)", s.addr(), err)
+				break
+			}
 		}
 		if ok {
 			return nil
@@ -183,6 +189,40 @@ func (tp *topology) waitClusterOK(within time.Duration) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// slotsCovered reports whether CLUSTER SLOTS on addr maps all 16384 slots
+// to masters of this topology.
+func (tp *topology) slotsCovered(addr string) (bool, error) {
+	reply, err := respDo(addr, time.Second, "CLUSTER", "SLOTS")
+	if err != nil {
+		return false, err
+	}
+	ranges, _ := reply.([]any)
+	ports := map[string]bool{}
+	for _, s := range tp.servers {
+		ports[strconv.Itoa(s.port)] = true
+	}
+	total := 0
+	for _, r := range ranges {
+		f, _ := r.([]any)
+		if len(f) < 3 {
+			return false, nil
+		}
+		lo, _ := f[0].(int64)
+		hi, _ := f[1].(int64)
+		node, _ := f[2].([]any)
+		if len(node) < 2 {
+			return false, nil
+		}
+		host, _ := node[0].(string)
+		port, _ := node[1].(int64)
+		if host == "" || !ports[strconv.FormatInt(port, 10)] {
+			return false, nil
+		}
+		total += int(hi-lo) + 1
+	}
+	return total == 16384, nil
 }
 
 func (tp *topology) stop() {

@@ -512,6 +512,7 @@ type clientState struct {
 	breaker *Breaker
 
 	slots       atomic.Pointer[[16384]string] // master address per slot
+	slotsErr    atomic.Pointer[error]         // the last refresh's error
 	refreshing  atomic.Bool
 	lastRefresh atomic.Int64
 
@@ -569,6 +570,7 @@ func (s *clientState) refreshSlots(client rueidis.Client, timeout time.Duration)
 		defer cancel()
 		ranges, err := client.Do(ctx, client.B().ClusterSlots().Build()).ToArray()
 		if err != nil {
+			s.slotsErr.Store(&err)
 			return
 		}
 		var m [16384]string

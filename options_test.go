@@ -235,7 +235,18 @@ func faultBackendTimeout(t *testing.T, f *faultRedis, clock *fakeClock, timeout 
 // waitSlotMap waits until the backend resolves key to a node address, which
 // on a cluster needs the slot map that loads in the background.
 func waitSlotMap(t *testing.T, b *backend, key string) string {
-	require.Eventually(t, func() bool { return b.scope(key) != "cluster" }, 10*time.Second, 10*time.Millisecond)
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for b.scope(key) == "cluster" {
+		if time.Now().After(deadline) {
+			var err any = "no error recorded"
+			if e := b.shared.slotsErr.Load(); e != nil {
+				err = *e
+			}
+			t.Fatalf("the cluster's slot map never loaded: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	return b.scope(key)
 }
 

@@ -476,7 +476,7 @@ func TestSessionReadYourWritesAcrossInstances(t *testing.T) {
 		for _, a := range apps {
 			b.setCookie(a, b.cookie(apps[0]))
 		}
-		const rounds = 1500
+		const rounds = 2000
 		stale := 0
 		for i := range rounds {
 			w, rd := apps[i%2], apps[(i+1)%2]

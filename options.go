@@ -176,6 +176,32 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 	return res
 }
 
+// DoMultiCache sends cmds through client-side caching under one deadline,
+// like DoCache. The breaker scope is key's node; the commands may live on
+// other nodes (rueidis routes each by its own key).
+func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.CacheableTTL) []rueidis.RedisResult {
+	b.shared.checkCache(b.client, b.log, b.timeout)
+	n := b.breaker.node(b.scope(key))
+	if !b.breaker.allow(n) {
+		n.rejected.Add(1)
+		res := make([]rueidis.RedisResult, len(cmds))
+		for i := range res {
+			res[i] = rueidis.NewErrorResult(ErrBreakerOpen)
+		}
+		return res
+	}
+	res := b.client.DoMultiCache(b.deadline.get(b.timeout), cmds...)
+	var err error
+	for _, r := range res {
+		if e := r.Error(); e != nil && !rueidis.IsRedisNil(e) {
+			err = e
+			break
+		}
+	}
+	b.breaker.record(n, classify(ctx, err))
+	return res
+}
+
 // sharedDeadline hands out a context whose deadline lies between 49/50 and
 // 50/50 of a timeout from now, renewing it when it gets older than 1/50.
 type sharedDeadline struct {
@@ -515,6 +541,8 @@ type clientState struct {
 	slotsErr    atomic.Pointer[error]         // the last refresh's error
 	refreshing  atomic.Bool
 	lastRefresh atomic.Int64
+
+	caches sync.Map // key prefix -> *cacheLocal
 
 	cacheOnce sync.Once
 	// cacheOff is set when the check found that DoCache is a plain round trip.

@@ -70,14 +70,14 @@ var (
 	ErrSessionUnavailable = errors.New("redisecho: session: store unavailable")
 )
 
-// SessionCodec encodes session values. Each value is encoded on its own, so
-// one request can change one value without rewriting the others.
-type SessionCodec interface {
+// Codec encodes values: session values (each on its own, so one request can
+// change one value without rewriting the others) and cache service values.
+type Codec interface {
 	Marshal(v any) ([]byte, error)
 	Unmarshal(data []byte, v any) error
 }
 
-// JSONCodec is the default SessionCodec: encoding/json.
+// JSONCodec is the default Codec: encoding/json.
 type JSONCodec struct{}
 
 // Marshal encodes v as JSON.
@@ -218,7 +218,7 @@ type SessionConfig struct {
 	// bytes. Default: 64 KiB.
 	MaxSize int
 	// Codec encodes values. Default: JSONCodec.
-	Codec SessionCodec
+	Codec Codec
 	// BrowserSessionCookie makes new sessions use a browser-session cookie
 	// (no Max-Age: it ends when the browser closes) instead of a persistent
 	// one whose Max-Age is the remaining Lifetime. Change it per session with

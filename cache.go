@@ -1,0 +1,1366 @@
+package redisecho
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+	"github.com/redis/rueidis"
+)
+
+// Cache defaults.
+const (
+	// DefaultCacheTTL is how long an entry stays fresh when no TTL is given.
+	DefaultCacheTTL = 5 * time.Minute
+	// DefaultCacheMaxBody bounds the body of a response the cache stores.
+	DefaultCacheMaxBody = 1 << 20
+	// DefaultCacheLockTTL bounds how long one fill may hold the fill lock,
+	// and how long the other requests wait for it before they compute the
+	// value themselves.
+	DefaultCacheLockTTL = 5 * time.Second
+)
+
+// Cache errors.
+var (
+	// ErrCacheNotFound is what a Remember function returns to say that the
+	// value does not exist; with CacheNotFound it is cached too, and
+	// Remember returns it (wrapped) without calling the function again.
+	ErrCacheNotFound = errors.New("redisecho: cache: not found")
+	// ErrInvalidCacheConfig is returned for out-of-range cache options.
+	ErrInvalidCacheConfig = errors.New("redisecho: cache: invalid configuration")
+	// ErrNoCacheMiddleware is returned by GetCache when no Cache middleware
+	// ran for the request.
+	ErrNoCacheMiddleware = errors.New("redisecho: cache: the Cache middleware is not installed on this route")
+	// ErrInvalidCacheKey is returned for an empty key or tag.
+	ErrInvalidCacheKey = errors.New("redisecho: cache: empty key or tag")
+)
+
+// CacheStore is the Redis side of caching, shared by the response cache
+// middleware and the cache service (Get, Set, Remember, Delete,
+// InvalidateTags, Flush). Entries are read through rueidis client-side
+// caching, so a repeated hit makes no Redis round trip. Build it with
+// NewCacheStore; it is safe for concurrent use.
+//
+// Keys, with K the escaped cache key and T a tag:
+//
+//	<prefix>{c:K}:e   the entry (one string: metadata, tag generations, value)
+//	<prefix>{c:K}:l   its fill lock, held by one filler at a time
+//	<prefix>tag:T     the tag's generation counter
+//
+// Tags are versioned: an entry records the generation of each of its tags
+// when its fill started, and is a miss once any of them has moved on. So
+// InvalidateTags is one INCR per tag whatever the number of entries, leaves
+// nothing to clean up, and beats any fill that started before it.
+type CacheStore struct {
+	b   *backend
+	cfg CacheStoreConfig
+	*cacheLocal
+
+	hits, misses, fills, waits, errors atomic.Uint64
+}
+
+// cacheLocal is the in-process state that every CacheStore on one client and
+// prefix shares, so that a handler invalidating through one store is seen
+// at once by a middleware reading through another.
+type cacheLocal struct {
+	// Read-your-own-invalidation: what this instance invalidated, until
+	// Redis's invalidation message has surely reached its local cache.
+	tagFloor  sync.Map     // tag key -> int64: generation after our INCR
+	recent    sync.Map     // entry key -> recentMark: our last write or delete
+	flushedAt atomic.Int64 // unix ms of our last flush
+
+	flight sync.Map // entry key -> *cacheFill: in-process coalescing
+}
+
+// CacheStoreConfig configures a CacheStore.
+type CacheStoreConfig struct {
+	// Client is the rueidis client. Required.
+	Client rueidis.Client
+	// Options is the shared plumbing (Prefix, Timeout, Breaker, Clock,
+	// Logger), with their defaults.
+	Options
+	// LockTTL bounds a fill: the fill lock expires after it, and requests
+	// waiting for another instance's fill give up and compute the value
+	// themselves after it. Default: 5 s.
+	LockTTL time.Duration
+	// RecentWindow is how long this instance bypasses its local cache for
+	// an entry it deleted or a flush it ran, until Redis's invalidation has
+	// surely arrived (measured: well under 20 ms on loopback). Default: 1 s.
+	RecentWindow time.Duration
+	// Codec encodes the service's values (Set, Get, Remember). Default:
+	// JSONCodec.
+	Codec Codec
+}
+
+// NewCacheStore validates cfg, fills its defaults and returns the store. It
+// does no I/O.
+func NewCacheStore(cfg CacheStoreConfig) (*CacheStore, error) {
+	b, err := newBackend("cache", cfg.Client, cfg.Options)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.LockTTL < 0 || cfg.RecentWindow < 0 {
+		return nil, fmt.Errorf("%w: negative LockTTL or RecentWindow", ErrInvalidCacheConfig)
+	}
+	if cfg.LockTTL == 0 {
+		cfg.LockTTL = DefaultCacheLockTTL
+	}
+	if cfg.RecentWindow == 0 {
+		cfg.RecentWindow = time.Second
+	}
+	if cfg.Codec == nil {
+		cfg.Codec = JSONCodec{}
+	}
+	local, _ := b.shared.caches.LoadOrStore(b.keys.Prefix(), &cacheLocal{})
+	return &CacheStore{b: b, cfg: cfg, cacheLocal: local.(*cacheLocal)}, nil
+}
+
+// CacheStats counts what a CacheStore did since it was created.
+type CacheStats struct {
+	// Hits counts reads answered by a fresh (or servable stale) entry.
+	Hits uint64
+	// Misses counts reads that found no usable entry.
+	Misses uint64
+	// Fills counts values computed and stored by this instance.
+	Fills uint64
+	// Waits counts reads that waited for another fill, here or elsewhere.
+	Waits uint64
+	// Errors counts Redis failures the cache absorbed.
+	Errors uint64
+}
+
+// Stats returns the store's counters.
+func (cs *CacheStore) Stats() CacheStats {
+	return CacheStats{Hits: cs.hits.Load(), Misses: cs.misses.Load(), Fills: cs.fills.Load(), Waits: cs.waits.Load(), Errors: cs.errors.Load()}
+}
+
+func (cs *CacheStore) entryKey(key string) string { return cs.b.keys.Group("c", key).Key("e") }
+func (cs *CacheStore) lockKey(key string) string  { return cs.b.keys.Group("c", key).Key("l") }
+func (cs *CacheStore) tagKey(tag string) string   { return cs.b.keys.Key("tag", tag) }
+
+// An entry is what one cache key holds. The stored form is binary:
+//
+//	"RE1" | flags u8 | stored, fresh, stale (unix ms, 3×i64) | status u16 |
+//	tags: n u16, then (len u16, name, generation i64)… |
+//	headers: n u16, then (len u16, name, len u32, value)… | body (the rest)
+//
+// A value that does not parse is a miss, never a panic.
+type entry struct {
+	notFound bool // a cached "not found" (Remember with CacheNotFound)
+	stored   int64
+	fresh    int64 // fresh until
+	stale    int64 // servable, stale, until (>= fresh)
+	status   int
+	tags     []tagGen
+	header   http.Header
+	body     []byte
+
+	// Set on a response just captured, not stored.
+	rawHeader http.Header // the handler's full response header
+	tooBig    bool        // the body exceeded MaxBodySize
+}
+
+type tagGen struct {
+	tag string
+	gen int64
+}
+
+const (
+	entryMagic        = "RE1"
+	flagNotFound byte = 1
+)
+
+func (e *entry) encode() []byte {
+	n := len(entryMagic) + 1 + 24 + 2 + 2 + 2 + len(e.body)
+	for _, t := range e.tags {
+		n += 2 + len(t.tag) + 8
+	}
+	for k, vs := range e.header {
+		for _, v := range vs {
+			n += 2 + len(k) + 4 + len(v)
+		}
+	}
+	b := make([]byte, 0, n)
+	b = append(b, entryMagic...)
+	var flags byte
+	if e.notFound {
+		flags |= flagNotFound
+	}
+	b = append(b, flags)
+	b = binary.BigEndian.AppendUint64(b, uint64(e.stored))
+	b = binary.BigEndian.AppendUint64(b, uint64(e.fresh))
+	b = binary.BigEndian.AppendUint64(b, uint64(e.stale))
+	b = binary.BigEndian.AppendUint16(b, uint16(e.status))
+	b = binary.BigEndian.AppendUint16(b, uint16(len(e.tags)))
+	for _, t := range e.tags {
+		b = binary.BigEndian.AppendUint16(b, uint16(len(t.tag)))
+		b = append(b, t.tag...)
+		b = binary.BigEndian.AppendUint64(b, uint64(t.gen))
+	}
+	nh := 0
+	for _, vs := range e.header {
+		nh += len(vs)
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(nh))
+	for k, vs := range e.header {
+		for _, v := range vs {
+			b = binary.BigEndian.AppendUint16(b, uint16(len(k)))
+			b = append(b, k...)
+			b = binary.BigEndian.AppendUint32(b, uint32(len(v)))
+			b = append(b, v...)
+		}
+	}
+	return append(b, e.body...)
+}
+
+var errCorruptEntry = errors.New("redisecho: cache: corrupt entry")
+
+// decodeEntry parses s; the body aliases a copy of s.
+func decodeEntry(s string) (*entry, error) {
+	b := []byte(s)
+	if len(b) < len(entryMagic)+1+24+2+2 || string(b[:3]) != entryMagic {
+		return nil, errCorruptEntry
+	}
+	e := &entry{notFound: b[3]&flagNotFound != 0}
+	p := b[4:]
+	e.stored = int64(binary.BigEndian.Uint64(p))
+	e.fresh = int64(binary.BigEndian.Uint64(p[8:]))
+	e.stale = int64(binary.BigEndian.Uint64(p[16:]))
+	e.status = int(binary.BigEndian.Uint16(p[24:]))
+	p = p[26:]
+	nt := int(binary.BigEndian.Uint16(p))
+	p = p[2:]
+	for range nt {
+		if len(p) < 2 {
+			return nil, errCorruptEntry
+		}
+		l := int(binary.BigEndian.Uint16(p))
+		if len(p) < 2+l+8 {
+			return nil, errCorruptEntry
+		}
+		e.tags = append(e.tags, tagGen{tag: string(p[2 : 2+l]), gen: int64(binary.BigEndian.Uint64(p[2+l:]))})
+		p = p[2+l+8:]
+	}
+	if len(p) < 2 {
+		return nil, errCorruptEntry
+	}
+	nh := int(binary.BigEndian.Uint16(p))
+	p = p[2:]
+	if nh > 0 {
+		e.header = make(http.Header, nh)
+	}
+	for range nh {
+		if len(p) < 2 {
+			return nil, errCorruptEntry
+		}
+		kl := int(binary.BigEndian.Uint16(p))
+		if len(p) < 2+kl+4 {
+			return nil, errCorruptEntry
+		}
+		k := string(p[2 : 2+kl])
+		p = p[2+kl:]
+		vl := int(binary.BigEndian.Uint32(p))
+		if len(p) < 4+vl {
+			return nil, errCorruptEntry
+		}
+		e.header[k] = append(e.header[k], string(p[4:4+vl]))
+		p = p[4+vl:]
+	}
+	if e.stale < e.fresh || e.status < 0 || e.status > 999 {
+		return nil, errCorruptEntry
+	}
+	e.body = p
+	return e, nil
+}
+
+// lookup is the outcome of reading one key.
+type lookup struct {
+	e     *entry
+	fresh bool // usable as is
+	stale bool // usable, but a refresh is due
+}
+
+// read returns the entry stored under key if it is still valid: its tags'
+// generations unchanged, and fresh or within its stale grace. A corrupt
+// entry is a miss. Errors are Redis failures.
+func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
+	ek := cs.entryKey(key)
+	res := cs.b.DoCache(ctx, ek, cs.b.client.B().Get().Key(ek).Cache(), time.Hour)
+	e, err := cs.decodeResult(ek, res)
+	if err != nil {
+		return lookup{}, err
+	}
+	if res.IsCacheHit() && cs.staleHere(ek, e) {
+		// Our own write or delete has not invalidated the local copy yet.
+		if e, err = cs.decodeResult(ek, cs.b.Do(ctx, ek, cs.b.client.B().Get().Key(ek).Build())); err != nil {
+			return lookup{}, err
+		}
+	}
+	if e == nil {
+		return lookup{}, nil
+	}
+	if len(e.tags) > 0 {
+		gens, err := cs.generations(ctx, tagNames(e.tags))
+		if err != nil {
+			return lookup{}, err
+		}
+		for i, t := range e.tags {
+			if gens[i] != t.gen {
+				return lookup{}, nil // a tag was invalidated since the fill began
+			}
+		}
+	}
+	now := cs.b.clock.Now().UnixMilli()
+	switch {
+	case now < e.fresh:
+		return lookup{e: e, fresh: true}, nil
+	case now < e.stale:
+		return lookup{e: e, stale: true}, nil
+	}
+	return lookup{}, nil
+}
+
+// decodeResult decodes a GET of an entry: nil for none or a corrupt one.
+func (cs *CacheStore) decodeResult(ek string, res rueidis.RedisResult) (*entry, error) {
+	s, err := res.ToString()
+	if rueidis.IsRedisNil(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	e, err := decodeEntry(s)
+	if err != nil {
+		cs.b.log.Error("redisecho: cache: a corrupt entry is treated as a miss", err, "key", ek)
+		return nil, nil
+	}
+	return e, nil
+}
+
+func tagNames(tags []tagGen) []string {
+	out := make([]string, len(tags))
+	for i, t := range tags {
+		out[i] = t.tag
+	}
+	return out
+}
+
+// generations returns the current generation of each tag, through
+// client-side caching, never below what this instance itself set.
+func (cs *CacheStore) generations(ctx context.Context, tags []string) ([]int64, error) {
+	cmds := make([]rueidis.CacheableTTL, len(tags))
+	keys := make([]string, len(tags))
+	for i, t := range tags {
+		keys[i] = cs.tagKey(t)
+		cmds[i] = rueidis.CT(cs.b.client.B().Get().Key(keys[i]).Cache(), time.Hour)
+	}
+	res := cs.b.DoMultiCache(ctx, keys[0], cmds...)
+	gens := make([]int64, len(tags))
+	for i, r := range res {
+		n, err := r.AsInt64()
+		if err != nil && !rueidis.IsRedisNil(err) {
+			if _, ok := rueidis.IsRedisErr(err); !ok || errors.Is(err, ErrBreakerOpen) {
+				return nil, err
+			}
+			n = 0 // not a number: treat as generation 0
+		}
+		if f, ok := cs.tagFloor.Load(keys[i]); ok {
+			n = max(n, f.(int64))
+		}
+		gens[i] = n
+	}
+	return gens, nil
+}
+
+// InvalidateTags makes every entry tagged with any of tags a miss, on every
+// instance: one INCR per tag, whatever the number of entries. This instance
+// stops serving them at once; others when Redis's invalidation reaches
+// them.
+func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error {
+	for _, t := range tags {
+		if t == "" {
+			return ErrInvalidCacheKey
+		}
+	}
+	for _, t := range tags {
+		k := cs.tagKey(t)
+		n, err := cs.b.Do(ctx, k, cs.b.client.B().Incr().Key(k).Build()).AsInt64()
+		if err != nil {
+			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, err)
+		}
+		for {
+			old, loaded := cs.tagFloor.LoadOrStore(k, n)
+			if !loaded || old.(int64) >= n || cs.tagFloor.CompareAndSwap(k, old, n) {
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// Delete removes the entries of keys. This instance stops serving them at
+// once; others when Redis's invalidation reaches them.
+func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
+	for _, key := range keys {
+		ek := cs.entryKey(key)
+		if err := cs.b.Do(ctx, ek, cs.b.client.B().Del().Key(ek).Build()).Error(); err != nil {
+			return fmt.Errorf("redisecho: cache: delete %q: %w", key, err)
+		}
+		cs.mark(ek, cs.b.clock.Now().UnixMilli()+1)
+	}
+	return nil
+}
+
+// Flush deletes every entry whose key matches pattern, a Redis glob over
+// cache keys (for example "user:*" or "GET /api/products*"), with SCAN on
+// every master. It returns how many entries it deleted. It never uses KEYS
+// or FLUSHDB.
+func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
+	var b strings.Builder
+	b.WriteString(matchPattern(cs.b.keys.Prefix())[:len(matchPattern(cs.b.keys.Prefix()))-1])
+	b.WriteString(`\{c:`)
+	escapePart(&b, pattern)
+	b.WriteString(`\}:e`)
+	n := 0
+	err := scanMasters(ctx, cs.b.client, b.String(), func(ctx context.Context, _ rueidis.Client, keys []string) error {
+		for _, k := range keys {
+			if err := cs.b.Do(ctx, k, cs.b.client.B().Del().Key(k).Build()).Error(); err != nil {
+				return err
+			}
+			n++
+		}
+		return nil
+	})
+	cs.flushedAt.Store(time.Now().UnixMilli() + 1)
+	return n, err
+}
+
+// storeScript writes an entry and releases the fill lock if this filler
+// still holds it.
+//
+// KEYS[1] the entry; KEYS[2] its fill lock (same slot).
+// ARGV[1] the encoded entry; ARGV[2] its TTL (ms); ARGV[3] the filler's
+// lock token ("" when it held no lock).
+var storeScript = rueidis.NewLuaScript(`
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
+`)
+
+// unlockScript releases a fill lock if the caller still holds it.
+//
+// KEYS[1] the lock; ARGV[1] the holder's token.
+var unlockScript = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+`)
+
+// write stores e under key, releasing the fill lock token if not "".
+func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken string) error {
+	ttl := time.Duration(e.stale-cs.b.clock.Now().UnixMilli()) * time.Millisecond
+	if ttl <= 0 {
+		return nil
+	}
+	ek, lk := cs.entryKey(key), cs.lockKey(key)
+	err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).Error()
+	if err == nil {
+		cs.fills.Add(1)
+		cs.mark(ek, e.stored)
+	}
+	return err
+}
+
+// tryLock takes key's fill lock for LockTTL, returning its token, or "" if
+// another filler holds it.
+func (cs *CacheStore) tryLock(ctx context.Context, key string) (string, error) {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	tok := base64.RawURLEncoding.EncodeToString(b[:])
+	lk := cs.lockKey(key)
+	err := cs.b.Do(ctx, lk, cs.b.client.B().Set().Key(lk).Value(tok).Nx().PxMilliseconds(cs.cfg.LockTTL.Milliseconds()).Build()).Error()
+	if rueidis.IsRedisNil(err) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	return tok, nil
+}
+
+func (cs *CacheStore) unlock(ctx context.Context, key, tok string) {
+	if tok == "" {
+		return
+	}
+	lk := cs.lockKey(key)
+	if err := cs.b.Exec(ctx, unlockScript, []string{lk}, []string{tok}).Error(); err != nil {
+		cs.b.log.Error("redisecho: cache: releasing a fill lock failed; it expires by itself", err)
+	}
+}
+
+// recentMark records that this instance wrote or deleted an entry: a copy
+// in the local cache stored before ms is older than what Redis holds.
+type recentMark struct {
+	ms int64 // entries stored before this (unix ms) are stale here
+	at int64 // unix nanos of the mark, for expiry after RecentWindow
+}
+
+func (cs *CacheStore) mark(ek string, ms int64) {
+	cs.recent.Store(ek, recentMark{ms: ms, at: time.Now().UnixNano()})
+}
+
+// staleHere reports whether a locally cached copy (e, or nil for a cached
+// miss) of ek predates a write, delete or flush of this instance whose
+// invalidation may not have arrived yet.
+func (cs *CacheStore) staleHere(ek string, e *entry) bool {
+	now := time.Now().UnixNano()
+	window := int64(cs.cfg.RecentWindow)
+	var stored int64 = -1
+	if e != nil {
+		stored = e.stored
+	}
+	if f := cs.flushedAt.Load(); f != 0 && now-f*int64(time.Millisecond) < window && stored < f {
+		return true
+	}
+	v, ok := cs.recent.Load(ek)
+	if !ok {
+		return false
+	}
+	m := v.(recentMark)
+	if now-m.at >= window {
+		cs.recent.CompareAndDelete(ek, v)
+		return false
+	}
+	return stored < m.ms
+}
+
+// cacheFill is one in-process fill that other requests for the same key
+// wait for.
+type cacheFill struct {
+	done chan struct{}
+	e    *entry
+	err  error
+}
+
+// fillFunc computes an entry (nil: do not store, e.g. an uncacheable
+// response).
+type fillFunc func(ctx context.Context) (*entry, error)
+
+// get returns key's entry, computing it with fill on a miss, so that one
+// fill runs for the whole cluster while the others wait:
+//
+//   - in this process, concurrent misses share one fill;
+//   - across instances, the fill lock (SET NX PX) lets one instance fill;
+//     the others poll the entry (through client-side caching, so polling
+//     costs nothing until the invalidation of the new entry arrives) until
+//     it appears or LockTTL passes, then fill themselves rather than fail.
+//
+// tags are read before the fill starts, so an invalidation during the fill
+// wins. When Redis fails, fill runs uncached and its entry is returned.
+// shared reports whether the entry came from the cache or another fill.
+func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill, refill fillFunc) (l lookup, err error) {
+	l, err = cs.read(ctx, key)
+	if err != nil {
+		cs.errors.Add(1)
+		cs.b.log.Error("redisecho: cache: read failed; computing uncached", err)
+		e, ferr := fill(ctx)
+		return lookup{e: e, fresh: true}, ferr
+	}
+	if l.fresh {
+		cs.hits.Add(1)
+		return l, nil
+	}
+	if l.stale {
+		cs.hits.Add(1)
+		cs.refreshInBackground(key, tags, refill)
+		return l, nil
+	}
+	cs.misses.Add(1)
+
+	// In-process coalescing.
+	f := &cacheFill{done: make(chan struct{})}
+	if other, loaded := cs.flight.LoadOrStore(key, f); loaded {
+		of := other.(*cacheFill)
+		cs.waits.Add(1)
+		select {
+		case <-of.done:
+			return lookup{e: of.e, fresh: true}, of.err
+		case <-ctx.Done():
+			return lookup{}, ctx.Err()
+		}
+	}
+	defer func() {
+		f.e, f.err = l.e, err
+		cs.flight.Delete(key)
+		close(f.done)
+	}()
+	e, err := cs.fillOnce(ctx, key, tags, fill)
+	return lookup{e: e, fresh: true}, err
+}
+
+// fillOnce runs the cross-instance part of get.
+func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, fill fillFunc) (*entry, error) {
+	gens, err := cs.tagGens(ctx, tags)
+	if err != nil {
+		return cs.fillUncached(ctx, fill, err)
+	}
+	tok, err := cs.tryLock(ctx, key)
+	if err != nil {
+		return cs.fillUncached(ctx, fill, err)
+	}
+	if tok == "" {
+		// Another instance fills: wait for its entry.
+		cs.waits.Add(1)
+		deadline := time.Now().Add(cs.cfg.LockTTL)
+		for time.Now().Before(deadline) {
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+			l, err := cs.read(ctx, key)
+			if err != nil {
+				return cs.fillUncached(ctx, fill, err)
+			}
+			if l.fresh || l.stale {
+				return l.e, nil
+			}
+		}
+		// The other filler is too slow or gone: compute it ourselves.
+	}
+	e, err := fill(ctx)
+	if err != nil || e == nil {
+		cs.unlock(context.WithoutCancel(ctx), key, tok)
+		return e, err
+	}
+	e.tags = e.tags[:0]
+	for i, t := range tags {
+		e.tags = append(e.tags, tagGen{tag: t, gen: gens[i]})
+	}
+	if werr := cs.write(context.WithoutCancel(ctx), key, e, tok); werr != nil {
+		cs.errors.Add(1)
+		cs.b.log.Error("redisecho: cache: storing an entry failed", werr)
+	}
+	return e, nil
+}
+
+func (cs *CacheStore) tagGens(ctx context.Context, tags []string) ([]int64, error) {
+	if len(tags) == 0 {
+		return nil, nil
+	}
+	return cs.generations(ctx, tags)
+}
+
+func (cs *CacheStore) fillUncached(ctx context.Context, fill fillFunc, cause error) (*entry, error) {
+	cs.errors.Add(1)
+	cs.b.log.Error("redisecho: cache: Redis failed; computing uncached", cause)
+	return fill(ctx)
+}
+
+// refreshInBackground recomputes a stale entry once for the whole cluster
+// (the instance that takes the fill lock), off the request. A panic or an
+// error in the refresh is logged, never fatal.
+func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFunc) {
+	f := &cacheFill{done: make(chan struct{})}
+	if _, loaded := cs.flight.LoadOrStore(key, f); loaded {
+		return // a refresh or a fill is already under way here
+	}
+	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				cs.b.log.Error("redisecho: cache: background refresh panicked", fmt.Errorf("%v", p), "key", key)
+			}
+			cs.flight.Delete(key)
+			close(f.done)
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), cs.cfg.LockTTL)
+		defer cancel()
+		gens, err := cs.tagGens(ctx, tags)
+		if err != nil {
+			return
+		}
+		tok, err := cs.tryLock(ctx, key)
+		if err != nil || tok == "" {
+			return // another instance refreshes it
+		}
+		e, err := fill(ctx)
+		if err != nil || e == nil {
+			if err != nil {
+				cs.b.log.Error("redisecho: cache: background refresh failed; the stale entry stays", err, "key", key)
+			}
+			cs.unlock(ctx, key, tok)
+			return
+		}
+		e.tags = e.tags[:0]
+		for i, t := range tags {
+			e.tags = append(e.tags, tagGen{tag: t, gen: gens[i]})
+		}
+		if err := cs.write(ctx, key, e, tok); err != nil {
+			cs.b.log.Error("redisecho: cache: storing a refreshed entry failed", err)
+		}
+	}()
+}
+
+// Get decodes the value stored under key into dst with the codec, and
+// reports whether there was one. A Redis failure is returned as an error;
+// callers that can live without the cache treat it as a miss.
+func (cs *CacheStore) Get(ctx context.Context, key string, dst any) (bool, error) {
+	if key == "" {
+		return false, ErrInvalidCacheKey
+	}
+	l, err := cs.read(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	if l.e == nil || l.e.notFound {
+		cs.misses.Add(1)
+		return false, nil
+	}
+	cs.hits.Add(1)
+	if err := cs.cfg.Codec.Unmarshal(l.e.body, dst); err != nil {
+		return false, fmt.Errorf("redisecho: cache: decode %q: %w", key, err)
+	}
+	return true, nil
+}
+
+// Set stores value under key for ttl (DefaultCacheTTL when 0), tagged with
+// tags. A value the codec cannot encode is an error and stores nothing. The
+// tags' generations are read when Set runs: an invalidation that happened
+// while the caller computed value is not seen, so prefer Remember, which
+// reads them before it computes.
+func (cs *CacheStore) Set(ctx context.Context, key string, value any, ttl time.Duration, tags ...string) error {
+	if err := checkCacheNames(key, tags); err != nil {
+		return err
+	}
+	body, err := cs.cfg.Codec.Marshal(value)
+	if err != nil {
+		return fmt.Errorf("redisecho: cache: encode %q: %w", key, err)
+	}
+	gens, err := cs.tagGens(ctx, tags)
+	if err != nil {
+		return err
+	}
+	e := cs.newEntry(ttl, 0)
+	e.body = body
+	for i, t := range tags {
+		e.tags = append(e.tags, tagGen{tag: t, gen: gens[i]})
+	}
+	return cs.write(ctx, key, e, "")
+}
+
+func checkCacheNames(key string, tags []string) error {
+	if key == "" || slices.Contains(tags, "") {
+		return ErrInvalidCacheKey
+	}
+	return nil
+}
+
+// newEntry returns an entry fresh for ttl and then servable stale for
+// stale more.
+func (cs *CacheStore) newEntry(ttl, stale time.Duration) *entry {
+	if ttl <= 0 {
+		ttl = DefaultCacheTTL
+	}
+	now := cs.b.clock.Now().UnixMilli()
+	fresh := now + ttl.Milliseconds()
+	return &entry{stored: now, fresh: fresh, stale: fresh + stale.Milliseconds()}
+}
+
+// RememberOption tunes Remember.
+type RememberOption func(*rememberOptions)
+
+type rememberOptions struct {
+	tags     []string
+	notFound time.Duration
+	stale    time.Duration
+}
+
+// WithTags tags the remembered value, for InvalidateTags.
+func WithTags(tags ...string) RememberOption {
+	return func(o *rememberOptions) { o.tags = append(o.tags, tags...) }
+}
+
+// CacheNotFound caches an ErrCacheNotFound from the function for ttl, so
+// lookups of missing things do not reach the backing store every time.
+// Default: not cached.
+func CacheNotFound(ttl time.Duration) RememberOption {
+	return func(o *rememberOptions) { o.notFound = ttl }
+}
+
+// StaleWhileRevalidate serves the value for grace more after it went stale,
+// while one refresh for the whole cluster recomputes it in the background.
+// Default: 0 (a stale value is a miss).
+func StaleWhileRevalidate(grace time.Duration) RememberOption {
+	return func(o *rememberOptions) { o.stale = grace }
+}
+
+// Remember returns the value cached under key, or computes it with fn,
+// caches it for ttl (DefaultCacheTTL when 0) and returns it. Concurrent
+// misses, here and on other instances, run fn once (see the package's
+// stampede protection); when Redis fails, fn runs uncached and its result is
+// returned. fn's errors are returned and not cached, except ErrCacheNotFound
+// with CacheNotFound.
+func Remember[T any](ctx context.Context, cs *CacheStore, key string, ttl time.Duration, fn func(ctx context.Context) (T, error), opts ...RememberOption) (T, error) {
+	var zero T
+	var o rememberOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if err := checkCacheNames(key, o.tags); err != nil {
+		return zero, err
+	}
+	// encode turns fn's result into an entry; notFound reports a cached
+	// ErrCacheNotFound.
+	encode := func(v T, err error) (e *entry, notFound bool, _ error) {
+		if errors.Is(err, ErrCacheNotFound) && o.notFound > 0 {
+			e = cs.newEntry(o.notFound, 0)
+			e.notFound = true
+			return e, true, nil
+		}
+		if err != nil {
+			return nil, false, err
+		}
+		body, err := cs.cfg.Codec.Marshal(v)
+		if err != nil {
+			return nil, false, fmt.Errorf("redisecho: cache: encode %q: %w", key, err)
+		}
+		e = cs.newEntry(ttl, o.stale)
+		e.body = body
+		return e, false, nil
+	}
+	var (
+		computed   *T
+		computeErr error
+	)
+	fill := func(ctx context.Context) (*entry, error) {
+		v, err := fn(ctx)
+		e, notFound, err := encode(v, err)
+		if err == nil {
+			if notFound {
+				computeErr = ErrCacheNotFound
+			} else {
+				computed = &v
+			}
+		}
+		return e, err
+	}
+	refill := func(ctx context.Context) (*entry, error) { // runs after Remember returned
+		e, _, err := encode(fn(ctx))
+		return e, err
+	}
+	l, err := cs.get(ctx, key, o.tags, fill, refill)
+	if computed != nil {
+		return *computed, err
+	}
+	if computeErr != nil {
+		return zero, fmt.Errorf("%w: %s", computeErr, key)
+	}
+	if err != nil {
+		return zero, err
+	}
+	if l.e == nil {
+		return fn(ctx) // the shared fill produced nothing to reuse
+	}
+	if l.e.notFound {
+		return zero, fmt.Errorf("%w: %s", ErrCacheNotFound, key)
+	}
+	var v T
+	if err := cs.cfg.Codec.Unmarshal(l.e.body, &v); err != nil {
+		// A value this type cannot decode (stored by older code, say) is a
+		// miss: compute afresh and replace it.
+		cs.b.log.Error("redisecho: cache: a stored value does not decode; recomputing", err, "key", key)
+		if derr := cs.Delete(ctx, key); derr != nil {
+			return fn(ctx)
+		}
+		return Remember(ctx, cs, key, ttl, fn, opts...)
+	}
+	return v, nil
+}
+
+// CacheConfig configures the response cache middleware.
+type CacheConfig struct {
+	// Store is the cache store to use. Default: a store built from Client
+	// and Options (every store on one client and prefix shares its
+	// in-process state, so invalidations through any of them are seen at
+	// once).
+	Store *CacheStore
+	// Client is the rueidis client; required when Store is nil.
+	Client rueidis.Client
+	// Options is the shared plumbing, used when Store is nil.
+	Options
+	// Skipper skips the middleware for a request. Default: never skip.
+	Skipper middleware.Skipper
+	// TTL is how long a response stays fresh. Default: 5 min.
+	TTL time.Duration
+	// StaleWhileRevalidate serves a response for this long after it went
+	// stale, while one refresh for the whole cluster recomputes it in the
+	// background. Default: 0 (off).
+	StaleWhileRevalidate time.Duration
+	// NotFoundTTL caches 404 responses for this long (negative caching).
+	// Default: 0 (404s are not cached).
+	NotFoundTTL time.Duration
+	// Statuses lists the cacheable statuses; 5xx is refused. Default: [200].
+	Statuses []int
+	// KeyFunc returns the cache key of a request, or "" to bypass the
+	// cache. Parts come from users, so keys go through the library's key
+	// escaping. Default: DefaultCacheKey with Vary.
+	KeyFunc func(c echo.Context) string
+	// Vary lists the request headers that select a variant: their values
+	// are part of the default key. A response whose Vary header names
+	// another header (or "*") is not stored. Default: Accept,
+	// Accept-Encoding, Accept-Language.
+	Vary []string
+	// Tags returns the tags of a request's response, evaluated before the
+	// handler runs, so an invalidation during the handler wins. Default:
+	// none.
+	Tags func(c echo.Context) []string
+	// AllowHeaders lists response headers stored and replayed besides
+	// Content-Type, Content-Encoding, Content-Language, ETag,
+	// Last-Modified and Cache-Control. Default: none.
+	AllowHeaders []string
+	// MaxBodySize bounds the body of a stored response, in bytes; larger
+	// responses are served but not stored. Default: 1 MiB.
+	MaxBodySize int
+	// SessionCookie is the session cookie's name: requests that carry it
+	// (or an Authorization header) bypass the cache, unless Personal is
+	// set. Default: "sessionId".
+	SessionCookie string
+	// Personal caches requests with credentials too. Set it only with a
+	// KeyFunc that includes the user, like the guide's "user:<id>".
+	// Default: false.
+	Personal bool
+}
+
+// Cache returns the response cache middleware for client, caching GET and
+// HEAD responses for ttl (DefaultCacheTTL when 0) with the defaults of
+// CacheConfig. It panics when client is nil.
+func Cache(client rueidis.Client, ttl time.Duration) echo.MiddlewareFunc {
+	return CacheWithConfig(CacheConfig{Client: client, TTL: ttl})
+}
+
+// CacheWithConfig returns the response cache middleware for cfg. It panics
+// when cfg is invalid; use ToMiddleware to get the error instead.
+func CacheWithConfig(cfg CacheConfig) echo.MiddlewareFunc {
+	mw, err := cfg.ToMiddleware()
+	if err != nil {
+		panic(err)
+	}
+	return mw
+}
+
+// cacheContextKey is the echo.Context key of the route's *CacheStore.
+const cacheContextKey = "redisecho.cache"
+
+// GetCache returns the cache store of the Cache middleware that handles the
+// request, for the cache service helpers (Get, Set, Remember,
+// InvalidateTags…). It returns ErrNoCacheMiddleware when none ran.
+func GetCache(c echo.Context) (*CacheStore, error) {
+	if cs, ok := c.Get(cacheContextKey).(*CacheStore); ok {
+		return cs, nil
+	}
+	return nil, ErrNoCacheMiddleware
+}
+
+// DefaultCacheKey returns the default key of a request: its method, path,
+// query with the parameters sorted, and the values of the vary headers.
+func DefaultCacheKey(c echo.Context, vary []string) string {
+	r := c.Request()
+	var b strings.Builder
+	b.WriteString(r.Method)
+	b.WriteByte(' ')
+	b.WriteString(r.URL.EscapedPath())
+	if r.URL.RawQuery != "" {
+		q := r.URL.Query()
+		if len(q) > 0 {
+			b.WriteByte('?')
+			b.WriteString(q.Encode()) // sorted by key
+		}
+	}
+	for _, h := range vary {
+		if v := r.Header.Values(h); len(v) > 0 {
+			b.WriteByte('\n')
+			b.WriteString(http.CanonicalHeaderKey(h))
+			b.WriteByte(':')
+			b.WriteString(strings.Join(v, ","))
+		}
+	}
+	return b.String()
+}
+
+// httpCache is the middleware's state.
+type httpCache struct {
+	cs       *CacheStore
+	cfg      CacheConfig
+	statuses map[int]bool
+	vary     map[string]bool
+	keep     map[string]bool // canonical names of replayed headers
+}
+
+// ToMiddleware validates cfg, fills its defaults and returns the
+// middleware. It does no I/O.
+func (cfg CacheConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
+	if cfg.Store == nil {
+		cs, err := NewCacheStore(CacheStoreConfig{Client: cfg.Client, Options: cfg.Options})
+		if err != nil {
+			return nil, err
+		}
+		cfg.Store = cs
+	}
+	if cfg.TTL < 0 || cfg.StaleWhileRevalidate < 0 || cfg.NotFoundTTL < 0 || cfg.MaxBodySize < 0 {
+		return nil, fmt.Errorf("%w: negative TTL, StaleWhileRevalidate, NotFoundTTL or MaxBodySize", ErrInvalidCacheConfig)
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = DefaultCacheTTL
+	}
+	if cfg.MaxBodySize == 0 {
+		cfg.MaxBodySize = DefaultCacheMaxBody
+	}
+	if cfg.Statuses == nil {
+		cfg.Statuses = []int{http.StatusOK}
+	}
+	if cfg.Vary == nil {
+		cfg.Vary = []string{echo.HeaderAccept, echo.HeaderAcceptEncoding, "Accept-Language"}
+	}
+	if cfg.SessionCookie == "" {
+		cfg.SessionCookie = DefaultSessionCookie
+	}
+	if cfg.Skipper == nil {
+		cfg.Skipper = middleware.DefaultSkipper
+	}
+	h := &httpCache{cs: cfg.Store, cfg: cfg, statuses: map[int]bool{}, vary: map[string]bool{}, keep: map[string]bool{}}
+	for _, s := range cfg.Statuses {
+		if s < 100 || s >= 500 {
+			return nil, fmt.Errorf("%w: status %d cannot be cached", ErrInvalidCacheConfig, s)
+		}
+		h.statuses[s] = true
+	}
+	for _, v := range cfg.Vary {
+		h.vary[http.CanonicalHeaderKey(v)] = true
+	}
+	for _, k := range append([]string{echo.HeaderContentType, echo.HeaderContentEncoding, "Content-Language", "Etag", echo.HeaderLastModified, echo.HeaderCacheControl}, cfg.AllowHeaders...) {
+		h.keep[http.CanonicalHeaderKey(k)] = true
+	}
+	if cfg.KeyFunc == nil {
+		vary := cfg.Vary
+		h.cfg.KeyFunc = func(c echo.Context) string { return DefaultCacheKey(c, vary) }
+	}
+	return h.middleware, nil
+}
+
+func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Set(cacheContextKey, h.cs)
+		r := c.Request()
+		if h.cfg.Skipper(c) || (r.Method != http.MethodGet && r.Method != http.MethodHead) || !h.cacheableRequest(r) {
+			return next(c)
+		}
+		key := h.cfg.KeyFunc(c)
+		if key == "" {
+			return next(c)
+		}
+		var tags []string
+		if h.cfg.Tags != nil {
+			tags = h.cfg.Tags(c)
+			if slices.Contains(tags, "") {
+				return next(c)
+			}
+		}
+		var (
+			ran        bool   // this request ran the handler
+			own        *entry // and this is what it captured (nil: streamed)
+			handlerErr error
+		)
+		fill := func(ctx context.Context) (*entry, error) {
+			ran = true
+			own, handlerErr = h.capture(c, next)
+			if own == nil || handlerErr != nil || !h.storable(own) {
+				return nil, nil
+			}
+			return own, nil
+		}
+		l, err := h.cs.get(r.Context(), key, tags, fill, h.refiller(c, next))
+		switch {
+		case ran && own == nil:
+			return handlerErr // streamed straight to the client
+		case ran:
+			return h.sendOwn(c, own, handlerErr)
+		case err != nil || l.e == nil || l.e.notFound:
+			// The wait ended without a reusable entry (another fill's
+			// response was not storable, or its client went away): run the
+			// handler uncached.
+			return next(c)
+		}
+		state := "HIT"
+		if l.stale {
+			state = "STALE"
+		}
+		return h.send(c, l.e, state)
+	}
+}
+
+// refiller returns the fill used to refresh a stale entry in the
+// background, after the request is gone: it runs the handler on a copy of
+// the request in a context of its own.
+func (h *httpCache) refiller(c echo.Context, next echo.HandlerFunc) fillFunc {
+	req := c.Request()
+	path, names, values := c.Path(), slices.Clone(c.ParamNames()), slices.Clone(c.ParamValues())
+	e := c.Echo()
+	return func(ctx context.Context) (*entry, error) {
+		c2 := e.NewContext(req.Clone(ctx), &nullWriter{header: http.Header{}})
+		c2.SetPath(path)
+		c2.SetParamNames(names...)
+		c2.SetParamValues(values...)
+		own, err := h.capture(c2, next)
+		if err != nil {
+			return nil, err
+		}
+		if own == nil || !h.storable(own) {
+			return nil, nil
+		}
+		return own, nil
+	}
+}
+
+// nullWriter is the response writer of a background refresh.
+type nullWriter struct{ header http.Header }
+
+func (w *nullWriter) Header() http.Header         { return w.header }
+func (w *nullWriter) Write(p []byte) (int, error) { return len(p), nil }
+func (w *nullWriter) WriteHeader(int)             {}
+
+// cacheableRequest reports whether the request may share a cached response:
+// not with credentials, unless the route is Personal.
+func (h *httpCache) cacheableRequest(r *http.Request) bool {
+	if h.cfg.Personal {
+		return true
+	}
+	if r.Header.Get(echo.HeaderAuthorization) != "" {
+		return false
+	}
+	if _, err := r.Cookie(h.cfg.SessionCookie); err == nil {
+		return false
+	}
+	return !strings.Contains(strings.ToLower(r.Header.Get(echo.HeaderCacheControl)), "no-store")
+}
+
+// capture runs the handler into a buffer and returns what it produced.
+// Streaming responses (Flush) and hijacked connections pass through
+// uncaptured: the returned entry is nil then, and the response already went
+// out.
+func (h *httpCache) capture(c echo.Context, next echo.HandlerFunc) (*entry, error) {
+	res := c.Response()
+	orig := res.Writer
+	rec := &captureWriter{orig: orig, header: orig.Header(), max: h.cfg.MaxBodySize}
+	res.Writer = rec
+	err := next(c)
+	res.Writer = orig
+	if rec.passthrough {
+		return nil, err
+	}
+	if !rec.wroteHeader {
+		// The handler returned an error (for Echo's error handler) or wrote
+		// nothing: nothing to store; the real response goes out as usual.
+		res.Committed = false
+		return &entry{}, err
+	}
+	now := h.cs.b.clock.Now()
+	ttl := h.cfg.TTL
+	if rec.status == http.StatusNotFound {
+		ttl = h.cfg.NotFoundTTL
+	}
+	e := h.cs.newEntry(ttl, h.cfg.StaleWhileRevalidate)
+	e.stored = now.UnixMilli()
+	e.status = rec.status
+	e.body = rec.body.Bytes()
+	e.header = http.Header{}
+	for k, vs := range orig.Header() {
+		if h.keep[k] {
+			e.header[k] = slices.Clone(vs)
+		}
+	}
+	if e.header.Get("Etag") == "" {
+		sum := sha256.Sum256(e.body)
+		e.header.Set("Etag", `"`+base64.RawURLEncoding.EncodeToString(sum[:16])+`"`)
+	}
+	e.tooBig = rec.overflow
+	e.rawHeader = orig.Header()
+	return e, err
+}
+
+// storable reports whether a captured response may be stored.
+func (h *httpCache) storable(e *entry) bool {
+	if e.tooBig || e.status >= 500 {
+		return false
+	}
+	if !h.statuses[e.status] && !(e.status == http.StatusNotFound && h.cfg.NotFoundTTL > 0) {
+		return false
+	}
+	hdr := e.rawHeader
+	if len(hdr.Values(echo.HeaderSetCookie)) > 0 {
+		return false
+	}
+	cc := strings.ToLower(strings.Join(hdr.Values(echo.HeaderCacheControl), ","))
+	if strings.Contains(cc, "no-store") || strings.Contains(cc, "private") {
+		return false
+	}
+	for _, v := range hdr.Values(echo.HeaderVary) {
+		for _, name := range strings.Split(v, ",") {
+			name = http.CanonicalHeaderKey(strings.TrimSpace(name))
+			if name == "*" || (name != "" && !h.vary[name]) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// sendOwn writes the response this request's handler produced, captured
+// but not sent yet (its headers are already in place), as a MISS.
+func (h *httpCache) sendOwn(c echo.Context, e *entry, handlerErr error) error {
+	res := c.Response()
+	if e.status == 0 {
+		return handlerErr // nothing written: Echo's error handler answers
+	}
+	hdr := res.Header()
+	if hdr.Get("Etag") == "" {
+		hdr.Set("Etag", e.header.Get("Etag"))
+	}
+	hdr.Set("X-Cache", "MISS")
+	status, body := h.conditional(c, hdr, e)
+	// The handler's WriteHeader already ran the Before hooks and marked the
+	// response committed; write to the real writer directly.
+	res.Status = status
+	res.Writer.WriteHeader(status)
+	if len(body) > 0 {
+		n, err := res.Writer.Write(body)
+		res.Size = int64(n)
+		if err != nil {
+			return err
+		}
+	}
+	return handlerErr
+}
+
+// send writes a cached entry as the response.
+func (h *httpCache) send(c echo.Context, e *entry, state string) error {
+	res := c.Response()
+	hdr := res.Header()
+	for k, vs := range e.header {
+		hdr[k] = vs
+	}
+	age := max(h.cs.b.clock.Now().UnixMilli()-e.stored, 0) / 1000
+	hdr.Set("Age", strconv.FormatInt(age, 10))
+	hdr.Set("X-Cache", state)
+	status, body := h.conditional(c, hdr, e)
+	res.WriteHeader(status)
+	if len(body) > 0 {
+		_, err := res.Write(body)
+		return err
+	}
+	return nil
+}
+
+// conditional answers 304 with no body when If-None-Match matches the ETag
+// of a 200; HEAD gets no body either.
+func (h *httpCache) conditional(c echo.Context, hdr http.Header, e *entry) (int, []byte) {
+	r := c.Request()
+	if e.status == http.StatusOK {
+		if inm := r.Header.Get("If-None-Match"); inm != "" && etagMatch(inm, hdr.Get("Etag")) {
+			hdr.Del(echo.HeaderContentLength)
+			return http.StatusNotModified, nil
+		}
+	}
+	if r.Method == http.MethodHead {
+		return e.status, nil
+	}
+	return e.status, e.body
+}
+
+// etagMatch implements If-None-Match's weak comparison against etag.
+func etagMatch(inm, etag string) bool {
+	if etag == "" {
+		return false
+	}
+	if strings.TrimSpace(inm) == "*" {
+		return true
+	}
+	want := strings.TrimPrefix(etag, "W/")
+	for _, t := range strings.Split(inm, ",") {
+		if strings.TrimPrefix(strings.TrimSpace(t), "W/") == want {
+			return true
+		}
+	}
+	return false
+}
+
+// captureWriter buffers a handler's response. A Flush or Hijack switches it
+// to pass-through: the response streams to the client and is not cached.
+type captureWriter struct {
+	orig        http.ResponseWriter
+	header      http.Header
+	status      int
+	body        bytes.Buffer
+	max         int
+	overflow    bool
+	passthrough bool
+	wroteHeader bool
+}
+
+func (w *captureWriter) Header() http.Header { return w.header }
+
+func (w *captureWriter) WriteHeader(code int) {
+	if w.passthrough {
+		w.orig.WriteHeader(code)
+		return
+	}
+	if !w.wroteHeader {
+		w.status, w.wroteHeader = code, true
+	}
+}
+
+func (w *captureWriter) Write(p []byte) (int, error) {
+	if w.passthrough {
+		return w.orig.Write(p)
+	}
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.body.Len()+len(p) > w.max {
+		w.overflow = true
+	}
+	return w.body.Write(p)
+}
+
+// Flush turns the response into a stream: what was buffered goes out, and
+// the rest passes through.
+func (w *captureWriter) Flush() {
+	if !w.passthrough {
+		w.passthrough = true
+		if w.wroteHeader {
+			w.orig.WriteHeader(w.status)
+		}
+		_, _ = w.orig.Write(w.body.Bytes())
+	}
+	_ = http.NewResponseController(w.orig).Flush()
+}
+
+// Unwrap lets http.ResponseController reach the real writer.
+func (w *captureWriter) Unwrap() http.ResponseWriter {
+	w.Flush()
+	return w.orig
+}

@@ -81,7 +81,7 @@ type cacheLocal struct {
 	// Redis's invalidation message has surely reached its local cache.
 	tagFloor  sync.Map     // tag key -> int64: generation after our INCR
 	recent    sync.Map     // entry key -> recentMark: our last write or delete
-	flushedAt atomic.Int64 // unix ms of our last flush
+	flushedAt atomic.Int64 // unix nanos of our last flush
 
 	flight sync.Map // entry key -> *cacheFill: in-process coalescing
 }
@@ -154,7 +154,7 @@ func (cs *CacheStore) tagKey(tag string) string   { return cs.b.keys.Key("tag", 
 
 // An entry is what one cache key holds. The stored form is binary:
 //
-//	"RE1" | flags u8 | stored, fresh, stale (unix ms, 3×i64) | status u16 |
+//	"RE1" | flags u8 | stored, fresh, stale (unix ms, 3×i64) | id u64 | status u16 |
 //	tags: n u16, then (len u16, name, generation i64)… |
 //	headers: n u16, then (len u16, name, len u32, value)… | body (the rest)
 //
@@ -164,6 +164,7 @@ type entry struct {
 	stored   int64
 	fresh    int64 // fresh until
 	stale    int64 // servable, stale, until (>= fresh)
+	id       uint64 // random: tells this write from any other
 	status   int
 	tags     []tagGen
 	header   http.Header
@@ -185,7 +186,7 @@ const (
 )
 
 func (e *entry) encode() []byte {
-	n := len(entryMagic) + 1 + 24 + 2 + 2 + 2 + len(e.body)
+	n := len(entryMagic) + 1 + 32 + 2 + 2 + 2 + len(e.body)
 	for _, t := range e.tags {
 		n += 2 + len(t.tag) + 8
 	}
@@ -204,6 +205,7 @@ func (e *entry) encode() []byte {
 	b = binary.BigEndian.AppendUint64(b, uint64(e.stored))
 	b = binary.BigEndian.AppendUint64(b, uint64(e.fresh))
 	b = binary.BigEndian.AppendUint64(b, uint64(e.stale))
+	b = binary.BigEndian.AppendUint64(b, e.id)
 	b = binary.BigEndian.AppendUint16(b, uint16(e.status))
 	b = binary.BigEndian.AppendUint16(b, uint16(len(e.tags)))
 	for _, t := range e.tags {
@@ -232,7 +234,7 @@ var errCorruptEntry = errors.New("redisecho: cache: corrupt entry")
 // decodeEntry parses s; the body aliases a copy of s.
 func decodeEntry(s string) (*entry, error) {
 	b := []byte(s)
-	if len(b) < len(entryMagic)+1+24+2+2 || string(b[:3]) != entryMagic {
+	if len(b) < len(entryMagic)+1+32+2+2 || string(b[:3]) != entryMagic {
 		return nil, errCorruptEntry
 	}
 	e := &entry{notFound: b[3]&flagNotFound != 0}
@@ -240,8 +242,9 @@ func decodeEntry(s string) (*entry, error) {
 	e.stored = int64(binary.BigEndian.Uint64(p))
 	e.fresh = int64(binary.BigEndian.Uint64(p[8:]))
 	e.stale = int64(binary.BigEndian.Uint64(p[16:]))
-	e.status = int(binary.BigEndian.Uint16(p[24:]))
-	p = p[26:]
+	e.id = binary.BigEndian.Uint64(p[24:])
+	e.status = int(binary.BigEndian.Uint16(p[32:]))
+	p = p[34:]
 	nt := int(binary.BigEndian.Uint16(p))
 	p = p[2:]
 	for range nt {
@@ -420,7 +423,7 @@ func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
 		if err := cs.b.Do(ctx, ek, cs.b.client.B().Del().Key(ek).Build()).Error(); err != nil {
 			return fmt.Errorf("redisecho: cache: delete %q: %w", key, err)
 		}
-		cs.mark(ek, cs.b.clock.Now().UnixMilli()+1)
+		cs.markDelete(ek)
 	}
 	return nil
 }
@@ -445,7 +448,7 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 		}
 		return nil
 	})
-	cs.flushedAt.Store(time.Now().UnixMilli() + 1)
+	cs.flushedAt.Store(time.Now().UnixNano())
 	return n, err
 }
 
@@ -481,7 +484,7 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 	err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).Error()
 	if err == nil {
 		cs.fills.Add(1)
-		cs.mark(ek, e.stored)
+		cs.markWrite(ek, e.id)
 	}
 	return err
 }
@@ -513,28 +516,31 @@ func (cs *CacheStore) unlock(ctx context.Context, key, tok string) {
 	}
 }
 
-// recentMark records that this instance wrote or deleted an entry: a copy
-// in the local cache stored before ms is older than what Redis holds.
+// recentMark records that this instance wrote (id != 0) or deleted (id ==
+// 0) an entry, until Redis's invalidation has surely reached the local
+// cache.
 type recentMark struct {
-	ms int64 // entries stored before this (unix ms) are stale here
-	at int64 // unix nanos of the mark, for expiry after RecentWindow
+	id uint64 // the entry we wrote; 0 for a delete
+	ms int64  // the delete's time (unix ms)
+	at int64  // unix nanos of the mark, for expiry after RecentWindow
 }
 
-func (cs *CacheStore) mark(ek string, ms int64) {
-	cs.recent.Store(ek, recentMark{ms: ms, at: time.Now().UnixNano()})
+func (cs *CacheStore) markWrite(ek string, id uint64) {
+	cs.recent.Store(ek, recentMark{id: id, at: time.Now().UnixNano()})
+}
+
+func (cs *CacheStore) markDelete(ek string) {
+	cs.recent.Store(ek, recentMark{ms: cs.b.clock.Now().UnixMilli(), at: time.Now().UnixNano()})
 }
 
 // staleHere reports whether a locally cached copy (e, or nil for a cached
 // miss) of ek predates a write, delete or flush of this instance whose
-// invalidation may not have arrived yet.
+// invalidation may not have arrived yet. When unsure it says stale: that
+// costs one uncached read.
 func (cs *CacheStore) staleHere(ek string, e *entry) bool {
 	now := time.Now().UnixNano()
 	window := int64(cs.cfg.RecentWindow)
-	var stored int64 = -1
-	if e != nil {
-		stored = e.stored
-	}
-	if f := cs.flushedAt.Load(); f != 0 && now-f*int64(time.Millisecond) < window && stored < f {
+	if f := cs.flushedAt.Load(); f != 0 && now-f < window && e != nil {
 		return true
 	}
 	v, ok := cs.recent.Load(ek)
@@ -546,7 +552,10 @@ func (cs *CacheStore) staleHere(ek string, e *entry) bool {
 		cs.recent.CompareAndDelete(ek, v)
 		return false
 	}
-	return stored < m.ms
+	if m.id != 0 {
+		return e == nil || e.id != m.id
+	}
+	return e != nil && e.stored <= m.ms
 }
 
 // cacheFill is one in-process fill that other requests for the same key
@@ -778,7 +787,9 @@ func (cs *CacheStore) newEntry(ttl, stale time.Duration) *entry {
 	}
 	now := cs.b.clock.Now().UnixMilli()
 	fresh := now + ttl.Milliseconds()
-	return &entry{stored: now, fresh: fresh, stale: fresh + stale.Milliseconds()}
+	var id [8]byte
+	_, _ = rand.Read(id[:])
+	return &entry{stored: now, fresh: fresh, stale: fresh + stale.Milliseconds(), id: binary.BigEndian.Uint64(id[:]) | 1}
 }
 
 // RememberOption tunes Remember.

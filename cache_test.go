@@ -4,11 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -299,5 +304,379 @@ func TestCacheFlush(t *testing.T) {
 		n, err = cs.Flush(ctx, "*")
 		require.NoError(t, err)
 		require.Equal(t, 50, n)
+	})
+}
+
+// cacheApp is one instance with the response cache and counted handlers.
+type cacheApp struct {
+	store *CacheStore
+	srv   *httptest.Server
+	calls sync.Map // path -> *atomic.Int32
+}
+
+func (a *cacheApp) count(path string) int32 {
+	v, _ := a.calls.LoadOrStore(path, new(atomic.Int32))
+	return v.(*atomic.Int32).Load()
+}
+
+func newCacheApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*CacheConfig)) *cacheApp {
+	t.Helper()
+	a := &cacheApp{store: newCacheStore(t, r, client, nil)}
+	cfg := CacheConfig{Store: a.store, TTL: time.Minute}
+	if mod != nil {
+		mod(&cfg)
+	}
+	mw, err := cfg.ToMiddleware()
+	require.NoError(t, err)
+	e := echo.New()
+	e.HideBanner = true
+	hit := func(c echo.Context) {
+		v, _ := a.calls.LoadOrStore(c.Path(), new(atomic.Int32))
+		v.(*atomic.Int32).Add(1)
+	}
+	g := e.Group("", mw)
+	g.GET("/products", func(c echo.Context) error {
+		hit(c)
+		return c.JSON(http.StatusOK, map[string]any{"q": c.QueryParams(), "lang": c.Request().Header.Get("Accept-Language")})
+	})
+	g.GET("/products/:id", func(c echo.Context) error {
+		hit(c)
+		if c.Param("id") == "404" {
+			return c.JSON(http.StatusNotFound, map[string]string{"error": "not found"})
+		}
+		return c.JSON(http.StatusOK, map[string]string{"id": c.Param("id")})
+	})
+	g.GET("/status/:code", func(c echo.Context) error {
+		hit(c)
+		code := 0
+		fmt.Sscan(c.Param("code"), &code)
+		return c.String(code, "status")
+	})
+	g.GET("/nostore", func(c echo.Context) error {
+		hit(c)
+		c.Response().Header().Set("Cache-Control", "no-store")
+		return c.String(http.StatusOK, "x")
+	})
+	g.GET("/private", func(c echo.Context) error {
+		hit(c)
+		c.Response().Header().Set("Cache-Control", "private, max-age=60")
+		return c.String(http.StatusOK, "x")
+	})
+	g.GET("/cookie", func(c echo.Context) error {
+		hit(c)
+		c.SetCookie(&http.Cookie{Name: "a", Value: "b"})
+		return c.String(http.StatusOK, "x")
+	})
+	g.GET("/vary-star", func(c echo.Context) error {
+		hit(c)
+		c.Response().Header().Set("Vary", "*")
+		return c.String(http.StatusOK, "x")
+	})
+	g.GET("/big", func(c echo.Context) error {
+		hit(c)
+		return c.String(http.StatusOK, strings.Repeat("b", 2048))
+	})
+	g.GET("/etag", func(c echo.Context) error {
+		hit(c)
+		c.Response().Header().Set("ETag", `"v1"`)
+		return c.String(http.StatusOK, "tagged")
+	})
+	g.GET("/error", func(c echo.Context) error {
+		hit(c)
+		return echo.NewHTTPError(http.StatusTeapot, "handler error")
+	})
+	g.GET("/slow", func(c echo.Context) error {
+		hit(c)
+		time.Sleep(200 * time.Millisecond)
+		return c.String(http.StatusOK, "slow")
+	})
+	g.GET("/stream", func(c echo.Context) error {
+		hit(c)
+		c.Response().WriteHeader(http.StatusOK)
+		_, _ = c.Response().Write([]byte("a"))
+		c.Response().Flush()
+		_, _ = c.Response().Write([]byte("b"))
+		return nil
+	})
+	a.srv = httptest.NewServer(e)
+	t.Cleanup(a.srv.Close)
+	return a
+}
+
+func (a *cacheApp) get(t *testing.T, path string, headers ...string) reply {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, a.srv.URL+path, nil)
+	require.NoError(t, err)
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Add(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return reply{code: resp.StatusCode, header: resp.Header, body: string(body)}
+}
+
+func TestCacheMiddlewareHitsAndMisses(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newCacheApp(t, r, r.Client(), nil)
+		first := a.get(t, "/products?b=2&a=1")
+		require.Equal(t, http.StatusOK, first.code)
+		require.Equal(t, "MISS", first.header.Get("X-Cache"))
+		require.NotEmpty(t, first.header.Get("ETag"))
+		second := a.get(t, "/products?a=1&b=2")
+		require.Equal(t, "HIT", second.header.Get("X-Cache"), "the query order does not matter")
+		require.Equal(t, first.body, second.body)
+		require.Equal(t, first.header.Get("ETag"), second.header.Get("ETag"))
+		require.Equal(t, "application/json", second.header.Get("Content-Type"))
+		require.NotEmpty(t, second.header.Get("Age"))
+		require.Equal(t, int32(1), a.count("/products"))
+
+		// Different query values, Vary headers and paths are other entries.
+		require.Equal(t, "MISS", a.get(t, "/products?a=1&b=3").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/products?a=1&b=2", "Accept-Language", "fr").header.Get("X-Cache"))
+		require.Equal(t, "HIT", a.get(t, "/products?a=1&b=2", "Accept-Language", "fr").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/products/{7}").header.Get("X-Cache"), "hostile paths are keys like any other")
+		require.Equal(t, "HIT", a.get(t, "/products/{7}").header.Get("X-Cache"))
+	})
+}
+
+func TestCacheMiddlewareWhatIsNotCached(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newCacheApp(t, r, r.Client(), func(c *CacheConfig) { c.MaxBodySize = 1024 })
+		tests := []struct {
+			name    string
+			path    string
+			headers []string
+		}{
+			{name: "5xx", path: "/status/500"},
+			{name: "503", path: "/status/503"},
+			{name: "404 without NotFoundTTL", path: "/products/404"},
+			{name: "201 not in Statuses", path: "/status/201"},
+			{name: "no-store", path: "/nostore"},
+			{name: "private", path: "/private"},
+			{name: "Set-Cookie", path: "/cookie"},
+			{name: "Vary: *", path: "/vary-star"},
+			{name: "too big", path: "/big"},
+			{name: "handler error", path: "/error"},
+			{name: "streamed", path: "/stream"},
+			{name: "Authorization", path: "/products?auth", headers: []string{"Authorization", "Bearer x"}},
+			{name: "session cookie", path: "/products?sess", headers: []string{"Cookie", "sessionId=abc"}},
+			{name: "request no-store", path: "/products?ns", headers: []string{"Cache-Control", "no-store"}},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				p := strings.SplitN(tt.path, "?", 2)[0]
+				before := a.count(routeOf(p))
+				r1 := a.get(t, tt.path, tt.headers...)
+				r2 := a.get(t, tt.path, tt.headers...)
+				require.Equal(t, r1.code, r2.code)
+				require.Equal(t, r1.body, r2.body)
+				require.NotEqual(t, "HIT", r2.header.Get("X-Cache"))
+				require.Equal(t, before+2, a.count(routeOf(p)), "the handler ran both times")
+			})
+		}
+		require.Equal(t, "ab", a.get(t, "/stream").body, "a streamed response passes through whole")
+		require.Equal(t, http.StatusTeapot, a.get(t, "/error").code, "Echo's error handler still answers")
+	})
+}
+
+// routeOf maps a request path to its route, for the call counters.
+func routeOf(path string) string {
+	switch {
+	case strings.HasPrefix(path, "/products/"):
+		return "/products/:id"
+	case strings.HasPrefix(path, "/status/"):
+		return "/status/:code"
+	}
+	return path
+}
+
+func TestCacheMiddlewareNegativeCachingAndStatuses(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newCacheApp(t, r, r.Client(), func(c *CacheConfig) {
+			c.NotFoundTTL = 10 * time.Second
+			c.Statuses = []int{200, 201}
+		})
+		require.Equal(t, http.StatusNotFound, a.get(t, "/products/404").code)
+		rep := a.get(t, "/products/404")
+		require.Equal(t, http.StatusNotFound, rep.code)
+		require.Equal(t, "HIT", rep.header.Get("X-Cache"))
+		require.Equal(t, int32(1), a.count("/products/:id"))
+		a.get(t, "/status/201")
+		require.Equal(t, "HIT", a.get(t, "/status/201").header.Get("X-Cache"))
+
+		_, err := CacheConfig{Client: r.Client(), Statuses: []int{500}}.ToMiddleware()
+		require.ErrorIs(t, err, ErrInvalidCacheConfig, "5xx can never be cached")
+	})
+}
+
+func TestCacheMiddlewareConditionalRequests(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newCacheApp(t, r, r.Client(), nil)
+		// On a miss: the computed ETag is known before the body goes out.
+		miss := a.get(t, "/products/1")
+		etag := miss.header.Get("ETag")
+		require.True(t, strings.HasPrefix(etag, `"`), "a strong ETag: %s", etag)
+		n, err := a.store.Flush(context.Background(), "GET /products/1*")
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		rep := a.get(t, "/products/1", "If-None-Match", etag)
+		require.Equal(t, http.StatusNotModified, rep.code)
+		require.Equal(t, "MISS", rep.header.Get("X-Cache"))
+		require.Empty(t, rep.body)
+		// On a hit.
+		rep = a.get(t, "/products/1", "If-None-Match", `"other", `+etag)
+		require.Equal(t, http.StatusNotModified, rep.code)
+		require.Equal(t, "HIT", rep.header.Get("X-Cache"))
+		require.Empty(t, rep.body)
+		require.Equal(t, http.StatusOK, a.get(t, "/products/1", "If-None-Match", `"other"`).code)
+		// The handler's own ETag is kept.
+		a.get(t, "/etag")
+		rep = a.get(t, "/etag", "If-None-Match", `W/"v1"`)
+		require.Equal(t, http.StatusNotModified, rep.code)
+		require.Equal(t, `"v1"`, rep.header.Get("ETag"))
+	})
+}
+
+func TestCacheMiddlewareCustomKeyAndPersonal(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newCacheApp(t, r, r.Client(), func(c *CacheConfig) {
+			c.Personal = true
+			c.KeyFunc = func(c echo.Context) string {
+				if c.Param("id") == "" {
+					return ""
+				}
+				return "user:" + c.Param("id")
+			}
+		})
+		a.get(t, "/products/1", "Authorization", "Bearer a")
+		rep := a.get(t, "/products/1", "Authorization", "Bearer b")
+		require.Equal(t, "HIT", rep.header.Get("X-Cache"), "a personal route caches by its own key")
+		var v map[string]string
+		ok, err := a.store.Get(context.Background(), "user:1", &v)
+		require.NoError(t, err)
+		require.True(t, ok, "the service reads the response's body: one storage format")
+		require.Equal(t, map[string]string{"id": "1"}, v)
+		require.NoError(t, a.store.Delete(context.Background(), "user:1"))
+		require.Equal(t, "MISS", a.get(t, "/products/1").header.Get("X-Cache"), "deleted through the service")
+		require.NotEqual(t, "HIT", a.get(t, "/products").header.Get("X-Cache"), `an empty key bypasses the cache`)
+	})
+}
+
+// TestCacheMiddlewareStampede: 100 concurrent misses spread over two
+// instances, each with its own client, run the handler exactly once.
+func TestCacheMiddlewareStampede(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		apps := []*cacheApp{newCacheApp(t, r, r.Client(), nil), newCacheApp(t, r, r.Client(), nil)}
+		var wg sync.WaitGroup
+		var hits atomic.Int32
+		for i := range 100 {
+			wg.Go(func() {
+				rep := apps[i%2].get(t, "/slow")
+				assert.Equal(t, http.StatusOK, rep.code)
+				assert.Equal(t, "slow", rep.body)
+				if rep.header.Get("X-Cache") == "HIT" {
+					hits.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		require.Equal(t, int32(1), apps[0].count("/slow")+apps[1].count("/slow"), "the handler ran once for 100 concurrent misses")
+		require.Equal(t, int32(99), hits.Load())
+	})
+}
+
+func TestCacheMiddlewareTagsAndServiceShareStorage(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newCacheApp(t, r, r.Client(), func(c *CacheConfig) {
+			c.Tags = func(c echo.Context) []string {
+				if id := c.Param("id"); id != "" {
+					return []string{"products", "product:" + id}
+				}
+				return []string{"products"}
+			}
+		})
+		a.get(t, "/products")
+		a.get(t, "/products/7")
+		a.get(t, "/products/8")
+		for _, p := range []string{"/products", "/products/7", "/products/8"} {
+			require.Equal(t, "HIT", a.get(t, p).header.Get("X-Cache"), p)
+		}
+		// Updating product 7 invalidates its page and the list.
+		require.NoError(t, a.store.InvalidateTags(context.Background(), "product:7", "products"))
+		require.Equal(t, "MISS", a.get(t, "/products/7").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/products").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/products/8").header.Get("X-Cache"), "tagged products too")
+		require.NoError(t, a.store.InvalidateTags(context.Background(), "product:7"))
+		require.Equal(t, "HIT", a.get(t, "/products/8").header.Get("X-Cache"), "product 8 is not product 7")
+	})
+}
+
+func TestCacheMiddlewareStaleWhileRevalidate(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		clock := newFakeClock()
+		store := newCacheStore(t, r, r.Client(), func(c *CacheStoreConfig) { c.Clock = clock })
+		var version atomic.Int32
+		var panicky atomic.Bool
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store, TTL: time.Minute, StaleWhileRevalidate: time.Hour}))
+		e.GET("/v", func(c echo.Context) error {
+			if panicky.Load() {
+				panic("refresh blew up")
+			}
+			return c.String(http.StatusOK, fmt.Sprint(version.Add(1)))
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		a := &cacheApp{store: store, srv: srv}
+		require.Equal(t, "1", a.get(t, "/v").body)
+		clock.Advance(2 * time.Minute)
+		panicky.Store(true)
+		rep := a.get(t, "/v")
+		require.Equal(t, "1", rep.body, "stale served")
+		require.Equal(t, "STALE", rep.header.Get("X-Cache"))
+		time.Sleep(100 * time.Millisecond) // the background refresh panics: logged, not fatal
+		panicky.Store(false)
+		require.Eventually(t, func() bool { return a.get(t, "/v").body == "2" }, 5*time.Second, 20*time.Millisecond,
+			"one background refresh replaced the stale entry")
+		require.Equal(t, int32(2), version.Load(), "refreshed once")
+	})
+}
+
+// TestCacheRedisDownPassThrough: with Redis stopped or the breaker open,
+// every request still succeeds, uncached.
+func TestCacheRedisDownPassThrough(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		br := NewBreaker(BreakerConfig{Failures: 3, Cooldown: time.Hour, Logger: discardLogger()})
+		store, err := NewCacheStore(CacheStoreConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Timeout: 200 * time.Millisecond, Breaker: br, Logger: discardLogger()}})
+		require.NoError(t, err)
+		var calls atomic.Int32
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store}))
+		e.GET("/p", func(c echo.Context) error {
+			calls.Add(1)
+			return c.String(http.StatusOK, "fresh")
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		a := &cacheApp{store: store, srv: srv}
+		a.get(t, "/p")
+		require.Equal(t, "HIT", a.get(t, "/p").header.Get("X-Cache"))
+
+		f.Stop(t)
+		for i := range 20 {
+			rep := a.get(t, fmt.Sprint("/p?i=", i))
+			require.Equal(t, http.StatusOK, rep.code)
+			require.Equal(t, "fresh", rep.body)
+		}
+		require.True(t, br.AnyOpen(), "the breaker opened, so a failing Redis is not hammered")
+		start := time.Now()
+		rep := a.get(t, "/p?again")
+		require.Equal(t, http.StatusOK, rep.code)
+		require.Less(t, time.Since(start), 150*time.Millisecond, "with the breaker open, no Redis wait")
+		_, err = Remember(context.Background(), store, "k", time.Minute, func(context.Context) (int, error) { return 1, nil })
+		require.NoError(t, err, "Remember computes uncached")
 	})
 }

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"reflect"
 	"slices"
@@ -55,8 +56,9 @@ var (
 	// ErrNoSessionMiddleware is returned by GetSession when the Session
 	// middleware did not run for the request.
 	ErrNoSessionMiddleware = errors.New("redisecho: session: the Session middleware is not installed on this route")
-	// ErrSessionTooLarge is returned by Set when the session's values would
-	// exceed MaxSize. The session is left as it was.
+	// ErrSessionTooLarge is matched (errors.Is) by the error Set returns when
+	// the session's values would exceed MaxSize: an *echo.HTTPError 413 that
+	// a handler can return as is. The session is left as it was.
 	ErrSessionTooLarge = errors.New("redisecho: session: too large")
 	// ErrInvalidSessionKey is returned by Set for an empty key or one longer
 	// than 256 bytes.
@@ -280,6 +282,8 @@ type SessionStore struct {
 
 	verified  atomic.Pointer[sync.Map] // cookie value -> *verifiedCookie
 	verifiedN atomic.Int64
+
+	gone sync.Map // session key -> unix nanos: destroyed or renamed here
 }
 
 // NewSessionStore validates cfg, fills its defaults and returns the store.
@@ -440,6 +444,9 @@ func (st *SessionStore) decodeCookie(name, v string) (t token, version int64, ro
 		return token{}, 0, false, false
 	}
 	i := strings.LastIndexByte(v, '.')
+	if i < 0 {
+		return token{}, 0, false, false
+	}
 	payload, mac := v[:i], v[i+1:]
 	parts := strings.Split(payload, ".")
 	if len(parts) != 3 || len(parts[0]) != 4 || len(parts[1]) != 43 || len(mac) != 22 {
@@ -455,6 +462,30 @@ func (st *SessionStore) decodeCookie(name, v string) (t token, version int64, ro
 		}
 	}
 	return token{}, 0, false, false
+}
+
+// goneWindow is how long this instance distrusts its local cache for a
+// session it destroyed or renamed: longer than Redis's invalidation takes to
+// arrive (measured: a few milliseconds at worst on loopback).
+const goneWindow = 2 * time.Second
+
+// markGone records that this instance destroyed or renamed the session at
+// key, so that reads of it skip the local cache until the invalidation has
+// surely arrived: a destroyed session never works after the call returns.
+func (st *SessionStore) markGone(key string) {
+	st.gone.Store(key, time.Now().UnixNano())
+}
+
+func (st *SessionStore) recentlyGone(key string) bool {
+	v, ok := st.gone.Load(key)
+	if !ok {
+		return false
+	}
+	if time.Now().UnixNano()-v.(int64) < int64(goneWindow) {
+		return true
+	}
+	st.gone.CompareAndDelete(key, v)
+	return false
 }
 
 // verifiedCookie is a cookie value whose signature checked out, with what
@@ -520,6 +551,9 @@ const (
 // ARGV[7] n, the number of field/value pairs that follow and are set; the
 // remaining ARGV are fields to delete.
 //
+// "destroy" on a key that holds no session leaves a 60 s marker there, so
+// that a save already in flight cannot create the session afterwards.
+//
 // It returns {version, absolute expiry, remember, previous user}, or an
 // integer: -1 the session is gone (expired, destroyed, unknown), -2 the new
 // key exists (a token collision), -3 the values would exceed the max size.
@@ -531,13 +565,20 @@ local src, dst = KEYS[1], KEYS[2]
 local mode, now, idle = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local meta = redis.call('HMGET', src, '_a', '_s', '_z', '_u', '_r', '_v')
 if mode == 'destroy' then
+  if not meta[1] then
+    -- Nothing here yet: a save in flight may be about to create this
+    -- session. Leave a marker that makes it start a fresh one instead.
+    redis.call('HSET', src, '_d', '1')
+    redis.call('PEXPIRE', src, 60000)
+    return {0, 0, '', ''}
+  end
   local u = meta[4] or ''
   if ARGV[4] == '' or u == ARGV[4] then redis.call('DEL', src) end
   return {0, 0, '', u}
 end
 local abs, size, prev, rem, ver
 if mode == 'new' then
-  if meta[1] then return -2 end
+  if redis.call('EXISTS', dst) == 1 then return -2 end
   abs, size, prev, rem, ver = tonumber(ARGV[4]), 0, '', '', 0
 else
   abs = tonumber(meta[1])
@@ -629,7 +670,7 @@ func (st *SessionStore) loadKey(ctx context.Context, key string, minVersion int6
 	}
 	d, found = st.parse(m)
 	if res.IsCacheHit() {
-		if d.version < minVersion || !found {
+		if d.version < minVersion || !found || (found && st.recentlyGone(key)) {
 			st.staleBypass.Add(1)
 			if m, err = st.b.Do(ctx, key, st.b.client.B().Hgetall().Key(key).Build()).AsStrMap(); err != nil {
 				return d, false, err
@@ -723,11 +764,9 @@ func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]
 		return nil, err
 	}
 	out := make([]UserSession, 0, len(members))
-	var stale []string
 	for _, h := range members {
 		key, ok := st.keyOf(h)
 		if !ok {
-			stale = append(stale, h)
 			continue
 		}
 		f, err := st.b.Do(ctx, key, st.b.client.B().Hmget().Key(key).Field(fCreated, fSeen, fAbsolute, fAgent, fUser).Build()).ToArray()
@@ -739,20 +778,19 @@ func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]
 			vals[i], _ = f[i].ToString()
 		}
 		if vals[4] != userID {
-			stale = append(stale, h) // expired, destroyed, or bound to another user
-			continue
+			continue // not (yet, or any more) this user's session
 		}
 		ms := func(s string) time.Time { n, _ := strconv.ParseInt(s, 10, 64); return time.UnixMilli(n) }
 		if idle := ms(vals[1]); now.Sub(idle) > st.cfg.IdleTimeout {
-			stale = append(stale, h)
 			continue
 		}
 		out = append(out, UserSession{Handle: h, Created: ms(vals[0]), LastSeen: ms(vals[1]), Expires: ms(vals[2]), UserAgent: vals[3]})
 	}
-	if len(stale) > 0 {
-		if err := st.b.Do(ctx, idx, st.b.client.B().Zrem().Key(idx).Member(stale...).Build()).Error(); err != nil {
-			st.b.log.Error("redisecho: session: pruning a user's index failed", err)
-		}
+	// Entries whose session is missing or bound to someone else are left
+	// out but not removed: the index is written before the session, so one
+	// may belong to a login still in flight. Expired ones go by score.
+	if err := st.b.Do(ctx, idx, st.b.client.B().Zremrangebyscore().Key(idx).Min("-inf").Max(strconv.FormatInt(now.UnixMilli(), 10)).Build()).Error(); err != nil {
+		st.b.log.Error("redisecho: session: pruning a user's index failed", err)
 	}
 	return out, nil
 }
@@ -782,6 +820,7 @@ func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, 
 			}
 			if res.prevUser == userID {
 				ended++
+				st.markGone(key)
 			}
 		}
 		done = append(done, h)
@@ -1038,12 +1077,13 @@ func (s *SessionState) setField(field string, b []byte) error {
 		return err
 	}
 	if len(b) > s.st.cfg.MaxSize {
-		return fmt.Errorf("%w: value of %d bytes, limit %d", ErrSessionTooLarge, len(b), s.st.cfg.MaxSize)
+		return tooLarge(len(b), s.st.cfg.MaxSize)
 	}
-	if s.loaded {
+	s.ensureLoaded() // usually a local cache hit: tells the handler about the size limit now
+	if s.err == nil {
 		old, _ := s.raw(field)
 		if size := s.size() - len(old) + len(b); size > s.st.cfg.MaxSize {
-			return fmt.Errorf("%w: %d bytes, limit %d", ErrSessionTooLarge, size, s.st.cfg.MaxSize)
+			return tooLarge(size, s.st.cfg.MaxSize)
 		}
 	}
 	if s.set == nil {
@@ -1052,6 +1092,15 @@ func (s *SessionState) setField(field string, b []byte) error {
 	s.set[field] = b
 	delete(s.del, field)
 	return nil
+}
+
+// tooLarge is Set's refusal: a 413 for the handler to return as is, which
+// errors.Is matches with ErrSessionTooLarge.
+func tooLarge(size, limit int) error {
+	return &echo.HTTPError{
+		Code: http.StatusRequestEntityTooLarge, Message: "session too large",
+		Internal: fmt.Errorf("%w: %d bytes, limit %d", ErrSessionTooLarge, size, limit),
+	}
 }
 
 // size is the encoded size of values and flashes, pending changes applied.
@@ -1249,6 +1298,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 		if err != nil {
 			return nil, st.saveFailed(err)
 		}
+		st.markGone(s.key)
 		st.saves.Add(1)
 		if res.prevUser != "" {
 			st.unindex(ctx, res.prevUser, s.tok.handle())
@@ -1306,14 +1356,26 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			if res.prevUser != "" && (res.prevUser != s.userID || dst != s.tok) {
 				st.unindex(ctx, res.prevUser, s.tok.handle())
 			}
+			if dst != s.tok {
+				st.markGone(s.key) // renamed: the old ID is dead here at once
+			}
 			s.tok, s.key = dst, dstKey
 			return st.cookieFor(dst, res, now), nil
+		case errors.Is(err, errSessionCollision) && dst != s.tok:
+			// The new ID is taken (a destroy left its marker there while
+			// this regeneration was in flight): start a fresh session.
 		case !errors.Is(err, errSessionGone):
 			return nil, st.saveFailed(err)
 		}
-		// Expired or destroyed meanwhile: start a new session with the
-		// changes of this request.
+		// Expired or destroyed meanwhile: start a new session with only the
+		// changes of this request. A user binding this request did not make
+		// is not carried over: "log out everywhere" must stick.
+		st.markGone(s.key)
 		s.found = false
+		if !s.userChanged {
+			s.userID = ""
+			delete(s.set, fUser)
+		}
 	}
 	return s.create(ctx, now)
 }
@@ -1321,6 +1383,14 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 // create saves a new session with the pending changes. Callers hold s.mu.
 func (s *SessionState) create(ctx context.Context, now time.Time) (*sessionCookie, *sessionFailure) {
 	st := s.st
+	if s.userID == "" && !slices.ContainsFunc(slices.Collect(maps.Keys(s.set)), isDataField) {
+		// Nothing worth storing (a regeneration or a remember-me choice on
+		// an empty session): no key, no cookie (saveUninitialized: false).
+		if s.badCookie || s.hasToken {
+			return &sessionCookie{maxAge: -1}, nil
+		}
+		return nil, nil
+	}
 	abs := now.Add(st.cfg.Lifetime)
 	s.stage(fRemember, boolField(s.remember))
 	if s.ua != "" {

@@ -373,6 +373,7 @@ func TestSessionBadCookies(t *testing.T) {
 				return p + "." + app.store.mac(app.store.keys[0], DefaultSessionCookie, p)
 			}()},
 			{name: "braces and dots", given: "{a}.{b}.{c}.{d}"},
+			{name: "no dots at all", given: strings.Repeat("x", 80)},
 		}
 		for _, tt := range tests {
 			t.Run(tt.name, func(t *testing.T) {
@@ -780,21 +781,30 @@ func TestSessionSizeLimit(t *testing.T) {
 		require.Equal(t, http.StatusNoContent, b.post(inline, "/").code)
 		b.setCookie(app, b.cookie(inline))
 
-		// A write-only request is checked atomically by the save: 413, and
-		// the stored session is left as it was.
+		// A write-only handler gets the refusal from Set too, as a 413 it
+		// can return as is.
 		require.Equal(t, http.StatusOK, b.post(app, "/set-silent?k=big&v="+strings.Repeat("z", 80)).code)
 		require.Equal(t, http.StatusOK, b.post(app, "/set-silent?k=big2&v="+strings.Repeat("z", 5)).code)
 		rep := b.post(app, "/set-silent?k=huge&v="+strings.Repeat("z", 50))
 		require.Equal(t, http.StatusRequestEntityTooLarge, rep.code)
-		require.JSONEq(t, `{"error":"session too large"}`, rep.body)
+		require.JSONEq(t, `{"message":"session too large"}`, rep.body)
 		var all map[string]any
 		require.NoError(t, json.Unmarshal([]byte(b.get(app, "/all").body), &all))
 		require.Equal(t, map[string]any{"a": "small", "big": strings.Repeat("z", 80), "big2": "zzzzz"}, all, "unchanged")
+
+		// Concurrent requests that each stay under the limit cannot push the
+		// stored session over it: the save script checks atomically.
+		tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
+		require.True(t, ok)
+		key := app.store.key(tok)
+		_, err := app.store.runSave(context.Background(), key, key,
+			app.store.saveArgs("update", time.Now(), 0, true, map[string][]byte{"v:more": []byte(strings.Repeat("m", 20))}, nil))
+		require.ErrorIs(t, err, ErrSessionTooLarge)
+		require.NoError(t, json.Unmarshal([]byte(b.get(app, "/all").body), &all))
+		require.Len(t, all, 3, "the refused save wrote nothing")
 	})
 }
 
-// TestSessionRedisDown: with Redis stopped, requests that touch a session
-// get a short 503 with no internal text; the rest are unaffected.
 func TestSessionRedisDown(t *testing.T) {
 	t.Parallel()
 	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
@@ -1763,4 +1773,127 @@ func TestGorillaStoreErrors(t *testing.T) {
 	require.ErrorIs(t, gs.Save(other, httptest.NewRecorder(), s), ErrGorillaSessionUnknown)
 	var he *echo.HTTPError
 	require.False(t, errors.As(ErrGorillaSessionUnknown, &he))
+}
+
+// FuzzDecodeCookieNeverPanics: whatever a client sends as a cookie, it is
+// a session or a refusal, never a panic.
+func FuzzDecodeCookieNeverPanics(f *testing.F) {
+	st := &SessionStore{keys: [][]byte{[]byte(testKey)}, cfg: SessionConfig{CookieName: DefaultSessionCookie}}
+	good := st.encodeCookie(DefaultSessionCookie, newToken(""), 3)
+	for _, s := range []string{good, strings.Repeat("x", 80), "a.b.c.d", "....", good[:len(good)-1] + "!", strings.ReplaceAll(good, ".", "")} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		tok, version, _, ok := st.decodeCookie(DefaultSessionCookie, v)
+		if ok {
+			require.Equal(t, v, st.encodeCookie(DefaultSessionCookie, tok, version), "only a cookie we signed is accepted")
+		}
+	})
+}
+
+// TestSessionDestroyedWhileWriting: a write in flight while the session is
+// destroyed ("log out everywhere") does not bring the login back.
+func TestSessionDestroyedWhileWriting(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		other, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		inHandler, proceed := make(chan struct{}), make(chan struct{})
+		e := echo.New()
+		e.Use(store.Middleware())
+		e.POST("/login", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.NoError(t, s.SetUserID("victim"))
+			require.NoError(t, s.Set("role", "admin"))
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.POST("/slow-write", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.Equal(t, "victim", s.UserID())
+			close(inHandler)
+			<-proceed
+			require.NoError(t, s.Set("theme", "dark"))
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.GET("/whoami", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			role, _ := s.GetString("role")
+			return c.JSON(http.StatusOK, map[string]string{"user": s.UserID(), "role": role})
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		app := &sessionApp{store: store, srv: srv}
+		b := newBrowser(t)
+		require.Equal(t, http.StatusNoContent, b.post(app, "/login").code)
+		done := make(chan reply)
+		go func() { done <- b.post(app, "/slow-write") }()
+		<-inHandler
+		n, err := other.DestroyUserSessions(context.Background(), "victim")
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		close(proceed)
+		require.Equal(t, http.StatusNoContent, (<-done).code)
+		var who map[string]string
+		require.NoError(t, json.Unmarshal([]byte(b.get(app, "/whoami").body), &who))
+		require.Equal(t, map[string]string{"user": "", "role": ""}, who, "the write started a fresh, anonymous session")
+		list, err := store.ListUserSessions(context.Background(), "victim")
+		require.NoError(t, err)
+		require.Empty(t, list)
+	})
+}
+
+// TestSessionDestroyedIsGoneAtOnceHere: on the instance that destroyed or
+// regenerated a session, the old one never reads as live afterwards, even
+// from a warm local cache.
+func TestSessionDestroyedIsGoneAtOnceHere(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		ctx := context.Background()
+		for i := range 300 {
+			b := newBrowser(t)
+			user := fmt.Sprint("gone", i)
+			require.Equal(t, http.StatusOK, b.post(app, "/login?user="+user).code)
+			tok, v, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
+			require.True(t, ok)
+			for range 2 { // warm the local cache
+				_, found, err := app.store.load(ctx, tok, v)
+				require.NoError(t, err)
+				require.True(t, found)
+			}
+			if i%2 == 0 {
+				n, err := app.store.DestroyUserSessions(ctx, user)
+				require.NoError(t, err)
+				require.Equal(t, 1, n)
+			} else {
+				require.Equal(t, http.StatusNoContent, b.post(app, "/regenerate").code)
+			}
+			_, found, err := app.store.load(ctx, tok, v)
+			require.NoError(t, err)
+			require.False(t, found, "round %d: the old session still read as live on this instance", i)
+		}
+	})
+}
+
+// TestSessionIndexKeepsInFlightLogins: an index entry written ahead of its
+// session (a login in flight) survives a listing in between.
+func TestSessionIndexKeepsInFlightLogins(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		ctx := context.Background()
+		now := store.b.clock.Now()
+		tok := newToken("")
+		abs := now.Add(time.Hour)
+		require.Nil(t, store.index(ctx, "u1", tok.handle(), abs, now))
+		list, err := store.ListUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Empty(t, list, "not a session yet")
+		_, err = store.runSave(ctx, store.key(tok), store.key(tok), store.saveArgs("new", now, abs.UnixMilli(), true,
+			map[string][]byte{fUser: []byte("u1"), "v:x": []byte("1")}, nil))
+		require.NoError(t, err)
+		list, err = store.ListUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Len(t, list, 1, "the listing did not prune the in-flight entry")
+	})
 }

@@ -162,8 +162,8 @@ func (cs *CacheStore) tagKey(tag string) string   { return cs.b.keys.Key("tag", 
 type entry struct {
 	notFound bool // a cached "not found" (Remember with CacheNotFound)
 	stored   int64
-	fresh    int64 // fresh until
-	stale    int64 // servable, stale, until (>= fresh)
+	fresh    int64  // fresh until
+	stale    int64  // servable, stale, until (>= fresh)
 	id       uint64 // random: tells this write from any other
 	status   int
 	tags     []tagGen

@@ -141,8 +141,18 @@ func (b *backend) call(ctx context.Context, key string, fn func(ctx context.Cont
 	cctx, cancel := context.WithTimeout(ctx, b.timeout)
 	err := fn(cctx)
 	cancel()
-	b.breaker.record(n, classify(ctx, err))
+	b.record(n, classify(ctx, err))
 	return err
+}
+
+// record tells the breaker a call's outcome. A failure on a cluster also
+// re-reads the slot map (at most once a second), so that after a failover
+// the keys of a dead master map to its replacement, not to the dead scope.
+func (b *backend) record(n *breakerNode, o outcome) {
+	b.breaker.record(n, o)
+	if o == unhealthy && b.client.Mode() == rueidis.ClientModeCluster {
+		b.shared.refreshSlots(b.client, b.timeout)
+	}
 }
 
 // Do sends cmd, whose key (or first key) is key.
@@ -172,7 +182,7 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 		return rueidis.NewErrorResult(ErrBreakerOpen)
 	}
 	res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
-	b.breaker.record(n, classify(ctx, res.Error()))
+	b.record(n, classify(ctx, res.Error()))
 	return res
 }
 
@@ -198,7 +208,7 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 			break
 		}
 	}
-	b.breaker.record(n, classify(ctx, err))
+	b.record(n, classify(ctx, err))
 	return res
 }
 

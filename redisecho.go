@@ -201,26 +201,36 @@ func keySlot(key string) uint16 {
 // would see every key twice. Each ROLE call runs under ctx.
 func masters(ctx context.Context, client rueidis.Client) ([]rueidis.Client, error) {
 	nodes := client.Nodes()
-	if client.Mode() != rueidis.ClientModeCluster {
-		out := make([]rueidis.Client, 0, len(nodes))
-		for _, n := range nodes {
-			out = append(out, n)
-		}
-		return out, nil
-	}
 	out := make([]rueidis.Client, 0, len(nodes))
 	for addr, n := range nodes {
-		role, err := n.Do(ctx, n.B().Role().Build()).ToArray()
-		if err != nil {
-			return nil, fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
-		}
-		if len(role) > 0 {
-			if r, _ := role[0].ToString(); r == "master" {
-				out = append(out, n)
+		if client.Mode() == rueidis.ClientModeCluster {
+			role, err := n.Do(ctx, n.B().Role().Build()).ToArray()
+			if err != nil {
+				return nil, fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
+			}
+			if len(role) == 0 {
+				continue
+			}
+			if r, _ := role[0].ToString(); r != "master" {
+				continue
 			}
 		}
+		out = append(out, addressed{Client: n, addr: addr})
 	}
 	return out, nil
+}
+
+// addressed is a node client that knows its address.
+type addressed struct {
+	rueidis.Client
+	addr string
+}
+
+func nodeAddr(n rueidis.Client) string {
+	if a, ok := n.(addressed); ok {
+		return a.addr
+	}
+	return ""
 }
 
 // scanMasters runs SCAN MATCH pattern over every master (see masters) and
@@ -375,6 +385,10 @@ type ReadinessConfig struct {
 	// Breaker is the breaker whose scopes are reported; any scope that is
 	// not closed makes the answer 503. Default: BreakerFor(client).
 	Breaker *Breaker
+	// Detail adds each master's address and round trip, and each breaker
+	// scope's counters, to the report. Off by default, since readiness is
+	// usually reachable without authentication. Default: false.
+	Detail bool
 }
 
 // HealthReport is the JSON body of the readiness handler.
@@ -393,10 +407,12 @@ type RedisHealth struct {
 	Mode string `json:"mode,omitempty"`
 	// LatencyMS is the slowest node's PING round trip, in milliseconds.
 	LatencyMS float64 `json:"latency_ms"`
-	// Nodes reports each node the client knows.
+	// Breaker is "closed" when every breaker scope is closed, else "open".
+	Breaker string `json:"breaker"`
+	// Nodes reports each master (with ReadinessConfig.Detail).
 	Nodes []NodeHealth `json:"nodes,omitempty"`
-	// Breaker reports each breaker scope.
-	Breaker []BreakerStats `json:"breaker,omitempty"`
+	// Scopes reports each breaker scope (with ReadinessConfig.Detail).
+	Scopes []BreakerStats `json:"scopes,omitempty"`
 }
 
 // NodeHealth is one node's PING result. Error is "timeout" or "unreachable":
@@ -453,6 +469,9 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 		ctx, cancel := context.WithTimeout(c.Request().Context(), cfg.Timeout)
 		defer cancel()
 		rep := checkRedis(ctx, client, breaker)
+		if !cfg.Detail {
+			rep.Redis.Nodes, rep.Redis.Scopes = nil, nil
+		}
 		code := http.StatusOK
 		if rep.Status != "ok" {
 			code = http.StatusServiceUnavailable
@@ -461,17 +480,22 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 	}, nil
 }
 
-// checkRedis PINGs every node concurrently under ctx.
+// checkRedis PINGs every master concurrently under ctx (replicas are left
+// out: a missing replica does not stop this instance from serving).
 func checkRedis(ctx context.Context, client rueidis.Client, breaker *Breaker) HealthReport {
-	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: breaker.Stats()}}
-	nodes := client.Nodes()
+	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: "closed", Scopes: breaker.Stats()}}
+	nodes, err := masters(ctx, client)
+	if err != nil {
+		rep.Status, rep.Redis.State = "unavailable", "down"
+		return rep
+	}
 	rep.Redis.Nodes = make([]NodeHealth, 0, len(nodes))
 	results := make(chan NodeHealth, len(nodes))
-	for addr, n := range nodes {
+	for _, n := range nodes {
 		go func() {
 			start := time.Now()
 			err := n.Do(ctx, n.B().Ping().Build()).Error()
-			h := NodeHealth{Addr: addr, OK: err == nil, LatencyMS: float64(time.Since(start).Microseconds()) / 1000}
+			h := NodeHealth{Addr: nodeAddr(n), OK: err == nil, LatencyMS: float64(time.Since(start).Microseconds()) / 1000}
 			switch {
 			case err == nil:
 			case errors.Is(err, context.DeadlineExceeded):
@@ -491,8 +515,11 @@ func checkRedis(ctx context.Context, client rueidis.Client, breaker *Breaker) He
 		}
 	}
 	sort.Slice(rep.Redis.Nodes, func(i, j int) bool { return rep.Redis.Nodes[i].Addr < rep.Redis.Nodes[j].Addr })
-	if rep.Status == "ok" && breaker.AnyOpen() {
-		rep.Status, rep.Redis.State = "unavailable", "breaker-open"
+	if breaker.AnyOpen() {
+		rep.Redis.Breaker = "open"
+		if rep.Status == "ok" {
+			rep.Status, rep.Redis.State = "unavailable", "breaker-open"
+		}
 	}
 	return rep
 }

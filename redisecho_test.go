@@ -303,6 +303,10 @@ func TestReadinessReportsModeAndNodes(t *testing.T) {
 		c := r.Client()
 		code, rep, _ := getHealth(t, Readiness(c))
 		require.Equal(t, http.StatusOK, code)
+		assert.Empty(t, rep.Redis.Nodes, "no topology without Detail")
+		assert.Equal(t, "closed", rep.Redis.Breaker)
+		code, rep, _ = getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Detail: true}))
+		require.Equal(t, http.StatusOK, code)
 		assert.Equal(t, "ok", rep.Status)
 		assert.Equal(t, "up", rep.Redis.State)
 		assert.Equal(t, r.Topology, rep.Redis.Mode)
@@ -321,18 +325,19 @@ func TestReadinessIsUnavailableWhileBreakerIsOpen(t *testing.T) {
 	c := standaloneClient(t)
 	br := NewBreaker(BreakerConfig{Failures: 1, Logger: discardLogger()})
 	br.record(br.node("redis"), unhealthy)
-	code, rep, _ := getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br}))
+	code, rep, _ := getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Detail: true}))
 	require.Equal(t, http.StatusServiceUnavailable, code)
 	assert.Equal(t, "breaker-open", rep.Redis.State)
-	require.Len(t, rep.Redis.Breaker, 1)
-	assert.Equal(t, "open", rep.Redis.Breaker[0].StateName)
+	assert.Equal(t, "open", rep.Redis.Breaker)
+	require.Len(t, rep.Redis.Scopes, 1)
+	assert.Equal(t, "open", rep.Redis.Scopes[0].StateName)
 }
 
 func TestReadinessUnderFaults(t *testing.T) {
 	t.Parallel()
 	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
 		c := f.Client()
-		h := ReadinessWithConfig(ReadinessConfig{Client: c, Timeout: 300 * time.Millisecond})
+		h := ReadinessWithConfig(ReadinessConfig{Client: c, Timeout: 300 * time.Millisecond, Detail: true})
 		code, _, _ := getHealth(t, h)
 		require.Equal(t, http.StatusOK, code)
 
@@ -341,7 +346,11 @@ func TestReadinessUnderFaults(t *testing.T) {
 		require.Equal(t, http.StatusServiceUnavailable, code)
 		require.Less(t, took, 2*time.Second, "readiness answers within its deadline when Redis hangs")
 		assert.Equal(t, "down", rep.Redis.State)
-		assert.Contains(t, []string{"timeout", "unreachable"}, rep.Redis.Nodes[0].Error)
+		for _, n := range rep.Redis.Nodes {
+			if !n.OK {
+				assert.Contains(t, []string{"timeout", "unreachable"}, n.Error, "never internal text")
+			}
+		}
 		f.Resume(t)
 		require.Eventually(t, func() bool { code, _, _ := getHealth(t, h); return code == http.StatusOK }, 10*time.Second, 50*time.Millisecond)
 

@@ -158,6 +158,9 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 	auth.POST("/logout-all", logoutAll)
 	auth.PUT("/preferences", putPreferences)
 	auth.GET("/preferences", getPreferences)
+	if err := mountAPI(e, client, redisecho.Options{Logger: logger}); err != nil {
+		return nil, err
+	}
 	return e, nil
 }
 

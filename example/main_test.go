@@ -219,3 +219,77 @@ func TestPreferencesFromTwoTabs(t *testing.T) {
 	require.Equal(t, http.StatusOK, code)
 	require.Len(t, body, 21, "every tab's preference was kept: %v", body)
 }
+
+// TestGuideCacheRoutes: the guide's cached routes, on the embedded Redis.
+func TestGuideCacheRoutes(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1"})
+	require.Eventually(t, func() bool { code, _ := status(t, base+"/health"); return code == http.StatusOK }, 5*time.Second, 20*time.Millisecond)
+	get := func(path string) (int, string, string) {
+		resp, err := http.Get(base + path)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header.Get("X-Cache"), string(b)
+	}
+	put := func(path, body string) (int, string) {
+		req, _ := http.NewRequest(http.MethodPut, base+path, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	code, xc, body := get("/api/products")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "MISS", xc)
+	var list []map[string]any
+	require.NoError(t, json.Unmarshal([]byte(body), &list))
+	require.Len(t, list, 20)
+	_, xc, _ = get("/api/products")
+	require.Equal(t, "HIT", xc)
+	_, xc, _ = get("/api/products/7")
+	require.Equal(t, "MISS", xc)
+	_, xc, _ = get("/api/products/7")
+	require.Equal(t, "HIT", xc)
+
+	code, xc, _ = get("/api/products/99")
+	require.Equal(t, http.StatusNotFound, code)
+	require.Equal(t, "MISS", xc)
+	code, xc, _ = get("/api/products/99")
+	require.Equal(t, http.StatusNotFound, code)
+	require.Equal(t, "HIT", xc, "404s are negative-cached")
+
+	code, xc, body = get("/api/users/1")
+	require.Equal(t, http.StatusOK, code)
+	require.Contains(t, body, "alice")
+	_, xc, _ = get("/api/users/1")
+	require.Equal(t, "HIT", xc)
+
+	code, _ = put("/api/products/7", `{"price": 1.5}`)
+	require.Equal(t, http.StatusOK, code)
+	code, xc, body = get("/api/products/7")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "MISS", xc, "the update invalidated the product")
+	require.Contains(t, body, `"price":1.5`)
+	_, xc, body = get("/api/products")
+	require.Equal(t, "MISS", xc, "and the list")
+	require.Contains(t, body, `"price":1.5`)
+	_, xc, _ = get("/api/products/8")
+	require.Equal(t, "MISS", xc, "product 8 was never cached")
+	_, xc, _ = get("/api/products/8")
+	require.Equal(t, "HIT", xc)
+	code, _ = put("/api/products/7", `{"name": "Renamed"}`)
+	require.Equal(t, http.StatusOK, code)
+	_, xc, _ = get("/api/products/8")
+	require.Equal(t, "HIT", xc, "other products stay cached")
+
+	code, body = put("/api/products/7", `{"price": "free"}`)
+	require.Equal(t, http.StatusBadRequest, code)
+	require.Contains(t, body, `"error"`)
+	code, _ = put("/api/products/7", `not json`)
+	require.Equal(t, http.StatusBadRequest, code)
+	code, body = put("/api/products/99", `{"price": 1}`)
+	require.Equal(t, http.StatusNotFound, code)
+	require.Contains(t, body, "Product not found")
+}

@@ -181,7 +181,10 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 		n.rejected.Add(1)
 		return rueidis.NewErrorResult(ErrBreakerOpen)
 	}
-	res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
+	// Pin: rueidis v1.0.79 recycles a cacheable command that failed with
+	// ErrDoCacheAborted while its connection's writer may still read it (a
+	// data race under connection kills); a pinned command is never recycled.
+	res = b.client.DoCache(b.deadline.get(b.timeout), cmd.Pin(), ttl)
 	b.record(n, classify(ctx, res.Error()))
 	return res
 }
@@ -199,6 +202,9 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 			res[i] = rueidis.NewErrorResult(ErrBreakerOpen)
 		}
 		return res
+	}
+	for i := range cmds {
+		cmds[i].Cmd = cmds[i].Cmd.Pin() // see DoCache
 	}
 	res := b.client.DoMultiCache(b.deadline.get(b.timeout), cmds...)
 	var err error
@@ -646,7 +652,7 @@ func (s *clientState) checkCache(client rueidis.Client, log *rateLog, timeout ti
 			key := Keyspace{}.Key("csc-check")
 			for range 8 {
 				ctx, cancel := context.WithTimeout(context.Background(), timeout)
-				res := client.DoCache(ctx, client.B().Get().Key(key).Cache(), time.Minute)
+				res := client.DoCache(ctx, client.B().Get().Key(key).Cache().Pin(), time.Minute) // Pin: see backend.DoCache
 				cancel()
 				if res.IsCacheHit() {
 					return

@@ -884,7 +884,7 @@ func TestSessionBreakerOpen(t *testing.T) {
 			br.record(br.node(scope), unhealthy)
 		}
 		tok, _, _, _ := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
-		br.record(br.node(app.store.b.scope(app.store.key(tok))), unhealthy)
+		br.record(br.node(waitSlotMap(t, app.store.b, app.store.key(tok))), unhealthy)
 		rep := b.get(app, "/get?k=n")
 		require.Equal(t, http.StatusServiceUnavailable, rep.code)
 		require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"net/http"
+	"net/http/httptest"
 
 	"github.com/labstack/echo/v4"
 )
@@ -65,7 +66,32 @@ var cases = []Case{
 
 	// Caching, baseline /p: a warm cache hit answering the /p body
 	// (go-redis/cache: cache-aside of the data, rendered by the handler;
-	// the guide: a response cache sending the stored JSON).
+	// the guide: a response cache sending the stored JSON; redisecho: a
+	// response cache read through client-side caching). The precomputed
+	// body, no Redis, is the ceiling a response cache hit is held to.
+	precomputedCase("precomputed body (no Redis)", "/precomputed/p"),
 	goRedisCacheCase("go-redis-cache-tinylfu/hit", "/go-redis-cache/hit"),
 	guideCacheCase("guide-cache/hit", "/guide-cache/hit"),
+	redisechoCacheCase("redisecho cache/hit", "/redisecho/cache/hit"),
+}
+
+// precomputedCase: the /p route answering a body rendered once at Register
+// (by handleP itself, so it is byte for byte the baseline's) with
+// c.JSONBlob: no Redis, no encoding per request. It is what a response
+// cache hit would cost if the cache were free.
+func precomputedCase(name, path string) Case {
+	return Case{
+		Name: name, Baseline: "/p", Path: path,
+		Register: func(e *echo.Echo, _ *Env) error {
+			rec := httptest.NewRecorder()
+			if err := handleP(e.NewContext(httptest.NewRequest(http.MethodGet, "/p", nil), rec)); err != nil {
+				return err
+			}
+			body := rec.Body.Bytes()
+			e.Group(path).GET("", func(c echo.Context) error {
+				return c.JSONBlob(http.StatusOK, body)
+			})
+			return nil
+		},
+	}
 }

@@ -71,6 +71,9 @@ type CacheStore struct {
 	*cacheLocal
 
 	hits, misses, fills, waits, errors atomic.Uint64
+
+	keyMemo  sync.Map // cache key -> entry key
+	keyMemoN atomic.Int64
 }
 
 // cacheLocal is the in-process state that every CacheStore on one client and
@@ -84,6 +87,9 @@ type cacheLocal struct {
 	flushedAt atomic.Int64 // unix nanos of our last flush
 
 	flight sync.Map // entry key -> *cacheFill: in-process coalescing
+
+	decoded  sync.Map // entry key -> *entry, immutable once stored
+	decodedN atomic.Int64
 }
 
 // CacheStoreConfig configures a CacheStore.
@@ -148,7 +154,20 @@ func (cs *CacheStore) Stats() CacheStats {
 	return CacheStats{Hits: cs.hits.Load(), Misses: cs.misses.Load(), Fills: cs.fills.Load(), Waits: cs.waits.Load(), Errors: cs.errors.Load()}
 }
 
-func (cs *CacheStore) entryKey(key string) string { return cs.b.keys.Group("c", key).Key("e") }
+// entryKey returns the Redis key of key's entry, remembering recent ones
+// (building a key escapes it, which a hot path should not repeat).
+func (cs *CacheStore) entryKey(key string) string {
+	if v, ok := cs.keyMemo.Load(key); ok {
+		return v.(string)
+	}
+	ek := cs.b.keys.Group("c", key).Key("e")
+	if cs.keyMemoN.Add(1) > maxDecoded {
+		cs.keyMemo.Clear()
+		cs.keyMemoN.Store(0)
+	}
+	cs.keyMemo.Store(key, ek)
+	return ek
+}
 func (cs *CacheStore) lockKey(key string) string  { return cs.b.keys.Group("c", key).Key("l") }
 func (cs *CacheStore) tagKey(tag string) string   { return cs.b.keys.Key("tag", tag) }
 
@@ -286,6 +305,9 @@ func decodeEntry(s string) (*entry, error) {
 	if e.stale < e.fresh || e.status < 0 || e.status > 999 {
 		return nil, errCorruptEntry
 	}
+	for k, vs := range e.header {
+		e.header[k] = slices.Clip(vs) // shared by every hit: an append must copy
+	}
 	e.body = p
 	return e, nil
 }
@@ -338,6 +360,8 @@ func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
 }
 
 // decodeResult decodes a GET of an entry: nil for none or a corrupt one.
+// Decoded entries are remembered by their random id, so a hit on an entry
+// this process already decoded costs no copy and no allocation.
 func (cs *CacheStore) decodeResult(ek string, res rueidis.RedisResult) (*entry, error) {
 	s, err := res.ToString()
 	if rueidis.IsRedisNil(err) {
@@ -346,12 +370,39 @@ func (cs *CacheStore) decodeResult(ek string, res rueidis.RedisResult) (*entry, 
 	if err != nil {
 		return nil, err
 	}
+	id, ok := entryID(s)
+	if ok {
+		if v, found := cs.decoded.Load(ek); found && v.(*entry).id == id {
+			return v.(*entry), nil
+		}
+	}
 	e, err := decodeEntry(s)
 	if err != nil {
 		cs.b.log.Error("redisecho: cache: a corrupt entry is treated as a miss", err, "key", ek)
 		return nil, nil
 	}
+	if cs.decodedN.Add(1) > maxDecoded {
+		cs.decoded.Clear()
+		cs.decodedN.Store(0)
+	}
+	cs.decoded.Store(ek, e)
 	return e, nil
+}
+
+// maxDecoded bounds the memo of decoded entries; it is emptied when full.
+const maxDecoded = 1 << 13
+
+// entryID reads an encoded entry's id without decoding the rest.
+func entryID(s string) (uint64, bool) {
+	const off = len(entryMagic) + 1 + 24
+	if len(s) < off+8 || s[:3] != entryMagic {
+		return 0, false
+	}
+	var id uint64
+	for i := range 8 {
+		id = id<<8 | uint64(s[off+i])
+	}
+	return id, true
 }
 
 func tagNames(tags []tagGen) []string {
@@ -580,9 +631,10 @@ type fillFunc func(ctx context.Context) (*entry, error)
 //     it appears or LockTTL passes, then fill themselves rather than fail.
 //
 // tags are read before the fill starts, so an invalidation during the fill
-// wins. When Redis fails, fill runs uncached and its entry is returned.
+// wins. refill builds the fill of a background refresh (called while the
+// request is still running, only for a stale hit). When Redis fails, fill runs uncached and its entry is returned.
 // shared reports whether the entry came from the cache or another fill.
-func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill, refill fillFunc) (l lookup, err error) {
+func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill fillFunc, refill func() fillFunc) (l lookup, err error) {
 	l, err = cs.read(ctx, key)
 	if err != nil {
 		cs.errors.Add(1)
@@ -596,7 +648,7 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill, 
 	}
 	if l.stale {
 		cs.hits.Add(1)
-		cs.refreshInBackground(key, tags, refill)
+		cs.refreshInBackground(key, tags, refill())
 		return l, nil
 	}
 	cs.misses.Add(1)
@@ -874,7 +926,7 @@ func Remember[T any](ctx context.Context, cs *CacheStore, key string, ttl time.D
 		e, _, err := encode(fn(ctx))
 		return e, err
 	}
-	l, err := cs.get(ctx, key, o.tags, fill, refill)
+	l, err := cs.get(ctx, key, o.tags, fill, func() fillFunc { return refill })
 	if computed != nil {
 		return *computed, err
 	}
@@ -1074,8 +1126,8 @@ func (cfg CacheConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 }
 
 func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
+	next = h.withStore(next)
 	return func(c echo.Context) error {
-		c.Set(cacheContextKey, h.cs)
 		r := c.Request()
 		if h.cfg.Skipper(c) || (r.Method != http.MethodGet && r.Method != http.MethodHead) || !h.cacheableRequest(r) {
 			return next(c)
@@ -1104,7 +1156,7 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 			}
 			return own, nil
 		}
-		l, err := h.cs.get(r.Context(), key, tags, fill, h.refiller(c, next))
+		l, err := h.cs.get(r.Context(), key, tags, fill, func() fillFunc { return h.refiller(c, next) })
 		switch {
 		case ran && own == nil:
 			return handlerErr // streamed straight to the client
@@ -1121,6 +1173,15 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 			state = "STALE"
 		}
 		return h.send(c, l.e, state)
+	}
+}
+
+// withStore hands the store to the handler (GetCache) when it runs: a hit
+// never pays for it.
+func (h *httpCache) withStore(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Set(cacheContextKey, h.cs)
+		return next(c)
 	}
 }
 
@@ -1240,6 +1301,10 @@ func (h *httpCache) storable(e *entry) bool {
 	return true
 }
 
+// xCacheValues are the X-Cache header values, shared (and clipped, so an
+// append copies).
+var xCacheValues = map[string][]string{"HIT": {"HIT"}, "STALE": {"STALE"}, "MISS": {"MISS"}}
+
 // sendOwn writes the response this request's handler produced, captured
 // but not sent yet (its headers are already in place), as a MISS.
 func (h *httpCache) sendOwn(c echo.Context, e *entry, handlerErr error) error {
@@ -1272,11 +1337,11 @@ func (h *httpCache) send(c echo.Context, e *entry, state string) error {
 	res := c.Response()
 	hdr := res.Header()
 	for k, vs := range e.header {
-		hdr[k] = vs
+		hdr[k] = vs // clipped: an append by anyone else copies
 	}
 	age := max(h.cs.b.clock.Now().UnixMilli()-e.stored, 0) / 1000
-	hdr.Set("Age", strconv.FormatInt(age, 10))
-	hdr.Set("X-Cache", state)
+	hdr["Age"] = []string{strconv.FormatInt(age, 10)}
+	hdr["X-Cache"] = xCacheValues[state]
 	status, body := h.conditional(c, hdr, e)
 	res.WriteHeader(status)
 	if len(body) > 0 {

@@ -59,7 +59,7 @@ var (
 //
 //	<prefix>{c:K}:e   the entry (one string: metadata, tag generations, value)
 //	<prefix>{c:K}:l   its fill lock, held by one filler at a time
-//	<prefix>tag:T     the tag's generation counter
+//	<prefix>tag:T     the tag's generation counter (expires TagTTL after its last invalidation)
 //
 // Tags are versioned: an entry records the generation of each of its tags
 // when its fill started, and is a miss once any of them has moved on. So
@@ -110,6 +110,11 @@ type CacheStoreConfig struct {
 	// Codec encodes the service's values (Set, Get, Remember). Default:
 	// JSONCodec.
 	Codec Codec
+	// TagTTL is how long a tag's generation counter lives after its last
+	// invalidation, so tags never pile up. Tagged entries live at most this
+	// long (their TTL is capped), which keeps a recycled counter from
+	// reviving an old entry. Default: 7 days.
+	TagTTL time.Duration
 }
 
 // NewCacheStore validates cfg, fills its defaults and returns the store. It
@@ -119,8 +124,11 @@ func NewCacheStore(cfg CacheStoreConfig) (*CacheStore, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.LockTTL < 0 || cfg.RecentWindow < 0 {
-		return nil, fmt.Errorf("%w: negative LockTTL or RecentWindow", ErrInvalidCacheConfig)
+	if cfg.LockTTL < 0 || cfg.RecentWindow < 0 || cfg.TagTTL < 0 {
+		return nil, fmt.Errorf("%w: negative LockTTL, RecentWindow or TagTTL", ErrInvalidCacheConfig)
+	}
+	if cfg.TagTTL == 0 {
+		cfg.TagTTL = 7 * 24 * time.Hour
 	}
 	if cfg.LockTTL == 0 {
 		cfg.LockTTL = DefaultCacheLockTTL
@@ -452,7 +460,13 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 	}
 	for _, t := range tags {
 		k := cs.tagKey(t)
-		n, err := cs.b.Do(ctx, k, cs.b.client.B().Incr().Key(k).Build()).AsInt64()
+		res := cs.b.DoMulti(ctx, k,
+			cs.b.client.B().Incr().Key(k).Build(),
+			cs.b.client.B().Pexpire().Key(k).Milliseconds(cs.cfg.TagTTL.Milliseconds()).Build())
+		n, err := res[0].AsInt64()
+		if err == nil {
+			err = res[1].Error()
+		}
 		if err != nil {
 			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, err)
 		}
@@ -527,6 +541,12 @@ return 0
 
 // write stores e under key, releasing the fill lock token if not "".
 func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken string) error {
+	if len(e.tags) > 0 {
+		// A tagged entry must not outlive its tags' counters (see TagTTL).
+		limit := e.stored + cs.cfg.TagTTL.Milliseconds()
+		e.stale = min(e.stale, limit)
+		e.fresh = min(e.fresh, limit)
+	}
 	ttl := time.Duration(e.stale-cs.b.clock.Now().UnixMilli()) * time.Millisecond
 	if ttl <= 0 {
 		return nil

@@ -176,8 +176,8 @@ func (cs *CacheStore) entryKey(key string) string {
 	cs.keyMemo.Store(key, ek)
 	return ek
 }
-func (cs *CacheStore) lockKey(key string) string  { return cs.b.keys.Group("c", key).Key("l") }
-func (cs *CacheStore) tagKey(tag string) string   { return cs.b.keys.Key("tag", tag) }
+func (cs *CacheStore) lockKey(key string) string { return cs.b.keys.Group("c", key).Key("l") }
+func (cs *CacheStore) tagKey(tag string) string  { return cs.b.keys.Key("tag", tag) }
 
 // An entry is what one cache key holds. The stored form is binary:
 //

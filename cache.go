@@ -1437,7 +1437,10 @@ func (w *captureWriter) Write(p []byte) (int, error) {
 		w.WriteHeader(http.StatusOK)
 	}
 	if w.body.Len()+len(p) > w.max {
+		// Too big to store: stream it instead of holding it in memory.
 		w.overflow = true
+		w.stream()
+		return w.orig.Write(p)
 	}
 	return w.body.Write(p)
 }
@@ -1445,18 +1448,27 @@ func (w *captureWriter) Write(p []byte) (int, error) {
 // Flush turns the response into a stream: what was buffered goes out, and
 // the rest passes through.
 func (w *captureWriter) Flush() {
-	if !w.passthrough {
-		w.passthrough = true
-		if w.wroteHeader {
-			w.orig.WriteHeader(w.status)
-		}
-		_, _ = w.orig.Write(w.body.Bytes())
-	}
+	w.stream()
 	_ = http.NewResponseController(w.orig).Flush()
 }
 
-// Unwrap lets http.ResponseController reach the real writer.
+// stream switches to pass-through, sending what was buffered.
+func (w *captureWriter) stream() {
+	if w.passthrough {
+		return
+	}
+	w.passthrough = true
+	if w.wroteHeader {
+		w.header.Set("X-Cache", "MISS")
+		w.orig.WriteHeader(w.status)
+	}
+	_, _ = w.orig.Write(w.body.Bytes())
+	w.body = bytes.Buffer{}
+}
+
+// Unwrap lets http.ResponseController reach the real writer; the response
+// then streams.
 func (w *captureWriter) Unwrap() http.ResponseWriter {
-	w.Flush()
+	w.stream()
 	return w.orig
 }

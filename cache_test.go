@@ -729,3 +729,69 @@ func TestCacheInvalidationWindow(t *testing.T) {
 			r.Topology, windows[49], windows[98], windows[99])
 	})
 }
+
+func TestCacheConfigValidation(t *testing.T) {
+	c := standaloneClient(t)
+	tests := []struct {
+		name    string
+		given   CacheConfig
+		wantErr error
+	}{
+		{name: "no client", given: CacheConfig{}, wantErr: ErrNilClient},
+		{name: "negative TTL", given: CacheConfig{Client: c, TTL: -1}, wantErr: ErrInvalidCacheConfig},
+		{name: "negative grace", given: CacheConfig{Client: c, StaleWhileRevalidate: -1}, wantErr: ErrInvalidCacheConfig},
+		{name: "5xx status", given: CacheConfig{Client: c, Statuses: []int{200, 502}}, wantErr: ErrInvalidCacheConfig},
+		{name: "brace in prefix", given: CacheConfig{Client: c, Options: Options{Prefix: "{p}"}}, wantErr: ErrInvalidPrefix},
+		{name: "defaults", given: CacheConfig{Client: c}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := tt.given.ToMiddleware()
+			if tt.wantErr != nil {
+				require.ErrorIs(t, err, tt.wantErr)
+				require.Panics(t, func() { CacheWithConfig(tt.given) })
+				return
+			}
+			require.NoError(t, err)
+			require.NotPanics(t, func() { Cache(c, time.Minute) })
+		})
+	}
+	_, err := NewCacheStore(CacheStoreConfig{Client: c, LockTTL: -1})
+	require.ErrorIs(t, err, ErrInvalidCacheConfig)
+}
+
+func TestGetCacheWithoutMiddleware(t *testing.T) {
+	e := echo.New()
+	c := e.NewContext(httptest.NewRequest(http.MethodGet, "/", nil), httptest.NewRecorder())
+	cs, err := GetCache(c)
+	require.Nil(t, cs)
+	require.ErrorIs(t, err, ErrNoCacheMiddleware)
+}
+
+func TestDefaultCacheKey(t *testing.T) {
+	e := echo.New()
+	tests := []struct {
+		name  string
+		given string
+		hdr   map[string]string
+		want  string
+	}{
+		{name: "sorted query", given: "/p?b=2&a=1", want: "GET /p?a=1&b=2"},
+		{name: "repeated values keep their order", given: "/p?a=2&a=1", want: "GET /p?a=2&a=1"},
+		{name: "no query", given: "/p", want: "GET /p"},
+		{name: "empty query", given: "/p?", want: "GET /p"},
+		{name: "vary header", given: "/p", hdr: map[string]string{"Accept-Language": "fr"}, want: "GET /p\nAccept-Language:fr"},
+		{name: "unlisted header ignored", given: "/p", hdr: map[string]string{"X-Other": "1"}, want: "GET /p"},
+		{name: "escaped path", given: "/p/a%20b", want: "GET /p/a%20b"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req := httptest.NewRequest(http.MethodGet, tt.given, nil)
+			for k, v := range tt.hdr {
+				req.Header.Set(k, v)
+			}
+			c := e.NewContext(req, httptest.NewRecorder())
+			require.Equal(t, tt.want, DefaultCacheKey(c, []string{"Accept-Language"}))
+		})
+	}
+}

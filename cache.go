@@ -724,6 +724,12 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 		}
 		// The other filler is too slow or gone: compute it ourselves.
 	}
+	defer func() {
+		if p := recover(); p != nil {
+			cs.unlock(context.WithoutCancel(ctx), key, tok) // don't make others wait for a dead fill
+			panic(p)
+		}
+	}()
 	e, err := fill(ctx)
 	if err != nil || e == nil {
 		cs.unlock(context.WithoutCancel(ctx), key, tok)
@@ -1259,6 +1265,16 @@ func (h *httpCache) capture(c echo.Context, next echo.HandlerFunc) (*entry, erro
 	orig := res.Writer
 	rec := &captureWriter{orig: orig, header: orig.Header(), max: h.cfg.MaxBodySize}
 	res.Writer = rec
+	defer func() {
+		if p := recover(); p != nil {
+			// Let a recovering middleware answer on the real writer.
+			res.Writer = orig
+			if rec.wroteHeader && !rec.passthrough {
+				res.Committed = false
+			}
+			panic(p)
+		}
+	}()
 	err := next(c)
 	res.Writer = orig
 	if rec.passthrough {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -794,4 +795,50 @@ func TestDefaultCacheKey(t *testing.T) {
 			require.Equal(t, tt.want, DefaultCacheKey(c, []string{"Accept-Language"}))
 		})
 	}
+}
+
+func TestCacheMiddlewarePanickingHandler(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store := newCacheStore(t, r, r.Client(), nil)
+		e := echo.New()
+		e.Use(middleware.RecoverWithConfig(middleware.RecoverConfig{DisablePrintStack: true}), CacheWithConfig(CacheConfig{Store: store}))
+		var calls atomic.Int32
+		e.GET("/boom", func(c echo.Context) error {
+			if calls.Add(1) == 1 {
+				_ = c.String(http.StatusOK, "half")
+				panic("boom")
+			}
+			return c.String(http.StatusOK, "fine")
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		a := &cacheApp{store: store, srv: srv}
+		rep := a.get(t, "/boom")
+		require.Equal(t, http.StatusInternalServerError, rep.code, "the recovering middleware answers")
+		rep = a.get(t, "/boom")
+		require.Equal(t, "fine", rep.body, "nothing from the panicking run was cached, and no waiter is stuck")
+		require.Equal(t, "MISS", rep.header.Get("X-Cache"))
+	})
+}
+
+func TestCacheMiddlewarePanicReleasesTheFillLock(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store := newCacheStore(t, r, r.Client(), nil)
+		e := echo.New()
+		e.Use(middleware.RecoverWithConfig(middleware.RecoverConfig{DisablePrintStack: true}), CacheWithConfig(CacheConfig{Store: store}))
+		var calls atomic.Int32
+		e.GET("/boom", func(c echo.Context) error {
+			if calls.Add(1) == 1 {
+				panic("boom")
+			}
+			return c.String(http.StatusOK, "fine")
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		a := &cacheApp{store: store, srv: srv}
+		require.Equal(t, http.StatusInternalServerError, a.get(t, "/boom").code)
+		start := time.Now()
+		require.Equal(t, "fine", a.get(t, "/boom").body)
+		require.Less(t, time.Since(start), DefaultCacheLockTTL/2, "the next request did not wait for the dead fill's lock")
+	})
 }

@@ -5,7 +5,8 @@
 SHELL := /bin/bash
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-FUZZTIME ?= 10s
+FUZZTIME ?= 5s
+FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON
 
 .PHONY: test redis-server wrk fmt vet staticcheck unit fuzz build bench
 
@@ -36,9 +37,10 @@ staticcheck:
 unit:
 	go test -race -count=1 ./...
 
-## fuzz: a short run of the key fuzzer beyond its seed corpus.
+## fuzz: a short run of each fuzzer beyond its seed corpus (which `unit`
+## already runs): key slots, cookies, stored cache entries, the JSON codec.
 fuzz:
-	go test -run '^$$' -fuzz FuzzGroupKeysShareSlot -fuzztime $(FUZZTIME) .
+	@for f in $(FUZZERS); do echo "fuzz $$f"; go test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) . || exit 1; done
 
 build:
 	go build -o /dev/null ./example

@@ -1045,11 +1045,7 @@ func Cache(client rueidis.Client, ttl time.Duration) echo.MiddlewareFunc {
 // CacheWithConfig returns the response cache middleware for cfg. It panics
 // when cfg is invalid; use ToMiddleware to get the error instead.
 func CacheWithConfig(cfg CacheConfig) echo.MiddlewareFunc {
-	mw, err := cfg.ToMiddleware()
-	if err != nil {
-		panic(err)
-	}
-	return mw
+	return must(cfg.ToMiddleware())
 }
 
 // cacheContextKey is the echo.Context key of the route's *CacheStore.

@@ -37,6 +37,15 @@ var (
 // sessions answer 503).
 var ErrBreakerOpen = errors.New("redisecho: circuit breaker open, Redis call not sent")
 
+// must is the XWithConfig half of Echo's grid: ToMiddleware's result, or a
+// panic with its configuration error.
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
 // Clock tells the time to logic that tests must be able to move (breaker
 // cool-downs, session idle timeouts). Logic that several instances must agree
 // on (rate-limit windows) uses Redis TIME instead.

@@ -435,11 +435,7 @@ func Readiness(client rueidis.Client) echo.HandlerFunc {
 // ReadinessWithConfig returns the readiness handler for cfg. It panics when
 // cfg is invalid; use ToHandler to get the error instead.
 func ReadinessWithConfig(cfg ReadinessConfig) echo.HandlerFunc {
-	h, err := cfg.ToHandler()
-	if err != nil {
-		panic(err)
-	}
-	return h
+	return must(cfg.ToHandler())
 }
 
 // ToHandler validates cfg, fills its defaults and returns the handler.

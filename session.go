@@ -245,11 +245,7 @@ func Session(client rueidis.Client, keys ...string) echo.MiddlewareFunc {
 // SessionWithConfig returns the session middleware for cfg. It panics when
 // cfg is invalid; use ToMiddleware to get the error instead.
 func SessionWithConfig(cfg SessionConfig) echo.MiddlewareFunc {
-	mw, err := cfg.ToMiddleware()
-	if err != nil {
-		panic(err)
-	}
-	return mw
+	return must(cfg.ToMiddleware())
 }
 
 // ToMiddleware validates cfg, fills its defaults and returns the middleware.

@@ -1,6 +1,7 @@
 package redisecho
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -9,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -82,9 +84,11 @@ type CacheStore struct {
 type cacheLocal struct {
 	// Read-your-own-invalidation: what this instance invalidated, until
 	// Redis's invalidation message has surely reached its local cache.
-	tagFloor  sync.Map     // tag key -> int64: generation after our INCR
+	tagFloor  sync.Map     // tag key -> tagFloor: generation after our INCR
 	recent    sync.Map     // entry key -> recentMark: our last write or delete
 	flushedAt atomic.Int64 // unix nanos of our last flush
+	epoch     atomic.Int64 // incremented by every invalidation made here
+	marks     atomic.Int64 // marks since the last sweep
 
 	flight sync.Map // entry key -> *cacheFill: in-process coalescing
 
@@ -346,6 +350,11 @@ func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
 	if e == nil {
 		return lookup{}, nil
 	}
+	return cs.validate(ctx, e)
+}
+
+// validate checks an entry's tags and age.
+func (cs *CacheStore) validate(ctx context.Context, e *entry) (lookup, error) {
 	if len(e.tags) > 0 {
 		gens, err := cs.generations(ctx, tagNames(e.tags))
 		if err != nil {
@@ -432,20 +441,32 @@ func (cs *CacheStore) generations(ctx context.Context, tags []string) ([]int64, 
 	}
 	res := cs.b.DoMultiCache(ctx, keys[0], cmds...)
 	gens := make([]int64, len(tags))
+	now := time.Now().UnixNano()
 	for i, r := range res {
+		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
+			return nil, err
+		}
 		n, err := r.AsInt64()
 		if err != nil && !rueidis.IsRedisNil(err) {
-			if _, ok := rueidis.IsRedisErr(err); !ok || errors.Is(err, ErrBreakerOpen) {
-				return nil, err
-			}
-			n = 0 // not a number: treat as generation 0
+			n = -1 // not a counter (someone wrote to it): never matches a fill's 0+
 		}
-		if f, ok := cs.tagFloor.Load(keys[i]); ok {
-			n = max(n, f.(int64))
+		if v, ok := cs.tagFloor.Load(keys[i]); ok {
+			if f := v.(tagFloor); now-f.at < int64(cs.cfg.RecentWindow) {
+				n = max(n, f.gen)
+			} else {
+				cs.tagFloor.CompareAndDelete(keys[i], v)
+			}
 		}
 		gens[i] = n
 	}
 	return gens, nil
+}
+
+// tagFloor is the generation this instance's own INCR returned, trusted over
+// the local cache until the invalidation has surely arrived.
+type tagFloor struct {
+	gen int64
+	at  int64 // unix nanos
 }
 
 // InvalidateTags makes every entry tagged with any of tags a miss, on every
@@ -470,12 +491,14 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 		if err != nil {
 			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, err)
 		}
-		for {
-			old, loaded := cs.tagFloor.LoadOrStore(k, n)
-			if !loaded || old.(int64) >= n || cs.tagFloor.CompareAndSwap(k, old, n) {
+		cs.epoch.Add(1)
+		for fl := (tagFloor{gen: n, at: time.Now().UnixNano()}); ; {
+			old, loaded := cs.tagFloor.LoadOrStore(k, fl)
+			if !loaded || old.(tagFloor).gen >= n || cs.tagFloor.CompareAndSwap(k, old, fl) {
 				break
 			}
 		}
+		cs.sweep()
 	}
 	return nil
 }
@@ -484,9 +507,14 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 // once; others when Redis's invalidation reaches them.
 func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
 	for _, key := range keys {
-		ek := cs.entryKey(key)
-		if err := cs.b.Do(ctx, ek, cs.b.client.B().Del().Key(ek).Build()).Error(); err != nil {
-			return fmt.Errorf("redisecho: cache: delete %q: %w", key, err)
+		// Deleting the fill lock too makes a fill in flight store nothing:
+		// its value may predate the delete.
+		ek, lk := cs.entryKey(key), cs.lockKey(key)
+		cs.epoch.Add(1)
+		for _, r := range cs.b.DoMulti(ctx, ek, cs.b.client.B().Del().Key(ek).Build(), cs.b.client.B().Del().Key(lk).Build()) {
+			if err := r.Error(); err != nil {
+				return fmt.Errorf("redisecho: cache: delete %q: %w", key, err)
+			}
 		}
 		cs.markDelete(ek)
 	}
@@ -502,14 +530,18 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 	b.WriteString(matchPattern(cs.b.keys.Prefix())[:len(matchPattern(cs.b.keys.Prefix()))-1])
 	b.WriteString(`\{c:`)
 	escapePart(&b, pattern)
-	b.WriteString(`\}:e`)
+	b.WriteString(`\}:[el]`) // entries, and fill locks so fills in flight store nothing
+	cs.epoch.Add(1)
+	cs.flushedAt.Store(time.Now().UnixNano())
 	n := 0
 	err := scanMasters(ctx, cs.b.client, b.String(), func(ctx context.Context, _ rueidis.Client, keys []string) error {
 		for _, k := range keys {
 			if err := cs.b.Do(ctx, k, cs.b.client.B().Del().Key(k).Build()).Error(); err != nil {
 				return err
 			}
-			n++
+			if strings.HasSuffix(k, ":e") {
+				n++
+			}
 		}
 		return nil
 	})
@@ -517,17 +549,20 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 	return n, err
 }
 
-// storeScript writes an entry and releases the fill lock if this filler
-// still holds it.
+// storeScript writes an entry and releases the fill lock, but only if this
+// filler still holds the lock: a Delete or Flush during the fill removed
+// it, and the value may predate them. A write without a lock (Set) always
+// lands.
 //
 // KEYS[1] the entry; KEYS[2] its fill lock (same slot).
 // ARGV[1] the encoded entry; ARGV[2] its TTL (ms); ARGV[3] the filler's
 // lock token ("" when it held no lock).
 var storeScript = rueidis.NewLuaScript(`
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then
+if ARGV[3] ~= '' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
   redis.call('DEL', KEYS[2])
 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 `)
 
@@ -598,10 +633,33 @@ type recentMark struct {
 
 func (cs *CacheStore) markWrite(ek string, id uint64) {
 	cs.recent.Store(ek, recentMark{id: id, at: time.Now().UnixNano()})
+	cs.sweep()
 }
 
 func (cs *CacheStore) markDelete(ek string) {
 	cs.recent.Store(ek, recentMark{ms: cs.b.clock.Now().UnixMilli(), at: time.Now().UnixNano()})
+	cs.sweep()
+}
+
+// sweep drops expired marks and tag floors every 1024 marks, so they stay
+// bounded by what this instance changed within RecentWindow.
+func (cs *CacheStore) sweep() {
+	if cs.marks.Add(1)%1024 != 0 {
+		return
+	}
+	cutoff := time.Now().UnixNano() - int64(cs.cfg.RecentWindow)
+	cs.recent.Range(func(k, v any) bool {
+		if v.(recentMark).at < cutoff {
+			cs.recent.CompareAndDelete(k, v)
+		}
+		return true
+	})
+	cs.tagFloor.Range(func(k, v any) bool {
+		if v.(tagFloor).at < cutoff {
+			cs.tagFloor.CompareAndDelete(k, v)
+		}
+		return true
+	})
 }
 
 // staleHere reports whether a locally cached copy (e, or nil for a cached
@@ -626,113 +684,170 @@ func (cs *CacheStore) staleHere(ek string, e *entry) bool {
 	if m.id != 0 {
 		return e == nil || e.id != m.id
 	}
-	return e != nil && e.stored <= m.ms
+	return e != nil // after our delete: verify any copy (clocks may differ)
 }
 
 // cacheFill is one in-process fill that other requests for the same key
 // wait for.
 type cacheFill struct {
-	done chan struct{}
-	e    *entry
-	err  error
+	done  chan struct{}
+	once  sync.Once
+	epoch int64 // the local invalidation epoch when the fill began
+	e     *entry
+	err   error
+}
+
+// finish publishes the fill's outcome to its waiters, once.
+func (f *cacheFill) finish(e *entry, err error) {
+	f.once.Do(func() { f.e, f.err = e, err; close(f.done) })
 }
 
 // fillFunc computes an entry (nil: do not store, e.g. an uncacheable
 // response).
 type fillFunc func(ctx context.Context) (*entry, error)
 
+// releaseKey is the context key of a fill's release function: a fill that
+// turns out not to be cacheable (a streamed response) calls it to let the
+// requests waiting for it go on at once.
+type releaseKey struct{}
+
+func releaseFrom(ctx context.Context) func() {
+	if f, ok := ctx.Value(releaseKey{}).(func()); ok {
+		return f
+	}
+	return func() {}
+}
+
 // get returns key's entry, computing it with fill on a miss, so that one
 // fill runs for the whole cluster while the others wait:
 //
-//   - in this process, concurrent misses share one fill;
+//   - in this process, concurrent misses share one fill (for at most
+//     LockTTL; a fill that began before this instance's last invalidation is
+//     not joined);
 //   - across instances, the fill lock (SET NX PX) lets one instance fill;
-//     the others poll the entry (through client-side caching, so polling
-//     costs nothing until the invalidation of the new entry arrives) until
-//     it appears or LockTTL passes, then fill themselves rather than fail.
+//     the others poll the entry and the lock through client-side caching
+//     (free until an invalidation arrives) and fill themselves once the lock
+//     is gone without an entry, or after LockTTL, rather than fail;
+//   - the lock holder re-reads the entry from Redis before it fills, so a
+//     fill that finished just before it took the lock is not repeated.
 //
 // tags are read before the fill starts, so an invalidation during the fill
 // wins. refill builds the fill of a background refresh (called while the
-// request is still running, only for a stale hit). When Redis fails, fill runs uncached and its entry is returned.
-// shared reports whether the entry came from the cache or another fill.
-func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill fillFunc, refill func() fillFunc) (l lookup, err error) {
-	l, err = cs.read(ctx, key)
+// request is still running, only for a stale hit). When Redis fails, fill
+// runs uncached and its entry is returned.
+func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill fillFunc, refill func() fillFunc) (lookup, error) {
+	l, err := cs.read(ctx, key)
 	if err != nil {
-		cs.errors.Add(1)
-		cs.b.log.Error("redisecho: cache: read failed; computing uncached", err)
-		e, ferr := fill(ctx)
+		e, ferr := cs.fillUncached(ctx, fill, err)
 		return lookup{e: e, fresh: true}, ferr
 	}
-	if l.fresh {
+	if l.fresh || l.stale {
 		cs.hits.Add(1)
-		return l, nil
-	}
-	if l.stale {
-		cs.hits.Add(1)
-		cs.refreshInBackground(key, tags, refill())
+		if l.stale {
+			cs.refreshInBackground(key, tags, refill())
+		}
 		return l, nil
 	}
 	cs.misses.Add(1)
-
-	// In-process coalescing.
-	f := &cacheFill{done: make(chan struct{})}
-	if other, loaded := cs.flight.LoadOrStore(key, f); loaded {
-		of := other.(*cacheFill)
-		cs.waits.Add(1)
-		select {
-		case <-of.done:
-			return lookup{e: of.e, fresh: true}, of.err
-		case <-ctx.Done():
-			return lookup{}, ctx.Err()
-		}
+	own := func(f *cacheFill) (lookup, error) {
+		e, err := cs.fillOnce(ctx, key, tags, fill, f)
+		f.finish(e, err)
+		cs.flight.CompareAndDelete(key, f)
+		return lookup{e: e, fresh: true}, err
 	}
-	defer func() {
-		f.e, f.err = l.e, err
-		cs.flight.Delete(key)
-		close(f.done)
-	}()
-	e, err := cs.fillOnce(ctx, key, tags, fill)
-	return lookup{e: e, fresh: true}, err
+	for {
+		f := &cacheFill{done: make(chan struct{}), epoch: cs.epoch.Load()}
+		other, loaded := cs.flight.LoadOrStore(key, f)
+		if loaded {
+			of := other.(*cacheFill)
+			if of.epoch < cs.epoch.Load() {
+				// It began before an invalidation here: don't join it; take
+				// its place (it ends on its own, and stores nothing usable).
+				if !cs.flight.CompareAndSwap(key, of, f) {
+					continue
+				}
+				return own(f)
+			}
+			cs.waits.Add(1)
+			select {
+			case <-of.done:
+				if of.err != nil && (errors.Is(of.err, context.Canceled) || errors.Is(of.err, context.DeadlineExceeded)) && ctx.Err() == nil {
+					continue // its client gave up, not ours: take over
+				}
+				return lookup{e: of.e, fresh: true}, of.err
+			case <-ctx.Done():
+				return lookup{}, ctx.Err()
+			case <-time.After(cs.cfg.LockTTL):
+				return lookup{}, nil // too slow: the caller computes uncached
+			}
+		}
+		return own(f)
+	}
 }
 
-// fillOnce runs the cross-instance part of get.
-func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, fill fillFunc) (*entry, error) {
+// fillOnce runs the cross-instance part of get for the in-process fill f.
+func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, fill fillFunc, f *cacheFill) (*entry, error) {
 	gens, err := cs.tagGens(ctx, tags)
 	if err != nil {
 		return cs.fillUncached(ctx, fill, err)
 	}
-	tok, err := cs.tryLock(ctx, key)
-	if err != nil {
-		return cs.fillUncached(ctx, fill, err)
-	}
-	if tok == "" {
-		// Another instance fills: wait for its entry.
-		cs.waits.Add(1)
-		deadline := time.Now().Add(cs.cfg.LockTTL)
-		for time.Now().Before(deadline) {
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(10 * time.Millisecond):
-			}
-			l, err := cs.read(ctx, key)
-			if err != nil {
-				return cs.fillUncached(ctx, fill, err)
-			}
-			if l.fresh || l.stale {
+	deadline := time.Now().Add(cs.cfg.LockTTL)
+	var tok string
+	for {
+		if tok, err = cs.tryLock(ctx, key); err != nil {
+			return cs.fillUncached(ctx, fill, err)
+		}
+		if tok != "" {
+			// Ours now. A fill that ended just before may have stored the
+			// entry: look in Redis itself before computing it again.
+			if l, err := cs.readFromRedis(ctx, key); err == nil && (l.fresh || l.stale) {
+				cs.unlock(context.WithoutCancel(ctx), key, tok)
 				return l.e, nil
 			}
+			break
 		}
-		// The other filler is too slow or gone: compute it ourselves.
+		// Another instance fills: wait for its entry, or for its lock to go.
+		cs.waits.Add(1)
+		if !time.Now().Before(deadline) {
+			break // too slow or gone: compute it ourselves, without the lock
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+		l, err := cs.read(ctx, key)
+		if err != nil {
+			return cs.fillUncached(ctx, fill, err)
+		}
+		if l.fresh || l.stale {
+			return l.e, nil
+		}
+		// No entry: if the lock is gone too (the fill stored nothing), try
+		// to take it on the next turn; otherwise keep waiting.
+	}
+
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			f.finish(nil, nil)
+			cs.flight.CompareAndDelete(key, f)
+			cs.unlock(context.WithoutCancel(ctx), key, tok)
+		}
 	}
 	defer func() {
 		if p := recover(); p != nil {
-			cs.unlock(context.WithoutCancel(ctx), key, tok) // don't make others wait for a dead fill
+			release() // don't make others wait for a dead fill
 			panic(p)
 		}
 	}()
-	e, err := fill(ctx)
+	e, err := fill(context.WithValue(ctx, releaseKey{}, release))
+	if released {
+		return e, err
+	}
 	if err != nil || e == nil {
-		cs.unlock(context.WithoutCancel(ctx), key, tok)
+		release()
 		return e, err
 	}
 	e.tags = e.tags[:0]
@@ -744,6 +859,16 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 		cs.b.log.Error("redisecho: cache: storing an entry failed", werr)
 	}
 	return e, nil
+}
+
+// readFromRedis is read without the local cache.
+func (cs *CacheStore) readFromRedis(ctx context.Context, key string) (lookup, error) {
+	ek := cs.entryKey(key)
+	e, err := cs.decodeResult(ek, cs.b.Do(ctx, ek, cs.b.client.B().Get().Key(ek).Build()))
+	if err != nil || e == nil {
+		return lookup{}, err
+	}
+	return cs.validate(ctx, e)
 }
 
 func (cs *CacheStore) tagGens(ctx context.Context, tags []string) ([]int64, error) {
@@ -763,7 +888,7 @@ func (cs *CacheStore) fillUncached(ctx context.Context, fill fillFunc, cause err
 // (the instance that takes the fill lock), off the request. A panic or an
 // error in the refresh is logged, never fatal.
 func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFunc) {
-	f := &cacheFill{done: make(chan struct{})}
+	f := &cacheFill{done: make(chan struct{}), epoch: cs.epoch.Load()}
 	if _, loaded := cs.flight.LoadOrStore(key, f); loaded {
 		return // a refresh or a fill is already under way here
 	}
@@ -772,8 +897,8 @@ func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFu
 			if p := recover(); p != nil {
 				cs.b.log.Error("redisecho: cache: background refresh panicked", fmt.Errorf("%v", p), "key", key)
 			}
-			cs.flight.Delete(key)
-			close(f.done)
+			f.finish(nil, nil)
+			cs.flight.CompareAndDelete(key, f)
 		}()
 		ctx, cancel := context.WithTimeout(context.Background(), cs.cfg.LockTTL)
 		defer cancel()
@@ -785,12 +910,12 @@ func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFu
 		if err != nil || tok == "" {
 			return // another instance refreshes it
 		}
+		defer cs.unlock(ctx, key, tok) // a no-op once the store released it
 		e, err := fill(ctx)
 		if err != nil || e == nil {
 			if err != nil {
 				cs.b.log.Error("redisecho: cache: background refresh failed; the stale entry stays", err, "key", key)
 			}
-			cs.unlock(ctx, key, tok)
 			return
 		}
 		e.tags = e.tags[:0]
@@ -877,6 +1002,7 @@ type rememberOptions struct {
 	tags     []string
 	notFound time.Duration
 	stale    time.Duration
+	retried  bool // a replaced undecodable value: no second replacement
 }
 
 // WithTags tags the remembered value, for InvalidateTags.
@@ -973,10 +1099,10 @@ func Remember[T any](ctx context.Context, cs *CacheStore, key string, ttl time.D
 		// A value this type cannot decode (stored by older code, say) is a
 		// miss: compute afresh and replace it.
 		cs.b.log.Error("redisecho: cache: a stored value does not decode; recomputing", err, "key", key)
-		if derr := cs.Delete(ctx, key); derr != nil {
-			return fn(ctx)
+		if derr := cs.Delete(ctx, key); derr != nil || o.retried {
+			return fn(ctx) // once is enough: another writer may keep storing the other type
 		}
-		return Remember(ctx, cs, key, ttl, fn, opts...)
+		return Remember(ctx, cs, key, ttl, fn, append(opts, func(o *rememberOptions) { o.retried = true })...)
 	}
 	return v, nil
 }
@@ -1137,8 +1263,14 @@ func (cfg CacheConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 	for _, v := range cfg.Vary {
 		h.vary[http.CanonicalHeaderKey(v)] = true
 	}
-	for _, k := range append([]string{echo.HeaderContentType, echo.HeaderContentEncoding, "Content-Language", "Etag", echo.HeaderLastModified, echo.HeaderCacheControl}, cfg.AllowHeaders...) {
+	for _, k := range append([]string{echo.HeaderContentType, echo.HeaderContentEncoding, "Content-Language", "Etag", echo.HeaderLastModified, echo.HeaderCacheControl, echo.HeaderVary}, cfg.AllowHeaders...) {
 		h.keep[http.CanonicalHeaderKey(k)] = true
+	}
+	if cfg.Personal && cfg.KeyFunc == nil {
+		return nil, fmt.Errorf("%w: Personal needs a KeyFunc that includes the user", ErrInvalidCacheConfig)
+	}
+	if cfg.Personal && cfg.StaleWhileRevalidate > 0 {
+		return nil, fmt.Errorf("%w: Personal routes cannot refresh in the background (the refresh runs without the request's outer middleware)", ErrInvalidCacheConfig)
 	}
 	if cfg.KeyFunc == nil {
 		vary := cfg.Vary
@@ -1172,7 +1304,7 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		)
 		fill := func(ctx context.Context) (*entry, error) {
 			ran = true
-			own, handlerErr = h.capture(c, next)
+			own, handlerErr = h.capture(ctx, c, next)
 			if own == nil || handlerErr != nil || !h.storable(own) {
 				return nil, nil
 			}
@@ -1190,11 +1322,7 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 			// handler uncached.
 			return next(c)
 		}
-		state := "HIT"
-		if l.stale {
-			state = "STALE"
-		}
-		return h.send(c, l.e, state)
+		return h.send(c, l.e, "HIT") // a stale entry too: its Age tells
 	}
 }
 
@@ -1219,7 +1347,7 @@ func (h *httpCache) refiller(c echo.Context, next echo.HandlerFunc) fillFunc {
 		c2.SetPath(path)
 		c2.SetParamNames(names...)
 		c2.SetParamValues(values...)
-		own, err := h.capture(c2, next)
+		own, err := h.capture(ctx, c2, next)
 		if err != nil {
 			return nil, err
 		}
@@ -1249,6 +1377,9 @@ func (h *httpCache) cacheableRequest(r *http.Request) bool {
 	if _, err := r.Cookie(h.cfg.SessionCookie); err == nil {
 		return false
 	}
+	if r.Header.Get(echo.HeaderUpgrade) != "" {
+		return false // WebSocket and other upgrades are never cached
+	}
 	return !strings.Contains(strings.ToLower(r.Header.Get(echo.HeaderCacheControl)), "no-store")
 }
 
@@ -1256,10 +1387,10 @@ func (h *httpCache) cacheableRequest(r *http.Request) bool {
 // Streaming responses (Flush) and hijacked connections pass through
 // uncaptured: the returned entry is nil then, and the response already went
 // out.
-func (h *httpCache) capture(c echo.Context, next echo.HandlerFunc) (*entry, error) {
+func (h *httpCache) capture(ctx context.Context, c echo.Context, next echo.HandlerFunc) (*entry, error) {
 	res := c.Response()
 	orig := res.Writer
-	rec := &captureWriter{orig: orig, header: orig.Header(), max: h.cfg.MaxBodySize}
+	rec := &captureWriter{orig: orig, header: orig.Header(), max: h.cfg.MaxBodySize, onStream: releaseFrom(ctx)}
 	res.Writer = rec
 	defer func() {
 		if p := recover(); p != nil {
@@ -1419,6 +1550,7 @@ func etagMatch(inm, etag string) bool {
 // captureWriter buffers a handler's response. A Flush or Hijack switches it
 // to pass-through: the response streams to the client and is not cached.
 type captureWriter struct {
+	onStream    func() // tells the fill it will store nothing: waiters go on
 	orig        http.ResponseWriter
 	header      http.Header
 	status      int
@@ -1464,18 +1596,32 @@ func (w *captureWriter) Flush() {
 	_ = http.NewResponseController(w.orig).Flush()
 }
 
-// stream switches to pass-through, sending what was buffered.
+// stream switches to pass-through, sending what was buffered, and releases
+// the requests waiting for this fill: a stream is never stored.
 func (w *captureWriter) stream() {
 	if w.passthrough {
 		return
 	}
 	w.passthrough = true
+	w.onStream()
 	if w.wroteHeader {
 		w.header.Set("X-Cache", "MISS")
 		w.orig.WriteHeader(w.status)
 	}
-	_, _ = w.orig.Write(w.body.Bytes())
+	if w.body.Len() > 0 {
+		_, _ = w.orig.Write(w.body.Bytes())
+	}
 	w.body = bytes.Buffer{}
+}
+
+// Hijack hands the connection over (WebSocket): nothing was or will be
+// written through the buffer.
+func (w *captureWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	if !w.passthrough {
+		w.passthrough = true
+		w.onStream()
+	}
+	return http.NewResponseController(w.orig).Hijack()
 }
 
 // Unwrap lets http.ResponseController reach the real writer; the response

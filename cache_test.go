@@ -1,10 +1,12 @@
 package redisecho
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -637,7 +639,8 @@ func TestCacheMiddlewareStaleWhileRevalidate(t *testing.T) {
 		panicky.Store(true)
 		rep := a.get(t, "/v")
 		require.Equal(t, "1", rep.body, "stale served")
-		require.Equal(t, "STALE", rep.header.Get("X-Cache"))
+		require.Equal(t, "HIT", rep.header.Get("X-Cache"))
+		require.Equal(t, "120", rep.header.Get("Age"), "its Age tells it is stale")
 		time.Sleep(100 * time.Millisecond) // the background refresh panics: logged, not fatal
 		panicky.Store(false)
 		require.Eventually(t, func() bool { return a.get(t, "/v").body == "2" }, 5*time.Second, 20*time.Millisecond,
@@ -841,4 +844,205 @@ func TestCacheMiddlewarePanicReleasesTheFillLock(t *testing.T) {
 		require.Equal(t, "fine", a.get(t, "/boom").body)
 		require.Less(t, time.Since(start), DefaultCacheLockTTL/2, "the next request did not wait for the dead fill's lock")
 	})
+}
+
+// TestRememberStampedeNoRefill: concurrent misses over two instances run
+// the function once even when it is instant (the lock holder re-reads the
+// entry before it fills).
+func TestRememberStampedeNoRefill(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		stores := []*CacheStore{newCacheStore(t, r, r.Client(), nil), newCacheStore(t, r, r.Client(), nil)}
+		ctx := ctx5s(t)
+		for round := range 100 {
+			key := fmt.Sprint("fast", round)
+			var calls atomic.Int32
+			var wg sync.WaitGroup
+			for i := range 4 {
+				wg.Go(func() {
+					v, err := Remember(ctx, stores[i%2], key, time.Minute, func(context.Context) (int, error) {
+						calls.Add(1)
+						return 1, nil
+					})
+					assert.NoError(t, err)
+					assert.Equal(t, 1, v)
+				})
+			}
+			wg.Wait()
+			require.Equal(t, int32(1), calls.Load(), "round %d", round)
+		}
+	})
+}
+
+// TestCacheInvalidationBeatsAJoinedFill: a request that comes after an
+// invalidation does not get the result of a fill that began before it.
+func TestCacheInvalidationBeatsAJoinedFill(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		cs := newCacheStore(t, r, r.Client(), nil)
+		ctx := ctx5s(t)
+		started, release := make(chan struct{}), make(chan struct{})
+		go func() {
+			_, _ = Remember(ctx, cs, "p", time.Minute, func(context.Context) (string, error) {
+				close(started)
+				<-release
+				return "v1", nil
+			}, WithTags("t"))
+		}()
+		<-started
+		require.NoError(t, cs.InvalidateTags(ctx, "t"))
+		time.AfterFunc(100*time.Millisecond, func() { close(release) }) // the old fill ends meanwhile
+		v, err := Remember(ctx, cs, "p", time.Minute, func(context.Context) (string, error) { return "v2", nil }, WithTags("t"))
+		require.NoError(t, err)
+		require.Equal(t, "v2", v, "the request after the invalidation got the old fill's value")
+	})
+}
+
+// TestCacheDeleteBeatsAFillInFlight: a fill that read the data before a
+// Delete stores nothing.
+func TestCacheDeleteBeatsAFillInFlight(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		cs := newCacheStore(t, r, r.Client(), nil)
+		other := newCacheStore(t, r, r.Client(), nil)
+		ctx := ctx5s(t)
+		started, release, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(done)
+			_, _ = Remember(ctx, cs, "p", time.Minute, func(context.Context) (string, error) {
+				close(started)
+				<-release
+				return "v1", nil
+			})
+		}()
+		<-started
+		require.NoError(t, other.Delete(ctx, "p"))
+		close(release)
+		<-done
+		var v string
+		for _, st := range []*CacheStore{cs, other} {
+			ok, err := st.Get(ctx, "p", &v)
+			require.NoError(t, err)
+			require.False(t, ok, "the value read before the delete was stored")
+		}
+	})
+}
+
+// TestCacheTagFloorsExpire: this instance's memory of its own invalidations
+// expires, so it agrees with Redis once a tag counter has expired.
+func TestCacheTagFloorsExpire(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		cs := newCacheStore(t, r, r.Client(), func(c *CacheStoreConfig) {
+			c.TagTTL = 300 * time.Millisecond
+			c.RecentWindow = 100 * time.Millisecond
+		})
+		ctx := ctx5s(t)
+		require.NoError(t, cs.InvalidateTags(ctx, "t"))
+		time.Sleep(500 * time.Millisecond) // the counter expired
+		var calls atomic.Int32
+		for range 5 {
+			_, err := Remember(ctx, cs, "k", time.Minute, func(context.Context) (int, error) { calls.Add(1); return 1, nil }, WithTags("t"))
+			require.NoError(t, err)
+		}
+		require.Equal(t, int32(1), calls.Load())
+	})
+}
+
+func TestCacheMiddlewareStreamsAndUpgrades(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store := newCacheStore(t, r, r.Client(), nil)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store, NotFoundTTL: 0}))
+		e.GET("/sse", func(c echo.Context) error {
+			c.Response().Header().Set("Content-Type", "text/event-stream")
+			c.Response().WriteHeader(http.StatusOK)
+			for i := range 5 {
+				fmt.Fprintf(c.Response(), "data: %d\n\n", i)
+				c.Response().Flush()
+				time.Sleep(100 * time.Millisecond)
+			}
+			return nil
+		})
+		e.GET("/ws", func(c echo.Context) error {
+			conn, rw, err := http.NewResponseController(c.Response()).Hijack()
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			_, _ = rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+			return rw.Flush()
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		a := &cacheApp{store: store, srv: srv}
+
+		// A long stream does not hold up the next client of the same URL.
+		go a.get(t, "/sse")
+		time.Sleep(50 * time.Millisecond)
+		start := time.Now()
+		resp, err := http.Get(srv.URL + "/sse")
+		require.NoError(t, err)
+		buf := make([]byte, 8)
+		_, err = io.ReadFull(resp.Body, buf)
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Less(t, time.Since(start), 300*time.Millisecond, "the second stream started at once")
+
+		// A hijacked connection gets exactly what the handler wrote.
+		for _, hdr := range []string{"", "websocket"} {
+			conn, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+			require.NoError(t, err)
+			req := "GET /ws HTTP/1.1\r\nHost: x\r\n"
+			if hdr != "" {
+				req += "Upgrade: " + hdr + "\r\nConnection: Upgrade\r\n"
+			}
+			_, _ = io.WriteString(conn, req+"\r\n")
+			line, err := bufio.NewReader(conn).ReadString('\n')
+			require.NoError(t, err)
+			require.Equal(t, "HTTP/1.1 101 Switching Protocols\r\n", line)
+			conn.Close()
+		}
+	})
+}
+
+// TestCacheUncacheableResponsesDoNotStallOthers: when the filler's response
+// cannot be stored, another instance waiting for it goes on at once.
+func TestCacheUncacheableResponsesDoNotStallOthers(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		apps := []*cacheApp{newCacheApp(t, r, r.Client(), nil), newCacheApp(t, r, r.Client(), nil)}
+		var wg sync.WaitGroup
+		start := time.Now()
+		for i := range 10 {
+			wg.Go(func() {
+				assert.Equal(t, http.StatusNotFound, apps[i%2].get(t, "/products/404").code)
+			})
+		}
+		wg.Wait()
+		require.Less(t, time.Since(start), DefaultCacheLockTTL/2, "nobody waited out the lock")
+	})
+}
+
+func TestCacheMiddlewareReplaysVary(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store := newCacheStore(t, r, r.Client(), nil)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store}))
+		e.GET("/v", func(c echo.Context) error {
+			c.Response().Header().Set("Vary", "Accept-Language")
+			return c.String(http.StatusOK, c.Request().Header.Get("Accept-Language"))
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		a := &cacheApp{store: store, srv: srv}
+		a.get(t, "/v", "Accept-Language", "fr")
+		rep := a.get(t, "/v", "Accept-Language", "fr")
+		require.Equal(t, "HIT", rep.header.Get("X-Cache"))
+		require.Equal(t, "Accept-Language", rep.header.Get("Vary"), "downstream caches must keep the variants apart")
+		require.Equal(t, "en", a.get(t, "/v", "Accept-Language", "en").body)
+	})
+}
+
+func TestCachePersonalNeedsAKey(t *testing.T) {
+	c := standaloneClient(t)
+	_, err := CacheConfig{Client: c, Personal: true}.ToMiddleware()
+	require.ErrorIs(t, err, ErrInvalidCacheConfig)
+	_, err = CacheConfig{Client: c, Personal: true, KeyFunc: func(echo.Context) string { return "k" }, StaleWhileRevalidate: time.Second}.ToMiddleware()
+	require.ErrorIs(t, err, ErrInvalidCacheConfig)
 }

@@ -806,25 +806,31 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 			}
 			break
 		}
-		// Another instance fills: wait for its entry, or for its lock to go.
+		// Another instance fills: wait for its entry, or for its lock to go
+		// (its response was not storable). Both are read through the local
+		// cache, so waiting costs Redis nothing until one of them changes.
 		cs.waits.Add(1)
+		for time.Now().Before(deadline) {
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+			l, err := cs.read(ctx, key)
+			if err != nil {
+				return cs.fillUncached(ctx, fill, err)
+			}
+			if l.fresh || l.stale {
+				return l.e, nil
+			}
+			lk := cs.lockKey(key)
+			if rueidis.IsRedisNil(cs.b.DoCache(ctx, lk, cs.b.client.B().Get().Key(lk).Cache(), cs.cfg.LockTTL).Error()) {
+				break // the lock is free: try to take it
+			}
+		}
 		if !time.Now().Before(deadline) {
 			break // too slow or gone: compute it ourselves, without the lock
 		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
-		l, err := cs.read(ctx, key)
-		if err != nil {
-			return cs.fillUncached(ctx, fill, err)
-		}
-		if l.fresh || l.stale {
-			return l.e, nil
-		}
-		// No entry: if the lock is gone too (the fill stored nothing), try
-		// to take it on the next turn; otherwise keep waiting.
 	}
 
 	released := false

@@ -262,6 +262,7 @@ func TestGuideCacheRoutes(t *testing.T) {
 
 	code, xc, body = get("/api/users/1")
 	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "MISS", xc)
 	require.Contains(t, body, "alice")
 	_, xc, _ = get("/api/users/1")
 	require.Equal(t, "HIT", xc)

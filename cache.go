@@ -84,11 +84,10 @@ type CacheStore struct {
 type cacheLocal struct {
 	// Read-your-own-invalidation: what this instance invalidated, until
 	// Redis's invalidation message has surely reached its local cache.
-	tagFloor  sync.Map     // tag key -> tagFloor: generation after our INCR
-	recent    sync.Map     // entry key -> recentMark: our last write or delete
-	flushedAt atomic.Int64 // unix nanos of our last flush
-	epoch     atomic.Int64 // incremented by every invalidation made here
-	marks     atomic.Int64 // marks since the last sweep
+	tagFloor sync.Map     // tag key -> tagFloor: generation after our INCR
+	recent   sync.Map     // entry key -> recentMark: our last write or delete
+	epoch    atomic.Int64 // incremented by every invalidation made here
+	marks    atomic.Int64 // marks since the last sweep
 
 	flight sync.Map // entry key -> *cacheFill: in-process coalescing
 
@@ -136,6 +135,9 @@ func NewCacheStore(cfg CacheStoreConfig) (*CacheStore, error) {
 	}
 	if cfg.LockTTL == 0 {
 		cfg.LockTTL = DefaultCacheLockTTL
+	}
+	if cfg.LockTTL < time.Millisecond {
+		return nil, fmt.Errorf("%w: LockTTL must be at least 1 ms", ErrInvalidCacheConfig)
 	}
 	if cfg.RecentWindow == 0 {
 		cfg.RecentWindow = time.Second
@@ -532,7 +534,6 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 	escapePart(&b, pattern)
 	b.WriteString(`\}:[el]`) // entries, and fill locks so fills in flight store nothing
 	cs.epoch.Add(1)
-	cs.flushedAt.Store(time.Now().UnixNano())
 	n := 0
 	err := scanMasters(ctx, cs.b.client, b.String(), func(ctx context.Context, _ rueidis.Client, keys []string) error {
 		for _, k := range keys {
@@ -540,28 +541,27 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 				return err
 			}
 			if strings.HasSuffix(k, ":e") {
+				cs.markDelete(k) // this instance stops serving it at once
 				n++
 			}
 		}
 		return nil
 	})
-	cs.flushedAt.Store(time.Now().UnixNano())
 	return n, err
 }
 
 // storeScript writes an entry and releases the fill lock, but only if this
 // filler still holds the lock: a Delete or Flush during the fill removed
 // it, and the value may predate them. A write without a lock (Set) always
-// lands.
+// lands, and removes the lock, so that a fill that began before it cannot
+// overwrite it. It returns 1 when it stored, 0 when it did not.
 //
 // KEYS[1] the entry; KEYS[2] its fill lock (same slot).
 // ARGV[1] the encoded entry; ARGV[2] its TTL (ms); ARGV[3] the filler's
 // lock token ("" when it held no lock).
 var storeScript = rueidis.NewLuaScript(`
-if ARGV[3] ~= '' then
-  if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
-  redis.call('DEL', KEYS[2])
-end
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 `)
@@ -587,8 +587,8 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 		return nil
 	}
 	ek, lk := cs.entryKey(key), cs.lockKey(key)
-	err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).Error()
-	if err == nil {
+	stored, err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).AsInt64()
+	if err == nil && stored == 1 {
 		cs.fills.Add(1)
 		cs.markWrite(ek, e.id)
 	}
@@ -669,9 +669,6 @@ func (cs *CacheStore) sweep() {
 func (cs *CacheStore) staleHere(ek string, e *entry) bool {
 	now := time.Now().UnixNano()
 	window := int64(cs.cfg.RecentWindow)
-	if f := cs.flushedAt.Load(); f != 0 && now-f < window && e != nil {
-		return true
-	}
 	v, ok := cs.recent.Load(ek)
 	if !ok {
 		return false
@@ -749,10 +746,13 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill f
 		return l, nil
 	}
 	cs.misses.Add(1)
-	own := func(f *cacheFill) (lookup, error) {
-		e, err := cs.fillOnce(ctx, key, tags, fill, f)
-		f.finish(e, err)
-		cs.flight.CompareAndDelete(key, f)
+	own := func(f *cacheFill) (l lookup, err error) {
+		var e *entry
+		defer func() { // also when fill panics: never leave waiters hanging
+			f.finish(e, err)
+			cs.flight.CompareAndDelete(key, f)
+		}()
+		e, err = cs.fillOnce(ctx, key, tags, fill, f)
 		return lookup{e: e, fresh: true}, err
 	}
 	for {
@@ -777,8 +777,10 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill f
 				return lookup{e: of.e, fresh: true}, of.err
 			case <-ctx.Done():
 				return lookup{}, ctx.Err()
-			case <-time.After(cs.cfg.LockTTL):
-				return lookup{}, nil // too slow: the caller computes uncached
+			case <-time.After(2 * cs.cfg.LockTTL):
+				// The leader may wait LockTTL for another instance before it
+				// computes; beyond twice that, compute uncached.
+				return lookup{}, nil
 			}
 		}
 		return own(f)
@@ -849,12 +851,21 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 		}
 	}()
 	e, err := fill(context.WithValue(ctx, releaseKey{}, release))
-	if released {
+	switch {
+	case released:
 		return e, err
-	}
-	if err != nil || e == nil {
-		release()
-		return e, err
+	case err != nil:
+		// Waiters get the error too (no second call into a failing
+		// backend); the lock goes so others may retry.
+		cs.unlock(context.WithoutCancel(ctx), key, tok)
+		return nil, err
+	case e == nil:
+		release() // not storable: waiters compute their own
+		return nil, nil
+	case tok == "":
+		// Computed without the lock (the holder was too slow): a Delete or
+		// Flush may have happened meanwhile, so store nothing.
+		return e, nil
 	}
 	e.tags = e.tags[:0]
 	for i, t := range tags {
@@ -931,6 +942,7 @@ func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFu
 		if err := cs.write(ctx, key, e, tok); err != nil {
 			cs.b.log.Error("redisecho: cache: storing a refreshed entry failed", err)
 		}
+		f.finish(e, nil) // requests that joined the refresh get its entry
 	}()
 }
 
@@ -1322,9 +1334,10 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 			return handlerErr // streamed straight to the client
 		case ran:
 			return h.sendOwn(c, own, handlerErr)
-		case err != nil || l.e == nil || l.e.notFound:
+		case err != nil || l.e == nil || l.e.notFound || l.e.status == 0:
 			// The wait ended without a reusable entry (another fill's
-			// response was not storable, or its client went away): run the
+			// response was not storable, or its client went away), or the
+			// key holds a cache-service value, not a response: run the
 			// handler uncached.
 			return next(c)
 		}
@@ -1630,9 +1643,7 @@ func (w *captureWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return http.NewResponseController(w.orig).Hijack()
 }
 
-// Unwrap lets http.ResponseController reach the real writer; the response
-// then streams.
-func (w *captureWriter) Unwrap() http.ResponseWriter {
-	w.stream()
-	return w.orig
-}
+// Unwrap lets http.ResponseController reach the real writer for what the
+// capture does not implement (deadlines, full duplex); Flush and Hijack are
+// handled above.
+func (w *captureWriter) Unwrap() http.ResponseWriter { return w.orig }

@@ -1046,3 +1046,134 @@ func TestCachePersonalNeedsAKey(t *testing.T) {
 	_, err = CacheConfig{Client: c, Personal: true, KeyFunc: func(echo.Context) string { return "k" }, StaleWhileRevalidate: time.Second}.ToMiddleware()
 	require.ErrorIs(t, err, ErrInvalidCacheConfig)
 }
+
+// TestCacheFillWithoutTheLockStoresNothing: a fill that gave up waiting for
+// another instance's lock computes uncached and stores nothing, so a Delete
+// during it holds.
+func TestCacheFillWithoutTheLockStoresNothing(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		cs := newCacheStore(t, r, c, func(cfg *CacheStoreConfig) { cfg.LockTTL = 300 * time.Millisecond })
+		ctx := ctx5s(t)
+		require.NoError(t, c.Do(ctx, c.B().Set().Key(cs.lockKey("k")).Value("someone-else").Px(time.Minute).Build()).Error())
+		v, err := Remember(ctx, cs, "k", time.Minute, func(context.Context) (string, error) { return "old", nil })
+		require.NoError(t, err)
+		require.Equal(t, "old", v)
+		var got string
+		ok, err := cs.Get(ctx, "k", &got)
+		require.NoError(t, err)
+		require.False(t, ok, "computed without the lock: not stored")
+	})
+}
+
+// TestCacheSetBeatsAnOlderFill: Set removes the fill lock, so a fill that
+// began before it cannot overwrite it.
+func TestCacheSetBeatsAnOlderFill(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		cs := newCacheStore(t, r, r.Client(), nil)
+		ctx := ctx5s(t)
+		started, release, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(done)
+			_, _ = Remember(ctx, cs, "k", time.Minute, func(context.Context) (string, error) {
+				close(started)
+				<-release
+				return "old", nil
+			})
+		}()
+		<-started
+		require.NoError(t, cs.Set(ctx, "k", "new", time.Minute))
+		close(release)
+		<-done
+		var got string
+		ok, err := cs.Get(ctx, "k", &got)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, "new", got)
+	})
+}
+
+// TestRememberFailingFunctionRunsOnce: concurrent callers share one failing
+// call; the backend is not hit once per caller.
+func TestRememberFailingFunctionRunsOnce(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		cs := newCacheStore(t, r, r.Client(), nil)
+		ctx := ctx5s(t)
+		boom := errors.New("database down")
+		var calls atomic.Int32
+		gate := make(chan struct{})
+		var wg sync.WaitGroup
+		for range 20 {
+			wg.Go(func() {
+				_, err := Remember(ctx, cs, "k", time.Minute, func(context.Context) (int, error) {
+					calls.Add(1)
+					<-gate
+					return 0, boom
+				})
+				assert.ErrorIs(t, err, boom)
+			})
+		}
+		time.Sleep(100 * time.Millisecond)
+		close(gate)
+		wg.Wait()
+		require.Equal(t, int32(1), calls.Load())
+	})
+}
+
+// TestCachePanicWhileUncachedLeavesNoBlock: a panic in a fill that runs
+// uncached (Redis failed) does not leave the key blocked for LockTTL.
+func TestCachePanicWhileUncachedLeavesNoBlock(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		cs := newCacheStore(t, r, c, func(cfg *CacheStoreConfig) { cfg.LockTTL = 2 * time.Second })
+		ctx := ctx5s(t)
+		// A tag key of the wrong type makes the tag read fail, as a Redis
+		// failure would.
+		require.NoError(t, c.Do(ctx, c.B().Lpush().Key(cs.tagKey("t")).Element("x").Build()).Error())
+		require.Panics(t, func() {
+			_, _ = Remember(ctx, cs, "k", time.Minute, func(context.Context) (int, error) { panic("boom") }, WithTags("t"))
+		})
+		start := time.Now()
+		v, err := Remember(ctx, cs, "k", time.Minute, func(context.Context) (int, error) { return 1, nil }, WithTags("t"))
+		require.NoError(t, err)
+		require.Equal(t, 1, v)
+		require.Less(t, time.Since(start), time.Second, "the key was not left blocked")
+	})
+}
+
+// TestCacheServiceValueUnderAResponseKey: a service value stored under a key
+// a route also uses is not replayed as a response.
+func TestCacheServiceValueUnderAResponseKey(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		a := newCacheApp(t, r, r.Client(), func(c *CacheConfig) {
+			c.KeyFunc = func(c echo.Context) string { return "user:" + c.Param("id") }
+		})
+		require.NoError(t, a.store.Set(context.Background(), "user:5", map[string]int{"id": 5}, time.Minute))
+		rep := a.get(t, "/products/5")
+		require.Equal(t, http.StatusOK, rep.code)
+		require.JSONEq(t, `{"id":"5"}`, rep.body, "the handler answered")
+	})
+}
+
+// TestCacheDeadlinesDoNotDisableCaching: a handler that sets a write
+// deadline through http.ResponseController is still cached.
+func TestCacheDeadlinesDoNotDisableCaching(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store := newCacheStore(t, r, r.Client(), nil)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store}))
+		var calls atomic.Int32
+		e.GET("/d", func(c echo.Context) error {
+			calls.Add(1)
+			_ = http.NewResponseController(c.Response()).SetWriteDeadline(time.Now().Add(time.Minute))
+			return c.String(http.StatusOK, "ok")
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		a := &cacheApp{store: store, srv: srv}
+		for range 3 {
+			require.Equal(t, "ok", a.get(t, "/d").body)
+		}
+		require.Equal(t, int32(1), calls.Load())
+	})
+}

@@ -279,7 +279,8 @@ type SessionStore struct {
 	verified  atomic.Pointer[sync.Map] // cookie value -> *verifiedCookie
 	verifiedN atomic.Int64
 
-	gone sync.Map // session key -> unix nanos: destroyed or renamed here
+	gone  sync.Map // session key -> unix nanos: destroyed or renamed here
+	goneN atomic.Int64
 }
 
 // NewSessionStore validates cfg, fills its defaults and returns the store.
@@ -469,7 +470,16 @@ const goneWindow = 2 * time.Second
 // key, so that reads of it skip the local cache until the invalidation has
 // surely arrived: a destroyed session never works after the call returns.
 func (st *SessionStore) markGone(key string) {
-	st.gone.Store(key, time.Now().UnixNano())
+	now := time.Now().UnixNano()
+	st.gone.Store(key, now)
+	if st.goneN.Add(1)%1024 == 0 { // keep it bounded: drop expired marks
+		st.gone.Range(func(k, v any) bool {
+			if now-v.(int64) >= int64(goneWindow) {
+				st.gone.CompareAndDelete(k, v)
+			}
+			return true
+		})
+	}
 }
 
 func (st *SessionStore) recentlyGone(key string) bool {
@@ -550,8 +560,8 @@ const (
 // "destroy" on a key that holds no session leaves a 60 s marker there, so
 // that a save already in flight cannot create the session afterwards.
 //
-// It returns {version, absolute expiry, remember, previous user}, or an
-// integer: -1 the session is gone (expired, destroyed, unknown), -2 the new
+// It returns {version, absolute expiry, remember, previous user} ("destroy":
+// {0, 0, "deleted"|"kept"|"missing", user}), or an integer: -1 the session is gone (expired, destroyed, unknown), -2 the new
 // key exists (a token collision), -3 the values would exceed the max size.
 // Sizes of "v:"/"f:" fields are kept in _z, so the size check costs
 // O(fields changed). An update that changes one value makes 5 calls: HMGET,
@@ -566,11 +576,14 @@ if mode == 'destroy' then
     -- session. Leave a marker that makes it start a fresh one instead.
     redis.call('HSET', src, '_d', '1')
     redis.call('PEXPIRE', src, 60000)
-    return {0, 0, '', ''}
+    return {0, 0, 'missing', ''}
   end
   local u = meta[4] or ''
-  if ARGV[4] == '' or u == ARGV[4] then redis.call('DEL', src) end
-  return {0, 0, '', u}
+  if ARGV[4] == '' or u == ARGV[4] then
+    redis.call('DEL', src)
+    return {0, 0, 'deleted', u}
+  end
+  return {0, 0, 'kept', u}
 end
 local abs, size, prev, rem, ver
 if mode == 'new' then
@@ -704,6 +717,7 @@ type saveResult struct {
 	absolute time.Time
 	remember bool
 	prevUser string
+	state    string // "destroy" only: deleted, kept or missing
 }
 
 func (st *SessionStore) runSave(ctx context.Context, src, dst string, args []string) (saveResult, error) {
@@ -729,7 +743,7 @@ func (st *SessionStore) runSave(ctx context.Context, src, dst string, args []str
 	abs, _ := arr[1].AsInt64()
 	rem, _ := arr[2].ToString()
 	prev, _ := arr[3].ToString()
-	return saveResult{version: v, absolute: time.UnixMilli(abs), remember: rem == "1", prevUser: prev}, nil
+	return saveResult{version: v, absolute: time.UnixMilli(abs), remember: rem == "1", prevUser: prev, state: rem}, nil
 }
 
 // UserSession describes one of a user's sessions, as ListUserSessions
@@ -796,34 +810,54 @@ func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]
 // everywhere" and password changes. It returns how many it ended. A session
 // it ended no longer works when it returns.
 func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, except ...string) (int, error) {
-	idx := st.userKey(userID)
-	members, err := st.b.Do(ctx, idx, st.b.client.B().Zrange().Key(idx).Min("0").Max("-1").Build()).AsStrSlice()
-	if err != nil {
-		return 0, err
+	if userID == "" {
+		return 0, fmt.Errorf("%w: empty user ID", ErrInvalidSessionKey)
 	}
+	idx := st.userKey(userID)
 	ended := 0
-	var done []string
-	for _, h := range members {
-		if slices.Contains(except, h) {
-			continue
+	seen := map[string]bool{}
+	// A regeneration or a login in flight indexes its new handle before it
+	// writes the session: pass again until a pass finds nothing new.
+	for pass := 0; pass < 5; pass++ {
+		members, err := st.b.Do(ctx, idx, st.b.client.B().Zrange().Key(idx).Min("0").Max("-1").Build()).AsStrSlice()
+		if err != nil {
+			return ended, err
 		}
-		if key, ok := st.keyOf(h); ok {
-			// Delete the session only if it is still this user's: a session
-			// rebound to someone else is left alone.
+		var done []string
+		fresh := false
+		for _, h := range members {
+			if seen[h] || slices.Contains(except, h) {
+				continue
+			}
+			seen[h], fresh = true, true
+			key, ok := st.keyOf(h)
+			if !ok {
+				done = append(done, h)
+				continue
+			}
+			// Delete the session only if it is this user's. One that exists
+			// but is not bound (yet) keeps its index entry: a login in flight
+			// is about to bind it.
 			res, err := st.runSave(ctx, key, key, []string{"destroy", "0", "0", userID, "0", "0", "0"})
 			if err != nil {
 				return ended, err
 			}
-			if res.prevUser == userID {
+			switch res.state {
+			case "deleted":
 				ended++
 				st.markGone(key)
+				done = append(done, h)
+			case "missing":
+				done = append(done, h) // the marker refuses a save in flight
 			}
 		}
-		done = append(done, h)
-	}
-	if len(done) > 0 {
-		if err := st.b.Do(ctx, idx, st.b.client.B().Zrem().Key(idx).Member(done...).Build()).Error(); err != nil {
-			return ended, err
+		if len(done) > 0 {
+			if err := st.b.Do(ctx, idx, st.b.client.B().Zrem().Key(idx).Member(done...).Build()).Error(); err != nil {
+				return ended, err
+			}
+		}
+		if !fresh {
+			break
 		}
 	}
 	return ended, nil
@@ -1076,7 +1110,10 @@ func (s *SessionState) setField(field string, b []byte) error {
 		return tooLarge(len(b), s.st.cfg.MaxSize)
 	}
 	s.ensureLoaded() // usually a local cache hit: tells the handler about the size limit now
-	if s.err == nil {
+	if s.err != nil {
+		return unavailableError(s.err) // a 503 the handler can return as is
+	}
+	if !s.degraded {
 		old, _ := s.raw(field)
 		if size := s.size() - len(old) + len(b); size > s.st.cfg.MaxSize {
 			return tooLarge(size, s.st.cfg.MaxSize)
@@ -1328,24 +1365,37 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 	if s.rememberSet {
 		s.stage(fRemember, boolField(s.remember))
 	}
-	if s.userChanged {
+	if s.userChanged || s.regenerate {
+		// A regeneration writes the binding this request saw, so that the
+		// moved session and the index entries written for it agree even if
+		// another request bound or unbound it meanwhile (last writer wins).
 		s.stage(fUser, []byte(s.userID))
 	}
 	if s.hasToken && (!s.loaded || s.found) {
-		dst := s.tok
-		if s.regenerate {
-			dst = newToken(s.tok.tag)
-		}
-		if s.userID != "" && (s.userChanged || s.regenerate) {
-			if f := st.index(ctx, s.userID, dst.handle(), time.UnixMilli(s.data.absolute), now); f != nil {
-				return nil, f
+		var (
+			res    saveResult
+			err    error
+			dst    = s.tok
+			dstKey = s.key
+		)
+		for attempt := 0; ; attempt++ {
+			if s.regenerate {
+				dst = newToken(s.tok.tag)
+				dstKey = st.key(dst)
+			}
+			if s.userID != "" && (s.userChanged || s.regenerate) {
+				if f := st.index(ctx, s.userID, dst.handle(), time.UnixMilli(s.data.absolute), now); f != nil {
+					return nil, f
+				}
+			}
+			res, err = st.runSave(ctx, s.key, dstKey, st.saveArgs("update", now, 0, true, s.set, s.del))
+			// The new ID may be taken (a destroy left its marker there while
+			// this regeneration was in flight): the session is still at its
+			// old ID, so try another new one.
+			if !(errors.Is(err, errSessionCollision) && s.regenerate && attempt < 3) {
+				break
 			}
 		}
-		dstKey := s.key
-		if dst != s.tok {
-			dstKey = st.key(dst)
-		}
-		res, err := st.runSave(ctx, s.key, dstKey, st.saveArgs("update", now, 0, true, s.set, s.del))
 		switch {
 		case err == nil:
 			st.saves.Add(1)
@@ -1357,9 +1407,6 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			}
 			s.tok, s.key = dst, dstKey
 			return st.cookieFor(dst, res, now), nil
-		case errors.Is(err, errSessionCollision) && dst != s.tok:
-			// The new ID is taken (a destroy left its marker there while
-			// this regeneration was in flight): start a fresh session.
 		case !errors.Is(err, errSessionGone):
 			return nil, st.saveFailed(err)
 		}
@@ -1788,6 +1835,7 @@ func (gs *GorillaStore) New(r *http.Request, name string) (*sessions.Session, er
 		res, err := st.runSave(ctx, st.key(tok), st.key(tok), st.saveArgs("update", now, 0, false, nil, nil))
 		switch {
 		case errors.Is(err, errSessionGone):
+			st.markGone(st.key(tok))
 			return s, nil
 		case err != nil:
 			st.b.log.Error("redisecho: session: extending the idle timeout failed", err)
@@ -1865,6 +1913,7 @@ func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions
 			if err != nil {
 				return gs.saveError(err)
 			}
+			st.markGone(st.key(state.tok))
 			st.saves.Add(1)
 			if res.prevUser != "" {
 				st.unindex(ctx, res.prevUser, state.tok.handle())
@@ -1903,6 +1952,7 @@ func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions
 		case !errors.Is(err, errSessionGone):
 			return gs.saveError(err)
 		}
+		st.markGone(st.key(state.tok))
 		// Expired or destroyed since it was loaded: it is not brought back.
 		// The values this request changed go to a new session.
 		for k := range s.Values {

@@ -1897,3 +1897,48 @@ func TestSessionIndexKeepsInFlightLogins(t *testing.T) {
 		require.Len(t, list, 1, "the listing did not prune the in-flight entry")
 	})
 }
+
+// TestDestroyUserSessionsKeepsInFlightBindings: a session indexed for a user
+// but not bound yet (a login in flight) keeps its index entry, so the login
+// that completes afterwards stays listed and can still be ended.
+func TestDestroyUserSessionsKeepsInFlightBindings(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{testKey}, Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		ctx := context.Background()
+		now := store.b.clock.Now()
+		abs := now.Add(time.Hour)
+		tok := newToken("")
+		key := store.key(tok)
+		// An anonymous session exists; a login has indexed it, not bound it yet.
+		_, err = store.runSave(ctx, key, key, store.saveArgs("new", now, abs.UnixMilli(), true, map[string][]byte{"v:cart": []byte("1")}, nil))
+		require.NoError(t, err)
+		require.Nil(t, store.index(ctx, "u1", tok.handle(), abs, now))
+		n, err := store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Zero(t, n, "not bound to u1: not ended")
+		// The login completes.
+		_, err = store.runSave(ctx, key, key, store.saveArgs("update", now, 0, true, map[string][]byte{fUser: []byte("u1")}, nil))
+		require.NoError(t, err)
+		list, err := store.ListUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Len(t, list, 1, "the completed login is listed")
+		n, err = store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "and can be ended")
+	})
+}
+
+func TestSessionGoneMarksStayBounded(t *testing.T) {
+	st := &SessionStore{}
+	for i := range 3000 {
+		st.markGone(fmt.Sprint("k", i))
+	}
+	time.Sleep(goneWindow + 10*time.Millisecond)
+	for i := range 1024 {
+		st.markGone(fmt.Sprint("x", i))
+	}
+	n := 0
+	st.gone.Range(func(_, _ any) bool { n++; return true })
+	require.LessOrEqual(t, n, 1024, "expired marks were swept")
+}

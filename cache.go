@@ -74,7 +74,7 @@ type CacheStore struct {
 
 	hits, misses, fills, waits, errors atomic.Uint64
 
-	keyMemo  sync.Map // cache key -> entry key
+	keyMemo  sync.Map // cache key -> *entryRef
 	keyMemoN atomic.Int64
 }
 
@@ -168,20 +168,32 @@ func (cs *CacheStore) Stats() CacheStats {
 	return CacheStats{Hits: cs.hits.Load(), Misses: cs.misses.Load(), Fills: cs.fills.Load(), Waits: cs.waits.Load(), Errors: cs.errors.Load()}
 }
 
-// entryKey returns the Redis key of key's entry, remembering recent ones
-// (building a key escapes it, which a hot path should not repeat).
-func (cs *CacheStore) entryKey(key string) string {
+// entryKey returns the Redis key of key's entry.
+func (cs *CacheStore) entryKey(key string) string { return cs.entry(key).ek }
+
+// entryRef is a remembered entry key with its prebuilt, pinned GET: a hot
+// key then costs a map lookup instead of escaping, building a command and
+// hashing its slot on every read. (A pinned command is never recycled by
+// rueidis, so sharing it between concurrent reads is safe.)
+type entryRef struct {
+	ek  string
+	get rueidis.Cacheable
+}
+
+func (cs *CacheStore) entry(key string) *entryRef {
 	if v, ok := cs.keyMemo.Load(key); ok {
-		return v.(string)
+		return v.(*entryRef)
 	}
 	ek := cs.b.keys.Group("c", key).Key("e")
+	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin()}
 	if cs.keyMemoN.Add(1) > maxDecoded {
 		cs.keyMemo.Clear()
 		cs.keyMemoN.Store(0)
 	}
-	cs.keyMemo.Store(key, ek)
-	return ek
+	cs.keyMemo.Store(key, ref)
+	return ref
 }
+
 func (cs *CacheStore) lockKey(key string) string { return cs.b.keys.Group("c", key).Key("l") }
 func (cs *CacheStore) tagKey(tag string) string  { return cs.b.keys.Key("tag", tag) }
 
@@ -337,8 +349,9 @@ type lookup struct {
 // generations unchanged, and fresh or within its stale grace. A corrupt
 // entry is a miss. Errors are Redis failures.
 func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
-	ek := cs.entryKey(key)
-	res := cs.b.DoCache(ctx, ek, cs.b.client.B().Get().Key(ek).Cache(), time.Hour)
+	ref := cs.entry(key)
+	ek := ref.ek
+	res := cs.b.DoCache(ctx, ek, ref.get, time.Hour)
 	e, err := cs.decodeResult(ek, res)
 	if err != nil {
 		return lookup{}, err
@@ -826,7 +839,7 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 				return l.e, nil
 			}
 			lk := cs.lockKey(key)
-			if rueidis.IsRedisNil(cs.b.DoCache(ctx, lk, cs.b.client.B().Get().Key(lk).Cache(), cs.cfg.LockTTL).Error()) {
+			if rueidis.IsRedisNil(cs.b.DoCache(ctx, lk, cs.b.client.B().Get().Key(lk).Cache().Pin(), cs.cfg.LockTTL).Error()) {
 				break // the lock is free: try to take it
 			}
 		}

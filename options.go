@@ -176,7 +176,11 @@ func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (re
 	return res
 }
 
-// DoCache sends cmd through client-side caching, whose key is key.
+// DoCache sends cmd through client-side caching, whose key is key. cmd must
+// be pinned (.Pin()): rueidis v1.0.79 recycles a cacheable command that
+// failed with ErrDoCacheAborted while its connection's writer may still read
+// it (a data race under connection kills); a pinned command is never
+// recycled, and can be built once and shared by concurrent calls.
 //
 // Most DoCache calls are hits served from process memory, which need no
 // deadline, so DoCache does not pay for a context.WithTimeout per call: it
@@ -190,10 +194,7 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 		n.rejected.Add(1)
 		return rueidis.NewErrorResult(ErrBreakerOpen)
 	}
-	// Pin: rueidis v1.0.79 recycles a cacheable command that failed with
-	// ErrDoCacheAborted while its connection's writer may still read it (a
-	// data race under connection kills); a pinned command is never recycled.
-	res = b.client.DoCache(b.deadline.get(b.timeout), cmd.Pin(), ttl)
+	res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
 	b.record(n, classify(ctx, res.Error()))
 	return res
 }

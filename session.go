@@ -501,6 +501,7 @@ type verifiedCookie struct {
 	key     string
 	version int64
 	rotated bool
+	hgetall rueidis.Cacheable // prebuilt and pinned: shared by every read
 }
 
 // maxVerifiedCookies bounds the verified-cookie memo; it is emptied when
@@ -523,6 +524,7 @@ func (st *SessionStore) verify(v string) *verifiedCookie {
 		return nil
 	}
 	vc := &verifiedCookie{tok: t, key: st.key(t), version: version, rotated: rotated}
+	vc.hgetall = st.b.client.B().Hgetall().Key(vc.key).Cache().Pin()
 	if m == nil || st.verifiedN.Add(1) > maxVerifiedCookies {
 		m = new(sync.Map)
 		st.verified.Store(m)
@@ -666,13 +668,15 @@ type sessionData struct {
 // just wrote may not have invalidated it yet. found is false for a session
 // that does not exist or has expired.
 func (st *SessionStore) load(ctx context.Context, t token, minVersion int64) (d sessionData, found bool, err error) {
-	return st.loadKey(ctx, st.key(t), minVersion)
+	key := st.key(t)
+	return st.loadKey(ctx, key, st.b.client.B().Hgetall().Key(key).Cache().Pin(), minVersion)
 }
 
-// loadKey is load for the session stored at key.
-func (st *SessionStore) loadKey(ctx context.Context, key string, minVersion int64) (d sessionData, found bool, err error) {
+// loadKey is load for the session stored at key, read with cmd (its
+// HGETALL, possibly prebuilt).
+func (st *SessionStore) loadKey(ctx context.Context, key string, cmd rueidis.Cacheable, minVersion int64) (d sessionData, found bool, err error) {
 	st.loads.Add(1)
-	res := st.b.DoCache(ctx, key, st.b.client.B().Hgetall().Key(key).Cache(), st.cfg.IdleTimeout)
+	res := st.b.DoCache(ctx, key, cmd, st.cfg.IdleTimeout)
 	m, err := res.AsStrMap()
 	if err != nil {
 		return d, false, err
@@ -884,9 +888,10 @@ type SessionState struct {
 
 	mu            sync.Mutex
 	tok           token
-	key           string // st.key(tok)
-	hasToken      bool   // the request carried a valid cookie
-	badCookie     bool   // the request carried a cookie we rejected
+	key           string            // st.key(tok)
+	hgetall       rueidis.Cacheable // its prebuilt read, from the verified-cookie memo
+	hasToken      bool              // the request carried a valid cookie
+	badCookie     bool              // the request carried a cookie we rejected
 	cookieVersion int64
 	rotated       bool // signed by an older key of the ring
 
@@ -947,6 +952,7 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 	}
 	if vc := st.verify(ck.Value); vc != nil {
 		s.tok, s.key, s.hasToken, s.cookieVersion, s.rotated = vc.tok, vc.key, true, vc.version, vc.rotated
+		s.hgetall = vc.hgetall
 		return s
 	}
 	s.badCookie, s.loaded = true, true // tampered, malformed or signed by a retired key
@@ -959,7 +965,7 @@ func (s *SessionState) ensureLoaded() {
 		return
 	}
 	s.loaded = true
-	d, found, err := s.st.loadKey(s.ctx, s.key, s.cookieVersion)
+	d, found, err := s.st.loadKey(s.ctx, s.key, s.hgetall, s.cookieVersion)
 	switch {
 	case err != nil:
 		if s.ctx.Err() == nil { // a client that went away is not news

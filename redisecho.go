@@ -418,10 +418,14 @@ type RedisHealth struct {
 // NodeHealth is one node's PING result. Error is "timeout" or "unreachable":
 // the underlying error goes to no HTTP client.
 type NodeHealth struct {
-	Addr      string  `json:"addr"`
-	OK        bool    `json:"ok"`
+	// Addr is the master's address.
+	Addr string `json:"addr"`
+	// OK reports whether it answered PING within the deadline.
+	OK bool `json:"ok"`
+	// LatencyMS is its PING round trip, in milliseconds.
 	LatencyMS float64 `json:"latency_ms"`
-	Error     string  `json:"error,omitempty"`
+	// Error is "timeout" or "unreachable" when OK is false.
+	Error string `json:"error,omitempty"`
 }
 
 // Readiness returns the readiness handler for client with the defaults of

@@ -1332,10 +1332,16 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 			ran        bool   // this request ran the handler
 			own        *entry // and this is what it captured (nil: streamed)
 			handlerErr error
+			sendErr    error
 		)
 		fill := func(ctx context.Context) (*entry, error) {
 			ran = true
 			own, handlerErr = h.capture(ctx, c, next)
+			if own != nil {
+				// The client gets its response before the entry is stored:
+				// the store's round trip is not on its path.
+				sendErr = h.sendOwn(c, own, handlerErr)
+			}
 			if own == nil || handlerErr != nil || !h.storable(own) {
 				return nil, nil
 			}
@@ -1346,7 +1352,7 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		case ran && own == nil:
 			return handlerErr // streamed straight to the client
 		case ran:
-			return h.sendOwn(c, own, handlerErr)
+			return sendErr // sent by the fill
 		case err != nil || l.e == nil || l.e.notFound || l.e.status == 0:
 			// The wait ended without a reusable entry (another fill's
 			// response was not storable, or its client went away), or the

@@ -221,24 +221,13 @@ func TestCacheTagRace(t *testing.T) {
 		ctx := ctx5s(t)
 		for i := range 20 {
 			key := fmt.Sprint("race", i)
-			started, release := make(chan struct{}), make(chan struct{})
-			done := make(chan error, 1)
-			go func() {
-				_, err := Remember(ctx, a, key, time.Minute, func(context.Context) (string, error) {
-					close(started)
-					<-release
-					return "old", nil
-				}, WithTags("race"))
-				done <- err
-			}()
-			<-started
+			finish := fillInFlight(ctx, a, key, "old", WithTags("race"))
 			inv := a
 			if i%2 == 1 {
 				inv = b
 			}
 			require.NoError(t, inv.InvalidateTags(ctx, "race"))
-			close(release)
-			require.NoError(t, <-done)
+			require.NoError(t, finish())
 			for _, st := range []*CacheStore{a, b} {
 				require.Eventually(t, func() bool {
 					v, err := Remember(ctx, st, key, time.Minute, func(context.Context) (string, error) { return "new", nil }, WithTags("race"))
@@ -247,6 +236,26 @@ func TestCacheTagRace(t *testing.T) {
 			}
 		}
 	})
+}
+
+// fillInFlight starts a Remember of key whose function blocks, and returns
+// once the function runs; finish lets it return value and waits for
+// Remember's result.
+func fillInFlight(ctx context.Context, cs *CacheStore, key, value string, opts ...RememberOption) (finish func() error) {
+	started, release, done := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	go func() {
+		_, err := Remember(ctx, cs, key, time.Minute, func(context.Context) (string, error) {
+			close(started)
+			<-release
+			return value, nil
+		}, opts...)
+		done <- err
+	}()
+	<-started
+	return func() error {
+		close(release)
+		return <-done
+	}
 }
 
 // TestCacheReadYourOwnInvalidation: the instance that invalidates never
@@ -901,19 +910,9 @@ func TestCacheDeleteBeatsAFillInFlight(t *testing.T) {
 		cs := newCacheStore(t, r, r.Client(), nil)
 		other := newCacheStore(t, r, r.Client(), nil)
 		ctx := ctx5s(t)
-		started, release, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
-		go func() {
-			defer close(done)
-			_, _ = Remember(ctx, cs, "p", time.Minute, func(context.Context) (string, error) {
-				close(started)
-				<-release
-				return "v1", nil
-			})
-		}()
-		<-started
+		finish := fillInFlight(ctx, cs, "p", "v1")
 		require.NoError(t, other.Delete(ctx, "p"))
-		close(release)
-		<-done
+		require.NoError(t, finish())
 		var v string
 		for _, st := range []*CacheStore{cs, other} {
 			ok, err := st.Get(ctx, "p", &v)
@@ -1070,19 +1069,9 @@ func TestCacheSetBeatsAnOlderFill(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		cs := newCacheStore(t, r, r.Client(), nil)
 		ctx := ctx5s(t)
-		started, release, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
-		go func() {
-			defer close(done)
-			_, _ = Remember(ctx, cs, "k", time.Minute, func(context.Context) (string, error) {
-				close(started)
-				<-release
-				return "old", nil
-			})
-		}()
-		<-started
+		finish := fillInFlight(ctx, cs, "k", "old")
 		require.NoError(t, cs.Set(ctx, "k", "new", time.Minute))
-		close(release)
-		<-done
+		require.NoError(t, finish())
 		var got string
 		ok, err := cs.Get(ctx, "k", &got)
 		require.NoError(t, err)

@@ -1164,3 +1164,42 @@ func TestCacheDeadlinesDoNotDisableCaching(t *testing.T) {
 		require.Equal(t, int32(1), calls.Load())
 	})
 }
+
+func TestCacheMiddlewareHeadAndOtherMethods(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		store := newCacheStore(t, r, r.Client(), nil)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store}))
+		var calls atomic.Int32
+		h := func(c echo.Context) error {
+			calls.Add(1)
+			return c.String(http.StatusOK, "body")
+		}
+		e.Match([]string{http.MethodGet, http.MethodHead, http.MethodPost}, "/m", h)
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		do := func(method string) (*http.Response, string) {
+			req, _ := http.NewRequest(method, srv.URL+"/m", nil)
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			return resp, string(b)
+		}
+		resp, body := do(http.MethodHead)
+		require.Equal(t, "MISS", resp.Header.Get("X-Cache"))
+		require.Empty(t, body)
+		resp, body = do(http.MethodHead)
+		require.Equal(t, "HIT", resp.Header.Get("X-Cache"), "HEAD is cached")
+		require.Empty(t, body, "and answers no body")
+		_, body = do(http.MethodGet)
+		require.Equal(t, "body", body, "GET is its own entry")
+		before := calls.Load()
+		for range 2 {
+			resp, body = do(http.MethodPost)
+			require.Equal(t, "body", body)
+			require.Empty(t, resp.Header.Get("X-Cache"), "POST is never cached")
+		}
+		require.Equal(t, before+2, calls.Load())
+	})
+}

@@ -365,26 +365,19 @@ func newCacheApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*Ca
 		fmt.Sscan(c.Param("code"), &code)
 		return c.String(code, "status")
 	})
-	g.GET("/nostore", func(c echo.Context) error {
-		hit(c)
-		c.Response().Header().Set("Cache-Control", "no-store")
-		return c.String(http.StatusOK, "x")
-	})
-	g.GET("/private", func(c echo.Context) error {
-		hit(c)
-		c.Response().Header().Set("Cache-Control", "private, max-age=60")
-		return c.String(http.StatusOK, "x")
-	})
-	g.GET("/cookie", func(c echo.Context) error {
-		hit(c)
-		c.SetCookie(&http.Cookie{Name: "a", Value: "b"})
-		return c.String(http.StatusOK, "x")
-	})
-	g.GET("/vary-star", func(c echo.Context) error {
-		hit(c)
-		c.Response().Header().Set("Vary", "*")
-		return c.String(http.StatusOK, "x")
-	})
+	// Routes whose only difference is one response header.
+	for path, header := range map[string][2]string{
+		"/nostore":   {"Cache-Control", "no-store"},
+		"/private":   {"Cache-Control", "private, max-age=60"},
+		"/cookie":    {"Set-Cookie", "a=b"},
+		"/vary-star": {"Vary", "*"},
+	} {
+		g.GET(path, func(c echo.Context) error {
+			hit(c)
+			c.Response().Header().Set(header[0], header[1])
+			return c.String(http.StatusOK, "x")
+		})
+	}
 	g.GET("/big", func(c echo.Context) error {
 		hit(c)
 		return c.String(http.StatusOK, strings.Repeat("b", 2048))

@@ -60,10 +60,7 @@ func newGoRedis(env *Env) *redis.Client {
 // connection (its TestOnBorrow), which shows in Redis cmds/req.
 func redistoreCase(name, path string, write bool) Case {
 	const cookie = "bench_session"
-	method := http.MethodGet
-	if write {
-		method = http.MethodPost
-	}
+	method := sessionMethod(write)
 	return Case{
 		Name: name, Baseline: "/n", Method: method, Path: path,
 		Register: func(e *echo.Echo, env *Env) error {
@@ -114,10 +111,7 @@ func redistoreCase(name, path string, write bool) Case {
 // scsCase: alexedwards/scs on goredisstore (go-redis), mounted with
 // echo.WrapMiddleware(sm.LoadAndSave) as scs documents for Echo.
 func scsCase(name, path string, write bool) Case {
-	method := http.MethodGet
-	if write {
-		method = http.MethodPost
-	}
+	method := sessionMethod(write)
 	return Case{
 		Name: name, Baseline: "/n", Method: method, Path: path,
 		Register: func(e *echo.Echo, env *Env) error {
@@ -287,4 +281,12 @@ type teeWriter struct {
 func (w *teeWriter) Write(b []byte) (int, error) {
 	w.body.Write(b)
 	return w.ResponseWriter.Write(b)
+}
+
+// sessionMethod is the method of a session case: writes POST, reads GET.
+func sessionMethod(write bool) string {
+	if write {
+		return http.MethodPost
+	}
+	return http.MethodGet
 }

@@ -32,10 +32,7 @@ func newRueidis(env *Env) (rueidis.Client, error) {
 // counter; the route answers 401 without a live session, and the write
 // case increments the counter.
 func redisechoSessionCase(name, path string, write bool) Case {
-	method := http.MethodGet
-	if write {
-		method = http.MethodPost
-	}
+	method := sessionMethod(write)
 	return Case{
 		Name: name, Baseline: "/n", Method: method, Path: path,
 		Register: func(e *echo.Echo, env *Env) error {

@@ -2,12 +2,18 @@ package redisecho
 
 import (
 	"context"
+	"errors"
+	"maps"
+	"net/http"
+	"net/http/httptest"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/require"
 )
@@ -485,4 +491,348 @@ func TestLimiterAlgorithmString(t *testing.T) {
 	for f, want := range map[FailurePolicy]string{FailOpen: "fail-open", FailClosed: "fail-closed", LocalFallback: "local-fallback", 9: "FailurePolicy(" + strconv.Itoa(9) + ")"} {
 		require.Equal(t, want, f.String())
 	}
+}
+
+// rlServer is an Echo app with a rate-limited route, served in process:
+// each request names its client address.
+type rlServer struct {
+	e *echo.Echo
+}
+
+func newRLServer(t *testing.T, cfg RateLimitConfig, handler echo.HandlerFunc) *rlServer {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = discardLogger()
+	}
+	mw, err := cfg.ToMiddleware()
+	require.NoError(t, err)
+	e := echo.New()
+	if handler == nil {
+		handler = func(c echo.Context) error { return c.JSON(http.StatusOK, map[string]string{"ok": "yes"}) }
+	}
+	e.Any("/r", handler, mw)
+	return &rlServer{e: e}
+}
+
+// do sends a request to /r from remote (host:port), with headers h.
+func (s *rlServer) do(remote string, h http.Header) *httptest.ResponseRecorder {
+	req := httptest.NewRequest(http.MethodGet, "/r", nil)
+	req.RemoteAddr = remote
+	maps.Copy(req.Header, h)
+	rec := httptest.NewRecorder()
+	s.e.ServeHTTP(rec, req)
+	return rec
+}
+
+// sfItems parses a header as an RFC 9651 List into items by name.
+func sfItems(t *testing.T, h http.Header, name string) map[string]sfItem {
+	t.Helper()
+	vals := h.Values(name)
+	require.NotEmpty(t, vals, "header %s", name)
+	items, err := parseSFList(strings.Join(vals, ", "))
+	require.NoError(t, err, "%s: %q", name, vals)
+	out := map[string]sfItem{}
+	for _, it := range items {
+		id, ok := it.Value.(string)
+		require.True(t, ok, "%s: each item is a String naming a policy, got %T", name, it.Value)
+		out[id] = it
+	}
+	return out
+}
+
+func sfInt(t *testing.T, it sfItem, key string) int64 {
+	t.Helper()
+	v, ok := it.Param(key)
+	require.True(t, ok, "parameter %s", key)
+	n, ok := v.(int64)
+	require.True(t, ok, "parameter %s is an Integer, got %T", key, v)
+	return n
+}
+
+// TestRateLimitHeaders checks the draft fields (parsed as structured
+// fields), the legacy fields and Retry-After.
+func TestRateLimitHeaders(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		s := newRLServer(t, RateLimitConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}, Policies: []Policy{
+			{Name: "burst", Algorithm: FixedWindow, Limit: 2, Window: 10 * time.Second},
+			{Name: "daily \"quota\"", Limit: 100, Window: 24 * time.Hour},
+		}}, nil)
+		for i, want := range []int64{1, 0} {
+			rec := s.do("192.0.2.1:1000", nil)
+			require.Equal(t, http.StatusOK, rec.Code)
+			pol := sfItems(t, rec.Header(), "RateLimit-Policy")
+			require.Len(t, pol, 2)
+			require.Equal(t, int64(2), sfInt(t, pol["burst"], "q"))
+			require.Equal(t, int64(10), sfInt(t, pol["burst"], "w"))
+			require.Equal(t, int64(100), sfInt(t, pol[`daily "quota"`], "q"))
+			require.Equal(t, int64(86400), sfInt(t, pol[`daily "quota"`], "w"))
+			cur := sfItems(t, rec.Header(), "RateLimit")
+			require.Equal(t, want, sfInt(t, cur["burst"], "r"), "request %d", i)
+			require.Equal(t, 99-int64(i), sfInt(t, cur[`daily "quota"`], "r"))
+			tb := sfInt(t, cur["burst"], "t")
+			require.True(t, tb >= 9 && tb <= 10, "t=%d", tb)
+			require.Equal(t, "2", rec.Header().Get("X-RateLimit-Limit"))
+			require.Equal(t, strconv.FormatInt(want, 10), rec.Header().Get("X-RateLimit-Remaining"))
+			reset, err := strconv.ParseInt(rec.Header().Get("X-RateLimit-Reset"), 10, 64)
+			require.NoError(t, err)
+			require.InDelta(t, time.Now().Add(10*time.Second).Unix(), reset, 2, "Unix seconds of the window's end")
+			require.Empty(t, rec.Header().Get(echo.HeaderRetryAfter))
+		}
+		rec := s.do("192.0.2.1:1000", nil)
+		require.Equal(t, http.StatusTooManyRequests, rec.Code)
+		require.JSONEq(t, `{"error":"Too many requests, please try again later."}`, rec.Body.String())
+		retry, err := strconv.Atoi(rec.Header().Get(echo.HeaderRetryAfter))
+		require.NoError(t, err)
+		require.True(t, retry >= 1 && retry <= 10, "Retry-After %d", retry)
+		cur := sfItems(t, rec.Header(), "RateLimit")
+		require.Zero(t, sfInt(t, cur["burst"], "r"))
+		for name, it := range cur {
+			require.LessOrEqual(t, sfInt(t, it, "t"), int64(retry), "-11 §6: Retry-After not before the end of %s's effective window", name)
+		}
+		require.Equal(t, "0", rec.Header().Get("X-RateLimit-Remaining"))
+
+		rec = s.do("192.0.2.2:1000", nil)
+		require.Equal(t, http.StatusOK, rec.Code, "another client has its own quota")
+	})
+}
+
+func TestRateLimitHeaderSwitches(t *testing.T) {
+	c := standaloneClient(t)
+	prefix := testPrefix(t)
+	for _, tc := range []struct {
+		name                     string
+		cfg                      RateLimitConfig
+		draft, legacy, retryHead bool
+	}{
+		{"defaults", RateLimitConfig{}, true, true, true},
+		{"no draft", RateLimitConfig{DisableDraftHeaders: true}, false, true, true},
+		{"no legacy", RateLimitConfig{DisableLegacyHeaders: true}, true, false, true},
+		{"no Retry-After", RateLimitConfig{DisableRetryAfter: true}, true, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			cfg.Client, cfg.Prefix, cfg.Name = c, prefix, tc.name
+			cfg.Policies = []Policy{{Limit: 1, Window: time.Minute}}
+			s := newRLServer(t, cfg, nil)
+			s.do("192.0.2.9:1", nil)
+			rec := s.do("192.0.2.9:1", nil)
+			require.Equal(t, http.StatusTooManyRequests, rec.Code)
+			h := rec.Header()
+			require.Equal(t, tc.draft, h.Get("RateLimit") != "" && h.Get("RateLimit-Policy") != "")
+			require.Equal(t, tc.legacy, h.Get("X-RateLimit-Limit") != "" && h.Get("X-RateLimit-Remaining") != "" && h.Get("X-RateLimit-Reset") != "")
+			require.Equal(t, tc.retryHead, h.Get(echo.HeaderRetryAfter) != "")
+		})
+	}
+}
+
+func TestRateLimitResponses(t *testing.T) {
+	c := standaloneClient(t)
+	prefix := testPrefix(t)
+	one := []Policy{{Limit: 1, Window: time.Minute}}
+
+	t.Run("custom message", func(t *testing.T) {
+		s := newRLServer(t, RateLimitConfig{Client: c, Options: Options{Prefix: prefix}, Name: "msg", Policies: one, Message: map[string]string{"error": "slow down"}}, nil)
+		s.do("192.0.2.1:1", nil)
+		rec := s.do("192.0.2.1:1", nil)
+		require.Equal(t, http.StatusTooManyRequests, rec.Code)
+		require.JSONEq(t, `{"error":"slow down"}`, rec.Body.String())
+	})
+	t.Run("denied handler", func(t *testing.T) {
+		s := newRLServer(t, RateLimitConfig{Client: c, Options: Options{Prefix: prefix}, Name: "handler", Policies: []Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Minute}},
+			DeniedHandler: func(c echo.Context, d Decision) error {
+				return c.String(http.StatusServiceUnavailable, "retry in "+strconv.FormatInt(seconds(d.RetryAfter), 10))
+			}}, nil)
+		s.do("192.0.2.1:1", nil)
+		rec := s.do("192.0.2.1:1", nil)
+		require.Equal(t, http.StatusServiceUnavailable, rec.Code)
+		require.Equal(t, "retry in 60", rec.Body.String())
+		require.Equal(t, "60", rec.Header().Get(echo.HeaderRetryAfter), "headers are set before the handler")
+	})
+	t.Run("skipper", func(t *testing.T) {
+		s := newRLServer(t, RateLimitConfig{Client: c, Options: Options{Prefix: prefix}, Name: "skip", Policies: one,
+			Skipper: func(c echo.Context) bool { return c.Request().Header.Get("X-Internal") == "1" }}, nil)
+		for range 3 {
+			require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", http.Header{"X-Internal": {"1"}}).Code)
+		}
+		require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", nil).Code, "skipped requests were not counted")
+		require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.1:1", nil).Code)
+	})
+	t.Run("key function errors", func(t *testing.T) {
+		s := newRLServer(t, RateLimitConfig{Client: c, Options: Options{Prefix: prefix}, Name: "keyerr", Policies: one,
+			KeyFunc: func(c echo.Context) (string, error) {
+				if c.Request().Header.Get("X-Api-Key") == "" {
+					return "", echo.NewHTTPError(http.StatusUnauthorized, "API key required")
+				}
+				return "", errors.New("internal detail: lookup failed")
+			}}, nil)
+		rec := s.do("192.0.2.1:1", nil)
+		require.Equal(t, http.StatusUnauthorized, rec.Code)
+		rec = s.do("192.0.2.1:1", http.Header{"X-Api-Key": {"k"}})
+		require.Equal(t, http.StatusBadRequest, rec.Code)
+		require.NotContains(t, rec.Body.String(), "internal detail")
+	})
+	t.Run("cost above the limit", func(t *testing.T) {
+		s := newRLServer(t, RateLimitConfig{Client: c, Options: Options{Prefix: prefix}, Name: "cost", Policies: []Policy{{Limit: 5, Window: time.Minute}},
+			Cost: func(c echo.Context) int64 {
+				n, _ := strconv.ParseInt(c.Request().Header.Get("X-Cost"), 10, 64)
+				return n
+			}}, nil)
+		require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", http.Header{"X-Cost": {"4"}}).Code)
+		rec := s.do("192.0.2.1:1", http.Header{"X-Cost": {"2"}})
+		require.Equal(t, http.StatusTooManyRequests, rec.Code)
+		require.Equal(t, "1", rec.Header().Get("X-RateLimit-Remaining"))
+		require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", http.Header{"X-Cost": {"1"}}).Code)
+		require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.2:1", http.Header{"X-Cost": {"6"}}).Code, "never admissible")
+	})
+	t.Run("invalid configurations", func(t *testing.T) {
+		l, err := NewLimiter(LimiterConfig{Client: c, Policies: one})
+		require.NoError(t, err)
+		for name, cfg := range map[string]RateLimitConfig{
+			"no client":                        {},
+			"refunds with a free-path Limiter": {Limiter: l, SkipSuccessfulRequests: true},
+			"no policy on a Limiter":           {Limiter: must(NewLimiter(LimiterConfig{Client: c}))},
+			"bad policy":                       {Client: c, Policies: []Policy{{Limit: -1, Window: time.Second}}},
+		} {
+			_, err := cfg.ToMiddleware()
+			require.Error(t, err, name)
+		}
+		require.Panics(t, func() { RateLimit(nil) })
+	})
+}
+
+// TestRateLimitRefunds checks SkipSuccessfulRequests (the guide's login
+// limiter) and SkipFailedRequests.
+func TestRateLimitRefunds(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		login := func(c echo.Context) error {
+			if c.QueryParam("password") != "secret" {
+				return echo.NewHTTPError(http.StatusUnauthorized, "Invalid credentials")
+			}
+			return c.JSON(http.StatusOK, map[string]string{"message": "Login successful"})
+		}
+		for _, alg := range []Algorithm{SlidingWindow, FixedWindow, SlidingLog, TokenBucket} {
+			t.Run(alg.String(), func(t *testing.T) {
+				s := newRLServer(t, RateLimitConfig{Client: c, Options: Options{Prefix: r.Keys.Prefix()}, Name: "login-" + alg.String(),
+					Policies: []Policy{{Algorithm: alg, Limit: 3, Window: 15 * time.Minute}}, SkipSuccessfulRequests: true}, login)
+				try := func(pw string) int {
+					req := httptest.NewRequest(http.MethodPost, "/r?password="+pw, nil)
+					req.RemoteAddr = "192.0.2.7:1"
+					rec := httptest.NewRecorder()
+					s.e.ServeHTTP(rec, req)
+					return rec.Code
+				}
+				for range 10 {
+					require.Equal(t, http.StatusOK, try("secret"), "successful logins are not counted")
+				}
+				for range 3 {
+					require.Equal(t, http.StatusUnauthorized, try("wrong"))
+				}
+				require.Equal(t, http.StatusTooManyRequests, try("secret"), "three failures lock the key, right password or not")
+			})
+		}
+		t.Run("skip failed", func(t *testing.T) {
+			fail := false
+			s := newRLServer(t, RateLimitConfig{Client: c, Options: Options{Prefix: r.Keys.Prefix()}, Name: "skip-failed",
+				Policies: []Policy{{Limit: 2, Window: time.Hour}}, SkipFailedRequests: true}, func(c echo.Context) error {
+				if fail {
+					return c.String(http.StatusBadGateway, "upstream down") // written, not returned
+				}
+				return c.NoContent(http.StatusNoContent)
+			})
+			fail = true
+			for range 5 {
+				require.Equal(t, http.StatusBadGateway, s.do("192.0.2.8:1", nil).Code)
+			}
+			fail = false
+			require.Equal(t, http.StatusNoContent, s.do("192.0.2.8:1", nil).Code)
+			require.Equal(t, http.StatusNoContent, s.do("192.0.2.8:1", nil).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.8:1", nil).Code)
+		})
+	})
+}
+
+// TestRateLimitClientKeys checks the default IP key: IPv6 grouping, and a
+// spoofed X-Forwarded-For with and without a trusted proxy.
+func TestRateLimitClientKeys(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		one := []Policy{{Limit: 1, Window: time.Hour}}
+		cfg := func(name string) RateLimitConfig {
+			return RateLimitConfig{Client: c, Options: Options{Prefix: r.Keys.Prefix()}, Name: name, Policies: one}
+		}
+
+		t.Run("IPv6 clients are grouped by /64", func(t *testing.T) {
+			s := newRLServer(t, cfg("v6"), nil)
+			require.Equal(t, http.StatusOK, s.do("[2001:db8:1:2::1]:1", nil).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("[2001:db8:1:2:ffff:ffff:ffff:fffe]:1", nil).Code, "same /64")
+			require.Equal(t, http.StatusOK, s.do("[2001:db8:1:3::1]:1", nil).Code, "next /64")
+			require.Equal(t, http.StatusOK, s.do("[::ffff:192.0.2.1]:1", nil).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.1:1", nil).Code, "an IPv4-mapped address is its IPv4 address")
+			require.Equal(t, http.StatusOK, s.do("192.0.2.2:1", nil).Code, "IPv4 addresses count one by one")
+		})
+		t.Run("configurable prefix", func(t *testing.T) {
+			k := cfg("v6-128")
+			k.KeyFunc = IPKey(128)
+			s := newRLServer(t, k, nil)
+			require.Equal(t, http.StatusOK, s.do("[2001:db8::1]:1", nil).Code)
+			require.Equal(t, http.StatusOK, s.do("[2001:db8::2]:1", nil).Code)
+			k = cfg("v6-48")
+			k.KeyFunc = IPKey(48)
+			s = newRLServer(t, k, nil)
+			require.Equal(t, http.StatusOK, s.do("[2001:db8:1:2::1]:1", nil).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("[2001:db8:1:3::1]:1", nil).Code)
+		})
+		t.Run("X-Forwarded-For is ignored without a trusted proxy", func(t *testing.T) {
+			s := newRLServer(t, cfg("direct"), nil)
+			require.Equal(t, http.StatusOK, s.do("203.0.113.5:1", http.Header{"X-Forwarded-For": {"198.51.100.1"}}).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("203.0.113.5:1", http.Header{"X-Forwarded-For": {"198.51.100.2"}}).Code,
+				"a spoofed header does not buy a new quota")
+		})
+		t.Run("behind a trusted proxy, the proxy's entry counts", func(t *testing.T) {
+			s := newRLServer(t, cfg("proxied"), nil)
+			s.e.IPExtractor = echo.ExtractIPFromXFFHeader(echo.TrustLoopback(true), echo.TrustPrivateNet(false), echo.TrustLinkLocal(false))
+			proxy := "127.0.0.1:5000"
+			require.Equal(t, http.StatusOK, s.do(proxy, http.Header{"X-Forwarded-For": {"198.51.100.1"}}).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do(proxy, http.Header{"X-Forwarded-For": {"1.2.3.4, 198.51.100.1"}}).Code,
+				"a client prepending a fake address is still itself")
+			require.Equal(t, http.StatusOK, s.do(proxy, http.Header{"X-Forwarded-For": {"198.51.100.2"}}).Code, "another client behind the proxy")
+			require.Equal(t, http.StatusOK, s.do("203.0.113.9:1", http.Header{"X-Forwarded-For": {"198.51.100.3"}}).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("203.0.113.9:1", http.Header{"X-Forwarded-For": {"198.51.100.4"}}).Code,
+				"an untrusted peer's header is ignored")
+		})
+		t.Run("per user, or per IP when anonymous", func(t *testing.T) {
+			k := cfg("user")
+			k.KeyFunc = UserOrIPKey(func(c echo.Context) string { return c.Request().Header.Get("X-User") }, 0)
+			s := newRLServer(t, k, nil)
+			require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", http.Header{"X-User": {"alice"}}).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.2:1", http.Header{"X-User": {"alice"}}).Code, "alice from anywhere")
+			require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", http.Header{"X-User": {"bob"}}).Code)
+			require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", nil).Code, "anonymous counts by address")
+			require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.1:1", nil).Code)
+			require.Equal(t, http.StatusOK, s.do("192.0.2.3:1", http.Header{"X-User": {"ip:192.0.2.1"}}).Code, "a user ID cannot pose as an address")
+		})
+	})
+}
+
+// TestRateLimitTwoInstances runs the middleware on two apps with their own
+// clients: they share one limit.
+func TestRateLimitTwoInstances(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		mk := func() *rlServer {
+			return newRLServer(t, RateLimitConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}, Policies: []Policy{{Algorithm: SlidingLog, Limit: 10, Window: time.Hour}}}, nil)
+		}
+		a, b := mk(), mk()
+		ok := 0
+		for i := range 30 {
+			s := a
+			if i%2 == 1 {
+				s = b
+			}
+			if s.do("192.0.2.1:1", nil).Code == http.StatusOK {
+				ok++
+			}
+		}
+		require.Equal(t, 10, ok)
+	})
 }

@@ -715,13 +715,14 @@ if allowed == 1 and cost > 0 then
       set[#set + 1] = p.f .. 't'; set[#set + 1] = fmt(math.floor(p.tat + 0.5))
     end
     if p.alg == 3 then
-      local members, s = {}, 0
+      -- Members are integers (compact in a listpack): now, or the next
+      -- free integer after it when requests share a microsecond.
+      local members, m = {}, now
       for j = 1, cost do
-        while redis.call('ZSCORE', p.key, fmt(now) .. '-' .. s) do s = s + 1 end
-        local m = fmt(now) .. '-' .. s
-        redis.call('ZADD', p.key, now, m)
-        members[#members + 1] = m
-        s = s + 1
+        while redis.call('ZSCORE', p.key, fmt(m)) do m = m + 1 end
+        redis.call('ZADD', p.key, now, fmt(m))
+        members[#members + 1] = fmt(m)
+        m = m + 1
       end
       p.tok = table.concat(members, ' ')
       redis.call('PEXPIRE', p.key, math.ceil(p.win / 1000) + 1)

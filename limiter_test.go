@@ -2,6 +2,8 @@ package redisecho
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"maps"
 	"net/http"
@@ -834,5 +836,251 @@ func TestRateLimitTwoInstances(t *testing.T) {
 			}
 		}
 		require.Equal(t, 10, ok)
+	})
+}
+
+// scriptCalls returns how many scripts the servers ran: the EVALSHA and
+// EVAL calls of INFO commandstats, summed over addrs.
+func scriptCalls(t *testing.T, addrs []string) int64 {
+	t.Helper()
+	var n int64
+	for _, addr := range addrs {
+		v, err := respDo(addr, 2*time.Second, "INFO", "commandstats")
+		require.NoError(t, err)
+		info, _ := v.(string)
+		for line := range strings.SplitSeq(info, "\r\n") {
+			if strings.HasPrefix(line, "cmdstat_evalsha:calls=") || strings.HasPrefix(line, "cmdstat_eval:calls=") {
+				field, _, _ := strings.Cut(strings.SplitN(line, "=", 2)[1], ",")
+				c, err := strconv.ParseInt(field, 10, 64)
+				require.NoError(t, err)
+				n += c
+			}
+		}
+	}
+	return n
+}
+
+// TestRateLimitFreePath checks that a blocked key is denied from memory
+// with no Redis command until its known retry time, and only where that
+// is exact.
+func TestRateLimitFreePath(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		clock := newFakeClock()
+		c := r.Client()
+		l := newTestLimiter(t, r, c, LimiterConfig{Options: Options{Clock: clock}, Policies: []Policy{{Algorithm: FixedWindow, Limit: 2, Window: time.Hour}}})
+		s := newRLServer(t, RateLimitConfig{Limiter: l}, nil)
+		require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", nil).Code)
+		require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", nil).Code)
+		first := s.do("192.0.2.1:1", nil)
+		require.Equal(t, http.StatusTooManyRequests, first.Code, "denied by Redis")
+
+		before := scriptCalls(t, r.addrs)
+		for range 100 {
+			rec := s.do("192.0.2.1:1", nil)
+			require.Equal(t, http.StatusTooManyRequests, rec.Code)
+			require.Equal(t, first.Header().Get(echo.HeaderRetryAfter), rec.Header().Get(echo.HeaderRetryAfter))
+			require.Equal(t, first.Header().Get("RateLimit"), rec.Header().Get("RateLimit"), "the same headers")
+			require.JSONEq(t, first.Body.String(), rec.Body.String())
+		}
+		d := allow(t, l, "192.0.2.1", 2)
+		require.True(t, d.FromMemory, "a dearer request is blocked too")
+		require.Equal(t, before, scriptCalls(t, r.addrs), "no script ran while the key was blocked")
+
+		require.Equal(t, http.StatusOK, s.do("192.0.2.2:1", nil).Code, "other keys still go to Redis")
+		require.Greater(t, scriptCalls(t, r.addrs), before) // 2 on a node that lacks the script: EVALSHA, EVAL
+		require.False(t, allow(t, l, "192.0.2.1", 0).FromMemory, "a read (cost 0) asks Redis")
+
+		clock.Advance(time.Hour)
+		require.False(t, allow(t, l, "192.0.2.1", 1).FromMemory, "after the retry time Redis decides again")
+
+		clock.Advance(59 * time.Minute) // the block stored now ends at Redis's window end
+		require.NoError(t, l.Reset(context.Background(), "192.0.2.1"))
+		require.True(t, allow(t, l, "192.0.2.1", 1).Allowed, "Reset lifts this instance's block")
+	})
+}
+
+func TestRateLimitFreePathOffWhereUnsafe(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		one := []Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}
+		for name, cfg := range map[string]RateLimitConfig{
+			"refunds":     {SkipSuccessfulRequests: true, Policies: one},
+			"costs":       {Cost: func(echo.Context) int64 { return 1 }, Policies: one},
+			"plan limits": {PolicyFunc: func(echo.Context) []Policy { return one }},
+		} {
+			t.Run(name, func(t *testing.T) {
+				cfg.Client, cfg.Prefix, cfg.Name = c, r.Keys.Prefix(), name
+				s := newRLServer(t, cfg, func(c echo.Context) error { return c.NoContent(http.StatusForbidden) })
+				s.do("192.0.2.1:1", nil)
+				require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.1:1", nil).Code)
+				before := scriptCalls(t, r.addrs)
+				require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.1:1", nil).Code)
+				require.Equal(t, before+1, scriptCalls(t, r.addrs), "denials still ask Redis")
+			})
+		}
+	})
+}
+
+func TestBlockMapSweeps(t *testing.T) {
+	clock := newFakeClock()
+	m := &blockMap{clock: clock}
+	for i := range 10 {
+		m.put(strconv.Itoa(i), Decision{Cost: 1, RetryAfter: time.Minute})
+	}
+	require.Equal(t, int64(10), m.n.Load())
+	clock.Advance(time.Minute)
+	m.put("fresh", Decision{Cost: 1, RetryAfter: time.Minute})
+	require.Equal(t, int64(1), m.n.Load(), "ended blocks were swept")
+	_, ok := m.get("fresh", 1)
+	require.True(t, ok)
+	_, ok = m.get("fresh", 0)
+	require.False(t, ok)
+	m.put("no retry", Decision{Cost: 1})
+	_, ok = m.get("no retry", 1)
+	require.False(t, ok, "a denial with no known end is not remembered")
+}
+
+// TestLimiterRedisDown stops Redis for real and checks each FailurePolicy,
+// the breaker's part, and the recovery once Redis is back.
+func TestLimiterRedisDown(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		clock := newFakeClock()
+		c := f.Client()
+		br := NewBreaker(BreakerConfig{Failures: 3, Cooldown: 2 * time.Second, Logger: discardLogger()})
+		mk := func(name string, fp FailurePolicy, share float64) *Limiter {
+			l, err := NewLimiter(LimiterConfig{Client: c, Name: name, Options: Options{Prefix: f.Keys.Prefix(), Timeout: 300 * time.Millisecond, Breaker: br, Clock: clock, Logger: discardLogger()},
+				Policies: []Policy{{Algorithm: FixedWindow, Limit: 10, Window: time.Minute}}, OnRedisError: fp, FallbackShare: share})
+			require.NoError(t, err)
+			return l
+		}
+		open, closed, local := mk("open", FailOpen, 0), mk("closed", FailClosed, 0), mk("local", LocalFallback, 0.3)
+		mw := func(l *Limiter) *rlServer { return newRLServer(t, RateLimitConfig{Limiter: l}, nil) }
+		ctx := context.Background()
+		for _, l := range []*Limiter{open, closed, local} {
+			d, err := l.Allow(ctx, "k")
+			require.NoError(t, err)
+			require.False(t, d.Degraded)
+		}
+
+		f.Stop(t)
+		d, err := open.Allow(ctx, "k")
+		require.NoError(t, err)
+		require.True(t, d.Allowed && d.Degraded, "FailOpen allows")
+		_, err = closed.Allow(ctx, "k")
+		require.ErrorIs(t, err, ErrLimiterUnavailable)
+		rec := mw(closed).do("192.0.2.1:1", nil)
+		require.Equal(t, http.StatusServiceUnavailable, rec.Code, "FailClosed is a 503, not a 429")
+		require.JSONEq(t, `{"error":"Service temporarily unavailable, please try again later."}`, rec.Body.String())
+		require.NotContains(t, rec.Body.String(), "refused")
+
+		admitted := 0
+		for range 10 {
+			d, err := local.Allow(ctx, "k")
+			require.NoError(t, err)
+			require.True(t, d.Degraded)
+			if d.Allowed {
+				admitted++
+			}
+		}
+		require.Equal(t, 3, admitted, "LocalFallback grants this instance its share (30% of 10), not the whole limit")
+		rec = mw(local).do("192.0.2.1:1", nil)
+		require.Equal(t, http.StatusOK, rec.Code, "another key has its own local share")
+		require.Equal(t, "3", rec.Header().Get("X-RateLimit-Limit"), "headers show the local limit")
+		require.True(t, br.AnyOpen(), "the breaker opened: no per-request wait for a dead Redis")
+		require.Equal(t, http.StatusOK, mw(open).do("192.0.2.1:1", nil).Code)
+
+		f.Start(t)
+		require.Eventually(t, func() bool {
+			d, err := closed.Allow(ctx, "k")
+			return err == nil && !d.Degraded
+		}, 20*time.Second, 100*time.Millisecond, "recovery is automatic")
+		for _, l := range []*Limiter{open, local} {
+			d, err := l.Allow(ctx, "k")
+			require.NoError(t, err)
+			require.False(t, d.Degraded)
+			require.True(t, d.Allowed, "the restarted server starts empty")
+		}
+	})
+}
+
+// TestLocalFallbackAlgorithms checks the in-process limiter on its clock.
+func TestLocalFallbackAlgorithms(t *testing.T) {
+	for _, tc := range []struct {
+		p     Policy
+		share float64
+		burst int // admitted back to back
+		after time.Duration
+		more  int // admitted after `after`
+	}{
+		{Policy{Algorithm: FixedWindow, Limit: 10, Window: time.Minute}, 0.5, 5, time.Minute, 5},
+		{Policy{Algorithm: SlidingLog, Limit: 10, Window: time.Minute}, 0.5, 5, 30 * time.Second, 0},
+		{Policy{Algorithm: SlidingWindow, Limit: 10, Window: time.Minute}, 0.5, 5, 2 * time.Minute, 5},
+		{Policy{Algorithm: TokenBucket, Limit: 60, Window: time.Minute, Burst: 10}, 0.2, 2, 5 * time.Second, 1},
+	} {
+		t.Run(tc.p.Algorithm.String(), func(t *testing.T) {
+			clock := newFakeClock()
+			clock.Advance(time.Duration(1_700_000_000*time.Second) % time.Minute * -1) // align to a minute
+			ll := &localLimiter{clock: clock, share: tc.share, keys: map[string]*localKey{}}
+			pols, err := normalizePolicies([]Policy{tc.p})
+			require.NoError(t, err)
+			count := func() int {
+				n := 0
+				for range 100 {
+					if d := ll.decide("k", 1, pols); d.Allowed {
+						n++
+					} else {
+						require.Greater(t, d.RetryAfter, time.Duration(0))
+					}
+				}
+				return n
+			}
+			require.Equal(t, tc.burst, count())
+			clock.Advance(tc.after)
+			require.Equal(t, tc.more, count())
+		})
+	}
+}
+
+// TestLimiterMemoryPerKey measures MEMORY USAGE of one key's state after a
+// realistic load: 100 requests a minute, the limit reached.
+func TestLimiterMemoryPerKey(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		for _, tc := range []struct {
+			alg Algorithm
+			max int64 // bytes, all the key's keys
+		}{
+			{SlidingWindow, 200},
+			{FixedWindow, 200},
+			{TokenBucket, 200},
+			{SlidingLog, 2500},
+		} {
+			t.Run(tc.alg.String(), func(t *testing.T) {
+				// A prefix as short as the default "redisecho:", so that the
+				// figures are what production keys take.
+				var rnd [3]byte
+				_, _ = rand.Read(rnd[:])
+				l, err := NewLimiter(LimiterConfig{Client: c, Options: Options{Prefix: "t:" + hex.EncodeToString(rnd[:]) + ":", Logger: discardLogger()},
+					Policies: []Policy{{Algorithm: tc.alg, Limit: 100, Window: time.Minute}}, DisableFreePath: true})
+				require.NoError(t, err)
+				key := "203.0.113.77"
+				t.Cleanup(func() { _ = l.Reset(context.Background(), key) })
+				for range 120 {
+					allow(t, l, key, 1)
+				}
+				var total int64
+				for _, k := range l.keys(key, l.policies) {
+					if tc.alg == SlidingLog && !strings.Contains(k, ":log:") {
+						continue // the log policy writes no hash
+					}
+					n, err := c.Do(context.Background(), c.B().MemoryUsage().Key(k).Build()).AsInt64()
+					require.NoError(t, err, "key %s", k)
+					total += n
+				}
+				t.Logf("%s, 100 per minute: %d bytes per limited key", tc.alg, total)
+				require.Greater(t, total, int64(0))
+				require.LessOrEqual(t, total, tc.max)
+			})
+		}
 	})
 }

@@ -141,16 +141,28 @@ func (f FailurePolicy) String() string {
 // Rate limiter errors.
 var (
 	// ErrInvalidLimiterConfig is returned for an invalid LimiterConfig,
-	// Policy or RateLimitConfig.
+	// Policy or RateLimitConfig, and for two limiters on one client,
+	// prefix and Name with different policies (they would share counters).
 	ErrInvalidLimiterConfig = errors.New("redisecho: rate limit: invalid configuration")
 	// ErrInvalidLimiterKey is returned by Allow for an empty key.
 	ErrInvalidLimiterKey = errors.New("redisecho: rate limit: empty key")
-	// ErrCostTooHigh is returned by AllowN for a cost that no policy
-	// could ever admit (above a Limit, or a Burst for TokenBucket).
+	// ErrCostTooHigh is returned by AllowN for a cost that a policy could
+	// never admit (above its Limit, or its Burst for TokenBucket).
 	ErrCostTooHigh = errors.New("redisecho: rate limit: cost exceeds the policy's capacity")
 	// ErrLimiterUnavailable is returned by a FailClosed limiter when Redis
 	// cannot decide.
 	ErrLimiterUnavailable = errors.New("redisecho: rate limit: Redis unavailable")
+)
+
+// Limits of the values a policy takes, so that the script's arithmetic
+// (doubles, microseconds) stays exact.
+const (
+	// MaxSlidingLogLimit bounds a SlidingLog policy's Limit: the log holds
+	// one sorted-set entry per admitted unit, so a larger limit costs
+	// memory and script time per key. Use SlidingWindow beyond it.
+	MaxSlidingLogLimit = 10_000
+	// maxWindow is about 285 years in microseconds, below 2^53.
+	maxWindow = 1 << 53 * time.Microsecond / 1000
 )
 
 // Decision is the outcome of one rate-limit check. It is meaningful outside
@@ -161,8 +173,9 @@ type Decision struct {
 	// consumed under every policy). A denied request consumes nothing.
 	Allowed bool
 	// Limit, Remaining and Reset describe the binding policy: the one with
-	// the fewest units left when allowed, the one that denied longest when
-	// denied.
+	// the smallest share of its capacity left when allowed, the one that
+	// makes the request wait longest when denied. Limit is the policy's
+	// capacity: its Limit, or its Burst for a TokenBucket.
 	Limit int64
 	// Remaining is the number of units the binding policy has left now.
 	Remaining int64
@@ -186,22 +199,30 @@ type Decision struct {
 	// blocked, and Redis was not asked.
 	FromMemory bool
 
-	key    string
-	tokens []string // per policy: what Refund needs to undo the cost
+	key    string   // the normalized key
+	tokens []string // per policy: what Refund needs to undo the cost; nil once refunded
+	local  bool     // decided by the local fallback
 }
 
 // PolicyDecision is one policy's part of a Decision.
 type PolicyDecision struct {
+	// Policy is the policy, defaults filled in.
 	Policy Policy
 	// Allowed reports whether this policy alone would admit the request.
 	Allowed bool
-	// Remaining is the number of units left under the policy.
+	// Remaining is the number of units left under the policy (after the
+	// request, when it was allowed).
 	Remaining int64
 	// Reset is the time until the policy's quota is whole again.
 	Reset time.Duration
 	// RetryAfter, when this policy refuses, is the time until it would
 	// admit the request.
 	RetryAfter time.Duration
+	// Next is the time until the policy has more than Remaining units:
+	// within Next, the client can use no more than Remaining (the
+	// "effective window" of the RateLimit header). With the quota whole,
+	// it is the policy's window (its emission interval for a TokenBucket).
+	Next time.Duration
 }
 
 // LimiterConfig configures a Limiter.
@@ -213,7 +234,9 @@ type LimiterConfig struct {
 	// windows run on Redis TIME.
 	Options
 	// Name separates this limiter's counters from other limiters' on the
-	// same key. Default: "default".
+	// same key. Two limiters on one client and prefix with the same Name
+	// must have the same policies (NewLimiter refuses otherwise).
+	// Default: "default".
 	Name string
 	// Policies are decided together: a request must pass every one, and a
 	// request denied by one consumes none. Required, unless every call
@@ -224,22 +247,22 @@ type LimiterConfig struct {
 	OnRedisError FailurePolicy
 	// FallbackShare is each instance's share of every limit under
 	// LocalFallback, in (0, 1]: 0.25 for four instances. Required with
-	// LocalFallback.
+	// LocalFallback; ignored otherwise. Default: 0.
 	FallbackShare float64
 	// DisableFreePath turns the free path off. With the free path, a key
 	// denied until a known time is denied again from process memory until
-	// then, without a Redis call, for any cost at least the denied one.
-	// That is exact only while nothing gives units back: turn it off when
-	// you Refund (a refund on another instance unblocks the key there, not
-	// here) or Reset keys on other instances. Default: false (on).
+	// then (at most a minute at a time), without a Redis call, for any cost
+	// at least the denied one. That is exact only while nothing gives
+	// units back: turn it off when you Refund, or Reset keys, on several
+	// instances (each lifts only its own blocks). Default: false (on).
 	DisableFreePath bool
 }
 
 // Limiter decides rate limits in Redis. Each decision is one Lua script in
-// one round trip over the key's own hash (plus one sorted set per
-// SlidingLog policy, under the same hash tag), timed by Redis TIME, so
-// every instance agrees whatever its clock. Create it with NewLimiter; it
-// is safe for concurrent use.
+// one round trip over the key's hash (and, with SlidingLog policies, its
+// sorted set under the same hash tag), timed by Redis TIME, so every
+// instance agrees whatever its clock. Create it with NewLimiter; it is safe
+// for concurrent use.
 type Limiter struct {
 	b        *backend
 	name     string
@@ -250,6 +273,16 @@ type Limiter struct {
 
 	blocks blockMap
 	local  *localLimiter
+}
+
+// limiterNames remembers the policies of every (client, prefix, Name), so
+// that two limiters that would share counters with different policies are
+// refused.
+var limiterNames sync.Map // limiterName -> string (policies signature)
+
+type limiterName struct {
+	client       rueidis.Client
+	prefix, name string
 }
 
 // NewLimiter validates cfg and returns the limiter. It does no I/O.
@@ -274,6 +307,14 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 	default:
 		return nil, fmt.Errorf("%w: unknown OnRedisError %d", ErrInvalidLimiterConfig, cfg.OnRedisError)
 	}
+	var sig strings.Builder
+	for _, p := range pols {
+		fmt.Fprintf(&sig, "%d/%d/%d/%d;", p.Algorithm, p.Limit, p.Window, p.Burst)
+	}
+	id := limiterName{client: cfg.Client, prefix: b.keys.Prefix(), name: cfg.Name}
+	if prev, loaded := limiterNames.LoadOrStore(id, sig.String()); loaded && prev.(string) != sig.String() {
+		return nil, fmt.Errorf("%w: another limiter named %q on this client has other policies, and would share its counters: give each its own Name", ErrInvalidLimiterConfig, cfg.Name)
+	}
 	l := &Limiter{
 		b:        b,
 		name:     cfg.Name,
@@ -292,14 +333,12 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 // normalizePolicies validates policies and fills their defaults, in a copy.
 func normalizePolicies(in []Policy) ([]Policy, error) {
 	out := make([]Policy, len(in))
-	names := map[string]bool{}
-	kinds := map[string]bool{}
 	for i, p := range in {
 		if p.Limit < 1 {
 			return nil, fmt.Errorf("%w: policy %d: Limit must be at least 1, got %d", ErrInvalidLimiterConfig, i, p.Limit)
 		}
-		if p.Window < time.Millisecond {
-			return nil, fmt.Errorf("%w: policy %d: Window must be at least 1ms, got %v", ErrInvalidLimiterConfig, i, p.Window)
+		if p.Window < time.Millisecond || p.Window > maxWindow {
+			return nil, fmt.Errorf("%w: policy %d: Window must be between 1ms and %v, got %v", ErrInvalidLimiterConfig, i, maxWindow, p.Window)
 		}
 		if p.Algorithm > TokenBucket {
 			return nil, fmt.Errorf("%w: policy %d: unknown Algorithm %d", ErrInvalidLimiterConfig, i, p.Algorithm)
@@ -307,10 +346,29 @@ func normalizePolicies(in []Policy) ([]Policy, error) {
 		if p.Burst < 0 {
 			return nil, fmt.Errorf("%w: policy %d: negative Burst", ErrInvalidLimiterConfig, i)
 		}
-		if p.Algorithm != TokenBucket {
+		switch p.Algorithm {
+		case TokenBucket:
+			if p.Burst == 0 {
+				p.Burst = p.Limit
+			}
+			// The emission interval is at least 1 µs, the script's clock
+			// resolution.
+			if p.Window.Microseconds() < p.Limit {
+				return nil, fmt.Errorf("%w: policy %d: a TokenBucket admits at most one request per microsecond", ErrInvalidLimiterConfig, i)
+			}
+			if float64(p.Burst)*float64(p.Window.Microseconds())/float64(p.Limit) > float64(maxWindow.Microseconds()) {
+				return nil, fmt.Errorf("%w: policy %d: Burst × Window / Limit above %v", ErrInvalidLimiterConfig, i, maxWindow)
+			}
+		case SlidingLog:
+			if p.Limit > MaxSlidingLogLimit {
+				return nil, fmt.Errorf("%w: policy %d: a SlidingLog Limit above %d (use SlidingWindow)", ErrInvalidLimiterConfig, i, MaxSlidingLogLimit)
+			}
 			p.Burst = 0
-		} else if p.Burst == 0 {
-			p.Burst = p.Limit
+		default:
+			p.Burst = 0
+		}
+		if p.Limit > 1<<50 {
+			return nil, fmt.Errorf("%w: policy %d: Limit above 2^50", ErrInvalidLimiterConfig, i)
 		}
 		if p.Name == "" {
 			p.Name = strconv.FormatInt(p.Limit, 10) + "-per-" + shortDuration(p.Window)
@@ -323,11 +381,11 @@ func normalizePolicies(in []Policy) ([]Policy, error) {
 				return nil, fmt.Errorf("%w: policy %d: Name %q must be printable ASCII", ErrInvalidLimiterConfig, i, p.Name)
 			}
 		}
-		kind := p.field()
-		if names[p.Name] || kinds[kind] {
-			return nil, fmt.Errorf("%w: policy %d (%s): two policies share a Name, or an Algorithm and a Window", ErrInvalidLimiterConfig, i, p.Name)
+		for _, q := range out[:i] {
+			if q.Name == p.Name || q.Algorithm == p.Algorithm && q.Window == p.Window {
+				return nil, fmt.Errorf("%w: policy %d (%s): two policies share a Name, or an Algorithm and a Window", ErrInvalidLimiterConfig, i, p.Name)
+			}
 		}
-		names[p.Name], kinds[kind] = true, true
 		out[i] = p
 	}
 	return out, nil
@@ -345,10 +403,9 @@ func shortDuration(d time.Duration) string {
 	return s
 }
 
-// field is the stem of the hash fields (or the sorted set's key part) that
-// hold p's state: its algorithm and window. Changing a policy's Limit keeps
-// its state (a plan upgrade applies at once); changing its Window starts
-// afresh.
+// field is the stem of the hash fields that hold p's state: its algorithm
+// and window. Changing a policy's Limit keeps its state (a plan upgrade
+// applies at once); changing its Window starts afresh.
 func (p Policy) field() string {
 	return strconv.Itoa(int(p.Algorithm)) + "." + strconv.FormatInt(p.Window.Microseconds(), 10)
 }
@@ -356,20 +413,26 @@ func (p Policy) field() string {
 // Policies returns the limiter's policies, defaults filled in.
 func (l *Limiter) Policies() []Policy { return append([]Policy(nil), l.policies...) }
 
-// keys returns the Redis keys of key under pols: the hash, then one sorted
-// set per SlidingLog policy, all under one hash tag.
-func (l *Limiter) keys(key string, pols []Policy) []string {
+// normKey returns the key a limiter stores: key itself, or, when longer
+// than 128 bytes, a digest marked so that no short key can equal it.
+func normKey(key string) string {
 	if len(key) > 128 {
-		key = "#" + Digest(key)
+		return "\x00" + Digest(key)
 	}
-	g := l.b.keys.Group("rl", l.name, key)
-	keys := []string{g.Key()}
-	for _, p := range pols {
-		if p.Algorithm == SlidingLog {
-			keys = append(keys, g.Key("log", p.field()))
-		}
+	return key
+}
+
+// keys returns the Redis keys of a normalized key: its hash and its log
+// (a sorted set, used by SlidingLog policies), under one hash tag. Both
+// are always declared, so the script never names a key itself.
+func (l *Limiter) keys(nkey string) []string {
+	var g KeyGroup
+	if strings.HasPrefix(nkey, "\x00") {
+		g = l.b.keys.Group("rl", l.name, "#", nkey[1:])
+	} else {
+		g = l.b.keys.Group("rl", l.name, nkey)
 	}
-	return keys
+	return []string{g.Key(), g.Key("log")}
 }
 
 // Allow checks one request (cost 1) for key under the limiter's policies.
@@ -379,19 +442,24 @@ func (l *Limiter) Allow(ctx context.Context, key string) (Decision, error) {
 
 // AllowN checks a request of cost n for key under the limiter's policies:
 // it is admitted only if every policy has n units left, and then consumes n
-// from each. n = 0 reads the state without consuming. It returns
-// ErrCostTooHigh when n exceeds a policy's capacity, ErrLimiterUnavailable
-// when Redis cannot decide and the FailurePolicy is FailClosed, and the
-// context's error when ctx ends first.
+// from each. n = 0 reads the state without consuming, and is always
+// allowed. It returns ErrCostTooHigh when n exceeds a policy's capacity,
+// ErrLimiterUnavailable when Redis cannot decide and the FailurePolicy is
+// FailClosed, and the context's error when the caller cancelled it.
 func (l *Limiter) AllowN(ctx context.Context, key string, n int64) (Decision, error) {
+	if err := checkCost(n, l.policies); err != nil {
+		return Decision{}, err
+	}
+	nkey := normKey(key)
 	if l.freePath && n > 0 {
-		if d, ok := l.blocks.get(key, n); ok {
+		if d, ok := l.blocks.get(nkey, n); ok {
 			return d, nil
 		}
 	}
-	d, err := l.decide(ctx, key, n, l.policies)
+	gen, sent := l.blocks.generation(), l.b.clock.Now()
+	d, err := l.decide(ctx, nkey, n, l.policies)
 	if err == nil && l.freePath && !d.Allowed && !d.Degraded && n > 0 {
-		l.blocks.put(key, d)
+		l.blocks.put(nkey, d, gen, sent)
 	}
 	return d, err
 }
@@ -405,57 +473,67 @@ func (l *Limiter) AllowPolicies(ctx context.Context, key string, n int64, polici
 	if err != nil {
 		return Decision{}, err
 	}
-	return l.decide(ctx, key, n, pols)
+	if err := checkCost(n, pols); err != nil {
+		return Decision{}, err
+	}
+	return l.decide(ctx, normKey(key), n, pols)
 }
 
-func (l *Limiter) decide(ctx context.Context, key string, n int64, pols []Policy) (Decision, error) {
-	if key == "" {
-		return Decision{}, ErrInvalidLimiterKey
+// checkCost validates a request's cost against policies.
+func checkCost(n int64, pols []Policy) error {
+	if n < 0 {
+		return fmt.Errorf("%w: negative cost %d", ErrInvalidLimiterConfig, n)
 	}
 	if len(pols) == 0 {
-		return Decision{}, fmt.Errorf("%w: no policy", ErrInvalidLimiterConfig)
-	}
-	if n < 0 {
-		return Decision{}, fmt.Errorf("%w: negative cost %d", ErrInvalidLimiterConfig, n)
+		return fmt.Errorf("%w: no policy", ErrInvalidLimiterConfig)
 	}
 	for _, p := range pols {
 		if n > p.capacity() {
-			return Decision{}, fmt.Errorf("%w: cost %d, policy %s admits at most %d", ErrCostTooHigh, n, p.Name, p.capacity())
+			return fmt.Errorf("%w: cost %d, policy %s admits at most %d", ErrCostTooHigh, n, p.Name, p.capacity())
 		}
 	}
-	keys := l.keys(key, pols)
+	return nil
+}
+
+func (l *Limiter) decide(ctx context.Context, nkey string, n int64, pols []Policy) (Decision, error) {
+	if nkey == "" {
+		return Decision{}, ErrInvalidLimiterKey
+	}
 	args := make([]string, 0, 2+4*len(pols))
 	args = append(args, strconv.FormatInt(n, 10), strconv.Itoa(len(pols)))
 	for _, p := range pols {
-		args = append(args, strconv.Itoa(int(p.Algorithm)+1), strconv.FormatInt(p.Limit, 10),
+		args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
 			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10))
 	}
-	res := l.b.Exec(ctx, limitScript, keys, args)
+	res := l.b.Exec(ctx, limitScript, l.keys(nkey), args)
 	d, err := parseDecision(res, pols, n)
 	if err != nil {
-		if ctx.Err() != nil {
-			return Decision{}, ctx.Err()
+		if errors.Is(ctx.Err(), context.Canceled) {
+			return Decision{}, ctx.Err() // the caller gave up: nothing to decide
 		}
-		return l.degrade(key, n, pols, err)
+		return l.degrade(nkey, n, pols, err)
 	}
-	d.key = key
+	d.key = nkey
 	return d, nil
 }
 
+// algCode is each algorithm's number in the scripts.
+var algCode = [...]string{SlidingWindow: "1", FixedWindow: "2", SlidingLog: "3", TokenBucket: "4"}
+
 // degrade applies the FailurePolicy to a request Redis could not decide.
-func (l *Limiter) degrade(key string, n int64, pols []Policy, cause error) (Decision, error) {
+func (l *Limiter) degrade(nkey string, n int64, pols []Policy, cause error) (Decision, error) {
 	switch l.onError {
 	case FailClosed:
 		l.b.log.Error("rate limit: Redis unavailable, refusing requests (FailClosed)", cause)
 		return Decision{}, fmt.Errorf("%w: %w", ErrLimiterUnavailable, cause)
 	case LocalFallback:
 		l.b.log.Error("rate limit: Redis unavailable, deciding locally (LocalFallback)", cause)
-		return l.local.decide(key, n, pols), nil
+		return l.local.decide(nkey, n, pols), nil
 	default:
 		l.b.log.Error("rate limit: Redis unavailable, allowing requests (FailOpen)", cause)
-		d := Decision{Allowed: true, Time: l.b.clock.Now(), Cost: n, Degraded: true, key: key}
+		d := Decision{Allowed: true, Time: l.b.clock.Now(), Cost: n, Degraded: true, key: nkey}
 		for _, p := range pols {
-			d.Policies = append(d.Policies, PolicyDecision{Policy: p, Allowed: true, Remaining: p.Limit})
+			d.Policies = append(d.Policies, PolicyDecision{Policy: p, Allowed: true, Remaining: p.capacity()})
 		}
 		d.bind()
 		return d, nil
@@ -473,9 +551,10 @@ func (d *Decision) bind() {
 		}
 		b := d.Policies[best]
 		if d.Allowed {
-			// fewest left, relative to the limit, then the longest reset
-			if pd.Remaining*b.Policy.Limit < b.Remaining*pd.Policy.Limit ||
-				pd.Remaining*b.Policy.Limit == b.Remaining*pd.Policy.Limit && pd.Reset > b.Reset {
+			// the smallest share left, then the longest reset
+			x := float64(pd.Remaining) / float64(pd.Policy.capacity())
+			y := float64(b.Remaining) / float64(b.Policy.capacity())
+			if x < y || x == y && pd.Reset > b.Reset {
 				best = i
 			}
 		} else if pd.RetryAfter > b.RetryAfter {
@@ -486,7 +565,8 @@ func (d *Decision) bind() {
 		return
 	}
 	b := d.Policies[best]
-	d.Limit, d.Remaining, d.Reset = b.Policy.Limit, b.Remaining, b.Reset
+	d.Limit, d.Remaining, d.Reset = b.Policy.capacity(), b.Remaining, b.Reset
+	d.RetryAfter = 0
 	if !d.Allowed {
 		d.RetryAfter = b.RetryAfter
 	}
@@ -498,7 +578,7 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 	if err != nil {
 		return Decision{}, err
 	}
-	if len(arr) != 2+4*len(pols) {
+	if len(arr) != 2+5*len(pols) {
 		return Decision{}, fmt.Errorf("rate limit: unexpected reply of %d elements", len(arr))
 	}
 	allowed, err1 := arr[0].AsInt64()
@@ -508,16 +588,18 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 	}
 	d := Decision{Allowed: allowed == 1, Time: time.UnixMicro(now), Cost: n, Policies: make([]PolicyDecision, len(pols)), tokens: make([]string, len(pols))}
 	for i, p := range pols {
-		v := arr[2+4*i : 6+4*i]
+		v := arr[2+5*i : 7+5*i]
 		rem, e1 := v[0].AsInt64()
 		reset, e2 := v[1].AsInt64()
 		retry, e3 := v[2].AsInt64()
-		tok, e4 := v[3].ToString()
-		if err := errors.Join(e1, e2, e3, e4); err != nil {
+		next, e4 := v[3].AsInt64()
+		tok, e5 := v[4].ToString()
+		if err := errors.Join(e1, e2, e3, e4, e5); err != nil {
 			return Decision{}, err
 		}
 		d.Policies[i] = PolicyDecision{Policy: p, Allowed: retry == 0, Remaining: rem,
-			Reset: time.Duration(reset) * time.Microsecond, RetryAfter: time.Duration(retry) * time.Microsecond}
+			Reset: time.Duration(reset) * time.Microsecond, RetryAfter: time.Duration(retry) * time.Microsecond,
+			Next: time.Duration(next) * time.Microsecond}
 		d.tokens[i] = tok
 	}
 	d.bind()
@@ -526,68 +608,90 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 
 // Refund gives back the cost of an allowed decision, under each policy, as
 // express-rate-limit's skipSuccessfulRequests does: a fixed window or a
-// sliding-window counter only while the decision's window is still
-// counted, a log entry if it is still there, a token bucket's tokens up to
-// full. A denied or degraded decision consumed nothing in Redis, and
-// refunds nothing. Refund also lifts this instance's free-path block of
-// the key; other instances keep theirs (see DisableFreePath).
-func (l *Limiter) Refund(ctx context.Context, d Decision) error {
-	if !d.Allowed || d.Degraded || d.Cost == 0 || d.key == "" {
+// sliding-window counter only while the decision's window still counts,
+// the decision's own log entries, and a token bucket's tokens only as far
+// as they have not refilled since. A denied decision consumed nothing and
+// refunds nothing; a decision refunded once (through this pointer) is not
+// refunded again. A LocalFallback decision is refunded locally. Refund
+// also lifts this instance's free-path block of the key; other instances
+// keep theirs (see DisableFreePath).
+func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
+	if d == nil || !d.Allowed || d.Cost == 0 || d.key == "" || d.tokens == nil {
 		return nil
 	}
-	pols := make([]Policy, len(d.Policies))
-	args := make([]string, 0, 2+5*len(pols))
-	args = append(args, strconv.FormatInt(d.Cost, 10), strconv.Itoa(len(pols)))
+	tokens := d.tokens
+	d.tokens = nil
+	l.blocks.delete(d.key)
+	if d.local {
+		if l.local != nil {
+			l.local.refund(d.key, d.Cost, d.Policies, tokens)
+		}
+		return nil
+	}
+	args := make([]string, 0, 2+5*len(d.Policies))
+	args = append(args, strconv.FormatInt(d.Cost, 10), strconv.Itoa(len(d.Policies)))
 	for i, pd := range d.Policies {
 		p := pd.Policy
-		pols[i] = p
-		args = append(args, strconv.Itoa(int(p.Algorithm)+1), strconv.FormatInt(p.Limit, 10),
-			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), d.tokens[i])
+		args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
+			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), tokens[i])
 	}
-	l.blocks.delete(d.key)
-	return l.b.Exec(ctx, refundScript, l.keys(d.key, pols), args).Error()
+	return l.b.Exec(ctx, refundScript, l.keys(d.key), args).Error()
 }
 
-// Reset forgets key's counters under the limiter's policies, in Redis and
-// in this instance's free path (other instances keep their blocks until
-// they expire; see DisableFreePath).
+// Reset forgets key's counters under every policy, in Redis and in this
+// instance's free path and local fallback (other instances keep their
+// blocks until they end, at most a minute; see DisableFreePath).
 func (l *Limiter) Reset(ctx context.Context, key string) error {
 	if key == "" {
 		return ErrInvalidLimiterKey
 	}
-	l.blocks.delete(key)
-	keys := l.keys(key, l.policies)
+	nkey := normKey(key)
+	l.blocks.delete(nkey)
+	if l.local != nil {
+		l.local.forget(nkey)
+	}
+	keys := l.keys(nkey)
 	return l.b.Do(ctx, keys[0], l.b.client.B().Del().Key(keys...).Build()).Error()
 }
 
 // limitScript decides one request under several policies, atomically.
 //
-// KEYS[1]    the key's hash: every policy's counters except SlidingLog's
-// KEYS[2..]  one sorted set per SlidingLog policy, in policy order
-// ARGV[1]    cost (0 reads without consuming)
-// ARGV[2]    number of policies, then 4 per policy:
+// KEYS[1]  the key's hash: every policy's state but SlidingLog's, and "lw",
 //
-//	algorithm (1 sliding counter, 2 fixed, 3 log, 4 GCRA), limit,
-//	window (µs), burst (GCRA)
+//	the longest SlidingLog window seen (so a call with shorter log
+//	policies never trims entries a longer one still counts)
 //
-// Times are microseconds of Redis TIME. Hash fields are named by algorithm
-// and window ("<alg>.<window>:<x>"), never by time. Phase one computes every
-// policy's verdict without writing; only if all admit does phase two write
-// (so a denial consumes nothing) and extend the keys' TTLs to what their
-// state needs.
+// KEYS[2]  the key's log: a sorted set of admitted units, scored by their
 //
-// Reply: allowed (0/1), now, then per policy: remaining, reset (µs until
+//	time (members are distinct integers, compact in a listpack); every
+//	SlidingLog policy of the key counts it over its own window
+//
+// ARGV[1]  cost (0 reads without consuming, and always passes)
+// ARGV[2]  number of policies, then 4 per policy: algorithm (1 sliding
+//
+//	counter, 2 fixed window, 3 sliding log, 4 GCRA), limit, window
+//	(µs), burst (GCRA)
+//
+// Times are microseconds of Redis TIME, and arithmetic is relative to now
+// so that doubles stay exact. Hash fields are named by algorithm and window
+// ("<alg>.<window>:<x>"), never by time. Phase one computes every policy's
+// verdict without writing; only if all admit does phase two write, so a
+// denial consumes nothing. TTLs only grow: a call with short policies never
+// cuts the state a longer one needs.
+//
+// Reply: allowed (0/1), now, then 5 per policy: remaining, reset (µs until
 // whole again), retry (µs until this cost would pass; 0 when it passes),
-// refund token (string).
+// next (µs until more than remaining is available), refund token.
 var limitScript = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cost = tonumber(ARGV[1])
 local np = tonumber(ARGV[2])
-local hash = KEYS[1]
+local hash, logk = KEYS[1], KEYS[2]
 local function fmt(x) return string.format('%.0f', x) end
+local EPS = 1e-9
 
-local pol, fields = {}, {}
+local pol, fields, logwin = {}, {'lw'}, 0
 for i = 1, np do
   local b = 3 + (i - 1) * 4
   local p = {alg = tonumber(ARGV[b]), limit = tonumber(ARGV[b + 1]), win = tonumber(ARGV[b + 2]), burst = tonumber(ARGV[b + 3])}
@@ -597,152 +701,178 @@ for i = 1, np do
     fields[#fields + 1] = p.f .. 'w'; fields[#fields + 1] = p.f .. 'c'; fields[#fields + 1] = p.f .. 'p'
   elseif p.alg == 2 then
     fields[#fields + 1] = p.f .. 's'; fields[#fields + 1] = p.f .. 'n'
-  elseif p.alg == 4 then
+  elseif p.alg == 3 then
+    if p.win > logwin then logwin = p.win end
+  else
     fields[#fields + 1] = p.f .. 't'
   end
   pol[i] = p
 end
-local vals = {}
-if #fields > 0 then vals = redis.call('HMGET', hash, unpack(fields)) end
+local vals = redis.call('HMGET', hash, unpack(fields))
 local function val(i) return tonumber(vals[i]) end
+local lw = math.max(val(1) or 0, logwin)
+if logwin > 0 then redis.call('ZREMRANGEBYSCORE', logk, '-inf', fmt(now - lw)) end
 
-local allowed, logk = 1, 1
-for i = 1, np do
-  local p = pol[i]
-  local limit, win = p.limit, p.win
-  if p.alg == 1 then
-    local idx = math.floor(now / win)
+-- Per algorithm: load(p) reads the state; avail(p) is the units available
+-- now; wait(p, need) the µs until need units are (need <= capacity);
+-- take(p, n) consumes; reset(p) the µs until whole; ttl(p) how long the
+-- state matters.
+local A = {}
+A[1] = {
+  load = function(p)
+    local idx = math.floor(now / p.win)
     local sidx, cur, prev = val(p.at), val(p.at + 1) or 0, val(p.at + 2) or 0
-    if sidx ~= idx then
+    if sidx and sidx > idx then idx = sidx -- Redis time stepped back
+    elseif sidx ~= idx then
       if sidx == idx - 1 then prev = cur else prev = 0 end
       cur = 0
     end
-    local elapsed = now - idx * win
-    local est = prev * (win - elapsed) / win + cur
     p.idx, p.cur, p.prev = idx, cur, prev
-    if est + cost <= limit then
-      p.ok = true
-      p.rem = math.floor(limit - est - cost)
-      p.retry = 0
-      if cost > 0 then p.cur = cur + cost end
-    else
-      p.rem = math.max(0, math.floor(limit - est))
-      local room = limit - cur - cost
-      local wait = -1
-      if room >= 0 and prev > 0 then
-        local e = win - room * win / prev
-        if e < win then wait = math.max(1, math.ceil(e - elapsed) + 1) end
-      end
-      if wait < 0 then
-        local e = 0
-        if cur > 0 then e = math.max(0, win - (limit - cost) * win / cur) end
-        wait = math.ceil((idx + 1) * win - now + e) + 1
-      end
-      p.retry = wait
+    p.elapsed = math.max(0, now - idx * p.win)
+  end,
+  avail = function(p) return p.limit - (p.prev * (p.win - p.elapsed) / p.win + p.cur) end,
+  wait = function(p, need)
+    local limit, win = p.limit, p.win
+    if p.prev * (win - p.elapsed) / win + p.cur + need <= limit + EPS then return 0 end
+    local room = limit - p.cur - need
+    if room >= 0 and p.prev > 0 then
+      local e = win - room * win / p.prev
+      if e < win then return math.max(1, math.ceil(e - p.elapsed) + 1) end
     end
-    if p.cur > 0 then p.reset = (idx + 2) * win - now
-    elseif p.prev > 0 then p.reset = (idx + 1) * win - now
-    else p.reset = 0 end
-    p.ttl = (idx + 2) * win - now
-    p.tok = fmt(idx)
-  elseif p.alg == 2 then
+    local e = 0
+    if p.cur > 0 then e = math.max(0, win - (limit - need) * win / p.cur) end
+    return math.ceil(win - p.elapsed + e) + 1
+  end,
+  take = function(p, n) p.cur = p.cur + n end,
+  reset = function(p)
+    if p.cur > 0 then return 2 * p.win - p.elapsed elseif p.prev > 0 then return p.win - p.elapsed end
+    return 0
+  end,
+  ttl = function(p) return 2 * p.win - p.elapsed end,
+  save = function(p, set)
+    set[#set + 1] = p.f .. 'w'; set[#set + 1] = fmt(p.idx)
+    set[#set + 1] = p.f .. 'c'; set[#set + 1] = fmt(p.cur)
+    set[#set + 1] = p.f .. 'p'; set[#set + 1] = fmt(p.prev)
+  end,
+  token = function(p) return fmt(p.idx) end,
+}
+A[2] = {
+  load = function(p)
     local start, n = val(p.at), val(p.at + 1) or 0
-    if not start or now >= start + win then start, n = now, 0 end
-    p.start = start
-    if n + cost <= limit then
-      p.ok = true; p.n = n + cost; p.rem = limit - n - cost; p.retry = 0
-    else
-      p.n = n; p.rem = limit - n; p.retry = start + win - now
-    end
-    if p.n > 0 then p.reset = start + win - now else p.reset = 0 end
-    p.ttl = start + win - now
-    p.tok = fmt(start)
-  elseif p.alg == 3 then
-    logk = logk + 1
-    p.key = KEYS[logk]
-    redis.call('ZREMRANGEBYSCORE', p.key, '-inf', fmt(now - win))
-    local count = redis.call('ZCARD', p.key)
-    p.count = count
-    if count + cost <= limit then
-      p.ok = true; p.rem = limit - count - cost; p.retry = 0
-    else
-      p.rem = limit - count
-      local k = count + cost - limit
-      local e = redis.call('ZRANGE', p.key, k - 1, k - 1, 'WITHSCORES')
-      p.retry = math.max(1, tonumber(e[2]) + win - now)
-    end
-    local last = redis.call('ZRANGE', p.key, -1, -1, 'WITHSCORES')
-    local newest = 0
-    if last[2] then newest = tonumber(last[2]) end
-    if p.ok and cost > 0 then newest = now end
-    if newest > 0 then p.reset = newest + win - now else p.reset = 0 end
-    p.tok = ''
-  else
-    local burst = p.burst
-    local T = win / limit
-    local tat = val(p.at) or now
-    if tat < now then tat = now end
-    local newtat = tat + cost * T
-    local allowAt = newtat - burst * T
-    if now >= allowAt then
-      p.ok = true; p.tat = newtat
-      p.rem = math.floor((now - allowAt) / T + 1e-9)
-      p.retry = 0
-    else
-      p.tat = tat
-      p.rem = math.max(0, math.floor((now - (tat - burst * T)) / T + 1e-9))
-      p.retry = math.ceil(allowAt - now)
-    end
-    p.reset = math.ceil(p.tat - now)
-    p.ttl = p.reset
-    p.tok = ''
-  end
-  if not p.ok then allowed = 0 end
+    if not start or now >= start + p.win then start, n = now, 0 end
+    p.start, p.n = start, n
+  end,
+  avail = function(p) return p.limit - p.n end,
+  wait = function(p, need)
+    if p.n + need <= p.limit then return 0 end
+    return math.max(1, p.start + p.win - now)
+  end,
+  take = function(p, n) p.n = p.n + n end,
+  reset = function(p) if p.n > 0 then return p.start + p.win - now end return 0 end,
+  ttl = function(p) return p.start + p.win - now end,
+  save = function(p, set)
+    set[#set + 1] = p.f .. 's'; set[#set + 1] = fmt(p.start)
+    set[#set + 1] = p.f .. 'n'; set[#set + 1] = fmt(p.n)
+  end,
+  token = function(p) return fmt(p.start) end,
+}
+A[3] = {
+  load = function(p) p.count = redis.call('ZCOUNT', logk, '(' .. fmt(now - p.win), '+inf') end,
+  avail = function(p) return p.limit - p.count end,
+  wait = function(p, need)
+    local k = p.count + need - p.limit
+    if k <= 0 then return 0 end
+    local e = redis.call('ZRANGE', logk, '(' .. fmt(now - p.win), '+inf', 'BYSCORE', 'LIMIT', k - 1, 1, 'WITHSCORES')
+    if not e[2] then return p.win end -- the units are this call's own
+    return math.max(1, tonumber(e[2]) + p.win - now)
+  end,
+  take = function(p, n) p.count = p.count + n end,
+  reset = function(p)
+    if p.count == 0 then return 0 end
+    local e = redis.call('ZRANGE', logk, '+inf', '(' .. fmt(now - p.win), 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+    if not e[2] then return p.win end
+    return tonumber(e[2]) + p.win - now
+  end,
+  ttl = function(p) return lw end,
+  save = function(p, set) end,
+  token = function(p) return '' end,
+}
+A[4] = {
+  load = function(p)
+    p.T = p.win / p.limit
+    p.x = math.max(0, (val(p.at) or now) - now) -- µs the bucket is behind full
+  end,
+  avail = function(p) return math.floor(p.burst - p.x / p.T + EPS) end,
+  wait = function(p, need)
+    if p.burst - p.x / p.T + EPS >= need then return 0 end
+    return math.max(1, math.ceil(p.x + (need - p.burst) * p.T))
+  end,
+  take = function(p, n) p.x = p.x + n * p.T end,
+  reset = function(p) return math.ceil(p.x) end,
+  ttl = function(p) return p.x end,
+  save = function(p, set) set[#set + 1] = p.f .. 't'; set[#set + 1] = fmt(math.floor(now + p.x + 0.5)) end,
+  token = function(p) return fmt(math.floor(now + p.x + 0.5)) end,
+}
+
+local allowed = 1
+for i = 1, np do
+  local p = pol[i]
+  local a = A[p.alg]
+  a.load(p)
+  if cost == 0 or a.avail(p) + EPS >= cost then p.ok = true
+  else allowed = 0; p.retry = a.wait(p, cost) end
 end
 
+local members = {}
 if allowed == 1 and cost > 0 then
   local set, ttl = {}, 0
   for i = 1, np do
     local p = pol[i]
-    if p.alg == 1 then
-      set[#set + 1] = p.f .. 'w'; set[#set + 1] = fmt(p.idx)
-      set[#set + 1] = p.f .. 'c'; set[#set + 1] = fmt(p.cur)
-      set[#set + 1] = p.f .. 'p'; set[#set + 1] = fmt(p.prev)
-    elseif p.alg == 2 then
-      set[#set + 1] = p.f .. 's'; set[#set + 1] = fmt(p.start)
-      set[#set + 1] = p.f .. 'n'; set[#set + 1] = fmt(p.n)
-    elseif p.alg == 4 then
-      set[#set + 1] = p.f .. 't'; set[#set + 1] = fmt(math.floor(p.tat + 0.5))
+    local a = A[p.alg]
+    a.take(p, cost)
+    a.save(p, set)
+    ttl = math.max(ttl, a.ttl(p))
+  end
+  if logwin > 0 then
+    local m = now
+    for j = 1, cost do
+      while redis.call('ZSCORE', logk, fmt(m)) do m = m + 1 end
+      redis.call('ZADD', logk, now, fmt(m))
+      members[#members + 1] = fmt(m)
+      m = m + 1
     end
-    if p.alg == 3 then
-      -- Members are integers (compact in a listpack): now, or the next
-      -- free integer after it when requests share a microsecond.
-      local members, m = {}, now
-      for j = 1, cost do
-        while redis.call('ZSCORE', p.key, fmt(m)) do m = m + 1 end
-        redis.call('ZADD', p.key, now, fmt(m))
-        members[#members + 1] = fmt(m)
-        m = m + 1
-      end
-      p.tok = table.concat(members, ' ')
-      redis.call('PEXPIRE', p.key, math.ceil(p.win / 1000) + 1)
-    elseif p.ttl > ttl then
-      ttl = p.ttl
-    end
+    local ms = math.ceil(lw / 1000) + 1
+    if redis.call('PTTL', logk) < ms then redis.call('PEXPIRE', logk, ms) end
+    if lw > (val(1) or 0) then set[#set + 1] = 'lw'; set[#set + 1] = fmt(lw) end
+    ttl = math.max(ttl, lw)
   end
   if #set > 0 then
     redis.call('HSET', hash, unpack(set))
-    redis.call('PEXPIRE', hash, math.ceil(ttl / 1000) + 1)
+    local ms = math.ceil(ttl / 1000) + 1
+    if redis.call('PTTL', hash) < ms then redis.call('PEXPIRE', hash, ms) end
   end
 end
 
 local out = {allowed, now}
+local logtok = table.concat(members, ' ')
 for i = 1, np do
   local p = pol[i]
-  out[#out + 1] = math.max(0, p.rem)
-  out[#out + 1] = math.max(0, math.ceil(p.reset))
-  out[#out + 1] = p.retry
-  out[#out + 1] = p.tok
+  local a = A[p.alg]
+  local avail = a.avail(p)
+  local rem = math.max(0, math.floor(avail + EPS))
+  local cap = p.limit
+  if p.alg == 4 then cap = p.burst end
+  local next
+  if rem + 1 > cap then
+    if p.alg == 4 then next = math.ceil(p.T) else next = p.win end
+  else
+    next = a.wait(p, rem + 1)
+  end
+  out[#out + 1] = rem
+  out[#out + 1] = math.max(0, math.ceil(a.reset(p)))
+  out[#out + 1] = p.retry or 0
+  out[#out + 1] = next
+  if p.alg == 3 then out[#out + 1] = logtok else out[#out + 1] = a.token(p) end
 end
 return out
 `)
@@ -752,15 +882,15 @@ return out
 // KEYS    as limitScript's
 // ARGV[1] cost
 // ARGV[2] number of policies, then 5 per policy: algorithm, limit, window
-// (µs), burst, and the decision's refund token (the sliding counter's
-// window index, the fixed window's start, the log's members).
+// (µs), burst, and the decision's refund token: the sliding counter's
+// window index, the fixed window's start, the log members the decision
+// added, or the bucket's arrival time the decision set.
 var refundScript = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cost = tonumber(ARGV[1])
 local np = tonumber(ARGV[2])
-local hash = KEYS[1]
-local logk = 1
+local hash, logk = KEYS[1], KEYS[2]
 local function fmt(x) return string.format('%.0f', x) end
 for i = 1, np do
   local b = 3 + (i - 1) * 5
@@ -782,12 +912,14 @@ for i = 1, np do
       redis.call('HSET', hash, f .. 'n', fmt(math.max(0, (tonumber(v[2]) or 0) - cost)))
     end
   elseif alg == 3 then
-    logk = logk + 1
-    for m in string.gmatch(tok, '%S+') do redis.call('ZREM', KEYS[logk], m) end
+    for m in string.gmatch(tok, '%S+') do redis.call('ZREM', logk, m) end
   else
-    local tat = tonumber(redis.call('HGET', hash, f .. 't'))
-    if tat then
-      tat = tat - cost * win / limit
+    local tat, set = tonumber(redis.call('HGET', hash, f .. 't')), tonumber(tok)
+    if tat and set then
+      -- Give back only what has not refilled since: the part of the
+      -- decision's cost still ahead of now.
+      local back = math.min(cost * win / limit, math.max(0, set - now))
+      tat = tat - back
       if tat <= now then redis.call('HDEL', hash, f .. 't')
       else redis.call('HSET', hash, f .. 't', fmt(math.floor(tat + 0.5))) end
     end
@@ -800,20 +932,33 @@ return 1
 // decision that denied them. Lookups take no lock.
 type blockMap struct {
 	clock Clock
-	m     sync.Map // key -> *block
+	m     sync.Map // normalized key -> *block
 	n     atomic.Int64
 	sweep atomic.Int64 // unix nanos of the next sweep
+
+	mu  sync.Mutex    // orders put and delete
+	gen atomic.Uint64 // bumped by every delete
 }
 
 type block struct {
 	d     Decision
-	at    time.Time // local time of the denial
+	at    time.Time // local time the request was sent
 	until time.Time // local time the denial ends
 }
 
-// maxBlocks bounds the free path's map; beyond it, new blocks are not
-// remembered until a sweep frees room (requests then go to Redis).
-const maxBlocks = 100_000
+const (
+	// maxBlocks bounds the free path's map; beyond it, new blocks are not
+	// remembered until a sweep frees room (requests then go to Redis).
+	maxBlocks = 100_000
+	// maxBlockTime bounds how long a block is trusted without asking
+	// Redis again, in case Redis lost the key's state (an eviction, a
+	// failover) or another instance reset it.
+	maxBlockTime = time.Minute
+)
+
+// generation returns the current generation; put drops blocks whose
+// decision started before a later delete.
+func (m *blockMap) generation() uint64 { return m.gen.Load() }
 
 func (m *blockMap) get(key string, cost int64) (Decision, bool) {
 	v, ok := m.m.Load(key)
@@ -823,9 +968,11 @@ func (m *blockMap) get(key string, cost int64) (Decision, bool) {
 	b := v.(*block)
 	now := m.clock.Now()
 	if !now.Before(b.until) {
+		m.mu.Lock()
 		if m.m.CompareAndDelete(key, v) {
 			m.n.Add(-1)
 		}
+		m.mu.Unlock()
 		return Decision{}, false
 	}
 	if cost < b.d.Cost {
@@ -839,26 +986,29 @@ func (m *blockMap) get(key string, cost int64) (Decision, bool) {
 		pd := &d.Policies[i]
 		pd.Reset = max(0, pd.Reset-passed)
 		pd.RetryAfter = max(0, pd.RetryAfter-passed)
+		pd.Next = max(0, pd.Next-passed)
 		pd.Allowed = pd.RetryAfter == 0
 	}
 	d.bind()
-	d.RetryAfter = b.until.Sub(now)
-	d.Time, d.Cost, d.FromMemory, d.tokens = now, cost, true, nil
+	d.RetryAfter = max(d.RetryAfter, b.until.Sub(now))
+	d.Time, d.Cost, d.FromMemory = now, cost, true
 	return d, true
 }
 
-func (m *blockMap) put(key string, d Decision) {
+// put remembers a denial whose request was sent at sent (local time, never
+// later than Redis's decision), unless a delete happened since gen.
+func (m *blockMap) put(key string, d Decision, gen uint64, sent time.Time) {
 	if d.RetryAfter <= 0 {
 		return
 	}
 	now := m.clock.Now()
-	if now.UnixNano() >= m.sweep.Load() || m.n.Load() >= maxBlocks {
-		m.sweepExpired(now)
-	}
-	if m.n.Load() >= maxBlocks {
+	m.sweepExpired(now)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.gen.Load() != gen || m.n.Load() >= maxBlocks {
 		return
 	}
-	b := &block{d: d, at: now, until: now.Add(d.RetryAfter)}
+	b := &block{d: d, at: sent, until: sent.Add(min(d.RetryAfter, maxBlockTime))}
 	b.d.tokens = nil
 	if _, loaded := m.m.Swap(key, b); !loaded {
 		m.n.Add(1)
@@ -866,6 +1016,9 @@ func (m *blockMap) put(key string, d Decision) {
 }
 
 func (m *blockMap) delete(key string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.gen.Add(1)
 	if _, ok := m.m.LoadAndDelete(key); ok {
 		m.n.Add(-1)
 	}
@@ -874,12 +1027,11 @@ func (m *blockMap) delete(key string) {
 // sweepExpired drops ended blocks, at most once a second.
 func (m *blockMap) sweepExpired(now time.Time) {
 	next := m.sweep.Load()
-	if now.UnixNano() < next && m.n.Load() < maxBlocks {
+	if now.UnixNano() < next || !m.sweep.CompareAndSwap(next, now.Add(time.Second).UnixNano()) {
 		return
 	}
-	if !m.sweep.CompareAndSwap(next, now.Add(time.Second).UnixNano()) {
-		return
-	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.m.Range(func(k, v any) bool {
 		if !now.Before(v.(*block).until) && m.m.CompareAndDelete(k, v) {
 			m.n.Add(-1)
@@ -905,86 +1057,96 @@ type localKey struct {
 	expires time.Time
 }
 
-// localState holds one policy's counters: a (window index or start),
-// c (count), p (previous count), tat (GCRA) and the log.
+// localState holds one policy's counters, in microseconds of the local
+// clock: a (window index or start), c (count), p (previous count), tat
+// (GCRA's arrival time) and the log.
 type localState struct {
 	a, c, p, tat float64
 	log          []float64
 }
 
-// maxLocalKeys bounds the fallback's memory; beyond it, expired keys are
-// swept, and if none expired the oldest state is dropped wholesale.
+// maxLocalKeys bounds the fallback's keys; beyond it, ended states are
+// swept, then a random tenth is dropped. Only admitted requests create
+// state, and a SlidingLog keeps at most MaxSlidingLogLimit entries.
 const maxLocalKeys = 100_000
 
-func (ll *localLimiter) decide(key string, n int64, pols []Policy) Decision {
+// scaled returns p's limits for this instance.
+func (ll *localLimiter) scaled(p Policy) (limit, burst float64) {
+	limit = math.Max(1, math.Floor(float64(p.Limit)*ll.share))
+	burst = math.Max(1, math.Floor(float64(p.Burst)*ll.share))
+	return limit, burst
+}
+
+func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 	now := ll.clock.Now()
 	us := float64(now.UnixMicro())
 	ll.mu.Lock()
 	defer ll.mu.Unlock()
-	if len(ll.keys) >= maxLocalKeys || now.After(ll.sweep) {
+	if now.After(ll.sweep) {
 		for k, v := range ll.keys {
 			if now.After(v.expires) {
 				delete(ll.keys, k)
 			}
 		}
-		if len(ll.keys) >= maxLocalKeys {
-			ll.keys = map[string]*localKey{}
-		}
 		ll.sweep = now.Add(time.Second)
 	}
-	lk := ll.keys[key]
-	if lk == nil {
-		lk = &localKey{st: map[string]*localState{}}
-		ll.keys[key] = lk
-	}
-	d := Decision{Allowed: true, Time: now, Cost: n, Degraded: true, key: key, Policies: make([]PolicyDecision, len(pols))}
+	lk := ll.keys[nkey]
+	d := Decision{Allowed: true, Time: now, Cost: n, Degraded: true, local: true, key: nkey,
+		Policies: make([]PolicyDecision, len(pols)), tokens: make([]string, len(pols))}
 	next := make([]localState, len(pols))
 	cost := float64(n)
 	for i, p := range pols {
-		st := lk.st[p.field()]
-		if st == nil {
-			st = &localState{}
-			lk.st[p.field()] = st
+		var s localState
+		if lk != nil {
+			if st := lk.st[p.field()]; st != nil {
+				s = *st
+				s.log = append([]float64(nil), st.log...)
+			}
 		}
-		s := *st
-		s.log = append([]float64(nil), st.log...)
-		limit := math.Max(1, math.Floor(float64(p.Limit)*ll.share))
+		limit, burst := ll.scaled(p)
+		capacity := limit
+		if p.Algorithm == TokenBucket {
+			capacity = burst
+		}
 		win := float64(p.Window.Microseconds())
-		var ok bool
-		var rem, reset, retry float64
+		var avail, reset, retry float64
 		switch p.Algorithm {
 		case SlidingWindow:
 			idx := math.Floor(us / win)
-			if s.a != idx {
+			if s.a > idx {
+				idx = s.a
+			} else if s.a != idx {
 				if s.a == idx-1 {
 					s.p = s.c
 				} else {
 					s.p = 0
 				}
-				s.a, s.c = idx, 0
+				s.c = 0
 			}
-			elapsed := us - idx*win
-			est := s.p*(win-elapsed)/win + s.c
-			ok = est+cost <= limit
-			if ok {
-				s.c += cost
-				rem = limit - est - cost
+			s.a = idx
+			elapsed := math.Max(0, us-idx*win)
+			avail = limit - (s.p*(win-elapsed)/win + s.c)
+			if avail < cost {
+				retry = slidingWait(s.p, s.c, limit, win, elapsed, cost)
 			} else {
-				rem = limit - est
-				retry = (idx+1)*win - us // conservative: the next window
+				s.c += cost
+				avail -= cost
 			}
-			reset = (idx+2)*win - us
+			reset = 2*win - elapsed
+			d.tokens[i] = strconv.FormatFloat(idx, 'f', 0, 64)
 		case FixedWindow:
-			if s.c == 0 && s.a == 0 || us >= s.a+win {
+			if s.a == 0 || us >= s.a+win {
 				s.a, s.c = us, 0
 			}
-			ok = s.c+cost <= limit
-			if ok {
-				s.c += cost
-			} else {
+			avail = limit - s.c
+			if avail < cost {
 				retry = s.a + win - us
+			} else {
+				s.c += cost
+				avail -= cost
 			}
-			rem, reset = limit-s.c, s.a+win-us
+			reset = s.a + win - us
+			d.tokens[i] = strconv.FormatFloat(s.a, 'f', 0, 64)
 		case SlidingLog:
 			kept := s.log[:0]
 			for _, ts := range s.log {
@@ -993,51 +1155,150 @@ func (ll *localLimiter) decide(key string, n int64, pols []Policy) Decision {
 				}
 			}
 			s.log = kept
-			ok = float64(len(s.log))+cost <= limit
-			if ok {
+			avail = limit - float64(len(s.log))
+			if avail < cost {
+				if k := int(float64(len(s.log)) + cost - limit); k <= len(s.log) {
+					retry = s.log[k-1] + win - us
+				} else {
+					retry = win
+				}
+			} else {
 				for range n {
 					s.log = append(s.log, us)
 				}
-				rem = limit - float64(len(s.log))
-			} else {
-				rem = limit - float64(len(s.log))
-				k := int(float64(len(s.log)) + cost - limit)
-				retry = s.log[k-1] + win - us
+				avail -= cost
 			}
 			reset = win
+			d.tokens[i] = strconv.FormatFloat(us, 'f', 0, 64)
 		case TokenBucket:
-			burst := math.Max(1, math.Floor(float64(p.Burst)*ll.share))
 			T := win / limit
-			tat := math.Max(s.tat, us)
-			allowAt := tat + cost*T - burst*T
-			ok = us >= allowAt
-			if ok {
-				s.tat = tat + cost*T
-				rem = math.Floor((us - allowAt) / T)
+			x := math.Max(0, s.tat-us)
+			avail = math.Floor(burst - x/T + 1e-9)
+			if avail < cost {
+				retry = math.Max(1, x+(cost-burst)*T)
 			} else {
-				retry = allowAt - us
-				rem = math.Floor((us - (tat - burst*T)) / T)
+				x += cost * T
+				s.tat = us + x
+				avail -= cost
 			}
-			reset = math.Max(s.tat, us) - us
+			reset = x
+			d.tokens[i] = strconv.FormatFloat(s.tat, 'f', 0, 64)
 		}
+		if cost > capacity {
+			retry = win // this instance alone can never admit it
+		}
+		ok := n == 0 || retry == 0
 		next[i] = s
-		d.Policies[i] = PolicyDecision{Policy: p, Allowed: ok, Remaining: int64(math.Max(0, rem)),
+		d.Policies[i] = PolicyDecision{Policy: p, Allowed: ok, Remaining: int64(math.Max(0, avail)),
 			Reset: time.Duration(math.Ceil(math.Max(0, reset))) * time.Microsecond, RetryAfter: time.Duration(math.Ceil(math.Max(0, retry))) * time.Microsecond}
-		d.Policies[i].Policy.Limit = int64(limit)
+		d.Policies[i].Policy.Limit, d.Policies[i].Policy.Burst = int64(limit), int64(burst)
+		if p.Algorithm != TokenBucket {
+			d.Policies[i].Policy.Burst = 0
+		}
 		if !ok {
 			d.Allowed = false
 		}
 	}
 	if d.Allowed && n > 0 {
-		longest := time.Duration(0)
-		for i, p := range pols {
-			*lk.st[p.field()] = next[i]
-			longest = max(longest, 2*p.Window)
+		if lk == nil {
+			if len(ll.keys) >= maxLocalKeys {
+				ll.evict()
+			}
+			lk = &localKey{st: map[string]*localState{}}
+			ll.keys[nkey] = lk
 		}
-		lk.expires = now.Add(longest)
+		for i, p := range pols {
+			st := next[i]
+			lk.st[p.field()] = &st
+			until := now.Add(2 * p.Window)
+			if p.Algorithm == TokenBucket {
+				until = time.UnixMicro(int64(st.tat)).Add(time.Second)
+			}
+			if until.After(lk.expires) {
+				lk.expires = until
+			}
+		}
 	}
 	d.bind()
 	return d
+}
+
+// slidingWait is the sliding counter's wait for need units, as in the
+// script: while the previous window slides out, or in the next window.
+func slidingWait(prev, cur, limit, win, elapsed, need float64) float64 {
+	room := limit - cur - need
+	if room >= 0 && prev > 0 {
+		if e := win - room*win/prev; e < win {
+			return math.Max(1, math.Ceil(e-elapsed)+1)
+		}
+	}
+	e := 0.0
+	if cur > 0 {
+		e = math.Max(0, win-(limit-need)*win/cur)
+	}
+	return math.Ceil(win-elapsed+e) + 1
+}
+
+// evict drops a random tenth of the keys (map order is random), so a
+// flood of new keys cannot wipe everyone's state at once.
+func (ll *localLimiter) evict() {
+	drop := len(ll.keys) / 10
+	for k := range ll.keys {
+		if drop <= 0 {
+			break
+		}
+		delete(ll.keys, k)
+		drop--
+	}
+}
+
+// refund gives back a local decision's cost.
+func (ll *localLimiter) refund(nkey string, cost int64, pds []PolicyDecision, tokens []string) {
+	ll.mu.Lock()
+	defer ll.mu.Unlock()
+	lk := ll.keys[nkey]
+	if lk == nil {
+		return
+	}
+	c := float64(cost)
+	now := float64(ll.clock.Now().UnixMicro())
+	for i, pd := range pds {
+		s := lk.st[pd.Policy.field()]
+		if s == nil {
+			continue
+		}
+		tok, _ := strconv.ParseFloat(tokens[i], 64)
+		switch pd.Policy.Algorithm {
+		case SlidingWindow:
+			if s.a == tok {
+				s.c = math.Max(0, s.c-c)
+			} else if s.a == tok+1 {
+				s.p = math.Max(0, s.p-c)
+			}
+		case FixedWindow:
+			if s.a == tok {
+				s.c = math.Max(0, s.c-c)
+			}
+		case SlidingLog:
+			for j := len(s.log) - 1; j >= 0 && c > 0; j-- {
+				if s.log[j] == tok {
+					s.log = append(s.log[:j], s.log[j+1:]...)
+					c--
+				}
+			}
+			c = float64(cost)
+		case TokenBucket:
+			T := float64(pd.Policy.Window.Microseconds()) / float64(pd.Policy.Limit)
+			s.tat -= math.Min(c*T, math.Max(0, tok-now))
+		}
+	}
+}
+
+// forget drops a key's local state.
+func (ll *localLimiter) forget(nkey string) {
+	ll.mu.Lock()
+	delete(ll.keys, nkey)
+	ll.mu.Unlock()
 }
 
 // RateLimitConfig configures the rate limit middleware.
@@ -1045,7 +1306,8 @@ type RateLimitConfig struct {
 	// Limiter decides. Default: a Limiter built from Client, Options, Name,
 	// Policies, OnRedisError and FallbackShare, with the free path on
 	// unless Cost, PolicyFunc, SkipSuccessfulRequests or
-	// SkipFailedRequests is set.
+	// SkipFailedRequests is set. When set, those fields must be left
+	// zero.
 	Limiter *Limiter
 	// Client is the rueidis client; required when Limiter is nil.
 	Client rueidis.Client
@@ -1053,29 +1315,32 @@ type RateLimitConfig struct {
 	Options
 	// Name separates this middleware's counters from other limiters'
 	// (LimiterConfig.Name). Give each differently configured middleware
-	// its own. Default: "default".
+	// its own: the same Name with other policies is refused. Default:
+	// "default".
 	Name string
 	// Policies are the limits, decided together (LimiterConfig.Policies).
-	// Default: 100 requests per minute, sliding window (the guide's API
-	// limiter).
+	// Default: PerMinute(100), a sliding window.
 	Policies []Policy
 	// PolicyFunc, when set, returns the policies of a request (a plan's
-	// limits), used instead of Policies. It turns the free path off.
-	// Default: nil.
+	// limits), used instead of Policies; none means the request is not
+	// limited. It turns the free path off. Default: nil.
 	PolicyFunc func(c echo.Context) []Policy
 	// OnRedisError is the FailurePolicy (LimiterConfig.OnRedisError).
 	// Default: FailOpen.
 	OnRedisError FailurePolicy
 	// FallbackShare is each instance's share under LocalFallback
-	// (LimiterConfig.FallbackShare).
+	// (LimiterConfig.FallbackShare). Default: 0 (required with
+	// LocalFallback).
 	FallbackShare float64
 
-	// KeyFunc returns the key a request is counted under. An error is
-	// answered with 400 (or the error itself when it is an
-	// *echo.HTTPError). Default: IPKey(DefaultIPv6Prefix).
+	// KeyFunc returns the key a request is counted under. An
+	// *echo.HTTPError it returns is answered as is (a 401 for a missing
+	// API key, say); any other error, or an empty key, is logged and
+	// answered with a bare 500. Default: IPKey(DefaultIPv6Prefix).
 	KeyFunc func(c echo.Context) (string, error)
-	// Cost returns a request's cost in units. It turns the free path off.
-	// Default: 1 for every request.
+	// Cost returns a request's cost in units; 0 lets the request through
+	// uncounted. It turns the free path off. A cost above a policy's
+	// capacity is answered with 400. Default: 1 for every request.
 	Cost func(c echo.Context) int64
 	// Skipper skips the middleware for a request. Default: never skip.
 	Skipper middleware.Skipper
@@ -1084,11 +1349,11 @@ type RateLimitConfig struct {
 	// failures count (the guide's login limiter). It turns the free path
 	// off. Default: false.
 	SkipSuccessfulRequests bool
-	// SkipFailedRequests refunds requests that failed. It turns the free
-	// path off. Default: false.
+	// SkipFailedRequests refunds requests that failed (a panic is a
+	// failure). It turns the free path off. Default: false.
 	SkipFailedRequests bool
 	// RequestWasSuccessful tells success from failure for the two options
-	// above; err is the handler's error. Default: a status below 400.
+	// above; err is the handler's error. Default: a final status below 400.
 	RequestWasSuccessful func(c echo.Context, err error) bool
 
 	// Message is the JSON body of a 429. Default:
@@ -1121,14 +1386,11 @@ type RateLimitConfig struct {
 // would let a client rotate through 2^64 of them.
 const DefaultIPv6Prefix = 64
 
-// DefaultRateLimitMessage is the body of a 429, as in the guide.
-var DefaultRateLimitMessage = map[string]string{"error": "Too many requests, please try again later."}
-
-// DefaultRateLimitUnavailableMessage is the body of a FailClosed 503.
-var DefaultRateLimitUnavailableMessage = map[string]string{"error": "Service temporarily unavailable, please try again later."}
+// rateLimitContextKey is the echo.Context key of the request's Decision.
+const rateLimitContextKey = "redisecho.ratelimit"
 
 // RateLimit returns the rate limit middleware for client: every request
-// counted under its client IP (IPKey) by policies, 100 per minute when none
+// counted under its client IP (IPKey) by policies, PerMinute(100) when none
 // are given, with the defaults of RateLimitConfig. It panics when client is
 // nil or a policy is invalid. Put it before Cache, so that cache hits count
 // too.
@@ -1142,18 +1404,30 @@ func RateLimitWithConfig(cfg RateLimitConfig) echo.MiddlewareFunc {
 	return must(cfg.ToMiddleware())
 }
 
+// GetRateLimit returns the decision of the innermost rate limit middleware
+// that handled the request (express-rate-limit's req.rateLimit), and false
+// when none decided (skipped, or no middleware).
+func GetRateLimit(c echo.Context) (Decision, bool) {
+	d, ok := c.Get(rateLimitContextKey).(Decision)
+	return d, ok
+}
+
 // IPKey returns a KeyFunc counting requests by client address, from Echo's
 // RealIP: the connection's peer unless the Echo instance has an
-// IPExtractor, which must be set behind a proxy (see the README).
-// IPv4 addresses (and IPv4-mapped IPv6) count one by one; IPv6 addresses
-// are grouped by their first v6Prefix bits (0 < v6Prefix <= 128; 128 counts
-// each address alone).
+// IPExtractor, which must be set behind a proxy (see the README). IPv4
+// addresses (and IPv4-mapped IPv6) count one by one; IPv6 addresses are
+// grouped by their first v6Prefix bits, 1 to 128 (128 counts each address
+// alone); any other v6Prefix means DefaultIPv6Prefix (64).
 func IPKey(v6Prefix int) func(c echo.Context) (string, error) {
 	if v6Prefix <= 0 || v6Prefix > 128 {
 		v6Prefix = DefaultIPv6Prefix
 	}
 	return func(c echo.Context) (string, error) {
-		return clientIP(c.RealIP(), v6Prefix), nil
+		ip := c.RealIP()
+		if ip == "" {
+			return "", errors.New("rate limit: the request has no client address (a unix socket without an IPExtractor?)")
+		}
+		return clientIP(ip, v6Prefix), nil
 	}
 }
 
@@ -1178,8 +1452,9 @@ func clientIP(ip string, v6Prefix int) string {
 
 // UserOrIPKey returns a KeyFunc counting signed-in users by their ID and
 // anonymous clients by address, the guide's `req.user?.id || req.ip`: user
-// returns the ID of the request's user, or "" when anonymous. The two
-// kinds never collide ("user:" and "ip:" prefixes).
+// returns the ID of the request's user, or "" when anonymous (so the
+// middleware that identifies users must run first). v6Prefix is IPKey's.
+// The two kinds never collide ("user:" and "ip:" prefixes).
 func UserOrIPKey(user func(c echo.Context) string, v6Prefix int) func(c echo.Context) (string, error) {
 	ipKey := IPKey(v6Prefix)
 	return func(c echo.Context) (string, error) {
@@ -1193,8 +1468,10 @@ func UserOrIPKey(user func(c echo.Context) string, v6Prefix int) func(c echo.Con
 
 // rateLimit is the middleware's state.
 type rateLimit struct {
-	l   *Limiter
-	cfg RateLimitConfig
+	l       *Limiter
+	cfg     RateLimitConfig
+	refunds bool
+	message any
 }
 
 // ToMiddleware validates cfg, fills its defaults and returns the
@@ -1214,8 +1491,13 @@ func (cfg RateLimitConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 			return nil, err
 		}
 		cfg.Limiter = l
-	} else if refunds && cfg.Limiter.freePath {
-		return nil, fmt.Errorf("%w: SkipSuccessfulRequests and SkipFailedRequests refund, which the free path cannot see: give a Limiter with DisableFreePath", ErrInvalidLimiterConfig)
+	} else {
+		if cfg.Client != nil || cfg.Options != (Options{}) || cfg.Name != "" || cfg.Policies != nil || cfg.OnRedisError != FailOpen || cfg.FallbackShare != 0 {
+			return nil, fmt.Errorf("%w: with a Limiter, configure Client, Options, Name, Policies, OnRedisError and FallbackShare on the Limiter", ErrInvalidLimiterConfig)
+		}
+		if refunds && cfg.Limiter.freePath {
+			return nil, fmt.Errorf("%w: SkipSuccessfulRequests and SkipFailedRequests refund, which the free path cannot see: give a Limiter with DisableFreePath", ErrInvalidLimiterConfig)
+		}
 	}
 	if len(cfg.Limiter.policies) == 0 && cfg.PolicyFunc == nil {
 		return nil, fmt.Errorf("%w: no policy", ErrInvalidLimiterConfig)
@@ -1230,12 +1512,12 @@ func (cfg RateLimitConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 		cfg.RequestWasSuccessful = statusBelow400
 	}
 	if cfg.Message == nil {
-		cfg.Message = DefaultRateLimitMessage
+		cfg.Message = map[string]string{"error": "Too many requests, please try again later."}
 	}
 	if cfg.UnavailableMessage == nil {
-		cfg.UnavailableMessage = DefaultRateLimitUnavailableMessage
+		cfg.UnavailableMessage = map[string]string{"error": "Service temporarily unavailable, please try again later."}
 	}
-	rl := &rateLimit{l: cfg.Limiter, cfg: cfg}
+	rl := &rateLimit{l: cfg.Limiter, cfg: cfg, refunds: refunds}
 	return rl.middleware, nil
 }
 
@@ -1244,12 +1526,15 @@ func statusBelow400(c echo.Context, err error) bool {
 	return responseStatus(c, err) < 400
 }
 
-// responseStatus is the status a request ends with: the handler's error's
-// when it returned one and wrote nothing, the response's otherwise.
+// responseStatus is the status a request ends with: the one Echo's default
+// error handler will send for the handler's error when nothing was
+// written, the response's otherwise.
 func responseStatus(c echo.Context, err error) int {
 	if err != nil && !c.Response().Committed {
-		var he *echo.HTTPError
-		if errors.As(err, &he) {
+		if he, ok := err.(*echo.HTTPError); ok {
+			if in, ok := he.Internal.(*echo.HTTPError); ok {
+				return in.Code
+			}
 			return he.Code
 		}
 		return http.StatusInternalServerError
@@ -1257,22 +1542,25 @@ func responseStatus(c echo.Context, err error) int {
 	return c.Response().Status
 }
 
+// errRateLimitKey is the bare 500 of a request whose key cannot be made.
+var errRateLimitKey = echo.NewHTTPError(http.StatusInternalServerError)
+
 func (rl *rateLimit) middleware(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
+	return func(c echo.Context) (err error) {
 		if rl.cfg.Skipper(c) {
 			return next(c)
 		}
 		key, err := rl.cfg.KeyFunc(c)
 		if err != nil {
-			var he *echo.HTTPError
-			if errors.As(err, &he) {
-				return err
+			if he, ok := err.(*echo.HTTPError); ok {
+				return he
 			}
 			rl.l.b.log.Error("rate limit: key function failed", err)
-			return echo.NewHTTPError(http.StatusBadRequest, "request cannot be rate limited")
+			return errRateLimitKey
 		}
 		if key == "" {
-			return echo.NewHTTPError(http.StatusBadRequest, "request cannot be rate limited")
+			rl.l.b.log.Error("rate limit: key function returned an empty key", nil)
+			return errRateLimitKey
 		}
 		cost := int64(1)
 		if rl.cfg.Cost != nil {
@@ -1281,7 +1569,11 @@ func (rl *rateLimit) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		ctx := c.Request().Context()
 		var d Decision
 		if rl.cfg.PolicyFunc != nil {
-			d, err = rl.l.AllowPolicies(ctx, key, cost, rl.cfg.PolicyFunc(c)...)
+			pols := rl.cfg.PolicyFunc(c)
+			if len(pols) == 0 {
+				return next(c) // an unlimited plan
+			}
+			d, err = rl.l.AllowPolicies(ctx, key, cost, pols...)
 		} else {
 			d, err = rl.l.AllowN(ctx, key, cost)
 		}
@@ -1290,65 +1582,84 @@ func (rl *rateLimit) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		case errors.Is(err, ErrLimiterUnavailable):
 			return c.JSON(http.StatusServiceUnavailable, rl.cfg.UnavailableMessage)
 		case errors.Is(err, ErrCostTooHigh):
-			return c.JSON(http.StatusTooManyRequests, rl.cfg.Message)
-		case ctx.Err() != nil:
+			return echo.NewHTTPError(http.StatusBadRequest, "request costs more than the rate limit allows")
+		case errors.Is(err, context.Canceled):
 			return err // the client went away
 		default:
 			rl.l.b.log.Error("rate limit: cannot decide", err)
 			return echo.NewHTTPError(http.StatusInternalServerError)
 		}
-		rl.setHeaders(c.Response().Header(), d)
+		c.Set(rateLimitContextKey, d)
+		if !d.Degraded || d.local {
+			rl.setHeaders(c.Response().Header(), d)
+		}
 		if !d.Allowed {
 			if rl.cfg.DeniedHandler != nil {
 				return rl.cfg.DeniedHandler(c, d)
 			}
 			return c.JSON(http.StatusTooManyRequests, rl.cfg.Message)
 		}
-		err = next(c)
-		if rl.cfg.SkipSuccessfulRequests || rl.cfg.SkipFailedRequests {
-			ok := rl.cfg.RequestWasSuccessful(c, err)
+		if !rl.refunds {
+			return next(c)
+		}
+		panicked := true
+		defer func() {
+			ok := !panicked && rl.cfg.RequestWasSuccessful(c, err)
 			if ok && rl.cfg.SkipSuccessfulRequests || !ok && rl.cfg.SkipFailedRequests {
-				if rerr := rl.l.Refund(context.WithoutCancel(ctx), d); rerr != nil {
+				if rerr := rl.l.Refund(context.WithoutCancel(ctx), &d); rerr != nil {
 					rl.l.b.log.Error("rate limit: refund failed", rerr)
 				}
 			}
-		}
+		}()
+		err = next(c)
+		panicked = false
 		return err
 	}
 }
 
-// setHeaders writes the decision's headers: the draft's RateLimit-Policy
-// and RateLimit (draft-ietf-httpapi-ratelimit-headers-11, one list member
-// per policy), the legacy X-RateLimit-* of the binding policy, and
-// Retry-After when denied.
+// setHeaders writes the decision's headers: the RateLimit-Policy and
+// RateLimit fields of draft-ietf-httpapi-ratelimit-headers-11 (added, so
+// that stacked limiters each list their policies), the legacy
+// X-RateLimit-* of the binding policy, and Retry-After when denied.
+//
+// RateLimit-Policy lists every policy: q is its quota over w seconds (a
+// TokenBucket's Burst over the time it takes to refill; a window that is
+// not whole seconds is rounded up, and q scaled to it). RateLimit lists
+// every policy when the request passed, and only the refusing ones on a
+// 429: r is the units left, t the seconds within which no more than r are
+// available (the draft's effective window), never beyond Retry-After.
 func (rl *rateLimit) setHeaders(h http.Header, d Decision) {
 	retry := seconds(d.RetryAfter)
 	if !rl.cfg.DisableDraftHeaders && len(d.Policies) > 0 {
 		var pol, cur []byte
-		for i, pd := range d.Policies {
-			if i > 0 {
+		for _, pd := range d.Policies {
+			if len(pol) > 0 {
 				pol = append(pol, ", "...)
-				cur = append(cur, ", "...)
 			}
+			q, w := advertised(pd.Policy)
 			pol = appendSFString(pol, pd.Policy.Name)
 			pol = append(pol, ";q="...)
-			pol = strconv.AppendInt(pol, pd.Policy.Limit, 10)
+			pol = strconv.AppendInt(pol, q, 10)
 			pol = append(pol, ";w="...)
-			pol = strconv.AppendInt(pol, max(1, seconds(pd.Policy.Window)), 10)
+			pol = strconv.AppendInt(pol, w, 10)
+			if !d.Allowed && pd.Allowed {
+				continue
+			}
+			if len(cur) > 0 {
+				cur = append(cur, ", "...)
+			}
 			cur = appendSFString(cur, pd.Policy.Name)
 			cur = append(cur, ";r="...)
 			cur = strconv.AppendInt(cur, pd.Remaining, 10)
-			t := seconds(pd.Reset)
+			t := seconds(pd.Next)
 			if !d.Allowed {
-				// -11 §6: Retry-After must not end before the effective
-				// window does.
 				t = min(t, retry)
 			}
 			cur = append(cur, ";t="...)
 			cur = strconv.AppendInt(cur, t, 10)
 		}
-		h.Set("RateLimit-Policy", string(pol))
-		h.Set("RateLimit", string(cur))
+		h.Add("RateLimit-Policy", string(pol))
+		h.Add("RateLimit", string(cur))
 	}
 	if !rl.cfg.DisableLegacyHeaders {
 		h.Set("X-RateLimit-Limit", strconv.FormatInt(d.Limit, 10))
@@ -1358,6 +1669,20 @@ func (rl *rateLimit) setHeaders(h http.Header, d Decision) {
 	if !d.Allowed && !rl.cfg.DisableRetryAfter {
 		h.Set(echo.HeaderRetryAfter, strconv.FormatInt(max(1, retry), 10))
 	}
+}
+
+// advertised returns a policy's quota q over w whole seconds for the
+// RateLimit-Policy field.
+func advertised(p Policy) (q, w int64) {
+	quota, period := float64(p.Limit), float64(p.Window)
+	if p.Algorithm == TokenBucket {
+		quota, period = float64(p.Burst), float64(p.Window)*float64(p.Burst)/float64(p.Limit)
+	}
+	w = max(1, int64(math.Ceil(period/float64(time.Second))))
+	if float64(w*int64(time.Second)) == period {
+		return int64(quota), w
+	}
+	return int64(quota * float64(w) * float64(time.Second) / period), w
 }
 
 // seconds rounds d up to whole seconds.

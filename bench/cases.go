@@ -12,8 +12,8 @@ import (
 //
 // The harness registers every case on one Echo instance, calls Setup once
 // the server listens, checks that the route answers 2xx with the same body
-// as its baseline, then runs wrk against Path with the headers Setup
-// returned.
+// as its baseline (or, when Status is set, that it answers Status), then
+// runs wrk against Path with the headers Setup returned.
 type Case struct {
 	// Name identifies the case in the table and in -cases; it must be
 	// unique. The case's Redis key prefix is derived from it (Env.KeyPrefix).
@@ -35,6 +35,13 @@ type Case struct {
 	// Redis, optional, lists the Redis servers the case uses, whose
 	// commands are counted. Nil means the default server (env.Redis).
 	Redis func(env *Env) []string
+	// Status is the status every response must have; 0 means 2xx with the
+	// baseline's body. A case that sets it (a route that answers 429, say)
+	// is still compared with its baseline's req/s, but its body is not
+	// checked, and wrk runs a Lua script whose response callback counts
+	// the responses with another status: they, not wrk's non-2xx/3xx
+	// count, make the case broken.
+	Status int
 }
 
 // baselines are the reference routes: no middleware, no Redis. They run in
@@ -61,8 +68,13 @@ var cases = []Case{
 	redisechoSessionCase("redisecho session/write", "/redisecho/session/write", true),
 	redisechoSessionCase("redisecho session/read", "/redisecho/session/read", false),
 
-	// Rate limiting, baseline /p: one Allow per request, never denied.
+	// Rate limiting, baseline /p. Allow: one check per request (GCRA),
+	// never denied. Rejected: a key blocked for an hour, every request
+	// answered 429 by redisecho's free path (process memory, no Redis),
+	// compared with the same route without a limiter.
 	redisRateCase("redis_rate/allow", "/redis_rate/allow"),
+	redisechoRateCase("redisecho ratelimit/allow", "/redisecho/ratelimit/allow"),
+	redisechoRejectedCase("redisecho ratelimit/rejected (free path)", "/redisecho/ratelimit/rejected"),
 
 	// Caching, baseline /p: a warm cache hit answering the /p body
 	// (go-redis/cache: cache-aside of the data, rendered by the handler;

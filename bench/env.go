@@ -32,6 +32,18 @@ func (env *Env) OnClose(f func() error) { *env.closers = append(*env.closers, f)
 // Do sends a request to the server under test and returns the response
 // with its body read. A non-2xx status is an error.
 func (env *Env) Do(ctx context.Context, method, path string, header http.Header) (*http.Response, []byte, error) {
+	resp, body, err := env.Send(ctx, method, path, header)
+	if err != nil {
+		return nil, nil, err
+	}
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return resp, body, fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return resp, body, nil
+}
+
+// Send is Do without the status check: any status is returned as is.
+func (env *Env) Send(ctx context.Context, method, path string, header http.Header) (*http.Response, []byte, error) {
 	req, err := http.NewRequestWithContext(ctx, method, env.BaseURL+path, nil)
 	if err != nil {
 		return nil, nil, err
@@ -49,9 +61,6 @@ func (env *Env) Do(ctx context.Context, method, path string, header http.Header)
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
 		return nil, nil, err
-	}
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return resp, body, fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(body)))
 	}
 	return resp, body, nil
 }

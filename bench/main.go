@@ -25,7 +25,9 @@
 //     Lua scripts are counted too (that is what Redis does).
 //   - Non-2xx/3xx responses and socket errors reported by wrk mark a case as
 //     broken in the table (and make the command exit non-zero), so a broken
-//     case never looks fast.
+//     case never looks fast. A case that must answer another status (a 429
+//     of a rate limiter, Case.Status) is broken by any response with another
+//     status instead, counted by a wrk Lua response callback.
 //
 // Cases live in cases.go; adding one is a single entry in the registry there.
 //

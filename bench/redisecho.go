@@ -4,6 +4,7 @@ package main
 // shows, with the same handlers as the peer cases they compete with.
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -137,6 +138,108 @@ func plainWarmSetup(path string, misses *atomic.Int64) func(context.Context, *En
 		}
 		if got := resp.Header.Get("X-Cache"); got != "HIT" {
 			return nil, fmt.Errorf("cache not warm: X-Cache is %q, want HIT", got)
+		}
+		return nil, nil
+	}
+}
+
+// redisechoRateCase: the redisecho RateLimit middleware with its defaults
+// (keyed by client IP, the draft and legacy headers on, the free path on),
+// making the check redisRateCase makes: one GCRA decision per request
+// (TokenBucket, redis_rate's algorithm) with a limit so large nothing is
+// denied (a denial answers 429 and marks the case broken).
+func redisechoRateCase(name, path string) Case {
+	return Case{
+		Name: name, Baseline: "/p", Path: path,
+		// One token per microsecond (the finest rate a TokenBucket takes)
+		// and a bucket of 2^30: never denied at this load.
+		Register: rateLimitRegister(path, redisecho.Policy{Algorithm: redisecho.TokenBucket, Limit: 1_000_000, Window: time.Second, Burst: 1 << 30}),
+	}
+}
+
+// rateLimitRegister registers handleP at path behind the redisecho
+// RateLimit middleware with its defaults and one policy.
+func rateLimitRegister(path string, p redisecho.Policy) func(e *echo.Echo, env *Env) error {
+	return func(e *echo.Echo, env *Env) error {
+		client, err := newRueidis(env)
+		if err != nil {
+			return err
+		}
+		mw, err := redisecho.RateLimitConfig{
+			Client:   client,
+			Options:  redisecho.Options{Prefix: env.KeyPrefix},
+			Policies: []redisecho.Policy{p},
+		}.ToMiddleware()
+		if err != nil {
+			return err
+		}
+		e.Group(path, mw).GET("", handleP)
+		return nil
+	}
+}
+
+// redisechoRejectedCase: the redisecho RateLimit middleware with its
+// defaults on a key that is blocked: one request per hour (FixedWindow, so
+// the denial lasts until the window started by the first request ends, an
+// hour later). Setup uses the unit and gets the first 429, which puts the
+// key in the free path; from then on every request is answered 429 from
+// process memory, without a Redis command. It is compared with /p, the
+// same route without a limiter: what a rejected request costs next to the
+// work it spares.
+func redisechoRejectedCase(name, path string) Case {
+	return Case{
+		Name: name, Baseline: "/p", Path: path, Status: http.StatusTooManyRequests,
+		Register: rateLimitRegister(path, redisecho.Policy{Algorithm: redisecho.FixedWindow, Limit: 1, Window: time.Hour}),
+		Setup:    blockSetup(path),
+	}
+}
+
+// blockSetup returns a Setup that gets path's rate limit key blocked in the
+// free path: it requests path until the first 429 (the first request uses
+// the single unit, unless an earlier run against the same Redis did), then
+// checks that further 429s are answered without Redis: n of them must run
+// fewer than n Redis commands (a denial decided by Redis runs at least 3;
+// the margin is for other clients' idle PINGs).
+func blockSetup(path string) func(context.Context, *Env) (http.Header, error) {
+	return func(ctx context.Context, env *Env) (http.Header, error) {
+		for i := 0; ; i++ {
+			resp, body, err := env.Send(ctx, http.MethodGet, path, nil)
+			if err != nil {
+				return nil, err
+			}
+			if resp.StatusCode == http.StatusTooManyRequests {
+				break
+			}
+			if resp.StatusCode != http.StatusOK || i > 0 {
+				return nil, fmt.Errorf("GET %s: %s, want 200 then 429: %s", path, resp.Status, bytes.TrimSpace(body))
+			}
+		}
+
+		rc, err := dialRedis(env.Redis)
+		if err != nil {
+			return nil, err
+		}
+		defer rc.Close()
+		before, err := rc.totalCalls()
+		if err != nil {
+			return nil, err
+		}
+		const n = 20
+		for range n {
+			resp, body, err := env.Send(ctx, http.MethodGet, path, nil)
+			if err != nil {
+				return nil, err
+			}
+			if resp.StatusCode != http.StatusTooManyRequests {
+				return nil, fmt.Errorf("GET %s: %s, want 429: %s", path, resp.Status, bytes.TrimSpace(body))
+			}
+		}
+		after, err := rc.totalCalls()
+		if err != nil {
+			return nil, err
+		}
+		if cmds := after - before - 1; cmds >= n { // minus the first INFO
+			return nil, fmt.Errorf("%d rejected requests ran %d Redis commands: they are not answered by the free path", n, cmds)
 		}
 		return nil, nil
 	}

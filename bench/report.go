@@ -98,7 +98,7 @@ func brokenNote(en *entry) string {
 		if !r.broken() {
 			continue
 		}
-		p := fmt.Sprintf("round %d: %d non-2xx/3xx of %d requests", i+1, r.Non2xx3xx, r.Requests)
+		p := fmt.Sprintf("round %d: %d %s of %d requests", i+1, r.bad(), r.badDescription(), r.Requests)
 		if r.SocketErrors != "" {
 			p += "; socket errors: " + r.SocketErrors
 		}

@@ -19,7 +19,7 @@ type entry struct {
 	Case
 	env    *Env
 	header http.Header
-	script string   // wrk -s script, for non-GET methods
+	script string   // wrk -s script, for non-GET methods and Status cases
 	redis  []string // servers whose commands are counted
 	runs   []runResult
 }
@@ -129,7 +129,7 @@ func run(ctx context.Context, o options) (broken int, err error) {
 					return 0, fmt.Errorf("redis %s: %w", addr, err)
 				}
 			}
-			res, err := runWrk(ctx, wrkBin, wrkArgs(o, baseURL+en.Path, en.header, en.script))
+			res, err := runWrk(ctx, wrkBin, wrkArgs(o, baseURL+en.Path, en.header, en.script), en.Status)
 			if err != nil {
 				return 0, fmt.Errorf("%s: %w", en.Name, err)
 			}
@@ -144,9 +144,9 @@ func run(ctx context.Context, o options) (broken int, err error) {
 			en.runs = append(en.runs, r)
 			flag := ""
 			if res.broken() {
-				flag = fmt.Sprintf("  ERRORS: non-2xx/3xx %d, socket errors %q", res.Non2xx3xx, res.SocketErrors)
+				flag = fmt.Sprintf("  ERRORS: %s %d, socket errors %q", res.badDescription(), res.bad(), res.SocketErrors)
 			}
-			logf("round %d/%d %-28s %9.0f req/s  %5.2f Redis cmds/req%s",
+			logf("round %d/%d %-40s %9.0f req/s  %5.2f Redis cmds/req%s",
 				round, o.rounds, en.Name, res.RPS, perRequest(r), flag)
 		}
 	}
@@ -185,6 +185,8 @@ func selectCases(o options) ([]*entry, error) {
 			return nil, fmt.Errorf("case %q: unknown baseline %q", c.Name, c.Baseline)
 		case c.Baseline != c.Path && paths[c.Path]:
 			return nil, fmt.Errorf("case %q: duplicate path %q", c.Name, c.Path)
+		case c.Status != 0 && (c.Status < 100 || c.Status > 599):
+			return nil, fmt.Errorf("case %q: invalid Status %d", c.Name, c.Status)
 		}
 		names[c.Name], paths[c.Path], prefixes[p] = true, true, true
 	}
@@ -213,10 +215,14 @@ func selectCases(o options) ([]*entry, error) {
 }
 
 // prepare runs each Setup, then checks that each route answers 2xx with
-// its baseline's body. Cleanups go to closers.
+// its baseline's body, or its Status when set. Cleanups go to closers.
 func prepare(ctx context.Context, entries []*entry, baseURL string, closers *[]func() error) error {
 	bodies := map[string][]byte{}
-	scripts := map[string]string{}
+	type scriptKey struct {
+		method string
+		status int
+	}
+	scripts := map[scriptKey]string{}
 	for _, en := range entries {
 		en.env.BaseURL = baseURL
 		if en.Setup != nil {
@@ -229,16 +235,17 @@ func prepare(ctx context.Context, entries []*entry, baseURL string, closers *[]f
 		if en.Method == "" {
 			en.Method = http.MethodGet
 		}
-		if en.Method != http.MethodGet {
-			if scripts[en.Method] == "" {
-				s, err := methodScript(en.Method)
+		if en.Method != http.MethodGet || en.Status != 0 {
+			k := scriptKey{en.Method, en.Status}
+			if scripts[k] == "" {
+				s, err := wrkScript(en.Method, en.Status)
 				if err != nil {
 					return err
 				}
-				scripts[en.Method] = s
+				scripts[k] = s
 				*closers = append(*closers, func() error { return os.Remove(s) })
 			}
-			en.script = scripts[en.Method]
+			en.script = scripts[k]
 		}
 		en.redis = []string{en.env.Redis}
 		if en.Redis != nil {
@@ -251,6 +258,17 @@ func prepare(ctx context.Context, entries []*entry, baseURL string, closers *[]f
 				return fmt.Errorf("baseline: %w", err)
 			}
 			bodies[en.Baseline] = b
+		}
+		if en.Status != 0 {
+			resp, b, err := en.env.Send(ctx, en.Method, en.Path, en.header)
+			if err != nil {
+				return fmt.Errorf("%s: check request: %w", en.Name, err)
+			}
+			if resp.StatusCode != en.Status {
+				return fmt.Errorf("%s: check request: %s %s: %s, want %d: %s",
+					en.Name, en.Method, en.Path, resp.Status, en.Status, bytes.TrimSpace(b))
+			}
+			continue
 		}
 		_, b, err := en.env.Do(ctx, en.Method, en.Path, en.header)
 		if err != nil {

@@ -70,13 +70,14 @@ func (c *catalogue) update(id int, name *string, price *float64) (product, bool)
 	return p, true
 }
 
-// mountAPI adds the guide's cached routes:
+// mountAPI adds the guide's cached routes to api, the /api group, whose
+// middleware (the rate limiter) runs before each route's cache:
 //
 //	GET /api/products       cached 10 min, tagged "products"
 //	GET /api/products/:id   cached 5 min, tagged "product:<id>"; 404s cached 30 s
 //	GET /api/users/:id      cached under the guide's custom key "user:<id>"
 //	PUT /api/products/:id   updates, then invalidates "product:<id>" and "products"
-func mountAPI(e *echo.Echo, client rueidis.Client, opts redisecho.Options) error {
+func mountAPI(api *echo.Group, client rueidis.Client, opts redisecho.Options) error {
 	store, err := redisecho.NewCacheStore(redisecho.CacheStoreConfig{Client: client, Options: opts})
 	if err != nil {
 		return err
@@ -119,7 +120,6 @@ func mountAPI(e *echo.Echo, client rueidis.Client, opts redisecho.Options) error
 		return err
 	}
 
-	api := e.Group("/api")
 	api.GET("/products", func(c echo.Context) error {
 		return c.JSON(http.StatusOK, db.list())
 	}, list)

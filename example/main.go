@@ -17,6 +17,19 @@
 //	                warning.
 //	COOKIE_INSECURE "1" drops the Secure cookie attribute, for plain-HTTP
 //	                development on a host other than localhost. Default: Secure.
+//	TRUSTED_PROXIES comma-separated addresses or CIDR ranges of the reverse
+//	                proxies in front of the app ("10.0.0.0/8,127.0.0.1").
+//	                Set: the client is the nearest address of
+//	                X-Forwarded-For that is not one of them. Unset: the
+//	                client is the connection's peer and X-Forwarded-For is
+//	                ignored, as it should be when clients connect directly
+//	                (anyone can send the header). The rate limiters count
+//	                requests by this address.
+//	RATE_LIMIT_FALLBACK_SHARE
+//	                each instance's share of a limit while Redis is down,
+//	                for the limiter that then decides in memory
+//	                (/api/expensive-operation): 1/N for N instances, in
+//	                (0, 1]. Default: 1 (one instance).
 //
 // The app starts even when Redis is down: it dials in the background,
 // answers /health with 503 and every Redis-backed route with 503 until Redis
@@ -31,8 +44,10 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -65,6 +80,8 @@ type config struct {
 	redisURL       string
 	sessionKeys    []string
 	insecureCookie bool
+	trustedProxies []*net.IPNet
+	fallbackShare  float64
 }
 
 func loadConfig(getenv func(string) string, logger *slog.Logger) (config, error) {
@@ -87,7 +104,46 @@ func loadConfig(getenv func(string) string, logger *slog.Logger) (config, error)
 		logger.Warn("!!! SESSION_SECRET is unset: session cookies are signed with a PUBLIC development key. " +
 			"Anyone can forge them. Set SESSION_SECRET to a comma-separated list of long random keys, newest first.")
 	}
+	for _, s := range strings.Split(getenv("TRUSTED_PROXIES"), ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(s)
+		if a, aerr := netip.ParseAddr(s); aerr == nil {
+			a = a.Unmap().WithZone("")
+			p, err = netip.PrefixFrom(a, a.BitLen()), nil
+		}
+		if err != nil {
+			return cfg, fmt.Errorf("TRUSTED_PROXIES: %q is neither an IP address nor a CIDR range", s)
+		}
+		p = p.Masked()
+		cfg.trustedProxies = append(cfg.trustedProxies, &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())})
+	}
+	cfg.fallbackShare = 1
+	if v := getenv("RATE_LIMIT_FALLBACK_SHARE"); v != "" {
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || !(f > 0 && f <= 1) {
+			return cfg, fmt.Errorf("RATE_LIMIT_FALLBACK_SHARE: want a number in (0, 1], 1/N for N instances; got %q", v)
+		}
+		cfg.fallbackShare = f
+	}
 	return cfg, nil
+}
+
+// ipExtractor tells Echo who the client is (c.RealIP), and so the rate
+// limiters, which count requests by client address. Behind proxies, only
+// the listed ones are trusted: Echo's defaults would also trust every
+// private, loopback and link-local address, which lets any host on a
+// shared private network pose as any client.
+func (cfg config) ipExtractor() echo.IPExtractor {
+	if len(cfg.trustedProxies) == 0 {
+		return echo.ExtractIPDirect()
+	}
+	opts := []echo.TrustOption{echo.TrustLoopback(false), echo.TrustLinkLocal(false), echo.TrustPrivateNet(false)}
+	for _, n := range cfg.trustedProxies {
+		opts = append(opts, echo.TrustIPRange(n))
+	}
+	return echo.ExtractIPFromXFFHeader(opts...)
 }
 
 // redisOption returns the rueidis options for REDIS_URL, or starts the
@@ -137,12 +193,14 @@ func newBootApp(holder *redisecho.ClientHolder) *echo.Echo {
 func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
+	e.IPExtractor = cfg.ipExtractor()
 	e.GET("/health", redisecho.Readiness(client))
 	e.GET("/livez", redisecho.Liveness())
 
+	opts := redisecho.Options{Logger: logger}
 	sessions, err := redisecho.SessionConfig{
 		Client:          client,
-		Options:         redisecho.Options{Logger: logger},
+		Options:         opts,
 		Keys:            cfg.sessionKeys,
 		InsecureCookie:  cfg.insecureCookie,
 		RecordUserAgent: true,
@@ -150,15 +208,31 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 	if err != nil {
 		return nil, err
 	}
+	// The guide's rate limiters (ratelimit.go). The /api limiter is the
+	// group's middleware, so it runs first on every /api route, before the
+	// route's own limiter and before the cache: cache hits count too.
+	limits, err := newRateLimits(client, cfg, opts)
+	if err != nil {
+		return nil, err
+	}
 	auth := e.Group("", sessions)
-	auth.POST("/login", login)
+	// The guide limits only /api/auth/login; POST /login shares its
+	// counter, or it would be the way around it.
+	auth.POST("/login", login, limits.login)
 	auth.GET("/profile", profile)
 	auth.POST("/logout", logout)
 	auth.GET("/sessions", listSessions)
 	auth.POST("/logout-all", logoutAll)
 	auth.PUT("/preferences", putPreferences)
 	auth.GET("/preferences", getPreferences)
-	if err := mountAPI(e, client, redisecho.Options{Logger: logger}); err != nil {
+
+	api := e.Group("/api", limits.api)
+	// The same login as POST /login, behind the guide's authLimiter, which
+	// runs before the session: a refused attempt costs no session work.
+	api.POST("/auth/login", login, limits.login, sessions)
+	// The session runs first: the limiter keys logged-in users by their ID.
+	api.GET("/expensive-operation", expensiveOperation, sessions, limits.expensive)
+	if err := mountAPI(api, client, opts); err != nil {
 		return nil, err
 	}
 	return e, nil

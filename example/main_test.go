@@ -9,11 +9,14 @@ import (
 	"net"
 	"net/http"
 	"net/http/cookiejar"
+	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -105,6 +108,9 @@ type client struct {
 	t    *testing.T
 	base string
 	hc   *http.Client
+	// forwardedFor, when set, is sent as X-Forwarded-For, as a proxy on
+	// the test's loopback address would (see TRUSTED_PROXIES).
+	forwardedFor string
 }
 
 func newClient(t *testing.T, base string) *client {
@@ -115,15 +121,25 @@ func newClient(t *testing.T, base string) *client {
 
 func (c *client) call(method, path, body string) (int, map[string]any) {
 	c.t.Helper()
+	code, _, out := c.request(method, path, body)
+	return code, out
+}
+
+// request is call with the response's header.
+func (c *client) request(method, path, body string) (int, http.Header, map[string]any) {
+	c.t.Helper()
 	req, err := http.NewRequest(method, c.base+path, strings.NewReader(body))
 	require.NoError(c.t, err)
 	req.Header.Set("Content-Type", "application/json")
+	if c.forwardedFor != "" {
+		req.Header.Set("X-Forwarded-For", c.forwardedFor)
+	}
 	resp, err := c.hc.Do(req)
 	require.NoError(c.t, err)
 	defer resp.Body.Close()
 	var out map[string]any
 	_ = json.NewDecoder(resp.Body).Decode(&out)
-	return resp.StatusCode, out
+	return resp.StatusCode, resp.Header, out
 }
 
 // TestGuideSessionRoutes walks the guide's session routes on the embedded
@@ -293,4 +309,284 @@ func TestGuideCacheRoutes(t *testing.T) {
 	code, body = put("/api/products/99", `{"price": 1}`)
 	require.Equal(t, http.StatusNotFound, code)
 	require.Contains(t, body, "Product not found")
+}
+
+// clearOfMinuteEnd waits for the next minute when this one ends within 5 s.
+// The /api limiter's sliding-window counter is exact for a burst that fits
+// in one aligned minute; a burst across the boundary may get a request or
+// two more. The embedded Redis's TIME is this process's clock.
+func clearOfMinuteEnd(t *testing.T) {
+	t.Helper()
+	now := time.Now()
+	if next := now.Truncate(time.Minute).Add(time.Minute); next.Sub(now) < 5*time.Second {
+		time.Sleep(next.Sub(now) + 10*time.Millisecond)
+	}
+}
+
+// TestAPIRateLimit: the guide's apiLimiter, 100 requests per minute per
+// client IP on every /api route, cache hits included. The test is the
+// trusted proxy (TRUSTED_PROXIES=127.0.0.1): each client's address is the
+// X-Forwarded-For it sends.
+func TestAPIRateLimit(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1", "TRUSTED_PROXIES": "127.0.0.1"})
+	require.Eventually(t, func() bool { code, _ := status(t, base+"/health"); return code == http.StatusOK }, 5*time.Second, 20*time.Millisecond)
+	clearOfMinuteEnd(t)
+
+	a := newClient(t, base)
+	a.forwardedFor = "203.0.113.1"
+	for i := range 100 {
+		code, h, _ := a.request(http.MethodGet, "/api/products", "")
+		require.Equal(t, http.StatusOK, code, "request %d", i+1)
+		require.Equal(t, `"100-per-1m";q=100;w=60`, h.Get("RateLimit-Policy"))
+		require.True(t, strings.HasPrefix(h.Get("RateLimit"), fmt.Sprintf(`"100-per-1m";r=%d;t=`, 99-i)), "request %d: RateLimit %q", i+1, h.Get("RateLimit"))
+		require.Empty(t, h.Get("X-RateLimit-Limit"), "the guide's legacyHeaders: false")
+		if i > 0 {
+			require.Equal(t, "HIT", h.Get("X-Cache"), "cache hits count too")
+		}
+	}
+	code, h, body := a.request(http.MethodGet, "/api/products", "")
+	require.Equal(t, http.StatusTooManyRequests, code, "the 101st request within the minute")
+	require.Equal(t, map[string]any{"error": "Too many requests, please try again later."}, body)
+	retry, err := strconv.Atoi(h.Get("Retry-After"))
+	require.NoError(t, err)
+	// Up to a minute and a hundredth of one (rounded up): the sliding-window
+	// counter admits again once the end of this minute and then the
+	// fading weight of its 100 requests leave room for one more.
+	require.True(t, retry >= 1 && retry <= 61, "Retry-After %d", retry)
+	require.Equal(t, `"100-per-1m";q=100;w=60`, h.Get("RateLimit-Policy"))
+	require.True(t, strings.HasPrefix(h.Get("RateLimit"), `"100-per-1m";r=0;t=`), h.Get("RateLimit"))
+	require.Empty(t, h.Get("X-Cache"), "refused before the cache")
+
+	// Every /api route shares the client's count; routes outside /api do not.
+	for _, r := range []struct{ method, path, body string }{
+		{http.MethodGet, "/api/users/1", ""},
+		{http.MethodPut, "/api/products/1", `{"price": 1}`},
+		{http.MethodGet, "/api/expensive-operation", ""},
+		{http.MethodPost, "/api/auth/login", `{"username":"alice","password":"wonderland"}`},
+		{http.MethodGet, "/api/no-such-route", ""},
+	} {
+		code, _, body := a.request(r.method, r.path, r.body)
+		require.Equal(t, http.StatusTooManyRequests, code, "%s %s", r.method, r.path)
+		require.Equal(t, "Too many requests, please try again later.", body["error"])
+	}
+	code, _ = a.call(http.MethodPost, "/login", `{"username":"alice","password":"wonderland"}`)
+	require.Equal(t, http.StatusOK, code, "outside /api")
+
+	b := newClient(t, base)
+	b.forwardedFor = "203.0.113.2"
+	code, h, _ = b.request(http.MethodGet, "/api/products", "")
+	require.Equal(t, http.StatusOK, code, "another client is unaffected")
+	require.True(t, strings.HasPrefix(h.Get("RateLimit"), `"100-per-1m";r=99;t=`), h.Get("RateLimit"))
+}
+
+// TestAPIRateLimitIgnoresForgedForwardedFor: with no TRUSTED_PROXIES the
+// client is the connection's peer; an X-Forwarded-For of its own choosing
+// does not give it a fresh count.
+func TestAPIRateLimitIgnoresForgedForwardedFor(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1"})
+	require.Eventually(t, func() bool { code, _ := status(t, base+"/health"); return code == http.StatusOK }, 5*time.Second, 20*time.Millisecond)
+	clearOfMinuteEnd(t)
+	c := newClient(t, base)
+	for i := range 100 {
+		c.forwardedFor = fmt.Sprintf("198.51.100.%d", i+1)
+		code, _, _ := c.request(http.MethodGet, "/api/users/2", "")
+		require.Equal(t, http.StatusOK, code, "request %d", i+1)
+	}
+	c.forwardedFor = "198.51.100.200"
+	code, _, _ := c.request(http.MethodGet, "/api/users/2", "")
+	require.Equal(t, http.StatusTooManyRequests, code)
+}
+
+// TestLoginRateLimit: the guide's authLimiter on POST /api/auth/login, 5
+// failed attempts per 15 minutes per client IP; successful logins are not
+// counted.
+func TestLoginRateLimit(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1", "TRUSTED_PROXIES": "127.0.0.1"})
+	require.Eventually(t, func() bool { code, _ := status(t, base+"/health"); return code == http.StatusOK }, 5*time.Second, 20*time.Millisecond)
+	const right, wrong = `{"username":"alice","password":"wonderland"}`, `{"username":"alice","password":"nope"}`
+
+	alice := newClient(t, base)
+	alice.forwardedFor = "198.51.100.7"
+	for i := range 10 {
+		code, h, body := alice.request(http.MethodPost, "/api/auth/login", right)
+		require.Equal(t, http.StatusOK, code, "login %d", i+1)
+		require.Equal(t, "Login successful", body["message"])
+		require.Equal(t, "4", h.Get("X-RateLimit-Remaining"), "login %d: the ones before were given back", i+1)
+		require.Equal(t, `"100-per-1m";q=100;w=60, "5-per-15m-fixed-window";q=5;w=900`, strings.Join(h.Values("RateLimit-Policy"), ", "), "both limiters list their policies")
+	}
+	// It logs in as POST /login does: the session cookie, the profile.
+	code, body := alice.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, map[string]any{"userId": float64(1), "username": "alice"}, body)
+
+	for i := range 5 {
+		code, h, body := alice.request(http.MethodPost, "/api/auth/login", wrong)
+		require.Equal(t, http.StatusUnauthorized, code, "failure %d", i+1)
+		require.Equal(t, "Invalid credentials", body["error"])
+		require.Equal(t, strconv.Itoa(4-i), h.Get("X-RateLimit-Remaining"), "failure %d: the 10 successes left the count at 0", i+1)
+	}
+	code, h, body := alice.request(http.MethodPost, "/api/auth/login", right)
+	require.Equal(t, http.StatusTooManyRequests, code, "the 6th attempt, right credentials or not")
+	require.Equal(t, map[string]any{"error": "Too many login attempts, please try again later."}, body)
+	retry, err := strconv.Atoi(h.Get("Retry-After"))
+	require.NoError(t, err)
+	require.True(t, retry > 14*60 && retry <= 15*60, "Retry-After %d: the window started with the first attempt", retry)
+	require.Contains(t, strings.Join(h.Values("RateLimit"), ", "), `"5-per-15m-fixed-window";r=0;t=`)
+	require.Empty(t, h.Values("Set-Cookie"), "refused before the session")
+	code, _ = alice.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusOK, code, "the session from before is untouched")
+
+	bob := newClient(t, base)
+	bob.forwardedFor = "198.51.100.8"
+	code, _, _ = bob.request(http.MethodPost, "/api/auth/login", `{"username":"bob","password":"builder"}`)
+	require.Equal(t, http.StatusOK, code, "another client IP is unaffected")
+	code, body = bob.call(http.MethodGet, "/profile", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "bob", body["username"])
+}
+
+// TestExpensiveOperationRateLimit: the guide's custom sliding-window limiter
+// on GET /api/expensive-operation, 10 per minute per logged-in user, or per
+// client IP for anonymous visitors.
+func TestExpensiveOperationRateLimit(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1", "TRUSTED_PROXIES": "127.0.0.1"})
+	require.Eventually(t, func() bool { code, _ := status(t, base+"/health"); return code == http.StatusOK }, 5*time.Second, 20*time.Millisecond)
+	exhaust := func(c *client, who string) {
+		t.Helper()
+		for i := range 10 {
+			code, h, body := c.request(http.MethodGet, "/api/expensive-operation", "")
+			require.Equal(t, http.StatusOK, code, "%s: request %d", who, i+1)
+			require.Equal(t, map[string]any{"result": "done"}, body)
+			require.Equal(t, strconv.Itoa(9-i), h.Get("X-RateLimit-Remaining"), "%s: request %d", who, i+1)
+		}
+		code, h, body := c.request(http.MethodGet, "/api/expensive-operation", "")
+		require.Equal(t, http.StatusTooManyRequests, code, "%s: the 11th request", who)
+		require.Equal(t, map[string]any{"error": "Too many requests"}, body)
+		retry, err := strconv.Atoi(h.Get("Retry-After"))
+		require.NoError(t, err)
+		require.True(t, retry >= 1 && retry <= 60, "%s: Retry-After %d", who, retry)
+		require.Equal(t, `"100-per-1m";q=100;w=60, "10-per-1m-sliding-log";q=10;w=60`, strings.Join(h.Values("RateLimit-Policy"), ", "))
+	}
+	expensive := func(c *client) int {
+		t.Helper()
+		code, _, _ := c.request(http.MethodGet, "/api/expensive-operation", "")
+		return code
+	}
+
+	// Alice, Bob and the anonymous visitor all come from 127.0.0.1.
+	alice, bob, anon := newClient(t, base), newClient(t, base), newClient(t, base)
+	code, _ := alice.call(http.MethodPost, "/login", `{"username":"alice","password":"wonderland"}`)
+	require.Equal(t, http.StatusOK, code)
+	code, _ = bob.call(http.MethodPost, "/api/auth/login", `{"username":"bob","password":"builder"}`)
+	require.Equal(t, http.StatusOK, code)
+
+	exhaust(alice, "alice")
+	require.Equal(t, http.StatusOK, expensive(bob), "counted per user, not per IP")
+	exhaust(anon, "anonymous") // a count of its own, though from alice's IP
+	require.Equal(t, http.StatusTooManyRequests, expensive(newClient(t, base)), "anonymous visitors count by IP")
+	stranger := newClient(t, base)
+	stranger.forwardedFor = "192.0.2.55"
+	require.Equal(t, http.StatusOK, expensive(stranger), "another IP")
+	require.Equal(t, http.StatusOK, expensive(bob))
+
+	code, _ = alice.call(http.MethodPost, "/logout", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, http.StatusTooManyRequests, expensive(alice), "logged out, alice counts under her IP, used up")
+}
+
+// TestTrustedProxies: who the client is, for the rate limiters, with and
+// without proxies in front of the app.
+func TestTrustedProxies(t *testing.T) {
+	tests := []struct {
+		name   string
+		given  string // TRUSTED_PROXIES
+		remote string
+		xff    string
+		want   string
+	}{
+		{name: "direct: X-Forwarded-For is ignored", remote: "203.0.113.9:1234", xff: "198.51.100.1", want: "203.0.113.9"},
+		{name: "direct: private peers are not trusted either", remote: "10.0.0.2:1234", xff: "198.51.100.1", want: "10.0.0.2"},
+		{name: "trusted proxy", given: "10.0.0.0/8", remote: "10.1.2.3:1234", xff: "198.51.100.1", want: "198.51.100.1"},
+		{name: "trusted proxy, no header", given: "10.0.0.0/8", remote: "10.1.2.3:1234", want: "10.1.2.3"},
+		{name: "untrusted peer: only the listed proxies count, not every private address", given: "10.0.0.0/8", remote: "192.168.1.2:1234", xff: "198.51.100.1", want: "192.168.1.2"},
+		{name: "chain: the nearest untrusted hop, not a forged first one", given: " 10.0.0.0/8 , 127.0.0.1 ", remote: "127.0.0.1:1234", xff: "6.6.6.6, 198.51.100.1, 10.0.0.5", want: "198.51.100.1"},
+		{name: "IPv6 proxy", given: "::1", remote: "[::1]:1234", xff: "2001:db8::1", want: "2001:db8::1"},
+		{name: "IPv4-mapped proxy address", given: "::ffff:127.0.0.1", remote: "127.0.0.1:1234", xff: "198.51.100.1", want: "198.51.100.1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := loadConfig(func(k string) string { return map[string]string{"TRUSTED_PROXIES": tt.given}[k] }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			require.NoError(t, err)
+			req := httptest.NewRequest(http.MethodGet, "/", nil)
+			req.RemoteAddr = tt.remote
+			if tt.xff != "" {
+				req.Header.Set("X-Forwarded-For", tt.xff)
+			}
+			require.Equal(t, tt.want, cfg.ipExtractor()(req))
+		})
+	}
+}
+
+func TestRateLimitConfig(t *testing.T) {
+	load := func(env map[string]string) (config, error) {
+		return loadConfig(func(k string) string { return env[k] }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	cfg, err := load(nil)
+	require.NoError(t, err)
+	require.Equal(t, 1.0, cfg.fallbackShare, "one instance")
+	require.Empty(t, cfg.trustedProxies)
+	cfg, err = load(map[string]string{"RATE_LIMIT_FALLBACK_SHARE": "0.25"})
+	require.NoError(t, err)
+	require.Equal(t, 0.25, cfg.fallbackShare)
+	for _, v := range []string{"0", "-0.5", "1.5", "NaN", "a quarter"} {
+		_, err = load(map[string]string{"RATE_LIMIT_FALLBACK_SHARE": v})
+		require.ErrorContains(t, err, "RATE_LIMIT_FALLBACK_SHARE", v)
+	}
+	for _, v := range []string{"proxy.internal", "10.0.0.0/33", "10.0.0.1-10.0.0.9"} {
+		_, err = load(map[string]string{"TRUSTED_PROXIES": v})
+		require.ErrorContains(t, err, "TRUSTED_PROXIES", v)
+	}
+}
+
+// TestRateLimitsWhenRedisDown: each limiter's OnRedisError. The /api
+// limiter fails open, the login limiter fails closed, and the expensive
+// operation's limiter decides in memory with this instance's share.
+func TestRateLimitsWhenRedisDown(t *testing.T) {
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	cfg, err := loadConfig(func(k string) string {
+		return map[string]string{"COOKIE_INSECURE": "1", "RATE_LIMIT_FALLBACK_SHARE": "0.5"}[k]
+	}, logger)
+	require.NoError(t, err)
+	opt, stopRedis, err := redisOption(cfg, logger)
+	require.NoError(t, err)
+	defer stopRedis()
+	rc, err := rueidis.NewClient(opt)
+	require.NoError(t, err)
+	defer rc.Close()
+	app, err := newApp(rc, cfg, logger)
+	require.NoError(t, err)
+	srv := httptest.NewServer(app)
+	defer srv.Close()
+
+	c := newClient(t, srv.URL)
+	code, _ := c.call(http.MethodGet, "/api/users/1", "")
+	require.Equal(t, http.StatusOK, code)
+	stopRedis()
+
+	for i := range 3 {
+		code, _ := c.call(http.MethodGet, "/api/users/1", "")
+		require.Equal(t, http.StatusOK, code, "request %d: /api fails open (and the cache steps aside)", i+1)
+	}
+	code, body := c.call(http.MethodPost, "/api/auth/login", `{"username":"alice","password":"wonderland"}`)
+	require.Equal(t, http.StatusServiceUnavailable, code, "login fails closed")
+	require.Equal(t, "Service temporarily unavailable, please try again later.", body["error"])
+	code, _ = c.call(http.MethodPost, "/api/auth/login", `{"username":"alice","password":"nope"}`)
+	require.Equal(t, http.StatusServiceUnavailable, code, "right or wrong password alike")
+	for i := range 5 {
+		code, body := c.call(http.MethodGet, "/api/expensive-operation", "")
+		require.Equal(t, http.StatusOK, code, "request %d", i+1)
+		require.Equal(t, "done", body["result"])
+	}
+	code, _ = c.call(http.MethodGet, "/api/expensive-operation", "")
+	require.Equal(t, http.StatusTooManyRequests, code, "half of 10 on this instance while Redis is down")
 }

@@ -414,9 +414,10 @@ func (p Policy) field() string {
 func (l *Limiter) Policies() []Policy { return append([]Policy(nil), l.policies...) }
 
 // normKey returns the key a limiter stores: key itself, or, when longer
-// than 128 bytes, a digest marked so that no short key can equal it.
+// than 128 bytes (or starting with the mark), a digest marked with a NUL
+// byte, so that no key kept as is can equal it.
 func normKey(key string) string {
-	if len(key) > 128 {
+	if len(key) > 128 || strings.HasPrefix(key, "\x00") {
 		return "\x00" + Digest(key)
 	}
 	return key
@@ -635,7 +636,11 @@ func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
 		args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
 			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), tokens[i])
 	}
-	return l.b.Exec(ctx, refundScript, l.keys(d.key), args).Error()
+	err := l.b.Exec(ctx, refundScript, l.keys(d.key), args).Error()
+	// Again once Redis has the units back: a denial decided before the
+	// refund ran may have stored its block after the first delete.
+	l.blocks.delete(d.key)
+	return err
 }
 
 // Reset forgets key's counters under every policy, in Redis and in this
@@ -651,7 +656,9 @@ func (l *Limiter) Reset(ctx context.Context, key string) error {
 		l.local.forget(nkey)
 	}
 	keys := l.keys(nkey)
-	return l.b.Do(ctx, keys[0], l.b.client.B().Del().Key(keys...).Build()).Error()
+	err := l.b.Do(ctx, keys[0], l.b.client.B().Del().Key(keys...).Build()).Error()
+	l.blocks.delete(nkey) // see Refund
+	return err
 }
 
 // limitScript decides one request under several policies, atomically.

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/require"
 )
@@ -1086,4 +1088,335 @@ func TestLimiterMemoryPerKey(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestLimiterReviewRegressions pins down bugs found in review.
+func TestLimiterReviewRegressions(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		ctx := context.Background()
+
+		t.Run("a call with shorter policies never cuts the TTL a longer one needs", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{})
+			login := Policy{Algorithm: FixedWindow, Limit: 1, Window: 15 * time.Minute}
+			burst := Policy{Algorithm: TokenBucket, Limit: 10, Window: time.Second}
+			d, err := l.AllowPolicies(ctx, "k", 1, login)
+			require.NoError(t, err)
+			require.True(t, d.Allowed)
+			d, err = l.AllowPolicies(ctx, "k", 1, burst)
+			require.NoError(t, err)
+			require.True(t, d.Allowed)
+			ttl, err := c.Do(ctx, c.B().Pttl().Key(l.keys("k")[0]).Build()).AsInt64()
+			require.NoError(t, err)
+			require.Greater(t, ttl, (14 * time.Minute).Milliseconds())
+			time.Sleep(150 * time.Millisecond)
+			d, err = l.AllowPolicies(ctx, "k", 1, login)
+			require.NoError(t, err)
+			require.False(t, d.Allowed, "the 15-minute window still counts")
+		})
+
+		t.Run("a late token bucket refund gives back only what has not refilled", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: []Policy{{Algorithm: TokenBucket, Limit: 5, Window: time.Second, Burst: 1}}, DisableFreePath: true})
+			a := allow(t, l, "k", 1)
+			require.True(t, a.Allowed)
+			time.Sleep(210 * time.Millisecond) // one emission interval: A's token is back
+			require.True(t, allow(t, l, "k", 1).Allowed)
+			require.NoError(t, l.Refund(ctx, &a))
+			require.False(t, allow(t, l, "k", 1).Allowed, "B's token is not A's to give back")
+		})
+
+		t.Run("a decision is refunded once", func(t *testing.T) {
+			for _, alg := range []Algorithm{SlidingWindow, FixedWindow, SlidingLog, TokenBucket} {
+				l := newTestLimiter(t, r, c, LimiterConfig{Name: "once-" + alg.String(), Policies: []Policy{{Algorithm: alg, Limit: 2, Window: time.Hour}}, DisableFreePath: true})
+				a := allow(t, l, "k", 1)
+				allow(t, l, "k", 1)
+				require.NoError(t, l.Refund(ctx, &a))
+				require.NoError(t, l.Refund(ctx, &a))
+				require.True(t, allow(t, l, "k", 1).Allowed, alg.String())
+				require.False(t, allow(t, l, "k", 1).Allowed, "%s: the second refund gave nothing", alg)
+			}
+		})
+
+		t.Run("a fresh bucket reports burst-1 left, for every rate", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{})
+			for _, w := range []time.Duration{time.Second, time.Minute, time.Hour} {
+				for limit := int64(1); limit <= 100; limit += 3 {
+					key := strconv.FormatInt(limit, 10) + "/" + w.String()
+					d, err := l.AllowPolicies(ctx, key, 1, Policy{Algorithm: TokenBucket, Limit: limit, Window: w})
+					require.NoError(t, err)
+					require.Equal(t, limit-1, d.Remaining, "%d per %v", limit, w)
+					d, err = l.AllowPolicies(ctx, key, limit-1, Policy{Algorithm: TokenBucket, Limit: limit, Window: w})
+					require.NoError(t, err)
+					require.True(t, d.Allowed, "%d per %v: the rest of the burst", limit, w)
+					require.Zero(t, d.Remaining)
+				}
+			}
+		})
+
+		t.Run("Reset forgets per-request log policies too", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{})
+			p := Policy{Algorithm: SlidingLog, Limit: 1, Window: time.Hour}
+			_, err := l.AllowPolicies(ctx, "k", 1, p)
+			require.NoError(t, err)
+			require.NoError(t, l.Reset(ctx, "k"))
+			d, err := l.AllowPolicies(ctx, "k", 1, p)
+			require.NoError(t, err)
+			require.True(t, d.Allowed)
+		})
+
+		t.Run("a denial reports the untouched remaining of the policies that passed", func(t *testing.T) {
+			for _, alg := range []Algorithm{SlidingWindow, FixedWindow, SlidingLog, TokenBucket} {
+				l := newTestLimiter(t, r, c, LimiterConfig{Name: "rem-" + alg.String(), Policies: []Policy{
+					{Name: "burst", Algorithm: FixedWindow, Limit: 2, Window: 10 * time.Second},
+					{Name: "big", Algorithm: alg, Limit: 100, Window: 24 * time.Hour},
+				}, DisableFreePath: true})
+				allow(t, l, "k", 1)
+				allow(t, l, "k", 1)
+				d := allow(t, l, "k", 1)
+				require.False(t, d.Allowed)
+				peek := allow(t, l, "k", 0)
+				require.Equal(t, peek.Policies[1].Remaining, d.Policies[1].Remaining, alg.String())
+				require.Equal(t, int64(98), d.Policies[1].Remaining, alg.String())
+			}
+		})
+
+		t.Run("a peek is never denied", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{})
+			_, err := l.AllowPolicies(ctx, "k", 3, Policy{Limit: 5, Window: time.Hour})
+			require.NoError(t, err)
+			d, err := l.AllowPolicies(ctx, "k", 0, Policy{Limit: 2, Window: time.Hour})
+			require.NoError(t, err)
+			require.True(t, d.Allowed, "a lowered limit leaves the key over it; reading is still allowed")
+			require.Zero(t, d.Remaining)
+		})
+
+		t.Run("Next is the effective window", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: []Policy{
+				{Name: "bucket", Algorithm: TokenBucket, Limit: 10, Window: 10 * time.Second},
+				{Name: "fixed", Algorithm: FixedWindow, Limit: 10, Window: time.Minute},
+			}})
+			d := allow(t, l, "k", 3)
+			b, f := d.Policies[0], d.Policies[1]
+			require.Equal(t, int64(7), b.Remaining)
+			require.InDelta(t, float64(time.Second), float64(b.Next), float64(50*time.Millisecond), "one more token in one emission interval")
+			require.InDelta(t, float64(3*time.Second), float64(b.Reset), float64(50*time.Millisecond), "whole again in three")
+			require.InDelta(t, float64(time.Minute), float64(f.Next), float64(50*time.Millisecond), "a fixed window frees units at its end")
+		})
+	})
+}
+
+func TestLimiterKeysNeverCollide(t *testing.T) {
+	l := must(NewLimiter(LimiterConfig{Client: standaloneClient(t), Name: "collide", Policies: []Policy{PerMinute(1)}}))
+	long := strings.Repeat("x", 200)
+	seen := map[string]string{}
+	for _, k := range []string{long, "#" + Digest(long), "\x00" + Digest(long), "#:" + Digest(long), Digest(long)} {
+		key := l.keys(normKey(k))[0]
+		require.NotContains(t, seen, key, "%q and %q", seen[key], k)
+		seen[key] = k
+	}
+	require.Less(t, len(l.keys(normKey(long))[0]), 100, "long keys are digested")
+}
+
+func TestLimiterValidationBounds(t *testing.T) {
+	c := standaloneClient(t)
+	for name, p := range map[string]Policy{
+		"log above its cap":     {Algorithm: SlidingLog, Limit: MaxSlidingLogLimit + 1, Window: time.Hour},
+		"bucket faster than µs": {Algorithm: TokenBucket, Limit: 2_000_000, Window: time.Second},
+		"huge limit":            {Limit: 1 << 51, Window: time.Hour},
+		"huge window":           {Limit: 1, Window: 290 * 365 * 24 * time.Hour},
+	} {
+		_, err := NewLimiter(LimiterConfig{Client: c, Name: name, Policies: []Policy{p}})
+		require.ErrorIs(t, err, ErrInvalidLimiterConfig, name)
+	}
+	d := Decision{Allowed: true, Policies: []PolicyDecision{
+		{Policy: Policy{Limit: 1 << 40}, Remaining: 1},
+		{Policy: Policy{Limit: 1 << 40}, Remaining: 1 << 39},
+	}}
+	d.bind()
+	require.Equal(t, int64(1), d.Remaining, "no overflow comparing shares")
+}
+
+func TestLocalFallbackBounds(t *testing.T) {
+	clock := newFakeClock()
+	ll := &localLimiter{clock: clock, share: 0.25, keys: map[string]*localKey{}}
+	pols := must(normalizePolicies([]Policy{{Algorithm: SlidingLog, Limit: 10, Window: time.Minute}}))
+	d := ll.decide("k", 5, pols)
+	require.False(t, d.Allowed, "a cost above this instance's share is denied, not a panic")
+	require.Empty(t, ll.keys, "denials create no state")
+
+	bucket := must(normalizePolicies([]Policy{{Algorithm: TokenBucket, Limit: 1, Window: time.Second, Burst: 10}}))
+	ll = &localLimiter{clock: clock, share: 1, keys: map[string]*localKey{}}
+	for range 10 {
+		require.True(t, ll.decide("b", 1, bucket).Allowed)
+	}
+	clock.Advance(2100 * time.Millisecond)
+	ll.decide("other", 1, bucket) // sweeps
+	n := 0
+	for ll.decide("b", 1, bucket).Allowed {
+		n++
+	}
+	require.Equal(t, 2, n, "the bucket's state outlived 2 windows: it refilled 2 tokens, not 10")
+
+	sliding := must(normalizePolicies([]Policy{{Algorithm: SlidingWindow, Limit: 2, Window: time.Minute}}))
+	ll = &localLimiter{clock: clock, share: 1, keys: map[string]*localKey{}}
+	clock.Advance(time.Minute - time.Duration(clock.Now().UnixMicro()%time.Minute.Microseconds())*time.Microsecond + 50*time.Second)
+	require.True(t, ll.decide("s", 1, sliding).Allowed)
+	require.True(t, ll.decide("s", 1, sliding).Allowed)
+	d = ll.decide("s", 1, sliding)
+	require.False(t, d.Allowed)
+	clock.Advance(d.RetryAfter)
+	require.True(t, ll.decide("s", 1, sliding).Allowed, "admitted at RetryAfter")
+
+	fixed := must(normalizePolicies([]Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}))
+	ll = &localLimiter{clock: clock, share: 1, keys: map[string]*localKey{}}
+	require.True(t, ll.decide("victim", 1, fixed).Allowed)
+	for i := range maxLocalKeys + 10 {
+		ll.decide(strconv.Itoa(i), 1, fixed)
+	}
+	require.LessOrEqual(t, len(ll.keys), maxLocalKeys)
+	require.Greater(t, len(ll.keys), maxLocalKeys*8/10, "a flood evicts a sample, not everyone")
+
+	ll = &localLimiter{clock: clock, share: 1, keys: map[string]*localKey{}}
+	a := ll.decide("r", 1, fixed)
+	require.False(t, ll.decide("r", 1, fixed).Allowed)
+	ll.refund("r", 1, a.Policies, a.tokens)
+	require.True(t, ll.decide("r", 1, fixed).Allowed, "local refunds")
+}
+
+func TestRateLimitReviewRegressions(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		cfg := func(name string, p ...Policy) RateLimitConfig {
+			return RateLimitConfig{Client: c, Options: Options{Prefix: r.Keys.Prefix()}, Name: name, Policies: p}
+		}
+
+		t.Run("two middlewares cannot share a Name with other policies", func(t *testing.T) {
+			_, err := cfg("shared", PerMinute(100)).ToMiddleware()
+			require.NoError(t, err)
+			_, err = cfg("shared", PerMinute(100)).ToMiddleware()
+			require.NoError(t, err, "the same policies may share counters on purpose")
+			_, err = cfg("shared", PerMinute(3)).ToMiddleware()
+			require.ErrorIs(t, err, ErrInvalidLimiterConfig)
+		})
+
+		t.Run("a refund survives a panicking handler", func(t *testing.T) {
+			k := cfg("panic", Policy{Algorithm: FixedWindow, Limit: 2, Window: time.Hour})
+			k.SkipFailedRequests = true
+			s := newRLServer(t, k, func(echo.Context) error { panic("boom") })
+			s.e.Logger.SetOutput(io.Discard)
+			s.e.Use(middleware.Recover())
+			for range 4 {
+				require.Equal(t, http.StatusInternalServerError, s.do("192.0.2.1:1", nil).Code)
+			}
+		})
+
+		t.Run("an empty plan is unlimited", func(t *testing.T) {
+			k := cfg("plans")
+			k.PolicyFunc = func(c echo.Context) []Policy {
+				if c.Request().Header.Get("X-Plan") == "free" {
+					return []Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}
+				}
+				return nil
+			}
+			s := newRLServer(t, k, nil)
+			for range 3 {
+				rec := s.do("192.0.2.1:1", nil)
+				require.Equal(t, http.StatusOK, rec.Code)
+				require.Empty(t, rec.Header().Get("RateLimit"))
+			}
+			require.Equal(t, http.StatusOK, s.do("192.0.2.1:1", http.Header{"X-Plan": {"free"}}).Code)
+			require.Equal(t, http.StatusTooManyRequests, s.do("192.0.2.1:1", http.Header{"X-Plan": {"free"}}).Code)
+		})
+
+		t.Run("no client address is a logged server fault", func(t *testing.T) {
+			s := newRLServer(t, cfg("noaddr", PerMinute(1)), nil)
+			s.e.IPExtractor = func(*http.Request) string { return "" }
+			require.Equal(t, http.StatusInternalServerError, s.do("192.0.2.1:1", nil).Code)
+		})
+
+		t.Run("stacked limiters list all their policies; a 429 lists the refusing ones", func(t *testing.T) {
+			outer, err := cfg("outer", Policy{Name: "outer", Limit: 100, Window: time.Minute}).ToMiddleware()
+			require.NoError(t, err)
+			s := newRLServer(t, cfg("inner", Policy{Name: "inner", Algorithm: FixedWindow, Limit: 1, Window: time.Minute}), nil)
+			s.e.Pre(outer)
+			rec := s.do("192.0.2.1:1", nil)
+			require.Len(t, sfItems(t, rec.Header(), "RateLimit-Policy"), 2)
+			require.Len(t, sfItems(t, rec.Header(), "RateLimit"), 2)
+			rec = s.do("192.0.2.1:1", nil)
+			require.Equal(t, http.StatusTooManyRequests, rec.Code)
+			cur := sfItems(t, rec.Header(), "RateLimit")
+			require.Contains(t, cur, "inner")
+			require.Equal(t, int64(98), sfInt(t, cur["outer"], "r"), "the outer limiter passed and counted this request")
+			d, ok := GetRateLimit(s.e.NewContext(httptest.NewRequest(http.MethodGet, "/", nil), httptest.NewRecorder()))
+			require.False(t, ok, "no decision outside a request")
+			require.False(t, d.Allowed)
+		})
+
+		t.Run("the decision is in the context", func(t *testing.T) {
+			var got Decision
+			s := newRLServer(t, cfg("ctx", PerMinute(10)), func(c echo.Context) error {
+				got, _ = GetRateLimit(c)
+				return c.NoContent(http.StatusNoContent)
+			})
+			s.do("192.0.2.1:1", nil)
+			require.True(t, got.Allowed)
+			require.Equal(t, int64(9), got.Remaining)
+		})
+	})
+}
+
+func TestRateLimitPolicyAdvertised(t *testing.T) {
+	for _, tc := range []struct {
+		p    Policy
+		q, w int64
+	}{
+		{Policy{Limit: 100, Window: time.Minute}, 100, 60},
+		{Policy{Limit: 10, Window: 100 * time.Millisecond}, 100, 1},
+		{Policy{Limit: 10, Window: 1500 * time.Millisecond}, 13, 2},
+		{Policy{Algorithm: TokenBucket, Limit: 1, Window: time.Second, Burst: 10}, 10, 10},
+		{Policy{Algorithm: TokenBucket, Limit: 60, Window: time.Minute, Burst: 1}, 1, 1},
+	} {
+		q, w := advertised(tc.p)
+		require.Equal(t, []int64{tc.q, tc.w}, []int64{q, w}, "%+v", tc.p)
+	}
+}
+
+// TestLimiterShortRequestDeadline checks that a request deadline shorter
+// than the limiter's Timeout still gets the failure policy, not an error.
+func TestLimiterShortRequestDeadline(t *testing.T) {
+	f := newFaultRedis(t, "standalone")
+	l, err := NewLimiter(LimiterConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}, Policies: []Policy{PerMinute(10)}})
+	require.NoError(t, err)
+	allow(t, l, "k", 1)
+	f.Pause(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	d, err := l.Allow(ctx, "k")
+	require.NoError(t, err)
+	require.True(t, d.Allowed && d.Degraded, "FailOpen applies")
+	f.Resume(t)
+}
+
+// TestLimiterRefundRacesBlock checks that a denial racing a refund never
+// leaves a block the refund should have lifted.
+func TestLimiterRefundRacesBlock(t *testing.T) {
+	r := newTestRedis(t, standaloneRedis.name, standaloneRedis.addrs)
+	l := newTestLimiter(t, r, r.Client(), LimiterConfig{Policies: []Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}})
+	ctx := context.Background()
+	for i := range 200 {
+		key := strconv.Itoa(i)
+		d := allow(t, l, key, 1)
+		require.True(t, d.Allowed)
+		var wg sync.WaitGroup
+		var raced Decision
+		wg.Go(func() { raced, _ = l.Allow(ctx, key) })
+		wg.Go(func() { _ = l.Refund(ctx, &d) })
+		wg.Wait()
+		if raced.Allowed {
+			continue // the refund came first and the racing request took the unit
+		}
+		next := allow(t, l, key, 1)
+		require.False(t, next.FromMemory, "iteration %d: a stale block outlived the refund", i)
+		require.True(t, next.Allowed, "iteration %d", i)
+	}
 }

@@ -267,6 +267,7 @@ type Limiter struct {
 	b        *backend
 	name     string
 	policies []Policy
+	args     []string // policyArgs(policies)
 	onError  FailurePolicy
 	share    float64
 	freePath bool
@@ -319,6 +320,7 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 		b:        b,
 		name:     cfg.Name,
 		policies: pols,
+		args:     policyArgs(pols),
 		onError:  cfg.OnRedisError,
 		share:    cfg.FallbackShare,
 		freePath: !cfg.DisableFreePath,
@@ -407,7 +409,7 @@ func shortDuration(d time.Duration) string {
 // and window. Changing a policy's Limit keeps its state (a plan upgrade
 // applies at once); changing its Window starts afresh.
 func (p Policy) field() string {
-	return strconv.Itoa(int(p.Algorithm)) + "." + strconv.FormatInt(p.Window.Microseconds(), 10)
+	return algCode[p.Algorithm] + "." + strconv.FormatInt(p.Window.Microseconds(), 10)
 }
 
 // Policies returns the limiter's policies, defaults filled in.
@@ -433,7 +435,8 @@ func (l *Limiter) keys(nkey string) []string {
 	} else {
 		g = l.b.keys.Group("rl", l.name, nkey)
 	}
-	return []string{g.Key(), g.Key("log")}
+	h := g.Key()
+	return []string{h, h + ":log"}
 }
 
 // Allow checks one request (cost 1) for key under the limiter's policies.
@@ -458,7 +461,7 @@ func (l *Limiter) AllowN(ctx context.Context, key string, n int64) (Decision, er
 		}
 	}
 	gen, sent := l.blocks.generation(), l.b.clock.Now()
-	d, err := l.decide(ctx, nkey, n, l.policies)
+	d, err := l.decide(ctx, nkey, n, l.policies, l.args)
 	if err == nil && l.freePath && !d.Allowed && !d.Degraded && n > 0 {
 		l.blocks.put(nkey, d, gen, sent)
 	}
@@ -477,7 +480,7 @@ func (l *Limiter) AllowPolicies(ctx context.Context, key string, n int64, polici
 	if err := checkCost(n, pols); err != nil {
 		return Decision{}, err
 	}
-	return l.decide(ctx, normKey(key), n, pols)
+	return l.decide(ctx, normKey(key), n, pols, policyArgs(pols))
 }
 
 // checkCost validates a request's cost against policies.
@@ -496,16 +499,24 @@ func checkCost(n int64, pols []Policy) error {
 	return nil
 }
 
-func (l *Limiter) decide(ctx context.Context, nkey string, n int64, pols []Policy) (Decision, error) {
+// policyArgs returns limitScript's arguments for pols, 5 per policy.
+func policyArgs(pols []Policy) []string {
+	args := make([]string, 0, 5*len(pols))
+	for _, p := range pols {
+		args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
+			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), p.field()+":")
+	}
+	return args
+}
+
+// decide runs limitScript; static is policyArgs(pols).
+func (l *Limiter) decide(ctx context.Context, nkey string, n int64, pols []Policy, static []string) (Decision, error) {
 	if nkey == "" {
 		return Decision{}, ErrInvalidLimiterKey
 	}
-	args := make([]string, 0, 2+4*len(pols))
+	args := make([]string, 0, 2+len(static))
 	args = append(args, strconv.FormatInt(n, 10), strconv.Itoa(len(pols)))
-	for _, p := range pols {
-		args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
-			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10))
-	}
+	args = append(args, static...)
 	res := l.b.Exec(ctx, limitScript, l.keys(nkey), args)
 	d, err := parseDecision(res, pols, n)
 	if err != nil {
@@ -629,12 +640,12 @@ func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
 		}
 		return nil
 	}
-	args := make([]string, 0, 2+5*len(d.Policies))
+	args := make([]string, 0, 2+6*len(d.Policies))
 	args = append(args, strconv.FormatInt(d.Cost, 10), strconv.Itoa(len(d.Policies)))
 	for i, pd := range d.Policies {
 		p := pd.Policy
 		args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
-			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), tokens[i])
+			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), p.field()+":", tokens[i])
 	}
 	err := l.b.Exec(ctx, refundScript, l.keys(d.key), args).Error()
 	// Again once Redis has the units back: a denial decided before the
@@ -663,28 +674,31 @@ func (l *Limiter) Reset(ctx context.Context, key string) error {
 
 // limitScript decides one request under several policies, atomically.
 //
-// KEYS[1]  the key's hash: every policy's state but SlidingLog's, and "lw",
+// KEYS[1]  the key's hash: every policy's state but SlidingLog's, "x" (the
 //
-//	the longest SlidingLog window seen (so a call with shorter log
-//	policies never trims entries a longer one still counts)
+//	expiry last set, µs) and "lw" (the longest SlidingLog window seen,
+//	so a call with shorter log policies never trims entries a longer
+//	one still counts)
 //
-// KEYS[2]  the key's log: a sorted set of admitted units, scored by their
+// KEYS[2]  the key's log: a sorted set of admitted units scored by their
 //
 //	time (members are distinct integers, compact in a listpack); every
 //	SlidingLog policy of the key counts it over its own window
 //
 // ARGV[1]  cost (0 reads without consuming, and always passes)
-// ARGV[2]  number of policies, then 4 per policy: algorithm (1 sliding
+// ARGV[2]  number of policies, then 5 per policy: algorithm (1 sliding
 //
 //	counter, 2 fixed window, 3 sliding log, 4 GCRA), limit, window
-//	(µs), burst (GCRA)
+//	(µs), burst (GCRA), and the stem of its hash fields (algorithm and
+//	window: never the time)
 //
-// Times are microseconds of Redis TIME, and arithmetic is relative to now
-// so that doubles stay exact. Hash fields are named by algorithm and window
-// ("<alg>.<window>:<x>"), never by time. Phase one computes every policy's
+// Times are microseconds of Redis TIME; arithmetic is relative to now so
+// that doubles stay exact, and numbers are written with %.0f (Lua's own
+// conversion loses digits past 14). Phase one computes every policy's
 // verdict without writing; only if all admit does phase two write, so a
-// denial consumes nothing. TTLs only grow: a call with short policies never
-// cuts the state a longer one needs.
+// denial consumes nothing. Expiry only grows, and is set with some
+// headroom (up to a minute), so most calls need no PEXPIREAT: a call with
+// short policies never cuts the state a longer one needs.
 //
 // Reply: allowed (0/1), now, then 5 per policy: remaining, reset (µs until
 // whole again), retry (µs until this cost would pass; 0 when it passes),
@@ -692,194 +706,184 @@ func (l *Limiter) Reset(ctx context.Context, key string) error {
 var limitScript = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local np = tonumber(ARGV[2])
+local cost, np = tonumber(ARGV[1]), tonumber(ARGV[2])
 local hash, logk = KEYS[1], KEYS[2]
-local function fmt(x) return string.format('%.0f', x) end
 local EPS = 1e-9
+local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+local function fmt(x) return string.format('%.0f', x) end
 
-local pol, fields, logwin = {}, {'lw'}, 0
+local pol, fields, logwin, maxwin = {}, {'x', 'lw'}, 0, 0
 for i = 1, np do
-  local b = 3 + (i - 1) * 4
-  local p = {alg = tonumber(ARGV[b]), limit = tonumber(ARGV[b + 1]), win = tonumber(ARGV[b + 2]), burst = tonumber(ARGV[b + 3])}
-  p.f = (p.alg - 1) .. '.' .. ARGV[b + 2] .. ':'
-  p.at = #fields + 1
-  if p.alg == 1 then
+  local b = i * 5 - 2
+  local alg, win = tonumber(ARGV[b]), tonumber(ARGV[b + 2])
+  local p = {alg = alg, limit = tonumber(ARGV[b + 1]), win = win, burst = tonumber(ARGV[b + 3]), f = ARGV[b + 4], at = #fields + 1}
+  if alg == 1 then
     fields[#fields + 1] = p.f .. 'w'; fields[#fields + 1] = p.f .. 'c'; fields[#fields + 1] = p.f .. 'p'
-  elseif p.alg == 2 then
+  elseif alg == 2 then
     fields[#fields + 1] = p.f .. 's'; fields[#fields + 1] = p.f .. 'n'
-  elseif p.alg == 3 then
-    if p.win > logwin then logwin = p.win end
+  elseif alg == 3 then
+    if win > logwin then logwin = win end
   else
     fields[#fields + 1] = p.f .. 't'
   end
+  if win > maxwin then maxwin = win end
   pol[i] = p
 end
-local vals = redis.call('HMGET', hash, unpack(fields))
-local function val(i) return tonumber(vals[i]) end
-local lw = math.max(val(1) or 0, logwin)
+local v = redis.call('HMGET', hash, unpack(fields))
+local x0, lw0 = tonumber(v[1]), tonumber(v[2]) or 0
+local lw = max(lw0, logwin)
 if logwin > 0 then redis.call('ZREMRANGEBYSCORE', logk, '-inf', fmt(now - lw)) end
 
--- Per algorithm: load(p) reads the state; avail(p) is the units available
--- now; wait(p, need) the µs until need units are (need <= capacity);
--- take(p, n) consumes; reset(p) the µs until whole; ttl(p) how long the
--- state matters.
-local A = {}
-A[1] = {
-  load = function(p)
-    local idx = math.floor(now / p.win)
-    local sidx, cur, prev = val(p.at), val(p.at + 1) or 0, val(p.at + 2) or 0
+local allowed = 1
+for i = 1, np do
+  local p = pol[i]
+  local alg, limit, win, at = p.alg, p.limit, p.win, p.at
+  local avail
+  if alg == 1 then
+    local idx = floor(now / win)
+    local sidx, cur, prev = tonumber(v[at]), tonumber(v[at + 1]) or 0, tonumber(v[at + 2]) or 0
     if sidx and sidx > idx then idx = sidx -- Redis time stepped back
     elseif sidx ~= idx then
       if sidx == idx - 1 then prev = cur else prev = 0 end
       cur = 0
     end
-    p.idx, p.cur, p.prev = idx, cur, prev
-    p.elapsed = math.max(0, now - idx * p.win)
-  end,
-  avail = function(p) return p.limit - (p.prev * (p.win - p.elapsed) / p.win + p.cur) end,
-  wait = function(p, need)
-    local limit, win = p.limit, p.win
-    if p.prev * (win - p.elapsed) / win + p.cur + need <= limit + EPS then return 0 end
-    local room = limit - p.cur - need
-    if room >= 0 and p.prev > 0 then
-      local e = win - room * win / p.prev
-      if e < win then return math.max(1, math.ceil(e - p.elapsed) + 1) end
-    end
-    local e = 0
-    if p.cur > 0 then e = math.max(0, win - (limit - need) * win / p.cur) end
-    return math.ceil(win - p.elapsed + e) + 1
-  end,
-  take = function(p, n) p.cur = p.cur + n end,
-  reset = function(p)
-    if p.cur > 0 then return 2 * p.win - p.elapsed elseif p.prev > 0 then return p.win - p.elapsed end
-    return 0
-  end,
-  ttl = function(p) return 2 * p.win - p.elapsed end,
-  save = function(p, set)
-    set[#set + 1] = p.f .. 'w'; set[#set + 1] = fmt(p.idx)
-    set[#set + 1] = p.f .. 'c'; set[#set + 1] = fmt(p.cur)
-    set[#set + 1] = p.f .. 'p'; set[#set + 1] = fmt(p.prev)
-  end,
-  token = function(p) return fmt(p.idx) end,
-}
-A[2] = {
-  load = function(p)
-    local start, n = val(p.at), val(p.at + 1) or 0
-    if not start or now >= start + p.win then start, n = now, 0 end
+    p.idx, p.cur, p.prev, p.el = idx, cur, prev, max(0, now - idx * win)
+    avail = limit - (prev * (win - p.el) / win + cur)
+  elseif alg == 2 then
+    local start, n = tonumber(v[at]), tonumber(v[at + 1]) or 0
+    if not start or now >= start + win then start, n = now, 0 end
     p.start, p.n = start, n
-  end,
-  avail = function(p) return p.limit - p.n end,
-  wait = function(p, need)
-    if p.n + need <= p.limit then return 0 end
-    return math.max(1, p.start + p.win - now)
-  end,
-  take = function(p, n) p.n = p.n + n end,
-  reset = function(p) if p.n > 0 then return p.start + p.win - now end return 0 end,
-  ttl = function(p) return p.start + p.win - now end,
-  save = function(p, set)
-    set[#set + 1] = p.f .. 's'; set[#set + 1] = fmt(p.start)
-    set[#set + 1] = p.f .. 'n'; set[#set + 1] = fmt(p.n)
-  end,
-  token = function(p) return fmt(p.start) end,
-}
-A[3] = {
-  load = function(p) p.count = redis.call('ZCOUNT', logk, '(' .. fmt(now - p.win), '+inf') end,
-  avail = function(p) return p.limit - p.count end,
-  wait = function(p, need)
-    local k = p.count + need - p.limit
-    if k <= 0 then return 0 end
-    local e = redis.call('ZRANGE', logk, '(' .. fmt(now - p.win), '+inf', 'BYSCORE', 'LIMIT', k - 1, 1, 'WITHSCORES')
-    if not e[2] then return p.win end -- the units are this call's own
-    return math.max(1, tonumber(e[2]) + p.win - now)
-  end,
-  take = function(p, n) p.count = p.count + n end,
-  reset = function(p)
-    if p.count == 0 then return 0 end
-    local e = redis.call('ZRANGE', logk, '+inf', '(' .. fmt(now - p.win), 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
-    if not e[2] then return p.win end
-    return tonumber(e[2]) + p.win - now
-  end,
-  ttl = function(p) return lw end,
-  save = function(p, set) end,
-  token = function(p) return '' end,
-}
-A[4] = {
-  load = function(p)
-    p.T = p.win / p.limit
-    p.x = math.max(0, (val(p.at) or now) - now) -- µs the bucket is behind full
-  end,
-  avail = function(p) return math.floor(p.burst - p.x / p.T + EPS) end,
-  wait = function(p, need)
-    if p.burst - p.x / p.T + EPS >= need then return 0 end
-    return math.max(1, math.ceil(p.x + (need - p.burst) * p.T))
-  end,
-  take = function(p, n) p.x = p.x + n * p.T end,
-  reset = function(p) return math.ceil(p.x) end,
-  ttl = function(p) return p.x end,
-  save = function(p, set) set[#set + 1] = p.f .. 't'; set[#set + 1] = fmt(math.floor(now + p.x + 0.5)) end,
-  token = function(p) return fmt(math.floor(now + p.x + 0.5)) end,
-}
-
-local allowed = 1
-for i = 1, np do
-  local p = pol[i]
-  local a = A[p.alg]
-  a.load(p)
-  if cost == 0 or a.avail(p) + EPS >= cost then p.ok = true
-  else allowed = 0; p.retry = a.wait(p, cost) end
+    avail = limit - n
+  elseif alg == 3 then
+    p.count = redis.call('ZCOUNT', logk, '(' .. fmt(now - win), '+inf')
+    avail = limit - p.count
+  else
+    p.T = win / limit
+    p.x = max(0, (tonumber(v[at]) or now) - now) -- µs the bucket is behind full
+    avail = floor(p.burst - p.x / p.T + EPS)
+  end
+  p.avail = avail
+  if cost == 0 or avail + EPS >= cost then p.ok = true else allowed = 0 end
 end
 
-local members = {}
-if allowed == 1 and cost > 0 then
-  local set, ttl = {}, 0
+-- wait returns the µs until p has need units (need <= its capacity).
+local function wait(p, need)
+  local alg, limit, win = p.alg, p.limit, p.win
+  if alg == 1 then
+    local el, cur, prev = p.el, p.cur, p.prev
+    if prev * (win - el) / win + cur + need <= limit + EPS then return 0 end
+    local room = limit - cur - need
+    if room >= 0 and prev > 0 then
+      local e = win - room * win / prev
+      if e < win then return max(1, ceil(e - el) + 1) end
+    end
+    local e = 0
+    if cur > 0 then e = max(0, win - (limit - need) * win / cur) end
+    return ceil(win - el + e) + 1
+  elseif alg == 2 then
+    if p.n + need <= limit then return 0 end
+    return max(1, p.start + win - now)
+  elseif alg == 3 then
+    local k = p.count + need - limit
+    if k <= 0 then return 0 end
+    local e = redis.call('ZRANGE', logk, '(' .. fmt(now - win), '+inf', 'BYSCORE', 'LIMIT', k - 1, 1, 'WITHSCORES')
+    if not e[2] then return win end -- the units are this call's own
+    return max(1, tonumber(e[2]) + win - now)
+  end
+  if p.burst - p.x / p.T + EPS >= need then return 0 end
+  return max(1, ceil(p.x + (need - p.burst) * p.T))
+end
+
+local members, took = '', allowed == 1 and cost > 0
+if took then
+  local set, need = {}, 0 -- need: µs from now the state must live
   for i = 1, np do
     local p = pol[i]
-    local a = A[p.alg]
-    a.take(p, cost)
-    a.save(p, set)
-    ttl = math.max(ttl, a.ttl(p))
+    local alg, f = p.alg, p.f
+    if alg == 1 then
+      p.cur = p.cur + cost
+      set[#set + 1] = f .. 'w'; set[#set + 1] = fmt(p.idx)
+      set[#set + 1] = f .. 'c'; set[#set + 1] = fmt(p.cur)
+      set[#set + 1] = f .. 'p'; set[#set + 1] = fmt(p.prev)
+      need = max(need, 2 * p.win - p.el)
+    elseif alg == 2 then
+      p.n = p.n + cost
+      set[#set + 1] = f .. 's'; set[#set + 1] = fmt(p.start)
+      set[#set + 1] = f .. 'n'; set[#set + 1] = fmt(p.n)
+      need = max(need, p.start + p.win - now)
+    elseif alg == 3 then
+      p.count = p.count + cost
+    else
+      p.x = p.x + cost * p.T
+      p.tok = fmt(floor(now + p.x + 0.5))
+      set[#set + 1] = f .. 't'; set[#set + 1] = p.tok
+      need = max(need, p.x)
+    end
+    p.avail = p.avail - cost
   end
+  local freshlog = false
   if logwin > 0 then
-    local m = now
+    freshlog = redis.call('EXISTS', logk) == 0
+    local m, list = now, {}
     for j = 1, cost do
       while redis.call('ZSCORE', logk, fmt(m)) do m = m + 1 end
       redis.call('ZADD', logk, now, fmt(m))
-      members[#members + 1] = fmt(m)
+      list[j] = fmt(m)
       m = m + 1
     end
-    local ms = math.ceil(lw / 1000) + 1
-    if redis.call('PTTL', logk) < ms then redis.call('PEXPIRE', logk, ms) end
-    if lw > (val(1) or 0) then set[#set + 1] = 'lw'; set[#set + 1] = fmt(lw) end
-    ttl = math.max(ttl, lw)
+    members = table.concat(list, ' ')
+    if lw > lw0 then set[#set + 1] = 'lw'; set[#set + 1] = fmt(lw) end
   end
-  if #set > 0 then
+  if lw > 0 then need = max(need, lw) end
+  if not x0 or x0 < now + need then
+    local x = now + need + min(maxwin, 60000000)
+    set[#set + 1] = 'x'; set[#set + 1] = fmt(x)
     redis.call('HSET', hash, unpack(set))
-    local ms = math.ceil(ttl / 1000) + 1
-    if redis.call('PTTL', hash) < ms then redis.call('PEXPIRE', hash, ms) end
+    redis.call('PEXPIREAT', hash, fmt(ceil(x / 1000)))
+    if lw > 0 then redis.call('PEXPIREAT', logk, fmt(ceil(x / 1000))) end
+  else
+    if #set > 0 then redis.call('HSET', hash, unpack(set)) end
+    if freshlog then redis.call('PEXPIREAT', logk, fmt(ceil(x0 / 1000))) end
   end
 end
 
 local out = {allowed, now}
-local logtok = table.concat(members, ' ')
 for i = 1, np do
   local p = pol[i]
-  local a = A[p.alg]
-  local avail = a.avail(p)
-  local rem = math.max(0, math.floor(avail + EPS))
-  local cap = p.limit
-  if p.alg == 4 then cap = p.burst end
-  local next
+  local alg, win = p.alg, p.win
+  local rem = max(0, floor(p.avail + EPS))
+  local cap, nxt, reset, tok = p.limit
+  if alg == 4 then cap = p.burst end
   if rem + 1 > cap then
-    if p.alg == 4 then next = math.ceil(p.T) else next = p.win end
+    if alg == 4 then nxt = ceil(p.T) else nxt = win end
   else
-    next = a.wait(p, rem + 1)
+    nxt = wait(p, rem + 1)
   end
+  if alg == 1 then
+    if p.cur > 0 then reset = 2 * win - p.el elseif p.prev > 0 then reset = win - p.el else reset = 0 end
+    tok = fmt(p.idx)
+  elseif alg == 2 then
+    if p.n > 0 then reset = p.start + win - now else reset = 0 end
+    tok = fmt(p.start)
+  elseif alg == 3 then
+    if p.count == 0 then reset = 0
+    elseif took then reset = win
+    else
+      local e = redis.call('ZRANGE', logk, '+inf', '(' .. fmt(now - win), 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+      reset = e[2] and (tonumber(e[2]) + win - now) or 0
+    end
+    tok = members
+  else
+    reset = p.x
+    tok = p.tok or fmt(floor(now + p.x + 0.5))
+  end
+  local retry = 0
+  if not p.ok then retry = wait(p, cost) end
   out[#out + 1] = rem
-  out[#out + 1] = math.max(0, math.ceil(a.reset(p)))
-  out[#out + 1] = p.retry or 0
-  out[#out + 1] = next
-  if p.alg == 3 then out[#out + 1] = logtok else out[#out + 1] = a.token(p) end
+  out[#out + 1] = max(0, ceil(reset))
+  out[#out + 1] = retry
+  out[#out + 1] = nxt
+  out[#out + 1] = tok
 end
 return out
 `)
@@ -888,10 +892,11 @@ return out
 //
 // KEYS    as limitScript's
 // ARGV[1] cost
-// ARGV[2] number of policies, then 5 per policy: algorithm, limit, window
-// (µs), burst, and the decision's refund token: the sliding counter's
-// window index, the fixed window's start, the log members the decision
-// added, or the bucket's arrival time the decision set.
+// ARGV[2] number of policies, then 6 per policy: algorithm, limit, window
+// (µs), burst, field stem (as limitScript's), and the decision's refund
+// token: the sliding counter's window index, the fixed window's start, the
+// log members the decision added, or the bucket's arrival time the
+// decision set.
 var refundScript = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -900,9 +905,8 @@ local np = tonumber(ARGV[2])
 local hash, logk = KEYS[1], KEYS[2]
 local function fmt(x) return string.format('%.0f', x) end
 for i = 1, np do
-  local b = 3 + (i - 1) * 5
-  local alg, limit, win, tok = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), ARGV[b + 4]
-  local f = (alg - 1) .. '.' .. ARGV[b + 2] .. ':'
+  local b = i * 6 - 3
+  local alg, limit, win, f, tok = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), ARGV[b + 4], ARGV[b + 5]
   if alg == 1 then
     local v = redis.call('HMGET', hash, f .. 'w', f .. 'c', f .. 'p')
     local idx, at = tonumber(v[1]), tonumber(tok)
@@ -1475,10 +1479,10 @@ func UserOrIPKey(user func(c echo.Context) string, v6Prefix int) func(c echo.Con
 
 // rateLimit is the middleware's state.
 type rateLimit struct {
-	l       *Limiter
-	cfg     RateLimitConfig
-	refunds bool
-	message any
+	l            *Limiter
+	cfg          RateLimitConfig
+	refunds      bool
+	policyHeader string // RateLimit-Policy of the Limiter's policies
 }
 
 // ToMiddleware validates cfg, fills its defaults and returns the
@@ -1525,6 +1529,11 @@ func (cfg RateLimitConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 		cfg.UnavailableMessage = map[string]string{"error": "Service temporarily unavailable, please try again later."}
 	}
 	rl := &rateLimit{l: cfg.Limiter, cfg: cfg, refunds: refunds}
+	pds := make([]PolicyDecision, len(rl.l.policies))
+	for i, p := range rl.l.policies {
+		pds[i].Policy = p
+	}
+	rl.policyHeader = policyHeader(pds)
 	return rl.middleware, nil
 }
 
@@ -1638,17 +1647,13 @@ func (rl *rateLimit) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 func (rl *rateLimit) setHeaders(h http.Header, d Decision) {
 	retry := seconds(d.RetryAfter)
 	if !rl.cfg.DisableDraftHeaders && len(d.Policies) > 0 {
-		var pol, cur []byte
+		pol := rl.policyHeader
+		if d.local || rl.cfg.PolicyFunc != nil {
+			pol = policyHeader(d.Policies)
+		}
+		var buf [64]byte
+		cur := buf[:0]
 		for _, pd := range d.Policies {
-			if len(pol) > 0 {
-				pol = append(pol, ", "...)
-			}
-			q, w := advertised(pd.Policy)
-			pol = appendSFString(pol, pd.Policy.Name)
-			pol = append(pol, ";q="...)
-			pol = strconv.AppendInt(pol, q, 10)
-			pol = append(pol, ";w="...)
-			pol = strconv.AppendInt(pol, w, 10)
 			if !d.Allowed && pd.Allowed {
 				continue
 			}
@@ -1665,17 +1670,34 @@ func (rl *rateLimit) setHeaders(h http.Header, d Decision) {
 			cur = append(cur, ";t="...)
 			cur = strconv.AppendInt(cur, t, 10)
 		}
-		h.Add("RateLimit-Policy", string(pol))
-		h.Add("RateLimit", string(cur))
+		h["Ratelimit-Policy"] = append(h["Ratelimit-Policy"], pol)
+		h["Ratelimit"] = append(h["Ratelimit"], string(cur))
 	}
 	if !rl.cfg.DisableLegacyHeaders {
-		h.Set("X-RateLimit-Limit", strconv.FormatInt(d.Limit, 10))
-		h.Set("X-RateLimit-Remaining", strconv.FormatInt(d.Remaining, 10))
-		h.Set("X-RateLimit-Reset", strconv.FormatInt(rl.l.b.clock.Now().Add(d.Reset).Add(time.Second-1).Unix(), 10))
+		h["X-Ratelimit-Limit"] = []string{strconv.FormatInt(d.Limit, 10)}
+		h["X-Ratelimit-Remaining"] = []string{strconv.FormatInt(d.Remaining, 10)}
+		h["X-Ratelimit-Reset"] = []string{strconv.FormatInt(rl.l.b.clock.Now().Add(d.Reset).Add(time.Second-1).Unix(), 10)}
 	}
 	if !d.Allowed && !rl.cfg.DisableRetryAfter {
 		h.Set(echo.HeaderRetryAfter, strconv.FormatInt(max(1, retry), 10))
 	}
+}
+
+// policyHeader returns the RateLimit-Policy field of pols.
+func policyHeader(pds []PolicyDecision) string {
+	var pol []byte
+	for _, pd := range pds {
+		if len(pol) > 0 {
+			pol = append(pol, ", "...)
+		}
+		q, w := advertised(pd.Policy)
+		pol = appendSFString(pol, pd.Policy.Name)
+		pol = append(pol, ";q="...)
+		pol = strconv.AppendInt(pol, q, 10)
+		pol = append(pol, ";w="...)
+		pol = strconv.AppendInt(pol, w, 10)
+	}
+	return string(pol)
 }
 
 // advertised returns a policy's quota q over w whole seconds for the

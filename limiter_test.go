@@ -1420,3 +1420,68 @@ func TestLimiterRefundRacesBlock(t *testing.T) {
 		require.True(t, next.Allowed, "iteration %d", i)
 	}
 }
+
+// BenchmarkLimiterAllow measures one decision per algorithm from 32
+// goroutines, and reports the script's cost inside Redis (usec_per_call of
+// EVALSHA in INFO commandstats) and the commands it runs.
+func BenchmarkLimiterAllow(b *testing.B) {
+	r := newTestRedis(b, standaloneRedis.name, standaloneRedis.addrs)
+	c := r.Client()
+	for _, alg := range []Algorithm{SlidingWindow, FixedWindow, SlidingLog, TokenBucket} {
+		b.Run(alg.String(), func(b *testing.B) {
+			l, err := NewLimiter(LimiterConfig{Client: c, Name: "bench-" + alg.String(), Options: Options{Prefix: r.Keys.Prefix()},
+				Policies: []Policy{{Algorithm: alg, Limit: MaxSlidingLogLimit, Window: time.Millisecond * 100}}})
+			require.NoError(b, err)
+			before := commandStats(b, standaloneRedis.addrs[0])
+			b.SetParallelism(16)
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if _, err := l.Allow(context.Background(), "k"); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			after := commandStats(b, standaloneRedis.addrs[0])
+			calls := after["evalsha"][0] - before["evalsha"][0]
+			if calls > 0 {
+				b.ReportMetric((after["evalsha"][1]-before["evalsha"][1])/calls, "redis-µs/op")
+				var all float64
+				for name, v := range after {
+					if name != "info" {
+						all += v[0] - before[name][0]
+					}
+				}
+				b.ReportMetric(all/calls, "cmds/op")
+			}
+		})
+	}
+}
+
+// commandStats returns INFO commandstats as name -> {calls, usec}.
+func commandStats(tb testing.TB, addr string) map[string][2]float64 {
+	v, err := respDo(addr, 2*time.Second, "INFO", "commandstats")
+	require.NoError(tb, err)
+	info, _ := v.(string)
+	out := map[string][2]float64{}
+	for line := range strings.SplitSeq(info, "\r\n") {
+		name, rest, ok := strings.Cut(strings.TrimPrefix(line, "cmdstat_"), ":")
+		if !ok || name == line {
+			continue
+		}
+		var calls, usec float64
+		for kv := range strings.SplitSeq(rest, ",") {
+			k, val, _ := strings.Cut(kv, "=")
+			f, _ := strconv.ParseFloat(val, 64)
+			switch k {
+			case "calls":
+				calls = f
+			case "usec":
+				usec = f
+			}
+		}
+		out[name] = [2]float64{calls, usec}
+	}
+	return out
+}

@@ -1,6 +1,7 @@
 // Command example is the app of the guide "How to Use Redis with Express.js"
-// (shared/reference/redis-with-express.md), in Echo with redisecho. It grows
-// feature by feature; today it serves the health endpoints:
+// (shared/reference/redis-with-express.md), in Echo with redisecho: health
+// endpoints, the guide's session routes (routes.go), its cached product and
+// user API (api.go) and its rate limiters (ratelimit.go):
 //
 //	GET /health   readiness: PINGs Redis, 200 or 503 with a JSON report
 //	GET /livez    liveness: 200 as long as the process serves HTTP

@@ -6,7 +6,7 @@ SHELL := /bin/bash
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZTIME ?= 5s
-FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON
+FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON FuzzLimiterKeys
 
 .PHONY: test redis-server wrk fmt vet staticcheck unit fuzz build bench
 
@@ -38,7 +38,8 @@ unit:
 	go test -race -count=1 ./...
 
 ## fuzz: a short run of each fuzzer beyond its seed corpus (which `unit`
-## already runs): key slots, cookies, stored cache entries, the JSON codec.
+## already runs): key slots, cookies, stored cache entries, the JSON codec,
+## rate-limit keys.
 fuzz:
 	@for f in $(FUZZERS); do echo "fuzz $$f"; go test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) . || exit 1; done
 

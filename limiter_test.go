@@ -1485,3 +1485,30 @@ func commandStats(tb testing.TB, addr string) map[string][2]float64 {
 	}
 	return out
 }
+
+// FuzzLimiterKeys: whatever two keys hold, a limiter stores them under
+// different Redis keys, each key's hash and log share a slot, and the names
+// stay short.
+func FuzzLimiterKeys(f *testing.F) {
+	for _, s := range []string{"", "a", "{", "}{", "a:b", "#x", "\x00x", strings.Repeat("k", 129), "2001:db8::/64"} {
+		f.Add(s, s+"x")
+	}
+	l := &Limiter{b: &backend{}, name: "fuzz"}
+	f.Fuzz(func(t *testing.T, a, b string) {
+		if a == "" || b == "" {
+			return
+		}
+		ka, kb := l.keys(normKey(a)), l.keys(normKey(b))
+		if a != b && ka[0] == kb[0] {
+			t.Fatalf("%q and %q share the key %q", a, b, ka[0])
+		}
+		for _, k := range [][]string{ka, kb} {
+			if keySlot(k[0]) != keySlot(k[1]) {
+				t.Fatalf("hash %q and log %q are in different slots", k[0], k[1])
+			}
+			if len(k[0]) > 3*128+64 {
+				t.Fatalf("key of %d bytes", len(k[0]))
+			}
+		}
+	})
+}

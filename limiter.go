@@ -89,8 +89,7 @@ type Policy struct {
 	Burst int64
 }
 
-// PerSecond, PerMinute and PerHour return a SlidingWindow policy of limit
-// requests per period.
+// PerSecond returns a SlidingWindow policy of limit requests per second.
 func PerSecond(limit int64) Policy { return Policy{Limit: limit, Window: time.Second} }
 
 // PerMinute returns a SlidingWindow policy of limit requests per minute.

@@ -7,6 +7,8 @@ import (
 	"math"
 	"net/http"
 	"net/netip"
+	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -160,8 +162,9 @@ const (
 	// one sorted-set entry per admitted unit, so a larger limit costs
 	// memory and script time per key. Use SlidingWindow beyond it.
 	MaxSlidingLogLimit = 10_000
-	// maxWindow is about 285 years in microseconds, below 2^53.
-	maxWindow = 1 << 53 * time.Microsecond / 1000
+	// maxWindow is 2^50 µs, about 35 years: now + twice a window stays
+	// below 2^53 µs, where doubles are exact.
+	maxWindow = (1 << 50) * time.Microsecond
 )
 
 // Decision is the outcome of one rate-limit check. It is meaningful outside
@@ -198,9 +201,16 @@ type Decision struct {
 	// blocked, and Redis was not asked.
 	FromMemory bool
 
-	key    string   // the normalized key
-	tokens []string // per policy: what Refund needs to undo the cost; nil once refunded
-	local  bool     // decided by the local fallback
+	key    string       // the normalized key
+	refund *refundState // what Refund needs; shared by copies of the Decision
+	local  bool         // decided by the local fallback
+}
+
+// refundState is a decision's refund tokens (per policy: what Refund needs
+// to undo the cost) and whether it was refunded.
+type refundState struct {
+	tokens []string
+	done   atomic.Bool
 }
 
 // PolicyDecision is one policy's part of a Decision.
@@ -233,9 +243,11 @@ type LimiterConfig struct {
 	// windows run on Redis TIME.
 	Options
 	// Name separates this limiter's counters from other limiters' on the
-	// same key. Two limiters on one client and prefix with the same Name
-	// must have the same policies (NewLimiter refuses otherwise).
-	// Default: "default".
+	// same key. Two live limiters on one client and prefix with the same
+	// Name must have the same policies, in any order (NewLimiter refuses
+	// otherwise; to change a limit at run time use AllowPolicies, or a new
+	// Name). Limiters with the same Name and policies share counters, on
+	// purpose or not. Default: "default".
 	Name string
 	// Policies are decided together: a request must pass every one, and a
 	// request denied by one consumes none. Required, unless every call
@@ -275,14 +287,54 @@ type Limiter struct {
 	local  *localLimiter
 }
 
-// limiterNames remembers the policies of every (client, prefix, Name), so
-// that two limiters that would share counters with different policies are
-// refused.
-var limiterNames sync.Map // limiterName -> string (policies signature)
+// limiterNames remembers the policies of every live (client, prefix, Name),
+// so that two limiters that would share counters with different policies
+// are refused. Entries go when their last Limiter is garbage collected.
+var (
+	limiterNamesMu sync.Mutex
+	limiterNames   = map[limiterName]*limiterNameEntry{}
+)
 
 type limiterName struct {
 	client       rueidis.Client
 	prefix, name string
+}
+
+type limiterNameEntry struct {
+	sig  string // the policies, sorted
+	live int    // limiters using it
+}
+
+// claimName registers l's name with its policies' signature, or fails when
+// a live limiter has the name with other policies.
+func claimName(l *Limiter, id limiterName, pols []Policy) error {
+	sigs := make([]string, len(pols))
+	for i, p := range pols {
+		sigs[i] = fmt.Sprintf("%d/%d/%d/%d", p.Algorithm, p.Limit, p.Window, p.Burst)
+	}
+	sort.Strings(sigs)
+	sig := strings.Join(sigs, ";")
+	limiterNamesMu.Lock()
+	defer limiterNamesMu.Unlock()
+	e := limiterNames[id]
+	if e != nil && e.sig != sig {
+		return fmt.Errorf("%w: another limiter named %q on this client has other policies, and would share its counters: give each its own Name", ErrInvalidLimiterConfig, id.name)
+	}
+	if e == nil {
+		e = &limiterNameEntry{sig: sig}
+		limiterNames[id] = e
+	}
+	e.live++
+	runtime.AddCleanup(l, func(id limiterName) {
+		limiterNamesMu.Lock()
+		defer limiterNamesMu.Unlock()
+		if e := limiterNames[id]; e != nil {
+			if e.live--; e.live == 0 {
+				delete(limiterNames, id)
+			}
+		}
+	}, id)
+	return nil
 }
 
 // NewLimiter validates cfg and returns the limiter. It does no I/O.
@@ -307,14 +359,6 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 	default:
 		return nil, fmt.Errorf("%w: unknown OnRedisError %d", ErrInvalidLimiterConfig, cfg.OnRedisError)
 	}
-	var sig strings.Builder
-	for _, p := range pols {
-		fmt.Fprintf(&sig, "%d/%d/%d/%d;", p.Algorithm, p.Limit, p.Window, p.Burst)
-	}
-	id := limiterName{client: cfg.Client, prefix: b.keys.Prefix(), name: cfg.Name}
-	if prev, loaded := limiterNames.LoadOrStore(id, sig.String()); loaded && prev.(string) != sig.String() {
-		return nil, fmt.Errorf("%w: another limiter named %q on this client has other policies, and would share its counters: give each its own Name", ErrInvalidLimiterConfig, cfg.Name)
-	}
 	l := &Limiter{
 		b:        b,
 		name:     cfg.Name,
@@ -323,6 +367,9 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 		onError:  cfg.OnRedisError,
 		share:    cfg.FallbackShare,
 		freePath: !cfg.DisableFreePath,
+	}
+	if err := claimName(l, limiterName{client: cfg.Client, prefix: b.keys.Prefix(), name: cfg.Name}, pols); err != nil {
+		return nil, err
 	}
 	l.blocks.clock = b.clock
 	if l.onError == LocalFallback {
@@ -368,8 +415,8 @@ func normalizePolicies(in []Policy) ([]Policy, error) {
 		default:
 			p.Burst = 0
 		}
-		if p.Limit > 1<<50 {
-			return nil, fmt.Errorf("%w: policy %d: Limit above 2^50", ErrInvalidLimiterConfig, i)
+		if p.Limit > 1<<40 || p.Burst > 1<<40 {
+			return nil, fmt.Errorf("%w: policy %d: Limit or Burst above 2^40", ErrInvalidLimiterConfig, i)
 		}
 		if p.Name == "" {
 			p.Name = strconv.FormatInt(p.Limit, 10) + "-per-" + shortDuration(p.Window)
@@ -597,7 +644,7 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 	if err := errors.Join(err1, err2); err != nil {
 		return Decision{}, err
 	}
-	d := Decision{Allowed: allowed == 1, Time: time.UnixMicro(now), Cost: n, Policies: make([]PolicyDecision, len(pols)), tokens: make([]string, len(pols))}
+	d := Decision{Allowed: allowed == 1, Time: time.UnixMicro(now), Cost: n, Policies: make([]PolicyDecision, len(pols)), refund: &refundState{tokens: make([]string, len(pols))}}
 	for i, p := range pols {
 		v := arr[2+5*i : 7+5*i]
 		rem, e1 := v[0].AsInt64()
@@ -611,7 +658,7 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 		d.Policies[i] = PolicyDecision{Policy: p, Allowed: retry == 0, Remaining: rem,
 			Reset: time.Duration(reset) * time.Microsecond, RetryAfter: time.Duration(retry) * time.Microsecond,
 			Next: time.Duration(next) * time.Microsecond}
-		d.tokens[i] = tok
+		d.refund.tokens[i] = tok
 	}
 	d.bind()
 	return d, nil
@@ -622,16 +669,14 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 // sliding-window counter only while the decision's window still counts,
 // the decision's own log entries, and a token bucket's tokens only as far
 // as they have not refilled since. A denied decision consumed nothing and
-// refunds nothing; a decision refunded once (through this pointer) is not
-// refunded again. A LocalFallback decision is refunded locally. Refund
+// refunds nothing; a decision is refunded at most once, through any copy. A LocalFallback decision is refunded locally. Refund
 // also lifts this instance's free-path block of the key; other instances
 // keep theirs (see DisableFreePath).
 func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
-	if d == nil || !d.Allowed || d.Cost == 0 || d.key == "" || d.tokens == nil {
+	if d == nil || !d.Allowed || d.Cost == 0 || d.key == "" || d.refund == nil || !d.refund.done.CompareAndSwap(false, true) {
 		return nil
 	}
-	tokens := d.tokens
-	d.tokens = nil
+	tokens := d.refund.tokens
 	l.blocks.delete(d.key)
 	if d.local {
 		if l.local != nil {
@@ -675,9 +720,10 @@ func (l *Limiter) Reset(ctx context.Context, key string) error {
 //
 // KEYS[1]  the key's hash: every policy's state but SlidingLog's, "x" (the
 //
-//	expiry last set, µs) and "lw" (the longest SlidingLog window seen,
-//	so a call with shorter log policies never trims entries a longer
-//	one still counts)
+//	expiry last set, µs), "lw" and "ll" (the longest SlidingLog window
+//	and the largest SlidingLog limit seen, so a call with other log
+//	policies never trims entries a longer or larger one still counts,
+//	while the log never holds more than ll entries)
 //
 // KEYS[2]  the key's log: a sorted set of admitted units scored by their
 //
@@ -711,17 +757,20 @@ local EPS = 1e-9
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
 local function fmt(x) return string.format('%.0f', x) end
 
-local pol, fields, logwin, maxwin = {}, {'x', 'lw'}, 0, 0
+local pol, fields, logwin, loglim, maxwin = {}, {'x', 'lw', 'll'}, 0, 0, 0
 for i = 1, np do
   local b = i * 5 - 2
   local alg, win = tonumber(ARGV[b]), tonumber(ARGV[b + 2])
   local p = {alg = alg, limit = tonumber(ARGV[b + 1]), win = win, burst = tonumber(ARGV[b + 3]), f = ARGV[b + 4], at = #fields + 1}
+  -- Rounding slack, relative to the size of the numbers compared.
+  p.eps = EPS + max(p.limit, p.burst) * 1e-13
   if alg == 1 then
     fields[#fields + 1] = p.f .. 'w'; fields[#fields + 1] = p.f .. 'c'; fields[#fields + 1] = p.f .. 'p'
   elseif alg == 2 then
     fields[#fields + 1] = p.f .. 's'; fields[#fields + 1] = p.f .. 'n'
   elseif alg == 3 then
     if win > logwin then logwin = win end
+    if p.limit > loglim then loglim = p.limit end
   else
     fields[#fields + 1] = p.f .. 't'
   end
@@ -729,8 +778,8 @@ for i = 1, np do
   pol[i] = p
 end
 local v = redis.call('HMGET', hash, unpack(fields))
-local x0, lw0 = tonumber(v[1]), tonumber(v[2]) or 0
-local lw = max(lw0, logwin)
+local x0, lw0, ll0 = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
+local lw, ll = max(lw0, logwin), max(ll0, loglim)
 if logwin > 0 then redis.call('ZREMRANGEBYSCORE', logk, '-inf', fmt(now - lw)) end
 
 local allowed = 1
@@ -759,10 +808,10 @@ for i = 1, np do
   else
     p.T = win / limit
     p.x = max(0, (tonumber(v[at]) or now) - now) -- µs the bucket is behind full
-    avail = floor(p.burst - p.x / p.T + EPS)
+    avail = floor(p.burst - p.x / p.T + p.eps)
   end
   p.avail = avail
-  if cost == 0 or avail + EPS >= cost then p.ok = true else allowed = 0 end
+  if cost == 0 or avail + p.eps >= cost then p.ok = true else allowed = 0 end
 end
 
 -- wait returns the µs until p has need units (need <= its capacity).
@@ -770,7 +819,7 @@ local function wait(p, need)
   local alg, limit, win = p.alg, p.limit, p.win
   if alg == 1 then
     local el, cur, prev = p.el, p.cur, p.prev
-    if prev * (win - el) / win + cur + need <= limit + EPS then return 0 end
+    if prev * (win - el) / win + cur + need <= limit + p.eps then return 0 end
     local room = limit - cur - need
     if room >= 0 and prev > 0 then
       local e = win - room * win / prev
@@ -789,7 +838,7 @@ local function wait(p, need)
     if not e[2] then return win end -- the units are this call's own
     return max(1, tonumber(e[2]) + win - now)
   end
-  if p.burst - p.x / p.T + EPS >= need then return 0 end
+  if p.burst - p.x / p.T + p.eps >= need then return 0 end
   return max(1, ceil(p.x + (need - p.burst) * p.T))
 end
 
@@ -815,6 +864,7 @@ if took then
     else
       p.x = p.x + cost * p.T
       p.tok = fmt(floor(now + p.x + 0.5))
+      p.x = tonumber(p.tok) - now -- what is stored: Next and RetryAfter from it
       set[#set + 1] = f .. 't'; set[#set + 1] = p.tok
       need = max(need, p.x)
     end
@@ -823,15 +873,28 @@ if took then
   local freshlog = false
   if logwin > 0 then
     freshlog = redis.call('EXISTS', logk) == 0
-    local m, list = now, {}
-    for j = 1, cost do
-      while redis.call('ZSCORE', logk, fmt(m)) do m = m + 1 end
-      redis.call('ZADD', logk, now, fmt(m))
-      list[j] = fmt(m)
-      m = m + 1
+    -- Members are distinct integers from now on (compact in a listpack);
+    -- ZMSCORE finds those taken by calls in the same microseconds. Calls
+    -- go by chunks of 500 (Lua's unpack has a limit).
+    local list, m = {}, now
+    while #list < cost do
+      local cand = {}
+      for j = 1, min(cost - #list, 500) do cand[j] = fmt(m); m = m + 1 end
+      local taken = redis.call('ZMSCORE', logk, unpack(cand))
+      local args = {}
+      for j = 1, #cand do
+        if not taken[j] then
+          list[#list + 1] = cand[j]
+          args[#args + 1] = now; args[#args + 1] = cand[j]
+        end
+      end
+      if #args > 0 then redis.call('ZADD', logk, unpack(args)) end
     end
+    -- A SlidingLog of limit L only ever needs the newest L entries.
+    redis.call('ZREMRANGEBYRANK', logk, 0, -ll - 1)
     members = table.concat(list, ' ')
     if lw > lw0 then set[#set + 1] = 'lw'; set[#set + 1] = fmt(lw) end
+    if ll > ll0 then set[#set + 1] = 'll'; set[#set + 1] = fmt(ll) end
   end
   if lw > 0 then need = max(need, lw) end
   if not x0 or x0 < now + need then
@@ -842,7 +905,7 @@ if took then
     if lw > 0 then redis.call('PEXPIREAT', logk, fmt(ceil(x / 1000))) end
   else
     if #set > 0 then redis.call('HSET', hash, unpack(set)) end
-    if freshlog then redis.call('PEXPIREAT', logk, fmt(ceil(x0 / 1000))) end
+    if freshlog or lw > lw0 then redis.call('PEXPIREAT', logk, fmt(ceil(x0 / 1000))) end
   end
 end
 
@@ -850,7 +913,7 @@ local out = {allowed, now}
 for i = 1, np do
   local p = pol[i]
   local alg, win = p.alg, p.win
-  local rem = max(0, floor(p.avail + EPS))
+  local rem = max(0, floor(p.avail + p.eps))
   local cap, nxt, reset, tok = p.limit
   if alg == 4 then cap = p.burst end
   if rem + 1 > cap then
@@ -877,7 +940,7 @@ for i = 1, np do
     tok = p.tok or fmt(floor(now + p.x + 0.5))
   end
   local retry = 0
-  if not p.ok then retry = wait(p, cost) end
+  if not p.ok then retry = max(1, wait(p, cost)) end
   out[#out + 1] = rem
   out[#out + 1] = max(0, ceil(reset))
   out[#out + 1] = retry
@@ -922,7 +985,12 @@ for i = 1, np do
       redis.call('HSET', hash, f .. 'n', fmt(math.max(0, (tonumber(v[2]) or 0) - cost)))
     end
   elseif alg == 3 then
-    for m in string.gmatch(tok, '%S+') do redis.call('ZREM', logk, m) end
+    local ms = {}
+    for m in string.gmatch(tok, '%S+') do
+      ms[#ms + 1] = m
+      if #ms == 500 then redis.call('ZREM', logk, unpack(ms)); ms = {} end
+    end
+    if #ms > 0 then redis.call('ZREM', logk, unpack(ms)) end
   else
     local tat, set = tonumber(redis.call('HGET', hash, f .. 't')), tonumber(tok)
     if tat and set then
@@ -985,8 +1053,8 @@ func (m *blockMap) get(key string, cost int64) (Decision, bool) {
 		m.mu.Unlock()
 		return Decision{}, false
 	}
-	if cost < b.d.Cost {
-		return Decision{}, false
+	if cost != b.d.Cost {
+		return Decision{}, false // another cost passes at another time
 	}
 	// Rebase the denial's durations on the time that passed since.
 	d := b.d
@@ -1019,7 +1087,8 @@ func (m *blockMap) put(key string, d Decision, gen uint64, sent time.Time) {
 		return
 	}
 	b := &block{d: d, at: sent, until: sent.Add(min(d.RetryAfter, maxBlockTime))}
-	b.d.tokens = nil
+	b.d.refund = nil
+	b.d.Policies = append([]PolicyDecision(nil), d.Policies...) // the caller keeps its own
 	if _, loaded := m.m.Swap(key, b); !loaded {
 		m.n.Add(1)
 	}
@@ -1102,7 +1171,7 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 	}
 	lk := ll.keys[nkey]
 	d := Decision{Allowed: true, Time: now, Cost: n, Degraded: true, local: true, key: nkey,
-		Policies: make([]PolicyDecision, len(pols)), tokens: make([]string, len(pols))}
+		Policies: make([]PolicyDecision, len(pols)), refund: &refundState{tokens: make([]string, len(pols))}}
 	next := make([]localState, len(pols))
 	cost := float64(n)
 	for i, p := range pols {
@@ -1119,7 +1188,7 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 			capacity = burst
 		}
 		win := float64(p.Window.Microseconds())
-		var avail, reset, retry float64
+		var avail, reset, retry, elapsed, x, T float64
 		switch p.Algorithm {
 		case SlidingWindow:
 			idx := math.Floor(us / win)
@@ -1134,7 +1203,7 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 				s.c = 0
 			}
 			s.a = idx
-			elapsed := math.Max(0, us-idx*win)
+			elapsed = math.Max(0, us-idx*win)
 			avail = limit - (s.p*(win-elapsed)/win + s.c)
 			if avail < cost {
 				retry = slidingWait(s.p, s.c, limit, win, elapsed, cost)
@@ -1143,7 +1212,7 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 				avail -= cost
 			}
 			reset = 2*win - elapsed
-			d.tokens[i] = strconv.FormatFloat(idx, 'f', 0, 64)
+			d.refund.tokens[i] = strconv.FormatFloat(idx, 'f', 0, 64)
 		case FixedWindow:
 			if s.a == 0 || us >= s.a+win {
 				s.a, s.c = us, 0
@@ -1156,7 +1225,7 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 				avail -= cost
 			}
 			reset = s.a + win - us
-			d.tokens[i] = strconv.FormatFloat(s.a, 'f', 0, 64)
+			d.refund.tokens[i] = strconv.FormatFloat(s.a, 'f', 0, 64)
 		case SlidingLog:
 			kept := s.log[:0]
 			for _, ts := range s.log {
@@ -1179,10 +1248,10 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 				avail -= cost
 			}
 			reset = win
-			d.tokens[i] = strconv.FormatFloat(us, 'f', 0, 64)
+			d.refund.tokens[i] = strconv.FormatFloat(us, 'f', 0, 64)
 		case TokenBucket:
-			T := win / limit
-			x := math.Max(0, s.tat-us)
+			T = win / limit
+			x = math.Max(0, s.tat-us)
 			avail = math.Floor(burst - x/T + 1e-9)
 			if avail < cost {
 				retry = math.Max(1, x+(cost-burst)*T)
@@ -1192,15 +1261,36 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 				avail -= cost
 			}
 			reset = x
-			d.tokens[i] = strconv.FormatFloat(s.tat, 'f', 0, 64)
+			d.refund.tokens[i] = strconv.FormatFloat(s.tat, 'f', 0, 64)
 		}
 		if cost > capacity {
 			retry = win // this instance alone can never admit it
 		}
 		ok := n == 0 || retry == 0
+		// Next: the time until more than what is left is available.
+		var nxt float64
+		rem := math.Max(0, math.Floor(avail))
+		switch {
+		case rem+1 > capacity && p.Algorithm == TokenBucket:
+			nxt = T
+		case rem+1 > capacity:
+			nxt = win
+		case p.Algorithm == SlidingWindow:
+			nxt = slidingWait(s.p, s.c, limit, win, elapsed, rem+1)
+		case p.Algorithm == FixedWindow:
+			nxt = s.a + win - us
+		case p.Algorithm == SlidingLog:
+			nxt = win
+			if k := len(s.log) + int(rem) + 1 - int(limit); k >= 1 && k <= len(s.log) {
+				nxt = s.log[k-1] + win - us
+			}
+		case p.Algorithm == TokenBucket:
+			nxt = math.Max(1, x+(rem+1-burst)*T)
+		}
 		next[i] = s
-		d.Policies[i] = PolicyDecision{Policy: p, Allowed: ok, Remaining: int64(math.Max(0, avail)),
-			Reset: time.Duration(math.Ceil(math.Max(0, reset))) * time.Microsecond, RetryAfter: time.Duration(math.Ceil(math.Max(0, retry))) * time.Microsecond}
+		d.Policies[i] = PolicyDecision{Policy: p, Allowed: ok, Remaining: int64(rem),
+			Reset: time.Duration(math.Ceil(math.Max(0, reset))) * time.Microsecond, RetryAfter: time.Duration(math.Ceil(math.Max(0, retry))) * time.Microsecond,
+			Next: time.Duration(math.Ceil(math.Max(0, nxt))) * time.Microsecond}
 		d.Policies[i].Policy.Limit, d.Policies[i].Policy.Burst = int64(limit), int64(burst)
 		if p.Algorithm != TokenBucket {
 			d.Policies[i].Policy.Burst = 0
@@ -1640,9 +1730,10 @@ func (rl *rateLimit) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 // RateLimit-Policy lists every policy: q is its quota over w seconds (a
 // TokenBucket's Burst over the time it takes to refill; a window that is
 // not whole seconds is rounded up, and q scaled to it). RateLimit lists
-// every policy when the request passed, and only the refusing ones on a
-// 429: r is the units left, t the seconds within which no more than r are
-// available (the draft's effective window), never beyond Retry-After.
+// every policy when the request passed, and on a 429 only the refusing
+// ones (replacing an outer limiter's members): r is the units left, t the
+// seconds within which no more than r are available (the draft's effective
+// window), never beyond Retry-After.
 func (rl *rateLimit) setHeaders(h http.Header, d Decision) {
 	retry := seconds(d.RetryAfter)
 	if !rl.cfg.DisableDraftHeaders && len(d.Policies) > 0 {
@@ -1670,7 +1761,13 @@ func (rl *rateLimit) setHeaders(h http.Header, d Decision) {
 			cur = strconv.AppendInt(cur, t, 10)
 		}
 		h["Ratelimit-Policy"] = append(h["Ratelimit-Policy"], pol)
-		h["Ratelimit"] = append(h["Ratelimit"], string(cur))
+		if d.Allowed {
+			h["Ratelimit"] = append(h["Ratelimit"], string(cur))
+		} else {
+			// A 429 lists only what refused it: an outer limiter's members
+			// go, or their t could outlast Retry-After.
+			h["Ratelimit"] = []string{string(cur)}
+		}
 	}
 	if !rl.cfg.DisableLegacyHeaders {
 		h["X-Ratelimit-Limit"] = []string{strconv.FormatInt(d.Limit, 10)}

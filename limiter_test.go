@@ -360,7 +360,7 @@ func TestLimiterConcurrencyBounds(t *testing.T) {
 					total++
 					if d.Allowed {
 						times = append(times, d.Time)
-						tokens = append(tokens, d.tokens[0])
+						tokens = append(tokens, d.refund.tokens[0])
 					}
 				})
 				require.Greater(t, total, 4*len(times), "the key was over its limit most of the time")
@@ -887,9 +887,9 @@ func TestRateLimitFreePath(t *testing.T) {
 			require.Equal(t, first.Header().Get("RateLimit"), rec.Header().Get("RateLimit"), "the same headers")
 			require.JSONEq(t, first.Body.String(), rec.Body.String())
 		}
-		d := allow(t, l, "192.0.2.1", 2)
-		require.True(t, d.FromMemory, "a dearer request is blocked too")
 		require.Equal(t, before, scriptCalls(t, r.addrs), "no script ran while the key was blocked")
+		d := allow(t, l, "192.0.2.1", 2)
+		require.False(t, d.FromMemory, "another cost passes at another time: Redis decides")
 
 		require.Equal(t, http.StatusOK, s.do("192.0.2.2:1", nil).Code, "other keys still go to Redis")
 		require.Greater(t, scriptCalls(t, r.addrs), before) // 2 on a node that lacks the script: EVALSHA, EVAL
@@ -1222,8 +1222,8 @@ func TestLimiterValidationBounds(t *testing.T) {
 	for name, p := range map[string]Policy{
 		"log above its cap":     {Algorithm: SlidingLog, Limit: MaxSlidingLogLimit + 1, Window: time.Hour},
 		"bucket faster than µs": {Algorithm: TokenBucket, Limit: 2_000_000, Window: time.Second},
-		"huge limit":            {Limit: 1 << 51, Window: time.Hour},
-		"huge window":           {Limit: 1, Window: 290 * 365 * 24 * time.Hour},
+		"huge limit":            {Limit: 1 << 41, Window: time.Hour},
+		"huge window":           {Limit: 1, Window: 36 * 365 * 24 * time.Hour},
 	} {
 		_, err := NewLimiter(LimiterConfig{Client: c, Name: name, Policies: []Policy{p}})
 		require.ErrorIs(t, err, ErrInvalidLimiterConfig, name)
@@ -1279,7 +1279,7 @@ func TestLocalFallbackBounds(t *testing.T) {
 	ll = &localLimiter{clock: clock, share: 1, keys: map[string]*localKey{}}
 	a := ll.decide("r", 1, fixed)
 	require.False(t, ll.decide("r", 1, fixed).Allowed)
-	ll.refund("r", 1, a.Policies, a.tokens)
+	ll.refund("r", 1, a.Policies, a.refund.tokens)
 	require.True(t, ll.decide("r", 1, fixed).Allowed, "local refunds")
 }
 
@@ -1345,8 +1345,9 @@ func TestRateLimitReviewRegressions(t *testing.T) {
 			rec = s.do("192.0.2.1:1", nil)
 			require.Equal(t, http.StatusTooManyRequests, rec.Code)
 			cur := sfItems(t, rec.Header(), "RateLimit")
+			require.Len(t, cur, 1, "a 429 lists what refused it")
 			require.Contains(t, cur, "inner")
-			require.Equal(t, int64(98), sfInt(t, cur["outer"], "r"), "the outer limiter passed and counted this request")
+			require.Len(t, sfItems(t, rec.Header(), "RateLimit-Policy"), 2)
 			d, ok := GetRateLimit(s.e.NewContext(httptest.NewRequest(http.MethodGet, "/", nil), httptest.NewRecorder()))
 			require.False(t, ok, "no decision outside a request")
 			require.False(t, d.Allowed)
@@ -1511,4 +1512,109 @@ func FuzzLimiterKeys(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestLimiterSecondReviewRegressions pins down bugs found in the second
+// review.
+func TestLimiterSecondReviewRegressions(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		ctx := context.Background()
+
+		t.Run("the log keeps at most the largest log limit", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{})
+			_, err := l.AllowPolicies(ctx, "k", 1, Policy{Algorithm: SlidingLog, Limit: 1, Window: time.Hour})
+			require.NoError(t, err)
+			short := Policy{Algorithm: SlidingLog, Limit: 5, Window: 50 * time.Millisecond}
+			for end := time.Now().Add(600 * time.Millisecond); time.Now().Before(end); {
+				_, err := l.AllowPolicies(ctx, "k", 1, short)
+				require.NoError(t, err)
+			}
+			n, err := c.Do(ctx, c.B().Zcard().Key(l.keys("k")[1]).Build()).AsInt64()
+			require.NoError(t, err)
+			require.LessOrEqual(t, n, int64(5))
+		})
+
+		t.Run("a log outlives its entries even when its hash was evicted", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{})
+			log := Policy{Algorithm: SlidingLog, Limit: 5, Window: 2 * time.Minute}
+			_, err := l.AllowPolicies(ctx, "k", 1, log)
+			require.NoError(t, err)
+			keys := l.keys("k")
+			require.NoError(t, c.Do(ctx, c.B().Del().Key(keys[0]).Build()).Error()) // as an eviction would
+			_, err = l.AllowPolicies(ctx, "k", 1, Policy{Algorithm: FixedWindow, Limit: 100, Window: 10 * time.Minute})
+			require.NoError(t, err)
+			_, err = l.AllowPolicies(ctx, "k", 1, log)
+			require.NoError(t, err)
+			ttl, err := c.Do(ctx, c.B().Pttl().Key(keys[1]).Build()).AsInt64()
+			require.NoError(t, err)
+			require.GreaterOrEqual(t, ttl, (2*time.Minute).Milliseconds()-1000)
+		})
+
+		t.Run("a copy of a refunded decision refunds nothing", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: []Policy{{Algorithm: FixedWindow, Limit: 5, Window: time.Hour}}, DisableFreePath: true})
+			for range 3 {
+				allow(t, l, "k", 1)
+			}
+			d := allow(t, l, "k", 1)
+			cp := d
+			require.NoError(t, l.Refund(ctx, &cp))
+			require.NoError(t, l.Refund(ctx, &d))
+			require.Equal(t, int64(2), allow(t, l, "k", 0).Remaining)
+		})
+
+		t.Run("a log of 10,000 takes a cost of 10,000 and gives it back", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: []Policy{{Algorithm: SlidingLog, Limit: MaxSlidingLogLimit, Window: time.Hour}}, DisableFreePath: true})
+			d := allow(t, l, "k", MaxSlidingLogLimit)
+			require.True(t, d.Allowed)
+			require.False(t, allow(t, l, "k", 1).Allowed)
+			require.NoError(t, l.Refund(ctx, &d))
+			require.Equal(t, int64(MaxSlidingLogLimit), allow(t, l, "k", 0).Remaining)
+		})
+
+		t.Run("a year-long window", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: []Policy{{Algorithm: FixedWindow, Limit: 1000, Window: 365 * 24 * time.Hour}}})
+			d := allow(t, l, "k", 1)
+			require.True(t, d.Allowed)
+			require.Equal(t, int64(999), d.Remaining)
+		})
+	})
+}
+
+func TestLimiterNamesIgnorePolicyOrder(t *testing.T) {
+	c := standaloneClient(t)
+	a, b := PerMinute(10), Policy{Algorithm: FixedWindow, Limit: 100, Window: time.Hour}
+	_, err := NewLimiter(LimiterConfig{Client: c, Name: "order", Policies: []Policy{a, b}})
+	require.NoError(t, err)
+	_, err = NewLimiter(LimiterConfig{Client: c, Name: "order", Policies: []Policy{b, a}})
+	require.NoError(t, err)
+}
+
+func TestBlockMapKeepsItsOwnCopy(t *testing.T) {
+	clock := newFakeClock()
+	m := &blockMap{clock: clock}
+	d := Decision{Cost: 1, RetryAfter: time.Minute, Policies: []PolicyDecision{{Remaining: 0, RetryAfter: time.Minute}}}
+	m.put("k", d, m.generation(), clock.Now())
+	d.Policies[0].Remaining = 99
+	got, ok := m.get("k", 1)
+	require.True(t, ok)
+	require.Zero(t, got.Policies[0].Remaining)
+}
+
+func TestLocalFallbackNext(t *testing.T) {
+	clock := newFakeClock()
+	ll := &localLimiter{clock: clock, share: 1, keys: map[string]*localKey{}}
+	for _, p := range []Policy{
+		{Algorithm: FixedWindow, Limit: 10, Window: time.Minute},
+		{Algorithm: SlidingWindow, Limit: 10, Window: time.Minute},
+		{Algorithm: SlidingLog, Limit: 10, Window: time.Minute},
+		{Algorithm: TokenBucket, Limit: 10, Window: time.Minute},
+	} {
+		pols := must(normalizePolicies([]Policy{p}))
+		d := ll.decide(p.Algorithm.String(), 3, pols)
+		require.True(t, d.Allowed)
+		require.Equal(t, int64(7), d.Remaining, p.Algorithm.String())
+		require.Greater(t, d.Policies[0].Next, time.Duration(0), "%s: the effective window", p.Algorithm)
+		require.LessOrEqual(t, d.Policies[0].Next, 2*time.Minute, p.Algorithm.String())
+	}
 }

@@ -1,14 +1,16 @@
-package redisecho
+package redistest
 
 import (
+	"os"
 	"os/exec"
 	"syscall"
 )
-
-var sigStop, sigCont = syscall.SIGSTOP, syscall.SIGCONT
 
 // setChildAttrs makes the kernel kill a test's redis-server when the test
 // binary dies, even by a panic or SIGKILL, so no server outlives the run.
 func setChildAttrs(cmd *exec.Cmd) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 }
+
+func pauseProcess(p *os.Process) error  { return p.Signal(syscall.SIGSTOP) }
+func resumeProcess(p *os.Process) error { return p.Signal(syscall.SIGCONT) }

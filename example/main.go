@@ -177,12 +177,22 @@ func redisOption(cfg config, logger *slog.Logger) (opt rueidis.ClientOption, sto
 	return opt, m.Close, nil
 }
 
-// newBootApp serves while Redis has not answered yet: health endpoints, and
-// 503 for everything else.
+// newBootApp serves until the full app is in place: health endpoints, and
+// 503 for everything else. Its readiness stays 503 even once Redis answers,
+// until the full app takes over, so a load balancer never routes requests
+// to an app that would refuse them.
 func newBootApp(holder *redisecho.ClientHolder) *echo.Echo {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
-	e.GET("/health", redisecho.ReadinessWithConfig(redisecho.ReadinessConfig{Holder: holder}))
+	ready := redisecho.ReadinessWithConfig(redisecho.ReadinessConfig{Holder: holder})
+	e.GET("/health", func(c echo.Context) error {
+		select {
+		case <-holder.Ready():
+			return c.JSON(http.StatusServiceUnavailable, map[string]string{"status": "starting"})
+		default:
+			return ready(c)
+		}
+	})
 	e.GET("/livez", redisecho.Liveness())
 	e.Any("/*", func(c echo.Context) error {
 		return c.JSON(http.StatusServiceUnavailable, map[string]string{"error": "starting: Redis is not reachable yet"})

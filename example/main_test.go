@@ -58,18 +58,16 @@ func startReady(t *testing.T, env map[string]string) string {
 }
 
 // waitServing waits until the app at base serves in full: /health answers
-// 200, and the full app has replaced the boot app, which answers every
-// other path 503. The boot app's /health turns 200 as soon as Redis
-// answers, a moment before the full app takes over.
+// 200 only once the full app has replaced the boot app, so from then on no
+// request meets the boot app's 503.
 func waitServing(t *testing.T, base string, within time.Duration) {
 	t.Helper()
 	require.Eventually(t, func() bool {
-		if code, _ := status(t, base+"/health"); code != http.StatusOK {
-			return false
-		}
-		code, _ := status(t, base+"/no-such-page")
-		return code == http.StatusNotFound
+		code, _ := status(t, base+"/health")
+		return code == http.StatusOK
 	}, within, 20*time.Millisecond)
+	code, _ := status(t, base+"/no-such-page")
+	require.Equal(t, http.StatusNotFound, code, "the full app serves once /health says so")
 }
 
 func status(t *testing.T, url string) (int, time.Duration) {

@@ -1463,7 +1463,8 @@ type RateLimitConfig struct {
 	// with Message. The rate limit headers are already set. Default: nil.
 	DeniedHandler func(c echo.Context, d Decision) error
 	// UnavailableMessage is the JSON body of the 503 a FailClosed limiter
-	// answers while Redis cannot decide. Default:
+	// answers while Redis cannot decide, with a Retry-After of the
+	// breaker's cool-down. Default:
 	// {"error": "Service temporarily unavailable, please try again later."}.
 	UnavailableMessage any
 
@@ -1563,6 +1564,20 @@ func UserOrIPKey(user func(c echo.Context) string, v6Prefix int) func(c echo.Con
 		}
 		ip, err := ipKey(c)
 		return "ip:" + ip, err
+	}
+}
+
+// RouteKey returns a KeyFunc that counts each route apart: key's key
+// prefixed with the request's method and route pattern ("GET
+// /users/:id"), like httprate's KeyByEndpoint. Use it when one limiter
+// guards several routes that should each have the full limit.
+func RouteKey(key func(c echo.Context) (string, error)) func(c echo.Context) (string, error) {
+	return func(c echo.Context) (string, error) {
+		k, err := key(c)
+		if err != nil || k == "" {
+			return k, err
+		}
+		return c.Request().Method + " " + c.Path() + " " + k, nil
 	}
 }
 
@@ -1685,6 +1700,8 @@ func (rl *rateLimit) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		switch {
 		case err == nil:
 		case errors.Is(err, ErrLimiterUnavailable):
+			// Ask again once the breaker may let a call through.
+			c.Response().Header().Set(echo.HeaderRetryAfter, strconv.FormatInt(max(1, seconds(rl.l.b.breaker.cooldown)), 10))
 			return c.JSON(http.StatusServiceUnavailable, rl.cfg.UnavailableMessage)
 		case errors.Is(err, ErrCostTooHigh):
 			return echo.NewHTTPError(http.StatusBadRequest, "request costs more than the rate limit allows")

@@ -1618,3 +1618,36 @@ func TestLocalFallbackNext(t *testing.T) {
 		require.LessOrEqual(t, d.Policies[0].Next, 2*time.Minute, p.Algorithm.String())
 	}
 }
+
+func TestRateLimitRouteKey(t *testing.T) {
+	r := newTestRedis(t, standaloneRedis.name, standaloneRedis.addrs)
+	mw, err := RateLimitConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}, Name: "routes",
+		Policies: []Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}, KeyFunc: RouteKey(IPKey(0))}.ToMiddleware()
+	require.NoError(t, err)
+	e := echo.New()
+	g := e.Group("", mw)
+	ok := func(c echo.Context) error { return c.NoContent(http.StatusNoContent) }
+	g.GET("/a/:id", ok)
+	g.GET("/b", ok)
+	do := func(path string) int {
+		req := httptest.NewRequest(http.MethodGet, path, nil)
+		req.RemoteAddr = "192.0.2.1:1"
+		rec := httptest.NewRecorder()
+		e.ServeHTTP(rec, req)
+		return rec.Code
+	}
+	require.Equal(t, http.StatusNoContent, do("/a/1"))
+	require.Equal(t, http.StatusTooManyRequests, do("/a/2"), "one route, whatever its parameters")
+	require.Equal(t, http.StatusNoContent, do("/b"), "another route has its own quota")
+}
+
+func TestRateLimitFailClosedRetryAfter(t *testing.T) {
+	f := newFaultRedis(t, "standalone")
+	br := NewBreaker(BreakerConfig{Failures: 1, Cooldown: 3 * time.Second, Logger: discardLogger()})
+	s := newRLServer(t, RateLimitConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Breaker: br, Timeout: 200 * time.Millisecond},
+		Policies: []Policy{PerMinute(10)}, OnRedisError: FailClosed}, nil)
+	f.Stop(t)
+	rec := s.do("192.0.2.1:1", nil)
+	require.Equal(t, http.StatusServiceUnavailable, rec.Code)
+	require.Equal(t, "3", rec.Header().Get(echo.HeaderRetryAfter), "ask again after the breaker's cool-down")
+}

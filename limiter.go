@@ -669,7 +669,8 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 // sliding-window counter only while the decision's window still counts,
 // the decision's own log entries, and a token bucket's tokens only as far
 // as they have not refilled since. A denied decision consumed nothing and
-// refunds nothing; a decision is refunded at most once, through any copy. A LocalFallback decision is refunded locally. Refund
+// refunds nothing; a decision is refunded at most once, through any copy
+// (a refund that fails may be tried again). A LocalFallback decision is refunded locally. Refund
 // also lifts this instance's free-path block of the key; other instances
 // keep theirs (see DisableFreePath).
 func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
@@ -695,6 +696,9 @@ func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
 	// Again once Redis has the units back: a denial decided before the
 	// refund ran may have stored its block after the first delete.
 	l.blocks.delete(d.key)
+	if err != nil {
+		d.refund.done.Store(false) // nothing was given back: it may be tried again
+	}
 	return err
 }
 
@@ -780,6 +784,16 @@ end
 local v = redis.call('HMGET', hash, unpack(fields))
 local x0, lw0, ll0 = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
 local lw, ll = max(lw0, logwin), max(ll0, loglim)
+if logwin > 0 and not x0 then
+  -- The hash is gone (new key, or evicted) but a log may remain: keep what
+  -- it may still hold for policies this call does not know of, as far as
+  -- its TTL and its size tell.
+  local pt = redis.call('PTTL', logk)
+  if pt > 0 then
+    lw = max(lw, pt * 1000)
+    ll = max(ll, redis.call('ZCARD', logk))
+  end
+end
 if logwin > 0 then redis.call('ZREMRANGEBYSCORE', logk, '-inf', fmt(now - lw)) end
 
 local allowed = 1
@@ -808,6 +822,7 @@ for i = 1, np do
   else
     p.T = win / limit
     p.x = max(0, (tonumber(v[at]) or now) - now) -- µs the bucket is behind full
+    p.eps = p.eps + 0.5 / p.T -- the arrival time is stored to the nearest µs
     avail = floor(p.burst - p.x / p.T + p.eps)
   end
   p.avail = avail
@@ -863,12 +878,12 @@ if took then
       p.count = p.count + cost
     else
       p.x = p.x + cost * p.T
-      p.tok = fmt(floor(now + p.x + 0.5))
-      p.x = tonumber(p.tok) - now -- what is stored: Next and RetryAfter from it
+      p.tok = fmt(now + floor(p.x + 0.5))
+      p.x = tonumber(p.tok) - now -- what is stored: every figure from it
       set[#set + 1] = f .. 't'; set[#set + 1] = p.tok
       need = max(need, p.x)
     end
-    p.avail = p.avail - cost
+    if alg == 4 then p.avail = floor(p.burst - p.x / p.T + p.eps) else p.avail = p.avail - cost end
   end
   local freshlog = false
   if logwin > 0 then
@@ -937,7 +952,7 @@ for i = 1, np do
     tok = members
   else
     reset = p.x
-    tok = p.tok or fmt(floor(now + p.x + 0.5))
+    tok = p.tok or fmt(now + floor(p.x + 0.5))
   end
   local retry = 0
   if not p.ok then retry = max(1, wait(p, cost)) end
@@ -996,10 +1011,12 @@ for i = 1, np do
     if tat and set then
       -- Give back only what has not refilled since: the part of the
       -- decision's cost still ahead of now.
-      local back = math.min(cost * win / limit, math.max(0, set - now))
+      -- (Rounded to whole µs before it meets the absolute time, so the
+      -- arithmetic stays exact.)
+      local back = math.floor(math.min(cost * win / limit, math.max(0, set - now)) + 0.5)
       tat = tat - back
       if tat <= now then redis.call('HDEL', hash, f .. 't')
-      else redis.call('HSET', hash, f .. 't', fmt(math.floor(tat + 0.5))) end
+      else redis.call('HSET', hash, f .. 't', fmt(tat)) end
     end
   end
 end
@@ -1170,132 +1187,22 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 		ll.sweep = now.Add(time.Second)
 	}
 	lk := ll.keys[nkey]
-	d := Decision{Allowed: true, Time: now, Cost: n, Degraded: true, local: true, key: nkey,
-		Policies: make([]PolicyDecision, len(pols)), refund: &refundState{tokens: make([]string, len(pols))}}
-	next := make([]localState, len(pols))
-	cost := float64(n)
+	states := make([]localState, len(pols))
 	for i, p := range pols {
-		var s localState
 		if lk != nil {
 			if st := lk.st[p.field()]; st != nil {
-				s = *st
-				s.log = append([]float64(nil), st.log...)
+				states[i] = *st
+				states[i].log = append([]float64(nil), st.log...)
 			}
 		}
-		limit, burst := ll.scaled(p)
-		capacity := limit
-		if p.Algorithm == TokenBucket {
-			capacity = burst
-		}
-		win := float64(p.Window.Microseconds())
-		var avail, reset, retry, elapsed, x, T float64
-		switch p.Algorithm {
-		case SlidingWindow:
-			idx := math.Floor(us / win)
-			if s.a > idx {
-				idx = s.a
-			} else if s.a != idx {
-				if s.a == idx-1 {
-					s.p = s.c
-				} else {
-					s.p = 0
-				}
-				s.c = 0
-			}
-			s.a = idx
-			elapsed = math.Max(0, us-idx*win)
-			avail = limit - (s.p*(win-elapsed)/win + s.c)
-			if avail < cost {
-				retry = slidingWait(s.p, s.c, limit, win, elapsed, cost)
-			} else {
-				s.c += cost
-				avail -= cost
-			}
-			reset = 2*win - elapsed
-			d.refund.tokens[i] = strconv.FormatFloat(idx, 'f', 0, 64)
-		case FixedWindow:
-			if s.a == 0 || us >= s.a+win {
-				s.a, s.c = us, 0
-			}
-			avail = limit - s.c
-			if avail < cost {
-				retry = s.a + win - us
-			} else {
-				s.c += cost
-				avail -= cost
-			}
-			reset = s.a + win - us
-			d.refund.tokens[i] = strconv.FormatFloat(s.a, 'f', 0, 64)
-		case SlidingLog:
-			kept := s.log[:0]
-			for _, ts := range s.log {
-				if ts > us-win {
-					kept = append(kept, ts)
-				}
-			}
-			s.log = kept
-			avail = limit - float64(len(s.log))
-			if avail < cost {
-				if k := int(float64(len(s.log)) + cost - limit); k <= len(s.log) {
-					retry = s.log[k-1] + win - us
-				} else {
-					retry = win
-				}
-			} else {
-				for range n {
-					s.log = append(s.log, us)
-				}
-				avail -= cost
-			}
-			reset = win
-			d.refund.tokens[i] = strconv.FormatFloat(us, 'f', 0, 64)
-		case TokenBucket:
-			T = win / limit
-			x = math.Max(0, s.tat-us)
-			avail = math.Floor(burst - x/T + 1e-9)
-			if avail < cost {
-				retry = math.Max(1, x+(cost-burst)*T)
-			} else {
-				x += cost * T
-				s.tat = us + x
-				avail -= cost
-			}
-			reset = x
-			d.refund.tokens[i] = strconv.FormatFloat(s.tat, 'f', 0, 64)
-		}
-		if cost > capacity {
-			retry = win // this instance alone can never admit it
-		}
-		ok := n == 0 || retry == 0
-		// Next: the time until more than what is left is available.
-		var nxt float64
-		rem := math.Max(0, math.Floor(avail))
-		switch {
-		case rem+1 > capacity && p.Algorithm == TokenBucket:
-			nxt = T
-		case rem+1 > capacity:
-			nxt = win
-		case p.Algorithm == SlidingWindow:
-			nxt = slidingWait(s.p, s.c, limit, win, elapsed, rem+1)
-		case p.Algorithm == FixedWindow:
-			nxt = s.a + win - us
-		case p.Algorithm == SlidingLog:
-			nxt = win
-			if k := len(s.log) + int(rem) + 1 - int(limit); k >= 1 && k <= len(s.log) {
-				nxt = s.log[k-1] + win - us
-			}
-		case p.Algorithm == TokenBucket:
-			nxt = math.Max(1, x+(rem+1-burst)*T)
-		}
-		next[i] = s
-		d.Policies[i] = PolicyDecision{Policy: p, Allowed: ok, Remaining: int64(rem),
-			Reset: time.Duration(math.Ceil(math.Max(0, reset))) * time.Microsecond, RetryAfter: time.Duration(math.Ceil(math.Max(0, retry))) * time.Microsecond,
-			Next: time.Duration(math.Ceil(math.Max(0, nxt))) * time.Microsecond}
-		d.Policies[i].Policy.Limit, d.Policies[i].Policy.Burst = int64(limit), int64(burst)
-		if p.Algorithm != TokenBucket {
-			d.Policies[i].Policy.Burst = 0
-		}
-		if !ok {
+	}
+	d := Decision{Allowed: true, Time: now, Cost: n, Degraded: true, local: true, key: nkey,
+		Policies: make([]PolicyDecision, len(pols)), refund: &refundState{tokens: make([]string, len(pols))}}
+	// Pass one decides without consuming; pass two, when every policy
+	// admits, consumes, so a denial reports what is really left.
+	for i, p := range pols {
+		_, d.Policies[i], _ = ll.eval(p, states[i], us, n, false)
+		if !d.Policies[i].Allowed {
 			d.Allowed = false
 		}
 	}
@@ -1308,7 +1215,8 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 			ll.keys[nkey] = lk
 		}
 		for i, p := range pols {
-			st := next[i]
+			st, pd, tok := ll.eval(p, states[i], us, n, true)
+			d.Policies[i], d.refund.tokens[i] = pd, tok
 			lk.st[p.field()] = &st
 			until := now.Add(2 * p.Window)
 			if p.Algorithm == TokenBucket {
@@ -1321,6 +1229,127 @@ func (ll *localLimiter) decide(nkey string, n int64, pols []Policy) Decision {
 	}
 	d.bind()
 	return d
+}
+
+// eval decides one policy on its state s at time us (µs): the state after
+// the request (consumed when consume and it fits), the policy's part of
+// the decision, and its refund token.
+func (ll *localLimiter) eval(p Policy, s localState, us float64, n int64, consume bool) (localState, PolicyDecision, string) {
+	cost := float64(n)
+	limit, burst := ll.scaled(p)
+	capacity := limit
+	if p.Algorithm == TokenBucket {
+		capacity = burst
+	}
+	win := float64(p.Window.Microseconds())
+	var avail, reset, retry, elapsed, x, T float64
+	var tok string
+	switch p.Algorithm {
+	case SlidingWindow:
+		idx := math.Floor(us / win)
+		if s.a > idx {
+			idx = s.a
+		} else if s.a != idx {
+			if s.a == idx-1 {
+				s.p = s.c
+			} else {
+				s.p = 0
+			}
+			s.c = 0
+		}
+		s.a = idx
+		elapsed = math.Max(0, us-idx*win)
+		avail = limit - (s.p*(win-elapsed)/win + s.c)
+		if avail < cost {
+			retry = slidingWait(s.p, s.c, limit, win, elapsed, cost)
+		} else if consume {
+			s.c += cost
+			avail -= cost
+		}
+		reset = 2*win - elapsed
+		tok = strconv.FormatFloat(idx, 'f', 0, 64)
+	case FixedWindow:
+		if s.a == 0 || us >= s.a+win {
+			s.a, s.c = us, 0
+		}
+		avail = limit - s.c
+		if avail < cost {
+			retry = s.a + win - us
+		} else if consume {
+			s.c += cost
+			avail -= cost
+		}
+		reset = s.a + win - us
+		tok = strconv.FormatFloat(s.a, 'f', 0, 64)
+	case SlidingLog:
+		kept := s.log[:0]
+		for _, ts := range s.log {
+			if ts > us-win {
+				kept = append(kept, ts)
+			}
+		}
+		s.log = kept
+		avail = limit - float64(len(s.log))
+		if avail < cost {
+			if k := int(float64(len(s.log)) + cost - limit); k <= len(s.log) {
+				retry = s.log[k-1] + win - us
+			} else {
+				retry = win
+			}
+		} else if consume {
+			for range n {
+				s.log = append(s.log, us)
+			}
+			avail -= cost
+		}
+		reset = win
+		tok = strconv.FormatFloat(us, 'f', 0, 64)
+	case TokenBucket:
+		T = win / limit
+		x = math.Max(0, s.tat-us)
+		avail = math.Floor(burst - x/T + 1e-9)
+		if avail < cost {
+			retry = math.Max(1, x+(cost-burst)*T)
+		} else if consume {
+			x += cost * T
+			s.tat = us + x
+			avail -= cost
+		}
+		reset = x
+		tok = strconv.FormatFloat(s.tat, 'f', 0, 64)
+	}
+	if cost > capacity {
+		retry = win // this instance alone can never admit it
+	}
+	// Next: the time until more than what is left is available.
+	var nxt float64
+	rem := math.Max(0, math.Floor(avail))
+	switch {
+	case rem+1 > capacity && p.Algorithm == TokenBucket:
+		nxt = T
+	case rem+1 > capacity:
+		nxt = win
+	case p.Algorithm == SlidingWindow:
+		nxt = slidingWait(s.p, s.c, limit, win, elapsed, rem+1)
+	case p.Algorithm == FixedWindow:
+		nxt = s.a + win - us
+	case p.Algorithm == SlidingLog:
+		nxt = win
+		if k := len(s.log) + int(rem) + 1 - int(limit); k >= 1 && k <= len(s.log) {
+			nxt = s.log[k-1] + win - us
+		}
+	case p.Algorithm == TokenBucket:
+		nxt = math.Max(1, x+(rem+1-burst)*T)
+	}
+	pd := PolicyDecision{Policy: p, Allowed: n == 0 || retry == 0, Remaining: int64(rem),
+		Reset:      time.Duration(math.Ceil(math.Max(0, reset))) * time.Microsecond,
+		RetryAfter: time.Duration(math.Ceil(math.Max(0, retry))) * time.Microsecond,
+		Next:       time.Duration(math.Ceil(math.Max(0, nxt))) * time.Microsecond}
+	pd.Policy.Limit, pd.Policy.Burst = int64(limit), int64(burst)
+	if p.Algorithm != TokenBucket {
+		pd.Policy.Burst = 0
+	}
+	return s, pd, tok
 }
 
 // slidingWait is the sliding counter's wait for need units, as in the
@@ -1568,17 +1597,29 @@ func UserOrIPKey(user func(c echo.Context) string, v6Prefix int) func(c echo.Con
 }
 
 // RouteKey returns a KeyFunc that counts each route apart: key's key
-// prefixed with the request's method and route pattern ("GET
-// /users/:id"), like httprate's KeyByEndpoint. Use it when one limiter
-// guards several routes that should each have the full limit.
+// joined with the request's method and route pattern ("GET /users/:id"),
+// like httprate's KeyByEndpoint. Use it when one limiter guards several
+// routes that should each have the full limit. The route is known only
+// once Echo has routed the request: use the middleware with e.Use, on a
+// group or on a route, not with e.Pre (there every request would count
+// under its method alone). Requests that match no route share one quota
+// per method.
 func RouteKey(key func(c echo.Context) (string, error)) func(c echo.Context) (string, error) {
 	return func(c echo.Context) (string, error) {
 		k, err := key(c)
 		if err != nil || k == "" {
 			return k, err
 		}
-		return c.Request().Method + " " + c.Path() + " " + k, nil
+		return joinKey(c.Request().Method, c.Path(), k), nil
 	}
+}
+
+// joinKey joins parts with ':', each escaped, so that different part lists
+// never give the same key.
+func joinKey(parts ...string) string {
+	var b strings.Builder
+	writeParts(&b, parts)
+	return b.String()
 }
 
 // rateLimit is the middleware's state.

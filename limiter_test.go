@@ -1651,3 +1651,48 @@ func TestRateLimitFailClosedRetryAfter(t *testing.T) {
 	require.Equal(t, http.StatusServiceUnavailable, rec.Code)
 	require.Equal(t, "3", rec.Header().Get(echo.HeaderRetryAfter), "ask again after the breaker's cool-down")
 }
+
+// TestLimiterThirdReviewRegressions pins down bugs found in the third
+// review.
+func TestLimiterThirdReviewRegressions(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		ctx := context.Background()
+
+		t.Run("a bucket's remaining and next agree with what is stored", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: []Policy{{Algorithm: TokenBucket, Limit: 700, Window: time.Millisecond}}, DisableFreePath: true})
+			for i := range 1500 {
+				d := allow(t, l, "k", int64(1+i%150))
+				if d.Allowed && d.Remaining < 700 {
+					require.Greater(t, d.Policies[0].Next, time.Duration(0), "decision %d: %+v", i, d.Policies[0])
+				}
+			}
+		})
+
+		t.Run("a log survives the loss of its hash", func(t *testing.T) {
+			l := newTestLimiter(t, r, c, LimiterConfig{})
+			hourly := Policy{Algorithm: SlidingLog, Limit: 10, Window: time.Hour}
+			for range 10 {
+				_, err := l.AllowPolicies(ctx, "k", 1, hourly)
+				require.NoError(t, err)
+			}
+			require.NoError(t, c.Do(ctx, c.B().Del().Key(l.keys("k")[0]).Build()).Error()) // as an eviction would
+			_, err := l.AllowPolicies(ctx, "k", 1, Policy{Algorithm: SlidingLog, Limit: 2, Window: time.Millisecond})
+			require.NoError(t, err)
+			d, err := l.AllowPolicies(ctx, "k", 1, hourly)
+			require.NoError(t, err)
+			require.False(t, d.Allowed, "the hour's ten entries are still counted")
+		})
+	})
+}
+
+func TestLocalFallbackDenialConsumesNothing(t *testing.T) {
+	clock := newFakeClock()
+	ll := &localLimiter{clock: clock, share: 1, keys: map[string]*localKey{}}
+	pols := must(normalizePolicies([]Policy{{Algorithm: SlidingLog, Limit: 10, Window: time.Minute}, {Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}))
+	require.True(t, ll.decide("k", 1, pols).Allowed)
+	d := ll.decide("k", 1, pols)
+	require.False(t, d.Allowed)
+	require.Equal(t, int64(9), d.Policies[0].Remaining, "the log policy passed and was not charged")
+	require.Equal(t, int64(9), ll.decide("k", 0, pols).Policies[0].Remaining)
+}

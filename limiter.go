@@ -280,7 +280,6 @@ type Limiter struct {
 	policies []Policy
 	args     []string // policyArgs(policies)
 	onError  FailurePolicy
-	share    float64
 	freePath bool
 
 	blocks blockMap
@@ -365,7 +364,6 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 		policies: pols,
 		args:     policyArgs(pols),
 		onError:  cfg.OnRedisError,
-		share:    cfg.FallbackShare,
 		freePath: !cfg.DisableFreePath,
 	}
 	if err := claimName(l, limiterName{client: cfg.Client, prefix: b.keys.Prefix(), name: cfg.Name}, pols); err != nil {

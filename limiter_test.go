@@ -848,21 +848,12 @@ func TestRateLimitTwoInstances(t *testing.T) {
 // EVAL calls of INFO commandstats, summed over addrs.
 func scriptCalls(t *testing.T, addrs []string) int64 {
 	t.Helper()
-	var n int64
+	var n float64
 	for _, addr := range addrs {
-		v, err := respDo(addr, 2*time.Second, "INFO", "commandstats")
-		require.NoError(t, err)
-		info, _ := v.(string)
-		for line := range strings.SplitSeq(info, "\r\n") {
-			if strings.HasPrefix(line, "cmdstat_evalsha:calls=") || strings.HasPrefix(line, "cmdstat_eval:calls=") {
-				field, _, _ := strings.Cut(strings.SplitN(line, "=", 2)[1], ",")
-				c, err := strconv.ParseInt(field, 10, 64)
-				require.NoError(t, err)
-				n += c
-			}
-		}
+		stats := commandStats(t, addr)
+		n += stats["evalsha"][0] + stats["eval"][0]
 	}
-	return n
+	return int64(n)
 }
 
 // TestRateLimitFreePath checks that a blocked key is denied from memory
@@ -1385,7 +1376,10 @@ func TestRateLimitPolicyAdvertised(t *testing.T) {
 // TestLimiterShortRequestDeadline checks that a request deadline shorter
 // than the limiter's Timeout still gets the failure policy, not an error.
 func TestLimiterShortRequestDeadline(t *testing.T) {
-	f := newFaultRedis(t, "standalone")
+	forEachFaultTopology(t, shortRequestDeadline)
+}
+
+func shortRequestDeadline(t *testing.T, f *faultRedis) {
 	l, err := NewLimiter(LimiterConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}, Policies: []Policy{PerMinute(10)}})
 	require.NoError(t, err)
 	allow(t, l, "k", 1)
@@ -1401,7 +1395,10 @@ func TestLimiterShortRequestDeadline(t *testing.T) {
 // TestLimiterRefundRacesBlock checks that a denial racing a refund never
 // leaves a block the refund should have lifted.
 func TestLimiterRefundRacesBlock(t *testing.T) {
-	r := newTestRedis(t, standaloneRedis.name, standaloneRedis.addrs)
+	forEachTopology(t, func(t *testing.T, r *testRedis) { refundRacesBlock(t, r) })
+}
+
+func refundRacesBlock(t *testing.T, r *testRedis) {
 	l := newTestLimiter(t, r, r.Client(), LimiterConfig{Policies: []Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}})
 	ctx := context.Background()
 	for i := range 200 {
@@ -1620,7 +1617,10 @@ func TestLocalFallbackNext(t *testing.T) {
 }
 
 func TestRateLimitRouteKey(t *testing.T) {
-	r := newTestRedis(t, standaloneRedis.name, standaloneRedis.addrs)
+	forEachTopology(t, routeKey)
+}
+
+func routeKey(t *testing.T, r *testRedis) {
 	mw, err := RateLimitConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}, Name: "routes",
 		Policies: []Policy{{Algorithm: FixedWindow, Limit: 1, Window: time.Hour}}, KeyFunc: RouteKey(IPKey(0))}.ToMiddleware()
 	require.NoError(t, err)
@@ -1642,7 +1642,10 @@ func TestRateLimitRouteKey(t *testing.T) {
 }
 
 func TestRateLimitFailClosedRetryAfter(t *testing.T) {
-	f := newFaultRedis(t, "standalone")
+	forEachFaultTopology(t, failClosedRetryAfter)
+}
+
+func failClosedRetryAfter(t *testing.T, f *faultRedis) {
 	br := NewBreaker(BreakerConfig{Failures: 1, Cooldown: 3 * time.Second, Logger: discardLogger()})
 	s := newRLServer(t, RateLimitConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Breaker: br, Timeout: 200 * time.Millisecond},
 		Policies: []Policy{PerMinute(10)}, OnRedisError: FailClosed}, nil)

@@ -154,7 +154,49 @@ func FuzzGroupKeysShareSlot(f *testing.F) {
 			require.NotEqual(t, ks.Group(part1).Key("k"), ks.Group(part2).Key("k"))
 		}
 		require.NotEqual(t, ks.Key(part1, part2), ks.Key(part1+":"+part2))
+		// Bounded: no part takes more than MaxKeyPart bytes of a key.
+		require.LessOrEqual(t, len(ks.Key(part1)), len("t:fuzz:")+MaxKeyPart)
 	})
+}
+
+// TestKeyPartsAreBounded: a part of any length takes at most MaxKeyPart
+// bytes of a key, keeps a readable head, and stays distinct from every
+// other part, including one that spells out its digested form.
+func TestKeyPartsAreBounded(t *testing.T) {
+	long := strings.Repeat("a", 1<<20)
+	tests := []struct {
+		name     string
+		given    string
+		wantHead string
+		digested bool
+	}{
+		{name: "short part kept", given: "/api/products/7", wantHead: "/api/products/7"},
+		{name: "exactly MaxKeyPart kept", given: strings.Repeat("b", MaxKeyPart), wantHead: strings.Repeat("b", MaxKeyPart)},
+		{name: "one byte more digested", given: strings.Repeat("b", MaxKeyPart+1), wantHead: strings.Repeat("b", KeptPartHead), digested: true},
+		{name: "escaping counts", given: strings.Repeat(":", MaxKeyPart/3+1), wantHead: strings.Repeat("%3A", KeptPartHead/3), digested: true},
+		{name: "1 MB path", given: "/api/products/" + long, wantHead: ("/api/products/" + long)[:KeptPartHead], digested: true},
+		{name: "UTF-8 not cut", given: strings.Repeat("é", 200), wantHead: strings.Repeat("é", KeptPartHead/2), digested: true},
+	}
+	ks := Keyspace{}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := ks.Group("c", tt.given).Key("e")
+			tag := strings.TrimSuffix(strings.TrimPrefix(ks.Group("c", tt.given).Tag(), "{c:"), "}")
+			require.LessOrEqual(t, len(tag), MaxKeyPart)
+			require.True(t, strings.HasPrefix(tag, tt.wantHead), "tag %.80q", tag)
+			if tt.digested {
+				require.Equal(t, tt.wantHead+"%~"+Digest(tt.given), tag)
+				require.LessOrEqual(t, len(tag), KeptPartHead+45)
+			} else {
+				require.Equal(t, escape(tt.given), tag)
+			}
+			require.Equal(t, keySlot(ks.Group("c", tt.given).Key()), keySlot(k))
+		})
+	}
+	// A kept part can never equal a digested one: escaping never writes "%~".
+	forged := strings.Repeat("b", KeptPartHead) + "%~" + Digest(strings.Repeat("b", MaxKeyPart+1))
+	require.NotEqual(t, ks.Key(strings.Repeat("b", MaxKeyPart+1)), ks.Key(forged))
+	require.NotEqual(t, ks.Key(long), ks.Key(long+"a"))
 }
 
 func escape(s string) string {

@@ -270,7 +270,7 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 	var res []rueidis.RedisResult
 	if !n.isOOM(now) {
 		res = b.client.DoMultiCache(b.deadline.get(b.timeout), cmds...)
-		err, hits := multiErr(res)
+		hits, err := multiErr(res)
 		if !isOOM(err) {
 			if hits < len(res) {
 				b.record(n, ctx, err, false)
@@ -284,14 +284,14 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 		plain[i] = rueidis.Completed(cmds[i].Cmd) // untracked, see DoCache
 	}
 	res = b.client.DoMulti(b.deadline.get(b.timeout), plain...)
-	err, _ := multiErr(res)
+	_, err := multiErr(res)
 	b.record(n, ctx, err, false)
 	return res
 }
 
-// multiErr returns the first error of res that is not a nil reply, and how
-// many replies were cache hits.
-func multiErr(res []rueidis.RedisResult) (err error, hits int) {
+// multiErr returns how many replies of res were cache hits, and the first
+// error that is not a nil reply.
+func multiErr(res []rueidis.RedisResult) (hits int, err error) {
 	for _, r := range res {
 		if r.IsCacheHit() {
 			hits++
@@ -300,7 +300,7 @@ func multiErr(res []rueidis.RedisResult) (err error, hits int) {
 			err = e
 		}
 	}
-	return err, hits
+	return hits, err
 }
 
 // sharedDeadline hands out a context whose deadline lies between 49/50 and

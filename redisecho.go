@@ -282,12 +282,6 @@ type addressed struct {
 	addr string
 }
 
-func nodeAddr(n rueidis.Client) string {
-	if a, ok := n.(addressed); ok {
-		return a.addr
-	}
-	return ""
-}
 
 // scanMasters runs SCAN MATCH pattern over every master (see masters) and
 // calls fn with each batch of keys, together with the node that holds them so

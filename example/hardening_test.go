@@ -8,16 +8,22 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -535,4 +541,201 @@ func TestSessionSecretConfig(t *testing.T) {
 			}
 		})
 	}
+}
+
+// syncBuffer is a log destination the app and the test share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// health is GET /health's status and JSON body.
+func health(t *testing.T, base string) (int, string, map[string]any) {
+	t.Helper()
+	resp, err := http.Get(base + "/health")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	var body map[string]any
+	require.NoError(t, json.Unmarshal(raw, &body), "%s", raw)
+	return resp.StatusCode, string(raw), body
+}
+
+// requireDialFailure starts the app on redisURL and checks that it logs
+// why it cannot connect, as code, and that /health reports the code and
+// nothing more.
+func requireDialFailure(t *testing.T, redisURL, code string, within time.Duration) {
+	t.Helper()
+	var log syncBuffer
+	base := startExampleLogging(t, map[string]string{"REDIS_URL": redisURL, "COOKIE_INSECURE": "1", "SESSION_SECRET": strings.Repeat("d", 32)}, &log)
+	require.Eventually(t, func() bool {
+		return strings.Contains(log.String(), "reason="+code)
+	}, within, 50*time.Millisecond, "the log says why: %s", &log)
+	require.Contains(t, log.String(), `msg="cannot connect to Redis yet; retrying"`)
+	status, raw, body := health(t, base)
+	require.Equal(t, http.StatusServiceUnavailable, status)
+	require.Equal(t, map[string]any{"status": "unavailable", "redis": map[string]any{"state": "connecting", "error": code, "latency_ms": float64(0), "breaker": ""}}, body,
+		"a fixed code, never internal text: %s", raw)
+}
+
+// TestDialFailuresSaySo: while the app cannot connect, its log gives the
+// reason and /health a fixed code: a wrong or missing password is "auth"
+// (on both topologies), a port that is not Redis "protocol", a closed port
+// "refused", a peer that never answers "timeout".
+func TestDialFailuresSaySo(t *testing.T) {
+	t.Run("auth", func(t *testing.T) {
+		forEachFaultTopology(t, func(t *testing.T, tp *redistest.Topology) {
+			for _, addr := range tp.Addrs {
+				_, err := redistest.Do(addr, 2*time.Second, "CONFIG", "SET", "requirepass", "right")
+				require.NoError(t, err)
+			}
+			t.Run("no password", func(t *testing.T) { requireDialFailure(t, tp.URL(), "auth", 10*time.Second) })
+			wrong := strings.Replace(tp.URL(), "redis://", "redis://:wrong@", 1)
+			t.Run("wrong password", func(t *testing.T) { requireDialFailure(t, wrong, "auth", 10*time.Second) })
+		})
+	})
+	t.Run("protocol", func(t *testing.T) {
+		notRedis := httptest.NewServer(http.NotFoundHandler())
+		defer notRedis.Close()
+		requireDialFailure(t, "redis://"+notRedis.Listener.Addr().String(), "protocol", 10*time.Second)
+	})
+	t.Run("refused", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		addr := ln.Addr().String()
+		require.NoError(t, ln.Close())
+		requireDialFailure(t, "redis://"+addr, "refused", 10*time.Second)
+	})
+	t.Run("timeout", func(t *testing.T) {
+		// A peer that accepts and never says a word.
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer ln.Close()
+		var mu sync.Mutex
+		var conns []net.Conn
+		defer func() {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, c := range conns {
+				_ = c.Close()
+			}
+		}()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				conns = append(conns, c)
+				mu.Unlock()
+			}
+		}()
+		requireDialFailure(t, "redis://"+ln.Addr().String(), "timeout", 30*time.Second)
+	})
+}
+
+// buildExample builds the example's binary once for the tests that run it
+// as a process.
+var buildExample = sync.OnceValues(func() (string, error) {
+	dir, err := os.MkdirTemp("", "redisecho-example-")
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "example")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	return bin, nil
+})
+
+// TestSIGTERMDrains runs the example as a process: SIGTERM during a
+// request lets the request finish, then the process exits 0 within
+// SHUTDOWN_TIMEOUT.
+func TestSIGTERMDrains(t *testing.T) {
+	bin, err := buildExample()
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = os.RemoveAll(filepath.Dir(bin)) })
+	forEachTopology(t, func(t *testing.T, redisURL string) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		addr := ln.Addr().String()
+		require.NoError(t, ln.Close())
+		var log syncBuffer
+		cmd := exec.Command(bin)
+		cmd.Env = append(os.Environ(), "REDIS_URL="+redisURL, "ADDR="+addr, "COOKIE_INSECURE=1",
+			"SESSION_SECRET="+strings.Repeat("t", 32), "SHUTDOWN_TIMEOUT=10s")
+		cmd.Stdout, cmd.Stderr = &log, &log
+		require.NoError(t, cmd.Start())
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		t.Cleanup(func() {
+			if cmd.Process.Kill() == nil { // still running: the test failed
+				<-exited
+			}
+		})
+		base := "http://" + addr
+		require.Eventually(t, func() bool {
+			resp, err := http.Get(base + "/health")
+			if err != nil {
+				return false
+			}
+			_ = resp.Body.Close()
+			return resp.StatusCode == http.StatusOK
+		}, 20*time.Second, 50*time.Millisecond, "the process serves: %s", &log)
+
+		// A request in flight: its handler runs (it asked for the body
+		// with 100 Continue) when SIGTERM comes, and its body follows.
+		conn, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		defer conn.Close()
+		body := `{"theme":"dark"}`
+		_, err = fmt.Fprintf(conn, "PUT /preferences HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n", addr, len(body))
+		require.NoError(t, err)
+		r := bufio.NewReader(conn)
+		require.NoError(t, conn.SetReadDeadline(time.Now().Add(10*time.Second)))
+		line, err := r.ReadString('\n')
+		require.NoError(t, err)
+		require.Equal(t, "HTTP/1.1 100 Continue\r\n", line)
+		_, err = r.ReadString('\n')
+		require.NoError(t, err)
+
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		require.Eventually(t, func() bool { return strings.Contains(log.String(), "shutting down") }, 10*time.Second, 10*time.Millisecond, "%s", &log)
+		select {
+		case err := <-exited:
+			t.Fatalf("exited with a request in flight: %v\n%s", err, &log)
+		default:
+		}
+		_, err = conn.Write([]byte(body))
+		require.NoError(t, err)
+		resp, err := http.ReadResponse(r, nil)
+		require.NoError(t, err)
+		got, err := io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		require.Equal(t, http.StatusOK, resp.StatusCode, "%s", got)
+		require.JSONEq(t, body, string(got), "the request finished")
+
+		select {
+		case err := <-exited:
+			require.NoError(t, err, "exit code 0\n%s", &log)
+		case <-time.After(10*time.Second + 5*time.Second):
+			t.Fatalf("still running after SHUTDOWN_TIMEOUT and 5 s\n%s", &log)
+		}
+		require.Contains(t, log.String(), `msg=stopped`)
+	})
 }

@@ -367,7 +367,7 @@ func logDialFailures(ctx context.Context, holder *redisecho.ClientHolder, logger
 			continue
 		}
 		last = err.Error()
-		logger.Error("cannot connect to Redis yet; retrying", "error", err)
+		logger.Error("cannot connect to Redis yet; retrying", "reason", redisecho.DialErrorCode(err), "error", err)
 	}
 }
 

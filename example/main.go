@@ -1,7 +1,11 @@
 // Command example is the app of the guide "How to Use Redis with Express.js"
 // (shared/reference/redis-with-express.md), in Echo with redisecho: health
 // endpoints, the guide's session routes (routes.go), its cached product and
-// user API (api.go) and its rate limiters (ratelimit.go):
+// user API (api.go, with the demo catalogue in Redis and product writes for
+// alice, the demo admin, only) and its rate limiters (ratelimit.go). Run it
+// with `go run .` in this directory (`go -C example run .` from the
+// repository's root): it is a module of its own, so that what only the demo
+// needs stays out of the library's go.mod.
 //
 //	GET /health   readiness: PINGs Redis, 200 or 503 with a JSON report
 //	GET /livez    liveness: 200 as long as the process serves HTTP

@@ -441,6 +441,10 @@ func TestAnonymousSessionCreationLimit(t *testing.T) {
 		for i := range 5 {
 			code, _ := visitor().call(http.MethodPut, "/preferences", `{"theme": 1}`)
 			require.Equal(t, http.StatusBadRequest, code, "bad body %d: refused, creates nothing, not counted", i+1)
+			code, h, body := visitor().request(http.MethodPut, "/preferences", `{}`)
+			require.Equal(t, http.StatusOK, code)
+			require.Empty(t, body)
+			require.Empty(t, h.Values("Set-Cookie"), "empty object %d: nothing to store, no session, not counted", i+1)
 		}
 		var first *client
 		for i := range newSessionsPerClient {

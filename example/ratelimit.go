@@ -3,6 +3,7 @@ package main
 import (
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -98,18 +99,33 @@ func newRateLimits(client rueidis.Client, cfg config, opts redisecho.Options) (r
 		Options:  opts,
 		Name:     "new-session",
 		Policies: []redisecho.Policy{{Algorithm: redisecho.FixedWindow, Limit: newSessionsPerClient, Window: newSessionWindow}},
-		// Only requests that would create a session count: the Session
+		// Only requests that create a session count: the Session
 		// middleware ran before, so a request with a live session is
-		// skipped. The session exists in Redis once the handler succeeds;
-		// a request it refuses (a 400) or that fails creates none and is
-		// given back.
-		Skipper:            func(c echo.Context) bool { return !createsSession(c) },
-		SkipFailedRequests: true,
+		// skipped, and one that ends without a new session cookie (a
+		// refused body, a write of nothing, a failure) is given back.
+		Skipper:              func(c echo.Context) bool { return !createsSession(c) },
+		SkipFailedRequests:   true,
+		RequestWasSuccessful: setSessionCookie,
 		// Without Redis no session can be created anyway: 503.
 		OnRedisError: redisecho.FailClosed,
 		Message:      map[string]string{"error": "Too many new sessions from this address, please try again later."},
 	}.ToMiddleware()
 	return rl, err
+}
+
+// setSessionCookie reports whether the request succeeded and its response
+// sets the session cookie (the example keeps its default name): the
+// session was stored.
+func setSessionCookie(c echo.Context, err error) bool {
+	if err != nil || c.Response().Status >= 400 {
+		return false
+	}
+	for _, v := range c.Response().Header().Values(echo.HeaderSetCookie) {
+		if strings.HasPrefix(v, redisecho.DefaultSessionCookie+"=") && !strings.Contains(v, "Max-Age=0") {
+			return true
+		}
+	}
+	return false
 }
 
 // createsSession reports whether the request has no live session, so that

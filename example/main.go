@@ -93,6 +93,10 @@ func main() {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second signal stops the process at once, mid-drain
+	}()
 	if err := run(ctx, os.LookupEnv, logger, nil); err != nil {
 		logger.Error("example stopped", "error", err)
 		os.Exit(1)
@@ -378,6 +382,8 @@ func logDialFailures(ctx context.Context, holder *redisecho.ClientHolder, logger
 // run serves the app until ctx is done, then shuts down gracefully. When
 // listening is not nil it receives the bound address once the app serves.
 func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening chan<- string) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // whatever ends run ends its goroutines
 	cfg, err := loadConfig(lookup, logger)
 	if err != nil {
 		return err

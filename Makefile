@@ -1,4 +1,4 @@
-# redisecho: the two set-up commands are `go run ./example` and `make test`.
+# redisecho: the two set-up commands are `go -C example run .` and `make test`.
 # Every target works on a fresh Debian/Ubuntu machine with Go 1.26: what is
 # missing (redis-server, wrk) is installed with apt-get.
 
@@ -23,19 +23,25 @@ wrk:
 fmt:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 
+# The example and the benchmarks are modules of their own (example/,
+# bench/), so that users of redisecho never download what only they need:
+# each target runs in all three.
 vet:
 	go vet ./...
+	cd example && go vet ./...
 	cd bench && go vet ./...
 
 staticcheck:
 	go run $(STATICCHECK) ./...
+	cd example && go run $(STATICCHECK) ./...
 	cd bench && go run $(STATICCHECK) ./...
 
 ## unit: the whole suite with the race detector, on a standalone server and a
-## 3-master cluster that the tests start themselves. It includes the fuzz seed
-## corpus.
+## 3-master cluster that the tests start themselves: the library's (with the
+## fuzz seed corpus), then the example's, which runs the app on both.
 unit:
 	go test -race -count=1 ./...
+	cd example && go test -race -count=1 ./...
 
 ## fuzz: a short run of each fuzzer beyond its seed corpus (which `unit`
 ## already runs): key slots, cookies, stored cache entries, the JSON codec,
@@ -44,7 +50,7 @@ fuzz:
 	@for f in $(FUZZERS); do echo "fuzz $$f"; go test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) . || exit 1; done
 
 build:
-	go build -o /dev/null ./example
+	cd example && go build -o /dev/null .
 	cd bench && go build -o /dev/null .
 
 ## bench: the performance table of the README (wrk -t1 -c32 -d5s, two

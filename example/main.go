@@ -1,10 +1,17 @@
 // Command example is the app of the guide "How to Use Redis with Express.js"
 // (shared/reference/redis-with-express.md), in Echo with redisecho: health
 // endpoints, the guide's session routes (routes.go), its cached product and
-// user API (api.go) and its rate limiters (ratelimit.go):
+// user API (api.go, with the demo catalogue in Redis and product writes for
+// alice, the demo admin, only) and its rate limiters (ratelimit.go). Run it
+// with `go run .` in this directory (`go -C example run .` from the
+// repository's root): it is a module of its own, so that what only the demo
+// needs stays out of the library's go.mod.
 //
 //	GET /health   readiness: PINGs Redis, 200 or 503 with a JSON report
 //	GET /livez    liveness: 200 as long as the process serves HTTP
+//
+// Both answer HEAD too (load balancers probe with it), from the start,
+// while Redis is still unreachable.
 //
 // Configuration comes from the environment:
 //
@@ -15,7 +22,8 @@
 //	ADDR            listen address. Default ":8080".
 //	SESSION_SECRET  comma-separated session key ring, newest first, each key
 //	                at least 32 bytes. Unset: a development key, with a loud
-//	                warning.
+//	                warning. Set but holding no key (empty, only commas or
+//	                spaces): the app refuses to start.
 //	COOKIE_INSECURE "1" drops the Secure cookie attribute, for plain-HTTP
 //	                development on a host other than localhost. Default: Secure.
 //	TRUSTED_PROXIES comma-separated addresses or CIDR ranges of the reverse
@@ -31,11 +39,27 @@
 //	                for the limiter that then decides in memory
 //	                (/api/expensive-operation): 1/N for N instances, in
 //	                (0, 1]. Default: 1 (one instance).
+//	HTTP_READ_HEADER_TIMEOUT, HTTP_READ_TIMEOUT, HTTP_WRITE_TIMEOUT,
+//	HTTP_IDLE_TIMEOUT
+//	                the server's timeouts (Go durations, "10s"): to read a
+//	                request's header; to read the whole request, body
+//	                included; to write the response; and how long a
+//	                keep-alive connection may sit idle. Defaults: 5s, 15s,
+//	                30s, 60s.
+//	SHUTDOWN_TIMEOUT
+//	                how long SIGTERM waits for requests in flight before
+//	                closing their connections. Default: 10s.
 //
 // The app starts even when Redis is down: it dials in the background,
-// answers /health with 503 and every Redis-backed route with 503 until Redis
-// answers, then serves the full app without a restart. It shuts down
-// gracefully on SIGINT and SIGTERM.
+// logging why each failed dial failed, answers /health with 503 (and the
+// reason as a fixed code: auth, protocol, refused, timeout) and every
+// Redis-backed route with 503 until Redis answers, then serves the full app
+// without a restart. On SIGINT and SIGTERM it stops accepting connections,
+// lets the requests in flight finish (up to SHUTDOWN_TIMEOUT) and exits 0.
+//
+// Every route bounds its body (bodies.go) and the server bounds how long a
+// request, a response and an idle connection may take, so that no client
+// can hold memory or connections without limit.
 package main
 
 import (
@@ -69,7 +93,11 @@ func main() {
 	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Getenv, logger, nil); err != nil {
+	go func() {
+		<-ctx.Done()
+		stop() // a second signal stops the process at once, mid-drain
+	}()
+	if err := run(ctx, os.LookupEnv, logger, nil); err != nil {
 		logger.Error("example stopped", "error", err)
 		os.Exit(1)
 	}
@@ -83,14 +111,31 @@ type config struct {
 	insecureCookie bool
 	trustedProxies []*net.IPNet
 	fallbackShare  float64
+	timeouts       timeouts
 }
 
-func loadConfig(getenv func(string) string, logger *slog.Logger) (config, error) {
+// timeouts are the HTTP server's.
+type timeouts struct {
+	readHeader, read, write, idle, shutdown time.Duration
+}
+
+// defaultTimeouts: a header within 5 s, a whole request (a body of at most
+// maxPreferencesBody) within 15 s, a response within 30 s, a minute for an
+// idle keep-alive connection, 10 s to drain.
+var defaultTimeouts = timeouts{readHeader: 5 * time.Second, read: 15 * time.Second, write: 30 * time.Second, idle: time.Minute, shutdown: 10 * time.Second}
+
+// lookupEnv is os.LookupEnv, injected so tests choose the environment: it
+// tells a variable that is set but empty from one that is unset.
+type lookupEnv func(string) (string, bool)
+
+func loadConfig(lookup lookupEnv, logger *slog.Logger) (config, error) {
+	getenv := func(k string) string { v, _ := lookup(k); return v }
 	cfg := config{addr: getenv("ADDR"), redisURL: getenv("REDIS_URL"), insecureCookie: getenv("COOKIE_INSECURE") == "1"}
 	if cfg.addr == "" {
 		cfg.addr = ":8080"
 	}
-	for _, k := range strings.Split(getenv("SESSION_SECRET"), ",") {
+	secret, secretSet := lookup("SESSION_SECRET")
+	for _, k := range strings.Split(secret, ",") {
 		if k = strings.TrimSpace(k); k != "" {
 			cfg.sessionKeys = append(cfg.sessionKeys, k)
 		}
@@ -100,10 +145,40 @@ func loadConfig(getenv func(string) string, logger *slog.Logger) (config, error)
 			return cfg, fmt.Errorf("SESSION_SECRET: key %d is %d bytes; each key needs at least 32 (try: openssl rand -base64 32)", i+1, len(k))
 		}
 	}
-	if len(cfg.sessionKeys) == 0 {
+	switch {
+	case len(cfg.sessionKeys) > 0:
+	case secretSet:
+		// Most likely a secret that failed to reach the environment (an
+		// empty CI variable, a missing file): the development key would
+		// let anyone forge sessions.
+		return cfg, fmt.Errorf("SESSION_SECRET is set but holds no key (%d bytes of commas and spaces): "+
+			"set it to a comma-separated list of keys of at least 32 bytes (openssl rand -base64 32), "+
+			"or unset it to use the public development key", len(secret))
+	default:
 		cfg.sessionKeys = []string{devSessionKey}
 		logger.Warn("!!! SESSION_SECRET is unset: session cookies are signed with a PUBLIC development key. " +
 			"Anyone can forge them. Set SESSION_SECRET to a comma-separated list of long random keys, newest first.")
+	}
+	cfg.timeouts = defaultTimeouts
+	for _, d := range []struct {
+		env string
+		dst *time.Duration
+	}{
+		{"HTTP_READ_HEADER_TIMEOUT", &cfg.timeouts.readHeader},
+		{"HTTP_READ_TIMEOUT", &cfg.timeouts.read},
+		{"HTTP_WRITE_TIMEOUT", &cfg.timeouts.write},
+		{"HTTP_IDLE_TIMEOUT", &cfg.timeouts.idle},
+		{"SHUTDOWN_TIMEOUT", &cfg.timeouts.shutdown},
+	} {
+		v, ok := lookup(d.env)
+		if !ok {
+			continue
+		}
+		t, err := time.ParseDuration(strings.TrimSpace(v))
+		if err != nil || t <= 0 {
+			return cfg, fmt.Errorf("%s: want a positive Go duration such as 10s or 500ms; got %q", d.env, v)
+		}
+		*d.dst = t
 	}
 	for _, s := range strings.Split(getenv("TRUSTED_PROXIES"), ",") {
 		if s = strings.TrimSpace(s); s == "" {
@@ -180,33 +255,43 @@ func redisOption(cfg config, logger *slog.Logger) (opt rueidis.ClientOption, sto
 // newBootApp serves until the full app is in place: health endpoints, and
 // 503 for everything else. Its readiness stays 503 even once Redis answers,
 // until the full app takes over, so a load balancer never routes requests
-// to an app that would refuse them.
+// to an app that would refuse them. It reads no request body, so it needs
+// no body limit: the server discards what a client sends.
 func newBootApp(holder *redisecho.ClientHolder) *echo.Echo {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	ready := redisecho.ReadinessWithConfig(redisecho.ReadinessConfig{Holder: holder})
-	e.GET("/health", func(c echo.Context) error {
+	health := func(c echo.Context) error {
 		select {
 		case <-holder.Ready():
 			return c.JSON(http.StatusServiceUnavailable, map[string]string{"status": "starting"})
 		default:
 			return ready(c)
 		}
-	})
-	e.GET("/livez", redisecho.Liveness())
+	}
+	probe(e, "/health", health)
+	probe(e, "/livez", redisecho.Liveness())
 	e.Any("/*", func(c echo.Context) error {
 		return c.JSON(http.StatusServiceUnavailable, map[string]string{"error": "starting: Redis is not reachable yet"})
 	})
 	return e
 }
 
-// newApp builds the full app on a connected client.
+// probe routes GET and HEAD of path to h: load balancers probe with either.
+func probe(e *echo.Echo, path string, h echo.HandlerFunc) {
+	e.GET(path, h)
+	e.HEAD(path, h)
+}
+
+// newApp builds the full app on a connected client. It does no I/O: the
+// catalogue is seeded before (seedCatalogue).
 func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.IPExtractor = cfg.ipExtractor()
-	e.GET("/health", redisecho.Readiness(client))
-	e.GET("/livez", redisecho.Liveness())
+	e.Use(limitBodies)
+	probe(e, "/health", redisecho.Readiness(client))
+	probe(e, "/livez", redisecho.Liveness())
 
 	opts := redisecho.Options{Logger: logger}
 	sessions, err := redisecho.SessionConfig{
@@ -234,7 +319,9 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 	auth.POST("/logout", logout)
 	auth.GET("/sessions", listSessions)
 	auth.POST("/logout-all", logoutAll)
-	auth.PUT("/preferences", putPreferences)
+	// The one route that creates anonymous sessions: each creation is
+	// counted per client address; a visitor with a session is not.
+	auth.PUT("/preferences", putPreferences, limits.newSession)
 	auth.GET("/preferences", getPreferences)
 
 	api := e.Group("/api", limits.api)
@@ -243,16 +330,61 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 	api.POST("/auth/login", login, limits.login, sessions)
 	// The session runs first: the limiter keys logged-in users by their ID.
 	api.GET("/expensive-operation", expensiveOperation, sessions, limits.expensive)
-	if err := mountAPI(api, client, opts); err != nil {
+	if err := mountAPI(api, client, opts, sessions); err != nil {
 		return nil, err
 	}
 	return e, nil
 }
 
+// seedCatalogue writes the demo products that are missing, retrying every
+// second until it succeeds or ctx is done.
+func seedCatalogue(ctx context.Context, client rueidis.Client, logger *slog.Logger) error {
+	db := newCatalogue(client)
+	for {
+		err := db.seed(ctx)
+		if err == nil {
+			return nil
+		}
+		logger.Warn("cannot seed the demo catalogue yet", "error", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// logDialFailures logs, while the holder is connecting, each new reason a
+// dial failed for (a wrong password, a port that is not Redis, a refused
+// or timed-out connection), until it connects or ctx is done.
+func logDialFailures(ctx context.Context, holder *redisecho.ClientHolder, logger *slog.Logger) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var last string
+	for {
+		select {
+		case <-holder.Ready():
+			logger.Info("connected to Redis", "mode", holder.Client().Mode())
+			return
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		err := holder.Err()
+		if err == nil || err.Error() == last {
+			continue
+		}
+		last = err.Error()
+		logger.Error("cannot connect to Redis yet; retrying", "reason", redisecho.DialErrorCode(err), "error", err)
+	}
+}
+
 // run serves the app until ctx is done, then shuts down gracefully. When
 // listening is not nil it receives the bound address once the app serves.
-func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, listening chan<- string) error {
-	cfg, err := loadConfig(getenv, logger)
+func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening chan<- string) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // whatever ends run ends its goroutines
+	cfg, err := loadConfig(lookup, logger)
 	if err != nil {
 		return err
 	}
@@ -265,13 +397,7 @@ func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, l
 	holder := redisecho.NewClientHolder(opt)
 	holder.Start()
 	defer holder.Close()
-	go func() {
-		select {
-		case <-holder.Ready():
-			logger.Info("connected to Redis", "mode", holder.Client().Mode())
-		case <-ctx.Done():
-		}
-	}()
+	go logDialFailures(ctx, holder, logger)
 
 	// Until Redis answers, a boot app serves; then the full app takes over.
 	var handler atomic.Pointer[http.Handler]
@@ -283,6 +409,9 @@ func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, l
 		case <-holder.Ready():
 		case <-ctx.Done():
 			return
+		}
+		if seedCatalogue(ctx, holder.Client(), logger) != nil {
+			return // shutting down
 		}
 		app, err := newApp(holder.Client(), cfg, logger)
 		if err != nil {
@@ -297,9 +426,21 @@ func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, l
 	if err != nil {
 		return err
 	}
+	tm := cfg.timeouts
 	srv := &http.Server{
-		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { (*handler.Load()).ServeHTTP(w, r) }),
-		ReadHeaderTimeout: 10 * time.Second,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { (*handler.Load()).ServeHTTP(w, r) }),
+		// ReadTimeout bounds the whole request, body included (a client
+		// sending a byte every few seconds is cut off), and WriteTimeout
+		// the response. Long-lived responses (the SSE streams of realtime
+		// fan-out) must clear both deadlines on their connection
+		// (http.ResponseController's SetReadDeadline and SetWriteDeadline
+		// with a zero time), or the server cuts them after these.
+		ReadHeaderTimeout: tm.readHeader,
+		ReadTimeout:       tm.read,
+		WriteTimeout:      tm.write,
+		IdleTimeout:       tm.idle,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
@@ -316,11 +457,15 @@ func run(ctx context.Context, getenv func(string) string, logger *slog.Logger, l
 		return err
 	case <-ctx.Done():
 	}
-	logger.Info("shutting down: draining requests for up to 10 s")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	logger.Info("shutting down: draining requests", "within", tm.shutdown)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), tm.shutdown)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
+		// Requests still running at the deadline are cut off: say so,
+		// and stop anyway.
+		_ = srv.Close()
+		return fmt.Errorf("shutdown: requests still running after %v were cut off: %w", tm.shutdown, err)
 	}
+	logger.Info("stopped")
 	return nil
 }

@@ -22,15 +22,29 @@ import (
 	"github.com/redisecho/redisecho/internal/redistest"
 )
 
+// envOf is an environment holding exactly m, for run and loadConfig.
+func envOf(m map[string]string) lookupEnv {
+	return func(k string) (string, bool) {
+		v, ok := m[k]
+		return v, ok
+	}
+}
+
 // startExample runs the app with env and returns its base URL.
 func startExample(t *testing.T, env map[string]string) string {
+	t.Helper()
+	return startExampleLogging(t, env, io.Discard)
+}
+
+// startExampleLogging is startExample with the app's log written to w.
+func startExampleLogging(t *testing.T, env map[string]string, w io.Writer) string {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	listening := make(chan string, 1)
 	done := make(chan error, 1)
 	env["ADDR"] = "127.0.0.1:0"
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	go func() { done <- run(ctx, func(k string) string { return env[k] }, logger, listening) }()
+	logger := slog.New(slog.NewTextHandler(w, nil))
+	go func() { done <- run(ctx, envOf(env), logger, listening) }()
 	t.Cleanup(func() {
 		cancel()
 		select {
@@ -136,22 +150,33 @@ func TestRedisDownAtStart(t *testing.T) {
 func TestSessionKeyRing(t *testing.T) {
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
 	k1, k2 := strings.Repeat("a", 32), strings.Repeat("b", 40)
-	cfg, err := loadConfig(func(k string) string { return map[string]string{"SESSION_SECRET": " " + k1 + " , " + k2 + " ,"}[k] }, logger)
+	cfg, err := loadConfig(envOf(map[string]string{"SESSION_SECRET": " " + k1 + " , " + k2 + " ,"}), logger)
 	require.NoError(t, err)
 	require.Equal(t, []string{k1, k2}, cfg.sessionKeys)
 	require.Equal(t, ":8080", cfg.addr)
 	require.False(t, cfg.insecureCookie)
-	cfg, err = loadConfig(func(string) string { return "" }, logger)
+	cfg, err = loadConfig(envOf(nil), logger)
 	require.NoError(t, err)
 	require.Equal(t, []string{devSessionKey}, cfg.sessionKeys)
-	_, err = loadConfig(func(k string) string { return map[string]string{"SESSION_SECRET": "short"}[k] }, logger)
+	_, err = loadConfig(envOf(map[string]string{"SESSION_SECRET": "short"}), logger)
 	require.ErrorContains(t, err, "at least 32")
 }
 
 func TestBadRedisURL(t *testing.T) {
-	err := run(context.Background(), func(k string) string { return map[string]string{"REDIS_URL": "http://nope", "ADDR": "127.0.0.1:0"}[k] },
+	err := run(context.Background(), envOf(map[string]string{"REDIS_URL": "http://nope", "ADDR": "127.0.0.1:0"}),
 		slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
 	require.ErrorContains(t, err, "REDIS_URL")
+}
+
+// loggedIn returns a browser logged in as the demo user name (alice or
+// bob).
+func loggedIn(t *testing.T, base, name string) *client {
+	t.Helper()
+	c := newClient(t, base)
+	pass := map[string]string{"alice": "wonderland", "bob": "builder"}[name]
+	code, _ := c.call(http.MethodPost, "/login", fmt.Sprintf(`{"username":%q,"password":%q}`, name, pass))
+	require.Equal(t, http.StatusOK, code, "login as %s", name)
+	return c
 }
 
 // client is a browser with a cookie jar against the example.
@@ -179,6 +204,20 @@ func (c *client) call(method, path, body string) (int, map[string]any) {
 	c.t.Helper()
 	code, _, out := c.request(method, path, body)
 	return code, out
+}
+
+// raw is call with the body as text.
+func (c *client) raw(method, path, body string) (int, string) {
+	c.t.Helper()
+	req, err := http.NewRequest(method, c.base+path, strings.NewReader(body))
+	require.NoError(c.t, err)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.hc.Do(req)
+	require.NoError(c.t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(c.t, err)
+	return resp.StatusCode, string(b)
 }
 
 // request is call with the response's header.
@@ -304,14 +343,9 @@ func TestGuideCacheRoutes(t *testing.T) {
 			b, _ := io.ReadAll(resp.Body)
 			return resp.StatusCode, resp.Header.Get("X-Cache"), string(b)
 		}
+		admin := loggedIn(t, base, "alice")
 		put := func(path, body string) (int, string) {
-			req, _ := http.NewRequest(http.MethodPut, base+path, strings.NewReader(body))
-			req.Header.Set("Content-Type", "application/json")
-			resp, err := http.DefaultClient.Do(req)
-			require.NoError(t, err)
-			defer resp.Body.Close()
-			b, _ := io.ReadAll(resp.Body)
-			return resp.StatusCode, string(b)
+			return admin.raw(http.MethodPut, path, body)
 		}
 		code, xc, body := get("/api/products")
 		require.Equal(t, http.StatusOK, code)
@@ -588,7 +622,7 @@ func TestTrustedProxies(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := loadConfig(func(k string) string { return map[string]string{"TRUSTED_PROXIES": tt.given}[k] }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			cfg, err := loadConfig(envOf(map[string]string{"TRUSTED_PROXIES": tt.given}), slog.New(slog.NewTextHandler(io.Discard, nil)))
 			require.NoError(t, err)
 			req := httptest.NewRequest(http.MethodGet, "/", nil)
 			req.RemoteAddr = tt.remote
@@ -602,7 +636,7 @@ func TestTrustedProxies(t *testing.T) {
 
 func TestRateLimitConfig(t *testing.T) {
 	load := func(env map[string]string) (config, error) {
-		return loadConfig(func(k string) string { return env[k] }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		return loadConfig(envOf(env), slog.New(slog.NewTextHandler(io.Discard, nil)))
 	}
 	cfg, err := load(nil)
 	require.NoError(t, err)
@@ -627,9 +661,7 @@ func TestRateLimitConfig(t *testing.T) {
 func TestRateLimitsWhenRedisDown(t *testing.T) {
 	forEachFaultTopology(t, func(t *testing.T, tp *redistest.Topology) {
 		logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-		cfg, err := loadConfig(func(k string) string {
-			return map[string]string{"REDIS_URL": tp.URL(), "COOKIE_INSECURE": "1", "RATE_LIMIT_FALLBACK_SHARE": "0.5"}[k]
-		}, logger)
+		cfg, err := loadConfig(envOf(map[string]string{"REDIS_URL": tp.URL(), "COOKIE_INSECURE": "1", "RATE_LIMIT_FALLBACK_SHARE": "0.5"}), logger)
 		require.NoError(t, err)
 		opt, stopRedis, err := redisOption(cfg, logger)
 		require.NoError(t, err)

@@ -3,6 +3,7 @@ package main
 import (
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -18,13 +19,25 @@ import (
 //	POST /api/auth/login          5 failed attempts per 15 minutes per client IP (authLimiter)
 //	GET /api/expensive-operation  10 per minute per user, or per client IP when
 //	                              anonymous (the custom sliding-window limiter)
+//	PUT /preferences              30 new anonymous sessions per 10 minutes per
+//	                              client IP (not in the guide: each session
+//	                              holds Redis memory for its idle timeout)
 //
 // Each has its own Name, so their counters never share a Redis key, even for
 // the same client. Clients are told apart by c.RealIP(): see
 // config.ipExtractor and TRUSTED_PROXIES.
 type rateLimits struct {
-	api, login, expensive echo.MiddlewareFunc
+	api, login, expensive, newSession echo.MiddlewareFunc
 }
+
+// newSessionsPerClient is how many sessions one client address may create
+// without logging in, per newSessionWindow: a visitor's first preference
+// creates one, the visitor's later requests carry its cookie and are not
+// counted, so this bounds only a client that throws its cookies away.
+const (
+	newSessionsPerClient = 30
+	newSessionWindow     = 10 * time.Minute
+)
 
 func newRateLimits(client rueidis.Client, cfg config, opts redisecho.Options) (rateLimits, error) {
 	var rl rateLimits
@@ -78,7 +91,49 @@ func newRateLimits(client rueidis.Client, cfg config, opts redisecho.Options) (r
 		FallbackShare: cfg.fallbackShare,
 		Message:       map[string]string{"error": "Too many requests"},
 	}.ToMiddleware()
+	if err != nil {
+		return rl, err
+	}
+	rl.newSession, err = redisecho.RateLimitConfig{
+		Client:   client,
+		Options:  opts,
+		Name:     "new-session",
+		Policies: []redisecho.Policy{{Algorithm: redisecho.FixedWindow, Limit: newSessionsPerClient, Window: newSessionWindow}},
+		// Only requests that create a session count: the Session
+		// middleware ran before, so a request with a live session is
+		// skipped, and one that ends without a new session cookie (a
+		// refused body, a write of nothing, a failure) is given back.
+		Skipper:              func(c echo.Context) bool { return !createsSession(c) },
+		SkipFailedRequests:   true,
+		RequestWasSuccessful: setSessionCookie,
+		// Without Redis no session can be created anyway: 503.
+		OnRedisError: redisecho.FailClosed,
+		Message:      map[string]string{"error": "Too many new sessions from this address, please try again later."},
+	}.ToMiddleware()
 	return rl, err
+}
+
+// setSessionCookie reports whether the request succeeded and its response
+// sets the session cookie (the example keeps its default name): the
+// session was stored.
+func setSessionCookie(c echo.Context, err error) bool {
+	if err != nil || c.Response().Status >= 400 {
+		return false
+	}
+	for _, v := range c.Response().Header().Values(echo.HeaderSetCookie) {
+		if strings.HasPrefix(v, redisecho.DefaultSessionCookie+"=") && !strings.Contains(v, "Max-Age=0") {
+			return true
+		}
+	}
+	return false
+}
+
+// createsSession reports whether the request has no live session, so that
+// a write would create one. A session that cannot be loaded (Redis down)
+// counts as none: the limiter then fails closed, as the session would.
+func createsSession(c echo.Context) bool {
+	s, err := redisecho.GetSession(c)
+	return err == nil && s.IsNew()
 }
 
 // sessionUserID is the logged-in user's ID for UserOrIPKey, or "" for an

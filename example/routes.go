@@ -40,14 +40,18 @@ func jsonError(c echo.Context, code int, msg string) error {
 }
 
 // login is the guide's POST /login, with the session regenerated against
-// fixation and bound to the user for /sessions and /logout-all.
+// fixation and bound to the user for /sessions and /logout-all. A session
+// bound to another user (bob logging in on alice's browser) starts empty:
+// none of its values, alice's preferences included, carry over. An
+// anonymous session keeps its values (the preferences a visitor chose
+// before signing in).
 func login(c echo.Context) error {
 	var in struct {
 		Username string `json:"username"`
 		Password string `json:"password"`
 	}
-	if err := c.Bind(&in); err != nil {
-		return jsonError(c, http.StatusBadRequest, "Invalid JSON body")
+	if err := decodeJSON(c, &in, false); err != nil {
+		return bodyError(c, err, "Invalid JSON body")
 	}
 	u, ok := authenticate(in.Username, in.Password)
 	if !ok {
@@ -57,9 +61,17 @@ func login(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	uid := strconv.Itoa(u.id)
+	if prev := s.UserID(); prev != "" && prev != uid {
+		for _, k := range s.Keys() {
+			if err := s.Delete(k); err != nil {
+				return err
+			}
+		}
+	}
 	if err := errors.Join(
 		s.Regenerate(),
-		s.SetUserID(strconv.Itoa(u.id)),
+		s.SetUserID(uid),
 		s.Set("userId", u.id),
 		s.Set("username", u.username),
 		s.Set("isAuthenticated", true),
@@ -138,38 +150,46 @@ func logoutAll(c echo.Context) error {
 }
 
 // Preference limits: a request merges at most this many keys, each name and
-// value within these sizes.
+// value within these sizes (in bytes, decoded).
 const (
 	maxPreferences     = 50
 	maxPreferenceName  = 64
 	maxPreferenceValue = 1024
 )
 
-// putPreferences merges a JSON object of strings into the session, one
-// session value per key: two tabs changing different preferences at once
-// both keep their change.
+// putPreferences merges a JSON object into the session, one session value
+// per key: two tabs changing different preferences at once both keep their
+// change. A string sets a preference; null deletes it (as in a JSON merge
+// patch, RFC 7396); anything else is a 400. Only the visitor's first write
+// creates a session, and that is rate limited per client address
+// (rateLimits.newSession).
 func putPreferences(c echo.Context) error {
-	var in map[string]string
-	if err := c.Bind(&in); err != nil {
-		return jsonError(c, http.StatusBadRequest, "Body must be a JSON object of strings")
+	var in map[string]*string
+	if err := decodeJSON(c, &in, false); err != nil || in == nil {
+		return bodyError(c, err, "Body must be a JSON object of strings (null deletes a preference)")
 	}
 	if len(in) > maxPreferences {
 		return jsonError(c, http.StatusBadRequest, "Too many preferences in one request")
+	}
+	for k, v := range in {
+		if k == "" || len(k) > maxPreferenceName || v != nil && len(*v) > maxPreferenceValue {
+			return jsonError(c, http.StatusBadRequest, "Preference names must be 1-64 bytes and values at most 1 KiB")
+		}
 	}
 	s, err := redisecho.GetSession(c)
 	if err != nil {
 		return err
 	}
 	for k, v := range in {
-		if k == "" || len(k) > maxPreferenceName || len(v) > maxPreferenceValue {
-			return jsonError(c, http.StatusBadRequest, "Preference names must be 1-64 bytes and values at most 1 KiB")
+		if v == nil {
+			err = s.Delete("pref:" + k)
+		} else {
+			err = s.Set("pref:"+k, *v)
 		}
-	}
-	for k, v := range in {
-		if err := s.Set("pref:"+k, v); err != nil {
-			if errors.Is(err, redisecho.ErrSessionTooLarge) {
-				return jsonError(c, http.StatusRequestEntityTooLarge, "Too many preferences")
-			}
+		if errors.Is(err, redisecho.ErrSessionTooLarge) {
+			return jsonError(c, http.StatusRequestEntityTooLarge, "Too many preferences")
+		}
+		if err != nil {
 			return err
 		}
 	}

@@ -531,6 +531,7 @@ func TestSessionExpiry(t *testing.T) {
 		app := newSessionApp(t, r, c, func(cfg *SessionConfig) {
 			cfg.Clock = clock
 			cfg.IdleTimeout = time.Hour
+			cfg.AnonymousIdleTimeout = time.Hour // these sessions are anonymous
 			cfg.Lifetime = 3 * time.Hour
 		})
 		b := newBrowser(t)
@@ -588,7 +589,7 @@ func TestSessionExpiry(t *testing.T) {
 func TestSessionRedisTTLFollowsTimeouts(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		c := r.Client()
-		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.IdleTimeout = time.Hour })
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.IdleTimeout, cfg.AnonymousIdleTimeout = time.Hour, time.Hour })
 		b := newBrowser(t)
 		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
 		tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
@@ -614,7 +615,7 @@ func TestSessionRegenerate(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		c := r.Client()
 		clock := newFakeClock()
-		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.Clock = clock })
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.Clock, cfg.AnonymousIdleTimeout = clock, 2*time.Hour })
 		b := newBrowser(t)
 		require.Equal(t, http.StatusOK, b.post(app, "/set?k=cart&v=3%20items").code)
 		before := b.cookie(app)

@@ -112,9 +112,15 @@ func newSessionApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*
 		require.NoError(t, err)
 		return c.JSON(http.StatusOK, map[string]any{"found": ok, "value": v})
 	})
-	e.GET("/whoami", func(c echo.Context) error {
+	whoami := func(c echo.Context) error {
 		s := sess(c)
 		return c.JSON(http.StatusOK, map[string]string{"user": s.UserID(), "handle": s.Handle()})
+	}
+	e.GET("/whoami", whoami)
+	e.GET("/sub/whoami", whoami) // a sub-path, where a sibling site may plant cookies
+	e.POST("/unbind", func(c echo.Context) error {
+		require.NoError(t, sess(c).SetUserID(""))
+		return c.NoContent(http.StatusNoContent)
 	})
 	e.GET("/untouched", func(c echo.Context) error { return c.String(http.StatusOK, "static") })
 	e.POST("/late", func(c echo.Context) error {
@@ -1942,4 +1948,80 @@ func TestSessionGoneMarksStayBounded(t *testing.T) {
 	n := 0
 	st.gone.Range(func(_, _ any) bool { n++; return true })
 	require.LessOrEqual(t, n, 1024, "expired marks were swept")
+}
+
+// userOf is the user /whoami answers, or "" with the status when it is not
+// a 200.
+func userOf(t *testing.T, rep reply) string {
+	t.Helper()
+	if rep.code != http.StatusOK {
+		return ""
+	}
+	var who struct{ User string }
+	require.NoError(t, json.Unmarshal([]byte(rep.body), &who), rep.body)
+	return who.User
+}
+
+// TestSessionStalenessDuringPartition measures how long an instance cut off
+// from Redis keeps serving, from its client-side cache, a session that was
+// logged out everywhere meanwhile. Instance A reaches Redis through a proxy
+// that the test freezes (packets dropped, no reset) and uses the options
+// the library recommends: ConnWriteTimeout = DefaultConnWriteTimeout and
+// rueidis's default Dialer.KeepAlive (1 s). rueidis drops a connection
+// whose keep-alive PING gets no answer within ConnWriteTimeout, and its
+// cache with it. Its ping timer ticks every KeepAlive and skips a tick that
+// saw a reply since the last one, so the PING goes out 1 to 2 KeepAlives
+// after the last reply: the bound is 2 × KeepAlive + ConnWriteTimeout (4 s),
+// counted from the last reply before the partition. Standalone only: a cluster client learns
+// the nodes' real addresses from CLUSTER SLOTS and would bypass the proxy.
+func TestSessionStalenessDuringPartition(t *testing.T) {
+	r := newTestRedis(t, standaloneRedis.name, standaloneRedis.addrs)
+	proxy := newFreezeProxy(t, standaloneRedis.addrs[0])
+	const keepAlive = time.Second // rueidis's default Dialer.KeepAlive
+	clientA := r.Client(func(o *rueidis.ClientOption) {
+		o.InitAddress = []string{proxy.Addr()}
+		o.ForceSingleClient = true
+		o.ConnWriteTimeout = DefaultConnWriteTimeout
+	})
+	appA := newSessionApp(t, r, clientA, nil)
+	appB := newSessionApp(t, r, r.Client(), nil)
+	b := newBrowser(t) // the jar's cookies are per host, so A and B share them
+	require.Equal(t, http.StatusOK, b.post(appB, "/login?user=u1").code)
+	require.Equal(t, "u1", userOf(t, b.get(appA, "/whoami")))
+	hits := appA.store.Stats().CacheHits
+	require.Equal(t, "u1", userOf(t, b.get(appA, "/whoami")))
+	require.Equal(t, hits+1, appA.store.Stats().CacheHits, "A serves the session from its cache")
+
+	proxy.Freeze()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n, err := appB.store.DestroyUserSessions(ctx, "u1")
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	onB := newBrowser(t) // its own jar: B clears the dead cookie it is sent
+	onB.setCookie(appB, b.cookie(appA))
+	require.Empty(t, userOf(t, onB.get(appB, "/whoami")), "B sees the logout at once")
+
+	loggedOut := time.Now()
+	bound := 2*keepAlive + DefaultConnWriteTimeout + 3*time.Second // the margin is for a loaded CI machine
+	var stale time.Duration
+	for {
+		rep := b.get(appA, "/whoami")
+		if userOf(t, rep) != "u1" {
+			require.Equal(t, http.StatusServiceUnavailable, rep.code, "cut off, A answers 503: %s", rep.body)
+			require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body)
+			break
+		}
+		stale = time.Since(loggedOut)
+		require.Less(t, stale, bound, "A still serves a logged-out session")
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("a cut-off instance served the logged-out session for %v (bound 2 × KeepAlive %v + ConnWriteTimeout %v)", stale.Round(time.Millisecond), keepAlive, DefaultConnWriteTimeout)
+
+	// Once the partition heals, A reads the truth.
+	proxy.Thaw()
+	require.Eventually(t, func() bool {
+		rep := b.get(appA, "/whoami")
+		return rep.code == http.StatusOK && userOf(t, rep) == ""
+	}, 10*time.Second, 50*time.Millisecond)
 }

@@ -2025,3 +2025,108 @@ func TestSessionStalenessDuringPartition(t *testing.T) {
 		return rep.code == http.StatusOK && userOf(t, rep) == ""
 	}, 10*time.Second, 50*time.Millisecond)
 }
+
+// TestSessionFullRedis: in a Redis that is out of memory (noeviction),
+// sessions are read (HTTP 200 through the middleware, from the cache and on
+// an instance that must go to Redis), every save answers the documented
+// 503 with no internal text and writes nothing, logouts free memory and
+// work, and once memory is freed everything works again.
+func TestSessionFullRedis(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		app := newSessionApp(t, f.testRedis, f.Client(), nil)
+		alice, phone, visitor := newBrowser(t), newBrowser(t), newBrowser(t)
+		require.Equal(t, http.StatusOK, alice.post(app, "/login?user=alice").code)
+		require.Equal(t, http.StatusOK, alice.post(app, "/set?k=theme&v=dark").code)
+		require.Equal(t, http.StatusOK, phone.post(app, "/login?user=alice").code)
+		require.Equal(t, http.StatusOK, visitor.post(app, "/set?k=cart&v=1").code)
+		require.Equal(t, "alice", userOf(t, alice.get(app, "/whoami"))) // cached here
+
+		plain := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		keyOf := func(b *browser) string {
+			tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
+			require.True(t, ok)
+			return app.store.key(tok)
+		}
+		type snapshot struct {
+			fields map[string]string
+			pttl   int64
+		}
+		snap := func(key string) snapshot {
+			m, err := plain.Do(ctx, plain.B().Hgetall().Key(key).Build()).AsStrMap()
+			require.NoError(t, err)
+			pttl, err := plain.Do(ctx, plain.B().Pttl().Key(key).Build()).AsInt64()
+			require.NoError(t, err)
+			return snapshot{m, pttl}
+		}
+		aliceKey, visitorKey := keyOf(alice), keyOf(visitor)
+		before := map[string]snapshot{aliceKey: snap(aliceKey), visitorKey: snap(visitorKey)}
+		keys := countKeys(t, f.testRedis, plain)
+
+		f.Fill(t)
+
+		// Reads work: from this instance's cache, and on a fresh instance
+		// whose tracked read is refused and retried untracked.
+		fresh := newSessionApp(t, f.testRedis, f.Client(), nil)
+		for _, a := range []*sessionApp{app, fresh} {
+			require.Equal(t, "alice", userOf(t, alice.get(a, "/whoami")))
+			found, v := valueOf(t, alice.get(a, "/get?k=theme"))
+			require.True(t, found)
+			require.Equal(t, "dark", v)
+			found, _ = valueOf(t, visitor.get(a, "/get?k=cart"))
+			require.True(t, found)
+		}
+
+		// Every save answers 503 with the documented body, and writes nothing.
+		saves := []struct {
+			name string
+			b    *browser
+			path string
+		}{
+			{"change a value", alice, "/set?k=theme&v=light"},
+			{"regenerate", visitor, "/regenerate"},
+			{"log in on an anonymous session", visitor, "/login?user=bob"},
+			{"unbind", alice, "/unbind"},
+			{"create a session", newBrowser(t), "/set?k=cart&v=2"},
+			{"log in afresh", newBrowser(t), "/login?user=carol"},
+		}
+		for _, tc := range saves {
+			for _, a := range []*sessionApp{app, fresh} {
+				rep := tc.b.post(a, tc.path)
+				require.Equal(t, http.StatusServiceUnavailable, rep.code, "%s: %s", tc.name, rep.body)
+				require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body, tc.name)
+				require.Empty(t, rep.header.Values("Set-Cookie"), tc.name)
+			}
+		}
+		for key, was := range before {
+			now := snap(key)
+			require.Equal(t, was.fields, now.fields, "nothing half-written in %s", key)
+			require.LessOrEqual(t, now.pttl, was.pttl, "no expiry extended in %s", key)
+			require.Positive(t, now.pttl)
+		}
+		require.Equal(t, keys, countKeys(t, f.testRedis, plain), "no key created, no index written")
+
+		// Logouts free memory: they work in a full Redis.
+		phoneKey := keyOf(phone)
+		require.Equal(t, http.StatusNoContent, phone.post(app, "/destroy").code)
+		require.Empty(t, snap(phoneKey).fields, "destroyed")
+		list, err := app.store.ListUserSessions(ctx, "alice")
+		require.NoError(t, err)
+		require.Len(t, list, 1, "the destroyed session left the index")
+		require.Equal(t, http.StatusNoContent, visitor.post(fresh, "/destroy").code)
+		require.Empty(t, snap(visitorKey).fields)
+
+		// Once memory is freed, saves work again.
+		f.Free(t)
+		require.Equal(t, http.StatusOK, alice.post(app, "/set?k=theme&v=light").code)
+		found, v := valueOf(t, alice.get(fresh, "/get?k=theme"))
+		require.True(t, found)
+		require.Equal(t, "light", v)
+		require.Equal(t, http.StatusOK, phone.post(fresh, "/login?user=alice").code)
+		n, err := app.store.DestroyUserSessions(ctx, "alice")
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+	})
+}

@@ -331,6 +331,18 @@ func TestSessionConfigValidation(t *testing.T) {
 		{name: "touch share too big", given: SessionConfig{Client: c, Keys: []string{testKey}, TouchAfter: 1}, wantErr: ErrInvalidSessionConfig},
 		{name: "tiny lifetime", given: SessionConfig{Client: c, Keys: []string{testKey}, Lifetime: time.Millisecond}, wantErr: ErrInvalidSessionConfig},
 		{name: "brace in prefix", given: SessionConfig{Client: c, Keys: []string{testKey}, Options: Options{Prefix: "{x}"}}, wantErr: ErrInvalidPrefix},
+		{name: "anonymous idle longer than idle", given: SessionConfig{Client: c, Keys: []string{testKey}, IdleTimeout: time.Hour, AnonymousIdleTimeout: 2 * time.Hour}, wantErr: ErrInvalidSessionConfig},
+		{name: "tiny anonymous idle", given: SessionConfig{Client: c, Keys: []string{testKey}, AnonymousIdleTimeout: time.Millisecond}, wantErr: ErrInvalidSessionConfig},
+		{name: "anonymous size over max", given: SessionConfig{Client: c, Keys: []string{testKey}, MaxSize: 1000, AnonymousMaxSize: 1001}, wantErr: ErrInvalidSessionConfig},
+		{name: "negative anonymous size", given: SessionConfig{Client: c, Keys: []string{testKey}, AnonymousMaxSize: -1}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- over plain HTTP", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", InsecureCookie: true}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- with a path", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", CookiePath: "/app"}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- with a domain", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", CookieDomain: "example.com"}, wantErr: ErrInvalidSessionConfig},
+		{name: "__host- in lower case with a domain", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__host-sid", CookieDomain: "example.com"}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Secure- over plain HTTP", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Secure-sid", InsecureCookie: true}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- with the defaults", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid"}},
+		{name: "__Host- with path /", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", CookiePath: "/"}},
+		{name: "__Secure- with a path and a domain", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Secure-sid", CookiePath: "/app", CookieDomain: "example.com"}},
 		{name: "defaults", given: SessionConfig{Client: c, Keys: []string{testKey}}},
 	}
 	for _, tt := range tests {
@@ -2128,5 +2140,147 @@ func TestSessionFullRedis(t *testing.T) {
 		n, err := app.store.DestroyUserSessions(ctx, "alice")
 		require.NoError(t, err)
 		require.Equal(t, 2, n)
+	})
+}
+
+// TestSessionAnonymousDefaults: the anonymous limits default to 30 min and
+// 4 KiB, capped at IdleTimeout and MaxSize.
+func TestSessionAnonymousDefaults(t *testing.T) {
+	c := standaloneClient(t)
+	tests := []struct {
+		name     string
+		given    SessionConfig
+		wantIdle time.Duration
+		wantSize int
+	}{
+		{name: "defaults", wantIdle: 30 * time.Minute, wantSize: 4 << 10},
+		{name: "short idle timeout", given: SessionConfig{IdleTimeout: 10 * time.Minute}, wantIdle: 10 * time.Minute, wantSize: 4 << 10},
+		{name: "small max size", given: SessionConfig{MaxSize: 1000}, wantIdle: 30 * time.Minute, wantSize: 1000},
+		{name: "set", given: SessionConfig{AnonymousIdleTimeout: time.Minute, AnonymousMaxSize: 100}, wantIdle: time.Minute, wantSize: 100},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := tt.given
+			cfg.Client, cfg.Keys = c, []string{testKey}
+			st, err := NewSessionStore(cfg)
+			require.NoError(t, err)
+			require.Equal(t, tt.wantIdle, st.cfg.AnonymousIdleTimeout)
+			require.Equal(t, tt.wantSize, st.cfg.AnonymousMaxSize)
+		})
+	}
+}
+
+// TestSessionAnonymousLimits: a session bound to no user lives under
+// AnonymousIdleTimeout and AnonymousMaxSize, enforced by Redis and the save
+// script; binding a user switches it to IdleTimeout and MaxSize, unbinding
+// back; the gorilla store keeps the normal limits.
+func TestSessionAnonymousLimits(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		clock := newFakeClock()
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) {
+			cfg.Clock = clock
+			cfg.IdleTimeout, cfg.AnonymousIdleTimeout = time.Hour, 20*time.Minute
+			cfg.MaxSize, cfg.AnonymousMaxSize = 2000, 500
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		keyOf := func(b *browser) string {
+			tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
+			require.True(t, ok)
+			return app.store.key(tok)
+		}
+		pttl := func(b *browser) time.Duration {
+			ms, err := c.Do(ctx, c.B().Pttl().Key(keyOf(b)).Build()).AsInt64()
+			require.NoError(t, err)
+			return time.Duration(ms) * time.Millisecond
+		}
+		big := func(n int) string { return strings.Repeat("x", n) }
+
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=a&v="+big(300)).code)
+		require.InDelta(t, float64(20*time.Minute), float64(pttl(b)), float64(5*time.Second), "an anonymous session expires with AnonymousIdleTimeout")
+
+		// Growing beyond AnonymousMaxSize is refused, by Set and by the script.
+		rep := b.post(app, "/set-silent?k=b&v="+big(300))
+		require.Equal(t, http.StatusRequestEntityTooLarge, rep.code, rep.body)
+		key := keyOf(b)
+		_, err := app.store.runSave(ctx, key, key, app.store.saveArgs("update", clock.Now(), 0, true, map[string][]byte{"v:b": []byte(`"` + big(300) + `"`)}, nil))
+		require.ErrorIs(t, err, ErrSessionTooLarge, "the script enforces it too")
+
+		// Logged in: MaxSize and IdleTimeout.
+		require.Equal(t, http.StatusOK, b.post(app, "/login?user=u1").code)
+		require.InDelta(t, float64(time.Hour), float64(pttl(b)), float64(5*time.Second), "a bound session expires with IdleTimeout")
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=b&v="+big(1200)).code)
+		require.Equal(t, http.StatusRequestEntityTooLarge, b.post(app, "/set-silent?k=c&v="+big(600)).code, "MaxSize still holds")
+		clock.Advance(40 * time.Minute) // past the anonymous idle timeout, within the normal one
+		found, _ := valueOf(t, b.get(app, "/get?k=b"))
+		require.True(t, found, "a bound session outlives AnonymousIdleTimeout")
+
+		// Unbound while holding more than AnonymousMaxSize: kept, may shrink,
+		// may not grow, and expires with AnonymousIdleTimeout again.
+		require.Equal(t, http.StatusNoContent, b.post(app, "/unbind").code)
+		require.InDelta(t, float64(20*time.Minute), float64(pttl(b)), float64(5*time.Second))
+		found, _ = valueOf(t, b.get(app, "/get?k=b"))
+		require.True(t, found, "unbinding keeps the values")
+		require.Equal(t, http.StatusRequestEntityTooLarge, b.post(app, "/set-silent?k=c&v=1").code, "it may not grow")
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=b&v=small").code, "it may shrink")
+
+		// Idle longer than AnonymousIdleTimeout: gone (the app's clock says
+		// so before Redis's TTL does).
+		clock.Advance(21 * time.Minute)
+		found, _ = valueOf(t, b.get(app, "/get?k=b"))
+		require.False(t, found, "anonymous idle timeout")
+
+		// A read after TouchAfter of the anonymous idle timeout extends it.
+		b = newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=a&v=1").code)
+		saves := app.store.Stats().Saves
+		clock.Advance(6 * time.Minute) // over a quarter of 20 min, under a quarter of an hour
+		found, _ = valueOf(t, b.get(app, "/get?k=a"))
+		require.True(t, found)
+		require.Equal(t, saves+1, app.store.Stats().Saves, "the anonymous idle timeout slid")
+
+		// User IDs are bounded.
+		e := echo.New()
+		e.Use(app.store.Middleware())
+		e.POST("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.ErrorIs(t, s.SetUserID(strings.Repeat("u", MaxUserIDLength+1)), ErrInvalidUserID)
+			require.Empty(t, s.UserID(), "refused: nothing bound")
+			require.NoError(t, s.SetUserID(strings.Repeat("u", MaxUserIDLength)))
+			return c.NoContent(http.StatusNoContent)
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		require.Equal(t, http.StatusNoContent, newBrowser(t).do(http.MethodPost, srv.URL).code)
+		for _, id := range []string{"", strings.Repeat("u", MaxUserIDLength+1)} {
+			_, err := app.store.ListUserSessions(ctx, id)
+			require.ErrorIs(t, err, ErrInvalidUserID)
+			_, err = app.store.DestroyUserSessions(ctx, id)
+			require.ErrorIs(t, err, ErrInvalidUserID)
+		}
+	})
+}
+
+// TestGorillaStoreKeepsNormalLimits: the gorilla API has no user binding,
+// so its sessions live under IdleTimeout and MaxSize.
+func TestGorillaStoreKeepsNormalLimits(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newGorillaApp(t, r, c, "session", func(cfg *SessionConfig) {
+			cfg.IdleTimeout, cfg.AnonymousIdleTimeout = time.Hour, 20*time.Minute
+			cfg.MaxSize, cfg.AnonymousMaxSize = 2000, 500
+		})
+		b := newBrowser(t)
+		rep := b.do(http.MethodPost, app.srv.URL+"/g/set?k=big&v="+strings.Repeat("x", 1200))
+		require.Equal(t, http.StatusOK, rep.code, "MaxSize, not AnonymousMaxSize: %s", rep.body)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		tok, _, _, ok := app.store.decodeCookie("session", cookieOf(b, app, "session"))
+		require.True(t, ok)
+		ms, err := c.Do(ctx, c.B().Pttl().Key(app.store.key(tok)).Build()).AsInt64()
+		require.NoError(t, err)
+		require.InDelta(t, time.Hour.Milliseconds(), ms, 5000, "IdleTimeout, not AnonymousIdleTimeout")
 	})
 }

@@ -1092,7 +1092,7 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 			s.ua = s.ua[:256]
 		}
 	}
-	cookies := sessionCookies(r, st.cfg.CookieName)
+	cookies, more := sessionCookies(r, st.cfg.CookieName)
 	if len(cookies) == 0 {
 		s.loaded = true // no cookie: an empty new session, no I/O
 		return s
@@ -1108,7 +1108,9 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 		}
 	}
 	if !s.hasToken {
-		s.badCookie, s.loaded = true, true
+		// Only bad cookies: clear ours, unless some went unread (one of
+		// those may be valid).
+		s.badCookie, s.loaded = !more, true
 	}
 	return s
 }
@@ -1116,14 +1118,17 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 // maxSessionCookies bounds how many cookies of the session's name a request
 // may make the middleware verify and read: a browser sends one per path
 // (and domain) level that set one, so a few are plenty.
-const maxSessionCookies = 4
+const maxSessionCookies = 8
 
 // sessionCookies returns the request's cookies named name, in the order the
 // client sent them (a browser sends the one with the longest Path first),
-// at most maxSessionCookies of them.
-func sessionCookies(r *http.Request, name string) []*http.Cookie {
-	cookies := r.CookiesNamed(name)
-	return cookies[:min(len(cookies), maxSessionCookies)]
+// at most maxSessionCookies of them; more reports that there were more.
+func sessionCookies(r *http.Request, name string) (cookies []*http.Cookie, more bool) {
+	cookies = r.CookiesNamed(name)
+	if len(cookies) > maxSessionCookies {
+		return cookies[:maxSessionCookies], true
+	}
+	return cookies, false
 }
 
 // use makes vc the session's token. Callers hold s.mu or own s.
@@ -2046,10 +2051,11 @@ func (gs *GorillaStore) New(r *http.Request, name string) (*sessions.Session, er
 		d     sessionData
 		found bool
 	)
-	for _, ck := range sessionCookies(r, name) {
+	cookies, more := sessionCookies(r, name)
+	for _, ck := range cookies {
 		t, version, rotated, ok := gs.st.decodeCookie(name, ck.Value)
 		if !ok {
-			state.badCookie = !state.hasToken // tampered, malformed or signed by a retired key
+			state.badCookie = !state.hasToken && !more // tampered, malformed or signed by a retired key
 			continue
 		}
 		if !state.hasToken {

@@ -2284,3 +2284,106 @@ func TestGorillaStoreKeepsNormalLimits(t *testing.T) {
 		require.InDelta(t, time.Hour.Milliseconds(), ms, 5000, "IdleTimeout, not AnonymousIdleTimeout")
 	})
 }
+
+// rawGet sends a GET with exactly the given Cookie header, no jar.
+func rawGet(t *testing.T, url, cookieHeader string) reply {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	require.NoError(t, err)
+	if cookieHeader != "" {
+		req.Header.Set("Cookie", cookieHeader)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return reply{code: resp.StatusCode, header: resp.Header, body: string(body)}
+}
+
+// TestSessionCookieTossing: of several cookies of the session's name (one
+// planted on a sub-path by a sibling site), the first that verifies and
+// names a live session is used, and a valid cookie is never cleared because
+// a bad one came first.
+func TestSessionCookieTossing(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		user := newBrowser(t)
+		require.Equal(t, http.StatusOK, user.post(app, "/login?user=u1").code)
+		valid := user.cookie(app)
+		tampered := valid[:len(valid)-1] + map[bool]string{true: "A", false: "B"}[valid[len(valid)-1] != 'A']
+		foreignStore, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{strings.Repeat("f", 32)}})
+		require.NoError(t, err)
+		foreign := foreignStore.encodeCookie(DefaultSessionCookie, newToken(""), 0)
+		dead := app.store.encodeCookie(DefaultSessionCookie, newToken(""), 0) // signed by us, no session
+		junk := "not-a-session"
+
+		tests := []struct {
+			name      string
+			given     []string // the cookies of the session's name, in the order sent
+			wantUser  string
+			wantClear bool
+		}{
+			{name: "valid", given: []string{valid}, wantUser: "u1"},
+			{name: "tampered, valid", given: []string{tampered, valid}, wantUser: "u1"},
+			{name: "valid, tampered", given: []string{valid, tampered}, wantUser: "u1"},
+			{name: "foreign key, valid", given: []string{foreign, valid}, wantUser: "u1"},
+			{name: "no session, valid", given: []string{dead, valid}, wantUser: "u1"},
+			{name: "junk, no session, tampered, valid", given: []string{junk, dead, tampered, valid}, wantUser: "u1"},
+			{name: "tampered", given: []string{tampered}, wantClear: true},
+			{name: "no session", given: []string{dead}, wantClear: true},
+			{name: "junk, no session", given: []string{junk, dead}, wantClear: true},
+			{name: "more bad ones than are read: nothing cleared", given: append(slices.Repeat([]string{junk}, maxSessionCookies), valid)},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				parts := make([]string, len(tt.given))
+				for i, v := range tt.given {
+					parts[i] = DefaultSessionCookie + "=" + v
+				}
+				rep := rawGet(t, app.srv.URL+"/whoami", "other=1; "+strings.Join(parts, "; "))
+				require.Equal(t, http.StatusOK, rep.code, rep.body)
+				require.Equal(t, tt.wantUser, userOf(t, rep))
+				if tt.wantClear {
+					require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+				} else {
+					require.Empty(t, rep.header.Values("Set-Cookie"), "nothing cleared, nothing reissued")
+				}
+			})
+		}
+
+		// A real browser: a sibling site plants cookies of our name on a
+		// sub-path; the browser sends them first there.
+		u, _ := url.Parse(app.srv.URL)
+		u.Scheme = "https"
+		for _, planted := range []string{junk, tampered, dead} {
+			sub := *u
+			sub.Path = "/sub"
+			user.jar.SetCookies(&sub, []*http.Cookie{{Name: DefaultSessionCookie, Value: planted, Path: "/sub"}})
+			sub.Path = "/sub/whoami"
+			sent := user.jar.Cookies(&sub)
+			require.Len(t, sent, 2)
+			require.Equal(t, planted, sent[0].Value, "the sub-path cookie goes first")
+			for _, path := range []string{"/sub/whoami", "/whoami"} {
+				rep := user.get(app, path)
+				require.Equal(t, "u1", userOf(t, rep), "%s with %q planted", path, planted)
+				require.Empty(t, rep.header.Values("Set-Cookie"))
+			}
+			require.Equal(t, valid, user.cookie(app), "the valid cookie is kept")
+		}
+
+		// The gorilla store picks the same way.
+		g := newGorillaApp(t, r, r.Client(), "session", nil)
+		gb := newBrowser(t)
+		require.Equal(t, http.StatusOK, gb.do(http.MethodPost, g.srv.URL+"/g/login").code)
+		gValid := cookieOf(gb, g, "session")
+		gDead := g.store.encodeCookie("session", newToken(""), 0)
+		for _, header := range []string{
+			"session=" + junk + "; session=" + gValid,
+			"session=" + gDead + "; session=" + tampered + "; session=" + gValid,
+		} {
+			me := jsonOf(t, rawGet(t, g.srv.URL+"/g/me", header))
+			require.Equal(t, float64(42), me["userId"], header)
+			require.Equal(t, false, me["isNew"])
+		}
+	})
+}

@@ -2387,3 +2387,134 @@ func TestSessionCookieTossing(t *testing.T) {
 		}
 	})
 }
+
+// TestSessionPersonalResponsesArePrivate: a response whose handler read a
+// logged-in session gets "Cache-Control: private" (unless the handler set
+// one) and "Vary: Cookie" (added to the others), on the wire, even when
+// the handler writes its headers itself; AllowSharedCaching turns it off.
+func TestSessionPersonalResponsesArePrivate(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		newApp := func(allowShared bool) *sessionApp {
+			app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.AllowSharedCaching = allowShared })
+			e := echo.New()
+			e.Use(app.store.Middleware())
+			read := func(c echo.Context) string {
+				s, err := GetSession(c)
+				require.NoError(t, err)
+				return s.UserID()
+			}
+			e.GET("/page", func(c echo.Context) error { return c.String(http.StatusOK, "hello "+read(c)) })
+			e.GET("/own-headers", func(c echo.Context) error {
+				u := read(c)
+				c.Response().Header().Set("Cache-Control", "max-age=60")
+				c.Response().Header().Set("Vary", "Accept-Encoding")
+				return c.String(http.StatusOK, "hello "+u)
+			})
+			e.GET("/vary-cookie", func(c echo.Context) error {
+				c.Response().Header().Set("Vary", "Accept, cookie")
+				return c.String(http.StatusOK, "hello "+read(c))
+			})
+			e.GET("/stream", func(c echo.Context) error {
+				u := read(c)
+				c.Response().WriteHeader(http.StatusOK) // commits: the headers go out now
+				_, err := c.Response().Write([]byte("hello " + u))
+				return err
+			})
+			e.GET("/static", func(c echo.Context) error { return c.String(http.StatusOK, "static") })
+			srv := httptest.NewServer(e)
+			t.Cleanup(srv.Close)
+			return &sessionApp{store: app.store, srv: srv}
+		}
+		app := newApp(false)
+		loginApp := newSessionApp(t, r, c, nil) // same prefix and keys: the same sessions
+		user, visitor := newBrowser(t), newBrowser(t)
+		require.Equal(t, http.StatusOK, user.post(loginApp, "/login?user=u1").code)
+		require.Equal(t, http.StatusOK, visitor.post(loginApp, "/set?k=theme&v=dark").code)
+
+		tests := []struct {
+			name        string
+			b           *browser
+			path        string
+			wantCache   string
+			wantVary    []string
+		}{
+			{name: "logged in", b: user, path: "/page", wantCache: "private", wantVary: []string{"Cookie"}},
+			{name: "own Cache-Control kept, Vary added", b: user, path: "/own-headers", wantCache: "max-age=60", wantVary: []string{"Accept-Encoding", "Cookie"}},
+			{name: "Vary already names the cookie", b: user, path: "/vary-cookie", wantCache: "private", wantVary: []string{"Accept, cookie"}},
+			{name: "headers written by the handler", b: user, path: "/stream", wantCache: "private", wantVary: []string{"Cookie"}},
+			{name: "session not read", b: user, path: "/static"},
+			{name: "anonymous session", b: visitor, path: "/page"},
+			{name: "no session", b: newBrowser(t), path: "/page"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				rep := tt.b.get(app, tt.path)
+				require.Equal(t, http.StatusOK, rep.code, rep.body)
+				require.Equal(t, tt.wantCache, rep.header.Get("Cache-Control"))
+				require.Equal(t, tt.wantVary, rep.header.Values("Vary"))
+			})
+		}
+		shared := newApp(true)
+		rep := user.get(shared, "/page")
+		require.Equal(t, "hello u1", rep.body)
+		require.Empty(t, rep.header.Get("Cache-Control"), "AllowSharedCaching leaves the headers alone")
+		require.Empty(t, rep.header.Values("Vary"))
+	})
+}
+
+// TestDestroyUserSessionsReportsMissingIndex: when the user's index is gone
+// (evicted, deleted), "log out everywhere" cannot find the other sessions;
+// it says so when the caller's own session is bound to the user but absent
+// from the index.
+func TestDestroyUserSessionsReportsMissingIndex(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newSessionApp(t, r, c, nil)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		devices := []*browser{newBrowser(t), newBrowser(t), newBrowser(t)}
+		for _, d := range devices {
+			require.Equal(t, http.StatusOK, d.post(app, "/login?user=u1").code)
+		}
+		var who struct{ User, Handle string }
+		require.NoError(t, json.Unmarshal([]byte(devices[0].get(app, "/whoami").body), &who))
+		here := who.Handle
+		idx := app.store.userKey("u1")
+
+		// The index is lost (an eviction, a careless DEL).
+		require.NoError(t, c.Do(ctx, c.B().Del().Key(idx).Build()).Error())
+		n, err := app.store.DestroyUserSessions(ctx, "u1", here)
+		require.ErrorIs(t, err, ErrSessionIndexMissing, "the caller's session is bound to u1 but not indexed")
+		require.Zero(t, n)
+		for _, d := range devices {
+			require.Equal(t, "u1", userOf(t, d.get(app, "/whoami")), "the other sessions live on, as reported")
+		}
+
+		// Rebuilt in part by a new login: that one ends, the error stays.
+		late := newBrowser(t)
+		require.Equal(t, http.StatusOK, late.post(app, "/login?user=u1").code)
+		n, err = app.store.DestroyUserSessions(ctx, "u1", here)
+		require.ErrorIs(t, err, ErrSessionIndexMissing)
+		require.Equal(t, 1, n)
+		require.Empty(t, userOf(t, late.get(app, "/whoami")))
+
+		// Without a session to check against, a lost index cannot be told
+		// from a user with no other session.
+		n, err = app.store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		// An intact index: no error.
+		fresh := []*browser{newBrowser(t), newBrowser(t)}
+		for _, d := range fresh {
+			require.Equal(t, http.StatusOK, d.post(app, "/login?user=u2").code)
+		}
+		require.NoError(t, json.Unmarshal([]byte(fresh[0].get(app, "/whoami").body), &who))
+		n, err = app.store.DestroyUserSessions(ctx, "u2", who.Handle)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		require.Equal(t, "u2", userOf(t, fresh[0].get(app, "/whoami")))
+		require.Empty(t, userOf(t, fresh[1].get(app, "/whoami")))
+	})
+}

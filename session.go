@@ -317,9 +317,9 @@ func (cfg SessionConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 //	<prefix>{sess:S}:D          hash: "v:<key>" values, "f:<key>" flashes, "_…" metadata
 //	<prefix>{user:U}:sessions   sorted set: handles of user U's sessions, scored by expiry (ms)
 type SessionStore struct {
-	b        *backend
-	cfg      SessionConfig
-	keys     [][]byte
+	b    *backend
+	cfg  SessionConfig
+	keys [][]byte
 
 	loads, cacheHits, saves, saveErrors, staleBypass atomic.Uint64
 

@@ -2433,11 +2433,11 @@ func TestSessionPersonalResponsesArePrivate(t *testing.T) {
 		require.Equal(t, http.StatusOK, visitor.post(loginApp, "/set?k=theme&v=dark").code)
 
 		tests := []struct {
-			name        string
-			b           *browser
-			path        string
-			wantCache   string
-			wantVary    []string
+			name      string
+			b         *browser
+			path      string
+			wantCache string
+			wantVary  []string
 		}{
 			{name: "logged in", b: user, path: "/page", wantCache: "private", wantVary: []string{"Cookie"}},
 			{name: "own Cache-Control kept, Vary added", b: user, path: "/own-headers", wantCache: "max-age=60", wantVary: []string{"Accept-Encoding", "Cookie"}},

@@ -1807,6 +1807,11 @@ func (st *SessionStore) commit(c echo.Context, s *SessionState) {
 		return
 	}
 	res := c.Response()
+	if !s.loaded && len(s.spare) > 0 && (s.destroy || s.dirty()) {
+		// Several cookies verified: write to (or destroy) the one whose
+		// session lives, never to a planted one that names none.
+		s.ensureLoaded()
+	}
 	if s.err != nil && !s.st.cfg.Degrade {
 		s.failure = failUnavailable
 	}

@@ -2288,7 +2288,13 @@ func TestGorillaStoreKeepsNormalLimits(t *testing.T) {
 // rawGet sends a GET with exactly the given Cookie header, no jar.
 func rawGet(t *testing.T, url, cookieHeader string) reply {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, url, nil)
+	return rawDo(t, http.MethodGet, url, cookieHeader)
+}
+
+// rawDo sends a request with exactly the given Cookie header, no jar.
+func rawDo(t *testing.T, method, url, cookieHeader string) reply {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
 	require.NoError(t, err)
 	if cookieHeader != "" {
 		req.Header.Set("Cookie", cookieHeader)
@@ -2370,6 +2376,17 @@ func TestSessionCookieTossing(t *testing.T) {
 			}
 			require.Equal(t, valid, user.cookie(app), "the valid cookie is kept")
 		}
+
+		// Writes that do not read the session first go to the live one too:
+		// a planted cookie naming no session neither takes the change nor
+		// gets the valid cookie cleared.
+		tossed := DefaultSessionCookie + "=" + dead + "; " + DefaultSessionCookie + "=" + valid
+		rep := rawDo(t, http.MethodPost, app.srv.URL+"/delete?k=nothing", tossed)
+		require.Equal(t, http.StatusNoContent, rep.code, rep.body)
+		require.NotContains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+		require.Equal(t, "u1", userOf(t, rawGet(t, app.srv.URL+"/whoami", tossed)))
+		require.Equal(t, http.StatusNoContent, rawDo(t, http.MethodPost, app.srv.URL+"/destroy", tossed).code)
+		require.Empty(t, userOf(t, rawGet(t, app.srv.URL+"/whoami", DefaultSessionCookie+"="+valid)), "the live session was destroyed")
 
 		// The gorilla store picks the same way.
 		g := newGorillaApp(t, r, r.Client(), "session", nil)

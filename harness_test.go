@@ -23,7 +23,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"net"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -274,5 +276,131 @@ func (f *faultRedis) Free(t *testing.T, servers ...*redisServer) {
 	for _, s := range f.pick(servers) {
 		_, err := respDo(s.Addr(), 2*time.Second, "CONFIG", "SET", "maxmemory", "0")
 		require.NoError(t, err)
+	}
+}
+
+// freezeProxy is a TCP proxy in front of one server that a test can freeze:
+// it then stops forwarding in both directions without closing anything, as
+// a network partition that drops packets does (a real server cannot be made
+// to do that: SIGSTOP still lets the kernel accept and acknowledge).
+// Connections accepted while frozen reach the server only after Thaw.
+type freezeProxy struct {
+	ln     net.Listener
+	target string
+
+	mu     sync.Mutex
+	thawed chan struct{} // closed while forwarding, open while frozen
+	conns  []net.Conn
+	closed bool
+}
+
+// newFreezeProxy starts a proxy to target on a free loopback port, closed
+// (with every connection through it) when the test ends.
+func newFreezeProxy(t *testing.T, target string) *freezeProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	p := &freezeProxy{ln: ln, target: target, thawed: make(chan struct{})}
+	close(p.thawed)
+	go p.serve()
+	t.Cleanup(p.close)
+	return p
+}
+
+// Addr is the address clients dial instead of the target's.
+func (p *freezeProxy) Addr() string { return p.ln.Addr().String() }
+
+// Freeze stops forwarding: bytes already read are held, nothing more is
+// delivered either way, and no connection is closed.
+func (p *freezeProxy) Freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.thawed:
+		p.thawed = make(chan struct{})
+	default:
+	}
+}
+
+// Thaw resumes forwarding, delivering what was held.
+func (p *freezeProxy) Thaw() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.thawed:
+	default:
+		close(p.thawed)
+	}
+}
+
+// wait blocks while the proxy is frozen.
+func (p *freezeProxy) wait() {
+	p.mu.Lock()
+	ch := p.thawed
+	p.mu.Unlock()
+	<-ch
+}
+
+func (p *freezeProxy) track(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		_ = c.Close()
+		return false
+	}
+	p.conns = append(p.conns, c)
+	return true
+}
+
+func (p *freezeProxy) serve() {
+	for {
+		in, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		if !p.track(in) {
+			return
+		}
+		go func() {
+			p.wait() // a connection made during the partition goes nowhere yet
+			out, err := net.Dial("tcp", p.target)
+			if err != nil || !p.track(out) {
+				_ = in.Close()
+				return
+			}
+			go p.pump(out, in)
+			p.pump(in, out)
+		}()
+	}
+}
+
+// pump forwards src to dst, holding each chunk while the proxy is frozen.
+func (p *freezeProxy) pump(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			p.wait()
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	_ = dst.Close()
+	_ = src.Close()
+}
+
+func (p *freezeProxy) close() {
+	p.mu.Lock()
+	p.closed = true
+	conns := p.conns
+	p.mu.Unlock()
+	p.Thaw()
+	_ = p.ln.Close()
+	for _, c := range conns {
+		_ = c.Close()
 	}
 }

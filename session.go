@@ -43,6 +43,20 @@ const (
 	DefaultSessionTouchAfter = 0.25
 	// DefaultSessionMaxSize bounds the encoded size of a session's values.
 	DefaultSessionMaxSize = 64 << 10
+	// DefaultAnonymousIdleTimeout ends a session bound to no user after this
+	// long unused (capped at IdleTimeout): the usual length of a web visit,
+	// so a visitor who comes back within it keeps a cart or a preference,
+	// while sessions that crawlers and floods create leave Redis 4× sooner
+	// than a logged-in user's.
+	DefaultAnonymousIdleTimeout = 30 * time.Minute
+	// DefaultAnonymousMaxSize bounds the values of a session bound to no user
+	// (capped at MaxSize): a cookie's worth (4 KiB), which holds preferences,
+	// a CSRF token or a small cart, and makes an anonymous flood cost Redis
+	// 16× less per session than the 64 KiB a logged-in user may keep.
+	DefaultAnonymousMaxSize = 4 << 10
+	// MaxUserIDLength bounds a user ID given to SetUserID, in bytes: it is
+	// stored in the session and names the user's index.
+	MaxUserIDLength = 256
 )
 
 // Session configuration and usage errors.
@@ -70,6 +84,18 @@ var (
 	// ErrSessionUnavailable is what Err returns when the session could not
 	// be read from Redis; the request is answered 503.
 	ErrSessionUnavailable = errors.New("redisecho: session: store unavailable")
+	// ErrInvalidUserID is returned by SetUserID, ListUserSessions and
+	// DestroyUserSessions for a user ID longer than MaxUserIDLength (and by
+	// the last two for an empty one).
+	ErrInvalidUserID = errors.New("redisecho: session: invalid user ID")
+	// ErrSessionIndexMissing is returned by DestroyUserSessions when one of
+	// the sessions it was told to keep is bound to the user but missing from
+	// the user's index: the index was evicted or deleted, so other sessions
+	// of the user may live on that the call could not find. It returns how
+	// many it ended all the same. The index carries a TTL like the sessions:
+	// give the sessions' Redis a policy that never evicts them (see the
+	// README's operational notes).
+	ErrSessionIndexMissing = errors.New("redisecho: session: the user's session index is missing")
 )
 
 // Codec encodes values: session values (each on its own, so one request can
@@ -217,8 +243,30 @@ type SessionConfig struct {
 	// usually write nothing. Between 0 (exclusive) and 1. Default: 0.25.
 	TouchAfter float64
 	// MaxSize bounds the encoded size of all of a session's values, in
-	// bytes. Default: 64 KiB.
+	// bytes (value keys, at most 256 bytes each, are not counted).
+	// Default: 64 KiB.
 	MaxSize int
+	// AnonymousIdleTimeout replaces IdleTimeout for sessions bound to no
+	// user (SetUserID never called, or called with ""), enforced by the
+	// server like IdleTimeout. Binding a user switches the session to
+	// IdleTimeout, unbinding switches it back, from that save on. At most
+	// IdleTimeout. The GorillaStore, which has no user binding, keeps its
+	// sessions on IdleTimeout. Default: 30 min, or IdleTimeout if shorter.
+	AnonymousIdleTimeout time.Duration
+	// AnonymousMaxSize replaces MaxSize for sessions bound to no user,
+	// enforced by the save script: a save that would grow such a session
+	// beyond it is refused with 413 (a session unbound while it holds more
+	// is kept, and may shrink). At most MaxSize. The GorillaStore keeps its
+	// sessions on MaxSize. Default: 4 KiB, or MaxSize if smaller.
+	AnonymousMaxSize int
+	// AllowSharedCaching leaves the caching headers of responses alone. By
+	// default a response whose handler read a session bound to a user gets
+	// "Cache-Control: private" (unless the handler set a Cache-Control) and
+	// "Vary: Cookie" (added to any other Vary), before its headers go out,
+	// so that no shared cache in front of the app (a CDN, a proxy, the
+	// response cache) stores one user's page for others. Default: false
+	// (personal responses are marked private).
+	AllowSharedCaching bool
 	// Codec encodes values. Default: JSONCodec.
 	Codec Codec
 	// BrowserSessionCookie makes new sessions use a browser-session cookie
@@ -269,10 +317,9 @@ func (cfg SessionConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 //	<prefix>{sess:S}:D          hash: "v:<key>" values, "f:<key>" flashes, "_…" metadata
 //	<prefix>{user:U}:sessions   sorted set: handles of user U's sessions, scored by expiry (ms)
 type SessionStore struct {
-	b        *backend
-	cfg      SessionConfig
-	keys     [][]byte
-	touchGap time.Duration
+	b    *backend
+	cfg  SessionConfig
+	keys [][]byte
 
 	loads, cacheHits, saves, saveErrors, staleBypass atomic.Uint64
 
@@ -309,6 +356,9 @@ func NewSessionStore(cfg SessionConfig) (*SessionStore, error) {
 	if cfg.CookiePath == "" {
 		cfg.CookiePath = "/"
 	}
+	if err := checkCookiePrefix(cfg); err != nil {
+		return nil, err
+	}
 	if cfg.SameSite == 0 {
 		cfg.SameSite = http.SameSiteLaxMode
 	}
@@ -324,13 +374,23 @@ func NewSessionStore(cfg SessionConfig) (*SessionStore, error) {
 	if cfg.MaxSize == 0 {
 		cfg.MaxSize = DefaultSessionMaxSize
 	}
+	if cfg.AnonymousIdleTimeout == 0 {
+		cfg.AnonymousIdleTimeout = min(DefaultAnonymousIdleTimeout, cfg.IdleTimeout)
+	}
+	if cfg.AnonymousMaxSize == 0 {
+		cfg.AnonymousMaxSize = min(DefaultAnonymousMaxSize, max(cfg.MaxSize, 0))
+	}
 	switch {
-	case cfg.Lifetime < time.Second, cfg.IdleTimeout < time.Second:
-		return nil, fmt.Errorf("%w: Lifetime and IdleTimeout must be at least 1 s", ErrInvalidSessionConfig)
+	case cfg.Lifetime < time.Second, cfg.IdleTimeout < time.Second, cfg.AnonymousIdleTimeout < time.Second:
+		return nil, fmt.Errorf("%w: Lifetime, IdleTimeout and AnonymousIdleTimeout must be at least 1 s", ErrInvalidSessionConfig)
+	case cfg.AnonymousIdleTimeout > cfg.IdleTimeout:
+		return nil, fmt.Errorf("%w: AnonymousIdleTimeout %v exceeds IdleTimeout %v", ErrInvalidSessionConfig, cfg.AnonymousIdleTimeout, cfg.IdleTimeout)
 	case cfg.TouchAfter <= 0 || cfg.TouchAfter >= 1:
 		return nil, fmt.Errorf("%w: TouchAfter %v is not in (0, 1)", ErrInvalidSessionConfig, cfg.TouchAfter)
-	case cfg.MaxSize < 0:
-		return nil, fmt.Errorf("%w: MaxSize %d", ErrInvalidSessionConfig, cfg.MaxSize)
+	case cfg.MaxSize < 0, cfg.AnonymousMaxSize < 0:
+		return nil, fmt.Errorf("%w: MaxSize %d, AnonymousMaxSize %d", ErrInvalidSessionConfig, cfg.MaxSize, cfg.AnonymousMaxSize)
+	case cfg.AnonymousMaxSize > cfg.MaxSize:
+		return nil, fmt.Errorf("%w: AnonymousMaxSize %d exceeds MaxSize %d", ErrInvalidSessionConfig, cfg.AnonymousMaxSize, cfg.MaxSize)
 	}
 	if cfg.Codec == nil {
 		cfg.Codec = JSONCodec{}
@@ -338,10 +398,22 @@ func NewSessionStore(cfg SessionConfig) (*SessionStore, error) {
 	if cfg.Skipper == nil {
 		cfg.Skipper = middleware.DefaultSkipper
 	}
-	return &SessionStore{
-		b: b, cfg: cfg, keys: keys,
-		touchGap: time.Duration(float64(cfg.IdleTimeout) * cfg.TouchAfter),
-	}, nil
+	return &SessionStore{b: b, cfg: cfg, keys: keys}, nil
+}
+
+// checkCookiePrefix refuses a cookie name whose prefix browsers enforce
+// (compared without case, as RFC 6265bis does) with options that would make
+// every browser drop the cookie: "__Secure-" needs Secure, "__Host-" needs
+// Secure, Path=/ and no Domain.
+func checkCookiePrefix(cfg SessionConfig) error {
+	name := strings.ToLower(cfg.CookieName)
+	switch {
+	case strings.HasPrefix(name, "__host-") && (cfg.InsecureCookie || cfg.CookiePath != "/" || cfg.CookieDomain != ""):
+		return fmt.Errorf("%w: a __Host- cookie needs Secure (no InsecureCookie), CookiePath \"/\" and no CookieDomain", ErrInvalidSessionConfig)
+	case strings.HasPrefix(name, "__secure-") && cfg.InsecureCookie:
+		return fmt.Errorf("%w: a __Secure- cookie needs Secure (no InsecureCookie)", ErrInvalidSessionConfig)
+	}
+	return nil
 }
 
 func validCookieName(name string) bool {
@@ -545,6 +617,7 @@ const (
 	fAgent    = "_ua" // User-Agent at creation
 	fRemember = "_r"  // "1": persistent cookie
 	fSize     = "_z"  // encoded size of "v:" and "f:" fields
+	fIdle     = "_i"  // idle timeout the last save applied, ms (absent: IdleTimeout)
 )
 
 // saveScript applies one save atomically.
@@ -553,31 +626,49 @@ const (
 // from KEYS[1] when regenerating; both share the slot tag).
 // ARGV[1] "new" (create; fails if KEYS[2] exists), "update" (the session
 // must exist and be unexpired) or "destroy"; ARGV[2] now (unix ms);
-// ARGV[3] idle timeout (ms); ARGV[4] absolute expiry (ms, "new" only; for
-// "destroy", the user the session must be bound to, or "" for any);
-// ARGV[5] max size of values (bytes); ARGV[6] "1" to increment the version;
-// ARGV[7] n, the number of field/value pairs that follow and are set; the
-// remaining ARGV are fields to delete.
+// ARGV[3] idle timeout of a session bound to a user (ms); ARGV[4] absolute
+// expiry (ms, "new" only; for "destroy", the user the session must be bound
+// to, or "" for any); ARGV[5] max size of a bound session's values (bytes);
+// ARGV[6] "1" to increment the version; ARGV[7] and ARGV[8] the idle timeout
+// and max size of a session bound to no user (the GorillaStore passes
+// ARGV[3] and ARGV[5] again); ARGV[9] n, the number of field/value pairs
+// that follow and are set; the remaining ARGV are fields to delete.
+//
+// The limits follow the binding the save leaves ("_u", set in this save or
+// stored): the idle timeout applied is stored in "_i", so that the next
+// save, and reads, check the one the session lives under. An unbound
+// session may not grow beyond its max size; one unbound while it held more
+// is kept.
 //
 // "destroy" on a key that holds no session leaves a 60 s marker there, so
 // that a save already in flight cannot create the session afterwards.
 //
+// Full Redis (maxmemory, noeviction). Redis 7.0 refuses a write in a script
+// only when it is a deny-oom command and the script's first write; after a
+// first write that is not deny-oom (DEL, RENAME, HDEL, PEXPIRE) the script
+// writes on into a full Redis. So a save's first write is its HSET, which
+// refuses (with the OOM error, nothing written) or lets the whole save
+// through; the writes that free memory (DEL of a destroyed or expired
+// session) still succeed. The destroy marker is written with pcall: a full
+// Redis refuses it, and refuses as well any save in flight it guards
+// against.
+//
 // It returns {version, absolute expiry, remember, previous user} ("destroy":
-// {0, 0, "deleted"|"kept"|"missing", user}), or an integer: -1 the session is gone (expired, destroyed, unknown), -2 the new
-// key exists (a token collision), -3 the values would exceed the max size.
-// Sizes of "v:"/"f:" fields are kept in _z, so the size check costs
-// O(fields changed). An update that changes one value makes 5 calls: HMGET,
-// HSTRLEN, HSET, PEXPIRE, and the EVALSHA itself.
+// {0, 0, "deleted"|"kept"|"missing", user}), or an integer: -1 the session
+// is gone (expired, destroyed, unknown), -2 the new key exists (a token
+// collision), -3 the values would exceed the max size. Sizes of "v:"/"f:"
+// fields are kept in _z, so the size check costs O(fields changed). An
+// update that changes one value makes 5 calls: HMGET, HSTRLEN, HSET,
+// PEXPIRE, and the EVALSHA itself.
 var saveScript = rueidis.NewLuaScript(`
 local src, dst = KEYS[1], KEYS[2]
-local mode, now, idle = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local meta = redis.call('HMGET', src, '_a', '_s', '_z', '_u', '_r', '_v')
+local mode, now = ARGV[1], tonumber(ARGV[2])
+local meta = redis.call('HMGET', src, '_a', '_s', '_z', '_u', '_r', '_v', '_i')
 if mode == 'destroy' then
   if not meta[1] then
-    -- Nothing here yet: a save in flight may be about to create this
-    -- session. Leave a marker that makes it start a fresh one instead.
-    redis.call('HSET', src, '_d', '1')
-    redis.call('PEXPIRE', src, 60000)
+    if type(redis.pcall('HSET', src, '_d', '1')) == 'number' then
+      redis.call('PEXPIRE', src, 60000)
+    end
     return {0, 0, 'missing', ''}
   end
   local u = meta[4] or ''
@@ -587,6 +678,7 @@ if mode == 'destroy' then
   end
   return {0, 0, 'kept', u}
 end
+local idle, maxsize, aidle, amax = tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local abs, size, prev, rem, ver
 if mode == 'new' then
   if redis.call('EXISTS', dst) == 1 then return -2 end
@@ -594,19 +686,20 @@ if mode == 'new' then
 else
   abs = tonumber(meta[1])
   local seen = tonumber(meta[2])
-  if not abs or abs <= now or (seen and now - seen > idle) then
+  if not abs or abs <= now or (seen and now - seen > (tonumber(meta[7]) or idle)) then
     redis.call('DEL', src)
     return -1
   end
   size, prev, rem, ver = tonumber(meta[3] or '0'), meta[4] or '', meta[5] or '', tonumber(meta[6] or '0')
 end
+local before, user = size, prev
 local fields = {'_s', ARGV[2]}
 if mode == 'new' then
   table.insert(fields, '_c'); table.insert(fields, ARGV[2])
   table.insert(fields, '_a'); table.insert(fields, ARGV[4])
 end
-local n = tonumber(ARGV[7])
-local i = 8
+local n = tonumber(ARGV[9])
+local i = 10
 for _ = 1, n do
   local f, v = ARGV[i], ARGV[i + 1]
   local c = string.sub(f, 1, 2)
@@ -615,6 +708,8 @@ for _ = 1, n do
     if mode ~= 'new' then size = size - redis.call('HSTRLEN', src, f) end
   elseif f == '_r' then
     rem = v
+  elseif f == '_u' then
+    user = v
   end
   table.insert(fields, f); table.insert(fields, v)
   i = i + 2
@@ -625,17 +720,21 @@ for j = i, #ARGV do
     size = size - redis.call('HSTRLEN', src, ARGV[j])
   end
 end
-if size > tonumber(ARGV[5]) then return -3 end
-if dst ~= src then
-  if redis.call('EXISTS', dst) == 1 then return -2 end
-  redis.call('RENAME', src, dst)
+local limit = idle
+if user == '' then
+  limit = aidle
+  if size > amax and size > before then return -3 end
 end
+if size > maxsize then return -3 end
+if dst ~= src and redis.call('EXISTS', dst) == 1 then return -2 end
 if ARGV[6] == '1' then ver = ver + 1 end
 table.insert(fields, '_v'); table.insert(fields, ver)
 table.insert(fields, '_z'); table.insert(fields, size)
-redis.call('HSET', dst, unpack(fields))
-if i <= #ARGV then redis.call('HDEL', dst, unpack(ARGV, i, #ARGV)) end
-redis.call('PEXPIRE', dst, math.min(idle, abs - now))
+table.insert(fields, '_i'); table.insert(fields, limit)
+redis.call('HSET', src, unpack(fields))
+if i <= #ARGV then redis.call('HDEL', src, unpack(ARGV, i, #ARGV)) end
+if dst ~= src then redis.call('RENAME', src, dst) end
+redis.call('PEXPIRE', dst, math.min(limit, abs - now))
 return {ver, abs, rem, prev}
 `)
 
@@ -644,12 +743,13 @@ return {ver, abs, rem, prev}
 //
 // KEYS[1] the user's index. ARGV[1] now (unix ms); ARGV[2] the handle;
 // ARGV[3] its absolute expiry (unix ms). The index expires with its last
-// session.
+// session. Its first write is ZADD (deny-oom), so a full Redis refuses the
+// whole script (see saveScript).
 var indexScript = rueidis.NewLuaScript(`
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], last[2])
+if last[2] then redis.call('PEXPIREAT', KEYS[1], last[2]) end
 return 1
 `)
 
@@ -659,7 +759,14 @@ type sessionData struct {
 	version  int64
 	absolute int64
 	seen     int64
+	idle     int64 // the idle timeout the session lives under, ms
 	loadedAt int64 // the clock when it was read
+}
+
+// touchDue reports whether TouchAfter of the session's idle timeout passed
+// since it was last extended.
+func (st *SessionStore) touchDue(d sessionData) bool {
+	return float64(d.loadedAt-d.seen) >= float64(d.idle)*st.cfg.TouchAfter
 }
 
 // load reads a session. A cached copy older than minVersion (the version in
@@ -705,8 +812,12 @@ func (st *SessionStore) parse(m map[string]string) (d sessionData, found bool) {
 	d.version, _ = strconv.ParseInt(m[fVersion], 10, 64)
 	d.absolute, _ = strconv.ParseInt(m[fAbsolute], 10, 64)
 	d.seen, _ = strconv.ParseInt(m[fSeen], 10, 64)
+	d.idle, _ = strconv.ParseInt(m[fIdle], 10, 64)
+	if d.idle <= 0 {
+		d.idle = st.cfg.IdleTimeout.Milliseconds() // saved before "_i" existed
+	}
 	d.loadedAt = st.b.clock.Now().UnixMilli()
-	return d, d.loadedAt < d.absolute && d.loadedAt-d.seen <= st.cfg.IdleTimeout.Milliseconds()
+	return d, d.loadedAt < d.absolute && d.loadedAt-d.seen <= d.idle
 }
 
 // errSessionGone, errSessionCollision and ErrSessionTooLarge are the script's
@@ -750,6 +861,14 @@ func (st *SessionStore) runSave(ctx context.Context, src, dst string, args []str
 	return saveResult{version: v, absolute: time.UnixMilli(abs), remember: rem == "1", prevUser: prev, state: rem}, nil
 }
 
+// checkUserID refuses the IDs no session can be bound to.
+func checkUserID(id string) error {
+	if id == "" || len(id) > MaxUserIDLength {
+		return fmt.Errorf("%w: %d bytes, want 1 to %d", ErrInvalidUserID, len(id), MaxUserIDLength)
+	}
+	return nil
+}
+
 // UserSession describes one of a user's sessions, as ListUserSessions
 // returns it.
 type UserSession struct {
@@ -771,6 +890,9 @@ type UserSession struct {
 // from the user's index: it never scans the keyspace. Entries whose session
 // expired are pruned on the way.
 func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]UserSession, error) {
+	if err := checkUserID(userID); err != nil {
+		return nil, err
+	}
 	idx := st.userKey(userID)
 	now := st.b.clock.Now()
 	members, err := st.b.Do(ctx, idx, st.b.client.B().Zrange().Key(idx).Min("+inf").Max(strconv.FormatInt(now.UnixMilli(), 10)).Byscore().Rev().Build()).AsStrSlice()
@@ -813,13 +935,23 @@ func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]
 // handles are listed (the caller's current session, say), for "log out
 // everywhere" and password changes. It returns how many it ended. A session
 // it ended no longer works when it returns.
+//
+// It finds the sessions through the user's index. When a session listed in
+// except is bound to userID but missing from the index, the index was
+// evicted or deleted (it is never missing a live session otherwise), and
+// other sessions of the user may live on unseen: it returns
+// ErrSessionIndexMissing with the count. So pass the caller's own handle
+// (SessionState.Handle) and Destroy the current session separately when it
+// should end too; without it, a lost index cannot be told from a user with
+// no other session.
 func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, except ...string) (int, error) {
-	if userID == "" {
-		return 0, fmt.Errorf("%w: empty user ID", ErrInvalidSessionKey)
+	if err := checkUserID(userID); err != nil {
+		return 0, err
 	}
 	idx := st.userKey(userID)
 	ended := 0
 	seen := map[string]bool{}
+	listed := map[string]bool{}
 	// A regeneration or a login in flight indexes its new handle before it
 	// writes the session: pass again until a pass finds nothing new.
 	for pass := 0; pass < 5; pass++ {
@@ -830,6 +962,7 @@ func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, 
 		var done []string
 		fresh := false
 		for _, h := range members {
+			listed[h] = true
 			if seen[h] || slices.Contains(except, h) {
 				continue
 			}
@@ -842,7 +975,7 @@ func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, 
 			// Delete the session only if it is this user's. One that exists
 			// but is not bound (yet) keeps its index entry: a login in flight
 			// is about to bind it.
-			res, err := st.runSave(ctx, key, key, []string{"destroy", "0", "0", userID, "0", "0", "0"})
+			res, err := st.runSave(ctx, key, key, destroyArgs(userID))
 			if err != nil {
 				return ended, err
 			}
@@ -862,6 +995,19 @@ func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, 
 		}
 		if !fresh {
 			break
+		}
+	}
+	for _, h := range except {
+		key, ok := st.keyOf(h)
+		if !ok || listed[h] {
+			continue
+		}
+		u, err := st.b.Do(ctx, key, st.b.client.B().Hget().Key(key).Field(fUser).Build()).ToString()
+		if err != nil && !rueidis.IsRedisNil(err) {
+			return ended, err
+		}
+		if u == userID {
+			return ended, ErrSessionIndexMissing
 		}
 	}
 	return ended, nil
@@ -891,6 +1037,7 @@ type SessionState struct {
 	key           string            // st.key(tok)
 	hgetall       rueidis.Cacheable // its prebuilt read, from the verified-cookie memo
 	hasToken      bool              // the request carried a valid cookie
+	spare         []*verifiedCookie // further valid cookies of our name, tried in order if tok names no session
 	badCookie     bool              // the request carried a cookie we rejected
 	cookieVersion int64
 	rotated       bool // signed by an older key of the ring
@@ -945,18 +1092,49 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 			s.ua = s.ua[:256]
 		}
 	}
-	ck, err := r.Cookie(st.cfg.CookieName)
-	if err != nil {
+	cookies, more := sessionCookies(r, st.cfg.CookieName)
+	if len(cookies) == 0 {
 		s.loaded = true // no cookie: an empty new session, no I/O
 		return s
 	}
-	if vc := st.verify(ck.Value); vc != nil {
-		s.tok, s.key, s.hasToken, s.cookieVersion, s.rotated = vc.tok, vc.key, true, vc.version, vc.rotated
-		s.hgetall = vc.hgetall
-		return s
+	for _, ck := range cookies {
+		vc := st.verify(ck.Value)
+		switch {
+		case vc == nil: // tampered, malformed or signed by a retired key
+		case s.hasToken:
+			s.spare = append(s.spare, vc)
+		default:
+			s.use(vc)
+		}
 	}
-	s.badCookie, s.loaded = true, true // tampered, malformed or signed by a retired key
+	if !s.hasToken {
+		// Only bad cookies: clear ours, unless some went unread (one of
+		// those may be valid).
+		s.badCookie, s.loaded = !more, true
+	}
 	return s
+}
+
+// maxSessionCookies bounds how many cookies of the session's name a request
+// may make the middleware verify and read: a browser sends one per path
+// (and domain) level that set one, so a few are plenty.
+const maxSessionCookies = 8
+
+// sessionCookies returns the request's cookies named name, in the order the
+// client sent them (a browser sends the one with the longest Path first),
+// at most maxSessionCookies of them; more reports that there were more.
+func sessionCookies(r *http.Request, name string) (cookies []*http.Cookie, more bool) {
+	cookies = r.CookiesNamed(name)
+	if len(cookies) > maxSessionCookies {
+		return cookies[:maxSessionCookies], true
+	}
+	return cookies, false
+}
+
+// use makes vc the session's token. Callers hold s.mu or own s.
+func (s *SessionState) use(vc *verifiedCookie) {
+	s.tok, s.key, s.hasToken, s.cookieVersion, s.rotated = vc.tok, vc.key, true, vc.version, vc.rotated
+	s.hgetall = vc.hgetall
 }
 
 // ensureLoaded reads the session on first use. Callers hold s.mu.
@@ -966,6 +1144,13 @@ func (s *SessionState) ensureLoaded() {
 	}
 	s.loaded = true
 	d, found, err := s.st.loadKey(s.ctx, s.key, s.hgetall, s.cookieVersion)
+	for err == nil && !found && len(s.spare) > 0 {
+		// Several cookies of our name verified (one planted on a sub-path by
+		// a sibling site comes first): use the first whose session lives.
+		s.use(s.spare[0])
+		s.spare = s.spare[1:]
+		d, found, err = s.st.loadKey(s.ctx, s.key, s.hgetall, s.cookieVersion)
+	}
 	switch {
 	case err != nil:
 		if s.ctx.Err() == nil { // a client that went away is not news
@@ -980,7 +1165,7 @@ func (s *SessionState) ensureLoaded() {
 		s.found, s.data = true, d
 		s.userID = d.fields[fUser]
 		s.remember = d.fields[fRemember] == "1"
-		s.touch = d.loadedAt-d.seen >= s.st.touchGap.Milliseconds()
+		s.touch = s.st.touchDue(d)
 	}
 }
 
@@ -1093,7 +1278,8 @@ func checkValueKey(key string) error {
 
 // Set stores value under key, encoded with the store's codec. It returns
 // ErrSessionTooLarge, and changes nothing, when the session's values would
-// exceed MaxSize; the save re-checks atomically against what Redis holds.
+// exceed MaxSize, or grow beyond AnonymousMaxSize while the session is bound
+// to no user; the save re-checks atomically against what Redis holds.
 func (s *SessionState) Set(key string, value any) error {
 	if err := checkValueKey(key); err != nil {
 		return err
@@ -1121,8 +1307,13 @@ func (s *SessionState) setField(field string, b []byte) error {
 	}
 	if !s.degraded {
 		old, _ := s.raw(field)
-		if size := s.size() - len(old) + len(b); size > s.st.cfg.MaxSize {
+		cur := s.size()
+		size := cur - len(old) + len(b)
+		if size > s.st.cfg.MaxSize {
 			return tooLarge(size, s.st.cfg.MaxSize)
+		}
+		if limit := s.st.cfg.AnonymousMaxSize; s.userID == "" && size > limit && size > cur {
+			return tooLarge(size, limit)
 		}
 	}
 	if s.set == nil {
@@ -1245,8 +1436,14 @@ func (s *SessionState) Destroy() error {
 }
 
 // SetUserID binds the session to a user, recording it in the user's index
-// for ListUserSessions and DestroyUserSessions; "" unbinds it.
+// for ListUserSessions and DestroyUserSessions; "" unbinds it. A bound
+// session lives under IdleTimeout and MaxSize, an unbound one under
+// AnonymousIdleTimeout and AnonymousMaxSize. It returns ErrInvalidUserID
+// for an ID longer than MaxUserIDLength.
 func (s *SessionState) SetUserID(id string) error {
+	if len(id) > MaxUserIDLength {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrInvalidUserID, len(id), MaxUserIDLength)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.writable(); err != nil {
@@ -1333,7 +1530,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			}
 			return nil, nil
 		}
-		res, err := st.runSave(ctx, s.key, s.key, []string{"destroy", "0", "0", "", "0", "0", "0"})
+		res, err := st.runSave(ctx, s.key, s.key, destroyArgs(""))
 		if err != nil {
 			return nil, st.saveFailed(err)
 		}
@@ -1483,15 +1680,24 @@ func boolField(b bool) []byte {
 	return []byte("0")
 }
 
+// saveArgs builds saveScript's ARGV, with the anonymous limits for
+// sessions bound to no user.
 func (st *SessionStore) saveArgs(mode string, now time.Time, abs int64, bump bool, set map[string][]byte, del map[string]struct{}) []string {
-	args := make([]string, 7, 7+2*len(set)+len(del))
+	return st.saveArgsWith(st.cfg.AnonymousIdleTimeout, st.cfg.AnonymousMaxSize, mode, now, abs, bump, set, del)
+}
+
+// saveArgsWith is saveArgs with the limits of unbound sessions given.
+func (st *SessionStore) saveArgsWith(anonIdle time.Duration, anonMax int, mode string, now time.Time, abs int64, bump bool, set map[string][]byte, del map[string]struct{}) []string {
+	args := make([]string, 9, 9+2*len(set)+len(del))
 	args[0] = mode
 	args[1] = strconv.FormatInt(now.UnixMilli(), 10)
 	args[2] = strconv.FormatInt(st.cfg.IdleTimeout.Milliseconds(), 10)
 	args[3] = strconv.FormatInt(abs, 10)
 	args[4] = strconv.Itoa(st.cfg.MaxSize)
 	args[5] = string(boolField(bump))
-	args[6] = strconv.Itoa(len(set))
+	args[6] = strconv.FormatInt(anonIdle.Milliseconds(), 10)
+	args[7] = strconv.Itoa(anonMax)
+	args[8] = strconv.Itoa(len(set))
 	for f, v := range set {
 		args = append(args, f, string(v))
 	}
@@ -1499,6 +1705,12 @@ func (st *SessionStore) saveArgs(mode string, now time.Time, abs int64, bump boo
 		args = append(args, f)
 	}
 	return args
+}
+
+// destroyArgs is saveScript's ARGV for a destroy, of a session bound to
+// userID ("": whatever its binding).
+func destroyArgs(userID string) []string {
+	return []string{"destroy", "0", "0", userID, "0", "0", "0", "0", "0"}
 }
 
 func (st *SessionStore) saveFailed(err error) *sessionFailure {
@@ -1595,6 +1807,11 @@ func (st *SessionStore) commit(c echo.Context, s *SessionState) {
 		return
 	}
 	res := c.Response()
+	if !s.loaded && len(s.spare) > 0 && (s.destroy || s.dirty()) {
+		// Several cookies verified: write to (or destroy) the one whose
+		// session lives, never to a planted one that names none.
+		s.ensureLoaded()
+	}
 	if s.err != nil && !s.st.cfg.Degrade {
 		s.failure = failUnavailable
 	}
@@ -1614,6 +1831,15 @@ func (st *SessionStore) commit(c echo.Context, s *SessionState) {
 		res.Writer = discardBody{res.Writer}
 		return
 	}
+	h := res.Header()
+	if !st.cfg.AllowSharedCaching && s.found && (s.userID != "" || s.data.fields[fUser] != "") {
+		// The handler read a logged-in session: the response may be
+		// personal, so no shared cache may keep it.
+		if h.Get(echo.HeaderCacheControl) == "" {
+			h.Set(echo.HeaderCacheControl, "private")
+		}
+		addVaryCookie(h)
+	}
 	if ck == nil {
 		return
 	}
@@ -1621,10 +1847,22 @@ func (st *SessionStore) commit(c echo.Context, s *SessionState) {
 		Name: st.cfg.CookieName, Value: ck.value, Path: st.cfg.CookiePath, Domain: st.cfg.CookieDomain,
 		Secure: !st.cfg.InsecureCookie, HttpOnly: true, SameSite: st.cfg.SameSite, MaxAge: ck.maxAge,
 	}
-	h := res.Header()
 	h.Add(echo.HeaderSetCookie, cookie.String())
-	h.Add(echo.HeaderVary, echo.HeaderCookie)
+	addVaryCookie(h)
 	h.Set(echo.HeaderCacheControl, "no-store")
+}
+
+// addVaryCookie adds Cookie to the response's Vary unless it is there (or
+// Vary is "*"), keeping the other values.
+func addVaryCookie(h http.Header) {
+	for _, v := range h.Values(echo.HeaderVary) {
+		for f := range strings.SplitSeq(v, ",") {
+			if f = strings.TrimSpace(f); f == "*" || strings.EqualFold(f, echo.HeaderCookie) {
+				return
+			}
+		}
+	}
+	h.Add(echo.HeaderVary, echo.HeaderCookie)
 }
 
 // discardBody passes the header through and drops the body: it stands in
@@ -1662,7 +1900,9 @@ var ErrGorillaValueKey = errors.New("redisecho: session: gorilla value keys must
 //
 // Storage is the SessionStore's: the same Redis hash per session, the same
 // signed cookie format and key ring (rotation works the same way), the same
-// Lifetime and IdleTimeout enforced by Redis, MaxSize, and the user index
+// Lifetime and IdleTimeout enforced by Redis, MaxSize (the gorilla API has
+// no user binding, so AnonymousIdleTimeout and AnonymousMaxSize do not
+// apply to its sessions), and the user index
 // (a session bound to a user through the SessionState API is removed from
 // the index when the gorilla side deletes it).
 //
@@ -1808,37 +2048,52 @@ func (gs *GorillaStore) New(r *http.Request, name string) (*sessions.Session, er
 		state.err = fmt.Errorf("redisecho: session: invalid cookie name %q", name)
 		return s, state.err
 	}
-	ck, err := r.Cookie(name)
-	if err != nil {
-		return s, nil // no cookie: a new session, no I/O
-	}
-	tok, version, rotated, ok := gs.st.decodeCookie(name, ck.Value)
-	if !ok {
-		state.badCookie = true // tampered, malformed or signed by a retired key
-		return s, nil
-	}
-	state.tok, state.hasToken, state.rotated = tok, true, rotated
-	d, found, err := st.load(r.Context(), tok, version)
-	if err != nil {
-		if r.Context().Err() == nil {
-			st.b.log.Error("redisecho: session: load failed", err)
+	// Of several cookies of this name (one planted on a sub-path by a
+	// sibling site comes first), use the first that verifies and names a
+	// live session; one that does not verify clears nothing.
+	var (
+		tok   token
+		d     sessionData
+		found bool
+	)
+	cookies, more := sessionCookies(r, name)
+	for _, ck := range cookies {
+		t, version, rotated, ok := gs.st.decodeCookie(name, ck.Value)
+		if !ok {
+			state.badCookie = !state.hasToken && !more // tampered, malformed or signed by a retired key
+			continue
 		}
-		if st.cfg.Degrade {
-			state.degraded = true
-			return s, nil
+		if !state.hasToken {
+			state.tok, state.hasToken, state.badCookie, state.rotated = t, true, false, rotated
 		}
-		state.err = unavailableError(err)
-		return s, state.err
+		var err error
+		d, found, err = st.load(r.Context(), t, version)
+		if err != nil {
+			if r.Context().Err() == nil {
+				st.b.log.Error("redisecho: session: load failed", err)
+			}
+			if st.cfg.Degrade {
+				state.degraded = true
+				return s, nil
+			}
+			state.err = unavailableError(err)
+			return s, state.err
+		}
+		if found {
+			tok = t
+			state.tok, state.rotated = t, rotated
+			break
+		}
 	}
 	if !found {
-		return s, nil // expired, destroyed or unknown: a new session
+		return s, nil // none, or expired, destroyed or unknown: a new session
 	}
 	now := st.b.clock.Now()
-	if now.Sub(time.UnixMilli(d.seen)) >= st.touchGap {
+	if st.touchDue(d) {
 		// Reading the session is activity: extend the idle timeout here,
 		// since gorilla applications often Save only when they change it.
 		ctx := context.WithoutCancel(r.Context())
-		res, err := st.runSave(ctx, st.key(tok), st.key(tok), st.saveArgs("update", now, 0, false, nil, nil))
+		res, err := st.runSave(ctx, st.key(tok), st.key(tok), gs.saveArgs("update", now, 0, false, nil, nil))
 		switch {
 		case errors.Is(err, errSessionGone):
 			st.markGone(st.key(tok))
@@ -1915,7 +2170,7 @@ func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions
 
 	if opts.MaxAge < 0 {
 		if state.hasToken {
-			res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), []string{"destroy", "0", "0", "", "0", "0", "0"})
+			res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), destroyArgs(""))
 			if err != nil {
 				return gs.saveError(err)
 			}
@@ -1948,7 +2203,7 @@ func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions
 			}
 			return nil
 		}
-		res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), st.saveArgs("update", now, 0, true, set, del))
+		res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), gs.saveArgs("update", now, 0, true, set, del))
 		switch {
 		case err == nil:
 			st.saves.Add(1)
@@ -1992,7 +2247,7 @@ func (gs *GorillaStore) create(ctx context.Context, w http.ResponseWriter, s *se
 	abs := now.Add(st.cfg.Lifetime)
 	for range 3 { // a collision of 280 random bits is not expected; retry anyway
 		t := newToken("")
-		res, err := st.runSave(ctx, st.key(t), st.key(t), st.saveArgs("new", now, abs.UnixMilli(), true, set, nil))
+		res, err := st.runSave(ctx, st.key(t), st.key(t), gs.saveArgs("new", now, abs.UnixMilli(), true, set, nil))
 		if errors.Is(err, errSessionCollision) {
 			continue
 		}
@@ -2009,6 +2264,14 @@ func (gs *GorillaStore) create(ctx context.Context, w http.ResponseWriter, s *se
 		return nil
 	}
 	return gs.saveError(errSessionCollision)
+}
+
+// saveArgs is SessionStore.saveArgs with the normal limits for every
+// session: the gorilla API has no user binding, so its sessions are never
+// treated as anonymous.
+func (gs *GorillaStore) saveArgs(mode string, now time.Time, abs int64, bump bool, set map[string][]byte, del map[string]struct{}) []string {
+	st := gs.st
+	return st.saveArgsWith(st.cfg.IdleTimeout, st.cfg.MaxSize, mode, now, abs, bump, set, del)
 }
 
 // changes compares Values with the snapshot: the encoded values to set and
@@ -2092,9 +2355,7 @@ func (gs *GorillaStore) setCookie(w http.ResponseWriter, name, value string, opt
 	}
 	http.SetCookie(w, sessions.NewCookie(name, value, &o))
 	h := w.Header()
-	if !slices.Contains(h.Values(echo.HeaderVary), echo.HeaderCookie) {
-		h.Add(echo.HeaderVary, echo.HeaderCookie)
-	}
+	addVaryCookie(h)
 	h.Set(echo.HeaderCacheControl, "no-store")
 }
 

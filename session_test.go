@@ -112,9 +112,15 @@ func newSessionApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*
 		require.NoError(t, err)
 		return c.JSON(http.StatusOK, map[string]any{"found": ok, "value": v})
 	})
-	e.GET("/whoami", func(c echo.Context) error {
+	whoami := func(c echo.Context) error {
 		s := sess(c)
 		return c.JSON(http.StatusOK, map[string]string{"user": s.UserID(), "handle": s.Handle()})
+	}
+	e.GET("/whoami", whoami)
+	e.GET("/sub/whoami", whoami) // a sub-path, where a sibling site may plant cookies
+	e.POST("/unbind", func(c echo.Context) error {
+		require.NoError(t, sess(c).SetUserID(""))
+		return c.NoContent(http.StatusNoContent)
 	})
 	e.GET("/untouched", func(c echo.Context) error { return c.String(http.StatusOK, "static") })
 	e.POST("/late", func(c echo.Context) error {
@@ -325,6 +331,18 @@ func TestSessionConfigValidation(t *testing.T) {
 		{name: "touch share too big", given: SessionConfig{Client: c, Keys: []string{testKey}, TouchAfter: 1}, wantErr: ErrInvalidSessionConfig},
 		{name: "tiny lifetime", given: SessionConfig{Client: c, Keys: []string{testKey}, Lifetime: time.Millisecond}, wantErr: ErrInvalidSessionConfig},
 		{name: "brace in prefix", given: SessionConfig{Client: c, Keys: []string{testKey}, Options: Options{Prefix: "{x}"}}, wantErr: ErrInvalidPrefix},
+		{name: "anonymous idle longer than idle", given: SessionConfig{Client: c, Keys: []string{testKey}, IdleTimeout: time.Hour, AnonymousIdleTimeout: 2 * time.Hour}, wantErr: ErrInvalidSessionConfig},
+		{name: "tiny anonymous idle", given: SessionConfig{Client: c, Keys: []string{testKey}, AnonymousIdleTimeout: time.Millisecond}, wantErr: ErrInvalidSessionConfig},
+		{name: "anonymous size over max", given: SessionConfig{Client: c, Keys: []string{testKey}, MaxSize: 1000, AnonymousMaxSize: 1001}, wantErr: ErrInvalidSessionConfig},
+		{name: "negative anonymous size", given: SessionConfig{Client: c, Keys: []string{testKey}, AnonymousMaxSize: -1}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- over plain HTTP", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", InsecureCookie: true}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- with a path", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", CookiePath: "/app"}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- with a domain", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", CookieDomain: "example.com"}, wantErr: ErrInvalidSessionConfig},
+		{name: "__host- in lower case with a domain", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__host-sid", CookieDomain: "example.com"}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Secure- over plain HTTP", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Secure-sid", InsecureCookie: true}, wantErr: ErrInvalidSessionConfig},
+		{name: "__Host- with the defaults", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid"}},
+		{name: "__Host- with path /", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Host-sid", CookiePath: "/"}},
+		{name: "__Secure- with a path and a domain", given: SessionConfig{Client: c, Keys: []string{testKey}, CookieName: "__Secure-sid", CookiePath: "/app", CookieDomain: "example.com"}},
 		{name: "defaults", given: SessionConfig{Client: c, Keys: []string{testKey}}},
 	}
 	for _, tt := range tests {
@@ -531,6 +549,7 @@ func TestSessionExpiry(t *testing.T) {
 		app := newSessionApp(t, r, c, func(cfg *SessionConfig) {
 			cfg.Clock = clock
 			cfg.IdleTimeout = time.Hour
+			cfg.AnonymousIdleTimeout = time.Hour // these sessions are anonymous
 			cfg.Lifetime = 3 * time.Hour
 		})
 		b := newBrowser(t)
@@ -588,7 +607,7 @@ func TestSessionExpiry(t *testing.T) {
 func TestSessionRedisTTLFollowsTimeouts(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		c := r.Client()
-		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.IdleTimeout = time.Hour })
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.IdleTimeout, cfg.AnonymousIdleTimeout = time.Hour, time.Hour })
 		b := newBrowser(t)
 		require.Equal(t, http.StatusOK, b.post(app, "/set?k=n&v=1").code)
 		tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
@@ -614,7 +633,7 @@ func TestSessionRegenerate(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		c := r.Client()
 		clock := newFakeClock()
-		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.Clock = clock })
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.Clock, cfg.AnonymousIdleTimeout = clock, 2*time.Hour })
 		b := newBrowser(t)
 		require.Equal(t, http.StatusOK, b.post(app, "/set?k=cart&v=3%20items").code)
 		before := b.cookie(app)
@@ -1941,4 +1960,578 @@ func TestSessionGoneMarksStayBounded(t *testing.T) {
 	n := 0
 	st.gone.Range(func(_, _ any) bool { n++; return true })
 	require.LessOrEqual(t, n, 1024, "expired marks were swept")
+}
+
+// userOf is the user /whoami answers, or "" with the status when it is not
+// a 200.
+func userOf(t *testing.T, rep reply) string {
+	t.Helper()
+	if rep.code != http.StatusOK {
+		return ""
+	}
+	var who struct{ User string }
+	require.NoError(t, json.Unmarshal([]byte(rep.body), &who), rep.body)
+	return who.User
+}
+
+// TestSessionStalenessDuringPartition measures how long an instance cut off
+// from Redis keeps serving, from its client-side cache, a session that was
+// logged out everywhere meanwhile. Instance A reaches Redis through a proxy
+// that the test freezes (packets dropped, no reset) and uses the options
+// the library recommends: ConnWriteTimeout = DefaultConnWriteTimeout and
+// rueidis's default Dialer.KeepAlive (1 s). rueidis drops a connection
+// whose keep-alive PING gets no answer within ConnWriteTimeout, and its
+// cache with it. Its ping timer ticks every KeepAlive and skips a tick that
+// saw a reply since the last one, so the PING goes out 1 to 2 KeepAlives
+// after the last reply: the bound is 2 × KeepAlive + ConnWriteTimeout (4 s),
+// counted from the last reply before the partition. Standalone only: a cluster client learns
+// the nodes' real addresses from CLUSTER SLOTS and would bypass the proxy.
+func TestSessionStalenessDuringPartition(t *testing.T) {
+	r := newTestRedis(t, standaloneRedis.name, standaloneRedis.addrs)
+	proxy := newFreezeProxy(t, standaloneRedis.addrs[0])
+	const keepAlive = time.Second // rueidis's default Dialer.KeepAlive
+	clientA := r.Client(func(o *rueidis.ClientOption) {
+		o.InitAddress = []string{proxy.Addr()}
+		o.ForceSingleClient = true
+		o.ConnWriteTimeout = DefaultConnWriteTimeout
+	})
+	appA := newSessionApp(t, r, clientA, nil)
+	appB := newSessionApp(t, r, r.Client(), nil)
+	b := newBrowser(t) // the jar's cookies are per host, so A and B share them
+	require.Equal(t, http.StatusOK, b.post(appB, "/login?user=u1").code)
+	require.Equal(t, "u1", userOf(t, b.get(appA, "/whoami")))
+	hits := appA.store.Stats().CacheHits
+	require.Equal(t, "u1", userOf(t, b.get(appA, "/whoami")))
+	require.Equal(t, hits+1, appA.store.Stats().CacheHits, "A serves the session from its cache")
+
+	proxy.Freeze()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n, err := appB.store.DestroyUserSessions(ctx, "u1")
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	onB := newBrowser(t) // its own jar: B clears the dead cookie it is sent
+	onB.setCookie(appB, b.cookie(appA))
+	require.Empty(t, userOf(t, onB.get(appB, "/whoami")), "B sees the logout at once")
+
+	loggedOut := time.Now()
+	bound := 2*keepAlive + DefaultConnWriteTimeout + 3*time.Second // the margin is for a loaded CI machine
+	var stale time.Duration
+	for {
+		rep := b.get(appA, "/whoami")
+		if userOf(t, rep) != "u1" {
+			require.Equal(t, http.StatusServiceUnavailable, rep.code, "cut off, A answers 503: %s", rep.body)
+			require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body)
+			break
+		}
+		stale = time.Since(loggedOut)
+		require.Less(t, stale, bound, "A still serves a logged-out session")
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("a cut-off instance served the logged-out session for %v (bound 2 × KeepAlive %v + ConnWriteTimeout %v)", stale.Round(time.Millisecond), keepAlive, DefaultConnWriteTimeout)
+
+	// Once the partition heals, A reads the truth.
+	proxy.Thaw()
+	require.Eventually(t, func() bool {
+		rep := b.get(appA, "/whoami")
+		return rep.code == http.StatusOK && userOf(t, rep) == ""
+	}, 10*time.Second, 50*time.Millisecond)
+}
+
+// TestSessionFullRedis: in a Redis that is out of memory (noeviction),
+// sessions are read (HTTP 200 through the middleware, from the cache and on
+// an instance that must go to Redis), every save answers the documented
+// 503 with no internal text and writes nothing, logouts free memory and
+// work, and once memory is freed everything works again.
+func TestSessionFullRedis(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		app := newSessionApp(t, f.testRedis, f.Client(), nil)
+		alice, phone, visitor := newBrowser(t), newBrowser(t), newBrowser(t)
+		require.Equal(t, http.StatusOK, alice.post(app, "/login?user=alice").code)
+		require.Equal(t, http.StatusOK, alice.post(app, "/set?k=theme&v=dark").code)
+		require.Equal(t, http.StatusOK, phone.post(app, "/login?user=alice").code)
+		require.Equal(t, http.StatusOK, visitor.post(app, "/set?k=cart&v=1").code)
+		require.Equal(t, "alice", userOf(t, alice.get(app, "/whoami"))) // cached here
+
+		plain := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		keyOf := func(b *browser) string {
+			tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
+			require.True(t, ok)
+			return app.store.key(tok)
+		}
+		type snapshot struct {
+			fields map[string]string
+			pttl   int64
+		}
+		snap := func(key string) snapshot {
+			m, err := plain.Do(ctx, plain.B().Hgetall().Key(key).Build()).AsStrMap()
+			require.NoError(t, err)
+			pttl, err := plain.Do(ctx, plain.B().Pttl().Key(key).Build()).AsInt64()
+			require.NoError(t, err)
+			return snapshot{m, pttl}
+		}
+		aliceKey, visitorKey := keyOf(alice), keyOf(visitor)
+		before := map[string]snapshot{aliceKey: snap(aliceKey), visitorKey: snap(visitorKey)}
+		keys := countKeys(t, f.testRedis, plain)
+
+		f.Fill(t)
+
+		// Reads work: from this instance's cache, and on a fresh instance
+		// whose tracked read is refused and retried untracked.
+		fresh := newSessionApp(t, f.testRedis, f.Client(), nil)
+		for _, a := range []*sessionApp{app, fresh} {
+			require.Equal(t, "alice", userOf(t, alice.get(a, "/whoami")))
+			found, v := valueOf(t, alice.get(a, "/get?k=theme"))
+			require.True(t, found)
+			require.Equal(t, "dark", v)
+			found, _ = valueOf(t, visitor.get(a, "/get?k=cart"))
+			require.True(t, found)
+		}
+
+		// Every save answers 503 with the documented body, and writes nothing.
+		saves := []struct {
+			name string
+			b    *browser
+			path string
+		}{
+			{"change a value", alice, "/set?k=theme&v=light"},
+			{"regenerate", visitor, "/regenerate"},
+			{"log in on an anonymous session", visitor, "/login?user=bob"},
+			{"unbind", alice, "/unbind"},
+			{"create a session", newBrowser(t), "/set?k=cart&v=2"},
+			{"log in afresh", newBrowser(t), "/login?user=carol"},
+		}
+		for _, tc := range saves {
+			for _, a := range []*sessionApp{app, fresh} {
+				rep := tc.b.post(a, tc.path)
+				require.Equal(t, http.StatusServiceUnavailable, rep.code, "%s: %s", tc.name, rep.body)
+				require.JSONEq(t, `{"error":"session store unavailable"}`, rep.body, tc.name)
+				require.Empty(t, rep.header.Values("Set-Cookie"), tc.name)
+			}
+		}
+		for key, was := range before {
+			now := snap(key)
+			require.Equal(t, was.fields, now.fields, "nothing half-written in %s", key)
+			require.LessOrEqual(t, now.pttl, was.pttl, "no expiry extended in %s", key)
+			require.Positive(t, now.pttl)
+		}
+		require.Equal(t, keys, countKeys(t, f.testRedis, plain), "no key created, no index written")
+
+		// Logouts free memory: they work in a full Redis.
+		phoneKey := keyOf(phone)
+		require.Equal(t, http.StatusNoContent, phone.post(app, "/destroy").code)
+		require.Empty(t, snap(phoneKey).fields, "destroyed")
+		list, err := app.store.ListUserSessions(ctx, "alice")
+		require.NoError(t, err)
+		require.Len(t, list, 1, "the destroyed session left the index")
+		require.Equal(t, http.StatusNoContent, visitor.post(fresh, "/destroy").code)
+		require.Empty(t, snap(visitorKey).fields)
+
+		// Once memory is freed, saves work again.
+		f.Free(t)
+		require.Equal(t, http.StatusOK, alice.post(app, "/set?k=theme&v=light").code)
+		found, v := valueOf(t, alice.get(fresh, "/get?k=theme"))
+		require.True(t, found)
+		require.Equal(t, "light", v)
+		require.Equal(t, http.StatusOK, phone.post(fresh, "/login?user=alice").code)
+		n, err := app.store.DestroyUserSessions(ctx, "alice")
+		require.NoError(t, err)
+		require.Equal(t, 2, n)
+	})
+}
+
+// TestSessionAnonymousDefaults: the anonymous limits default to 30 min and
+// 4 KiB, capped at IdleTimeout and MaxSize.
+func TestSessionAnonymousDefaults(t *testing.T) {
+	c := standaloneClient(t)
+	tests := []struct {
+		name     string
+		given    SessionConfig
+		wantIdle time.Duration
+		wantSize int
+	}{
+		{name: "defaults", wantIdle: 30 * time.Minute, wantSize: 4 << 10},
+		{name: "short idle timeout", given: SessionConfig{IdleTimeout: 10 * time.Minute}, wantIdle: 10 * time.Minute, wantSize: 4 << 10},
+		{name: "small max size", given: SessionConfig{MaxSize: 1000}, wantIdle: 30 * time.Minute, wantSize: 1000},
+		{name: "set", given: SessionConfig{AnonymousIdleTimeout: time.Minute, AnonymousMaxSize: 100}, wantIdle: time.Minute, wantSize: 100},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := tt.given
+			cfg.Client, cfg.Keys = c, []string{testKey}
+			st, err := NewSessionStore(cfg)
+			require.NoError(t, err)
+			require.Equal(t, tt.wantIdle, st.cfg.AnonymousIdleTimeout)
+			require.Equal(t, tt.wantSize, st.cfg.AnonymousMaxSize)
+		})
+	}
+}
+
+// TestSessionAnonymousLimits: a session bound to no user lives under
+// AnonymousIdleTimeout and AnonymousMaxSize, enforced by Redis and the save
+// script; binding a user switches it to IdleTimeout and MaxSize, unbinding
+// back; the gorilla store keeps the normal limits.
+func TestSessionAnonymousLimits(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		clock := newFakeClock()
+		app := newSessionApp(t, r, c, func(cfg *SessionConfig) {
+			cfg.Clock = clock
+			cfg.IdleTimeout, cfg.AnonymousIdleTimeout = time.Hour, 20*time.Minute
+			cfg.MaxSize, cfg.AnonymousMaxSize = 2000, 500
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		keyOf := func(b *browser) string {
+			tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(app))
+			require.True(t, ok)
+			return app.store.key(tok)
+		}
+		pttl := func(b *browser) time.Duration {
+			ms, err := c.Do(ctx, c.B().Pttl().Key(keyOf(b)).Build()).AsInt64()
+			require.NoError(t, err)
+			return time.Duration(ms) * time.Millisecond
+		}
+		big := func(n int) string { return strings.Repeat("x", n) }
+
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=a&v="+big(300)).code)
+		require.InDelta(t, float64(20*time.Minute), float64(pttl(b)), float64(5*time.Second), "an anonymous session expires with AnonymousIdleTimeout")
+
+		// Growing beyond AnonymousMaxSize is refused, by Set and by the script.
+		rep := b.post(app, "/set-silent?k=b&v="+big(300))
+		require.Equal(t, http.StatusRequestEntityTooLarge, rep.code, rep.body)
+		key := keyOf(b)
+		_, err := app.store.runSave(ctx, key, key, app.store.saveArgs("update", clock.Now(), 0, true, map[string][]byte{"v:b": []byte(`"` + big(300) + `"`)}, nil))
+		require.ErrorIs(t, err, ErrSessionTooLarge, "the script enforces it too")
+
+		// Logged in: MaxSize and IdleTimeout.
+		require.Equal(t, http.StatusOK, b.post(app, "/login?user=u1").code)
+		require.InDelta(t, float64(time.Hour), float64(pttl(b)), float64(5*time.Second), "a bound session expires with IdleTimeout")
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=b&v="+big(1200)).code)
+		require.Equal(t, http.StatusRequestEntityTooLarge, b.post(app, "/set-silent?k=c&v="+big(600)).code, "MaxSize still holds")
+		clock.Advance(40 * time.Minute) // past the anonymous idle timeout, within the normal one
+		found, _ := valueOf(t, b.get(app, "/get?k=b"))
+		require.True(t, found, "a bound session outlives AnonymousIdleTimeout")
+
+		// Unbound while holding more than AnonymousMaxSize: kept, may shrink,
+		// may not grow, and expires with AnonymousIdleTimeout again.
+		require.Equal(t, http.StatusNoContent, b.post(app, "/unbind").code)
+		require.InDelta(t, float64(20*time.Minute), float64(pttl(b)), float64(5*time.Second))
+		found, _ = valueOf(t, b.get(app, "/get?k=b"))
+		require.True(t, found, "unbinding keeps the values")
+		require.Equal(t, http.StatusRequestEntityTooLarge, b.post(app, "/set-silent?k=c&v=1").code, "it may not grow")
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=b&v=small").code, "it may shrink")
+
+		// Idle longer than AnonymousIdleTimeout: gone (the app's clock says
+		// so before Redis's TTL does).
+		clock.Advance(21 * time.Minute)
+		found, _ = valueOf(t, b.get(app, "/get?k=b"))
+		require.False(t, found, "anonymous idle timeout")
+
+		// A read after TouchAfter of the anonymous idle timeout extends it.
+		b = newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=a&v=1").code)
+		saves := app.store.Stats().Saves
+		clock.Advance(6 * time.Minute) // over a quarter of 20 min, under a quarter of an hour
+		found, _ = valueOf(t, b.get(app, "/get?k=a"))
+		require.True(t, found)
+		require.Equal(t, saves+1, app.store.Stats().Saves, "the anonymous idle timeout slid")
+
+		// User IDs are bounded.
+		e := echo.New()
+		e.Use(app.store.Middleware())
+		e.POST("/", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.ErrorIs(t, s.SetUserID(strings.Repeat("u", MaxUserIDLength+1)), ErrInvalidUserID)
+			require.Empty(t, s.UserID(), "refused: nothing bound")
+			require.NoError(t, s.SetUserID(strings.Repeat("u", MaxUserIDLength)))
+			return c.NoContent(http.StatusNoContent)
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		require.Equal(t, http.StatusNoContent, newBrowser(t).do(http.MethodPost, srv.URL).code)
+		for _, id := range []string{"", strings.Repeat("u", MaxUserIDLength+1)} {
+			_, err := app.store.ListUserSessions(ctx, id)
+			require.ErrorIs(t, err, ErrInvalidUserID)
+			_, err = app.store.DestroyUserSessions(ctx, id)
+			require.ErrorIs(t, err, ErrInvalidUserID)
+		}
+	})
+}
+
+// TestGorillaStoreKeepsNormalLimits: the gorilla API has no user binding,
+// so its sessions live under IdleTimeout and MaxSize.
+func TestGorillaStoreKeepsNormalLimits(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newGorillaApp(t, r, c, "session", func(cfg *SessionConfig) {
+			cfg.IdleTimeout, cfg.AnonymousIdleTimeout = time.Hour, 20*time.Minute
+			cfg.MaxSize, cfg.AnonymousMaxSize = 2000, 500
+		})
+		b := newBrowser(t)
+		rep := b.do(http.MethodPost, app.srv.URL+"/g/set?k=big&v="+strings.Repeat("x", 1200))
+		require.Equal(t, http.StatusOK, rep.code, "MaxSize, not AnonymousMaxSize: %s", rep.body)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		tok, _, _, ok := app.store.decodeCookie("session", cookieOf(b, app, "session"))
+		require.True(t, ok)
+		ms, err := c.Do(ctx, c.B().Pttl().Key(app.store.key(tok)).Build()).AsInt64()
+		require.NoError(t, err)
+		require.InDelta(t, time.Hour.Milliseconds(), ms, 5000, "IdleTimeout, not AnonymousIdleTimeout")
+	})
+}
+
+// rawGet sends a GET with exactly the given Cookie header, no jar.
+func rawGet(t *testing.T, url, cookieHeader string) reply {
+	t.Helper()
+	return rawDo(t, http.MethodGet, url, cookieHeader)
+}
+
+// rawDo sends a request with exactly the given Cookie header, no jar.
+func rawDo(t *testing.T, method, url, cookieHeader string) reply {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
+	require.NoError(t, err)
+	if cookieHeader != "" {
+		req.Header.Set("Cookie", cookieHeader)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return reply{code: resp.StatusCode, header: resp.Header, body: string(body)}
+}
+
+// TestSessionCookieTossing: of several cookies of the session's name (one
+// planted on a sub-path by a sibling site), the first that verifies and
+// names a live session is used, and a valid cookie is never cleared because
+// a bad one came first.
+func TestSessionCookieTossing(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		user := newBrowser(t)
+		require.Equal(t, http.StatusOK, user.post(app, "/login?user=u1").code)
+		valid := user.cookie(app)
+		tampered := valid[:len(valid)-1] + map[bool]string{true: "A", false: "B"}[valid[len(valid)-1] != 'A']
+		foreignStore, err := NewSessionStore(SessionConfig{Client: r.Client(), Keys: []string{strings.Repeat("f", 32)}})
+		require.NoError(t, err)
+		foreign := foreignStore.encodeCookie(DefaultSessionCookie, newToken(""), 0)
+		dead := app.store.encodeCookie(DefaultSessionCookie, newToken(""), 0) // signed by us, no session
+		junk := "not-a-session"
+
+		tests := []struct {
+			name      string
+			given     []string // the cookies of the session's name, in the order sent
+			wantUser  string
+			wantClear bool
+		}{
+			{name: "valid", given: []string{valid}, wantUser: "u1"},
+			{name: "tampered, valid", given: []string{tampered, valid}, wantUser: "u1"},
+			{name: "valid, tampered", given: []string{valid, tampered}, wantUser: "u1"},
+			{name: "foreign key, valid", given: []string{foreign, valid}, wantUser: "u1"},
+			{name: "no session, valid", given: []string{dead, valid}, wantUser: "u1"},
+			{name: "junk, no session, tampered, valid", given: []string{junk, dead, tampered, valid}, wantUser: "u1"},
+			{name: "tampered", given: []string{tampered}, wantClear: true},
+			{name: "no session", given: []string{dead}, wantClear: true},
+			{name: "junk, no session", given: []string{junk, dead}, wantClear: true},
+			{name: "more bad ones than are read: nothing cleared", given: append(slices.Repeat([]string{junk}, maxSessionCookies), valid)},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				parts := make([]string, len(tt.given))
+				for i, v := range tt.given {
+					parts[i] = DefaultSessionCookie + "=" + v
+				}
+				rep := rawGet(t, app.srv.URL+"/whoami", "other=1; "+strings.Join(parts, "; "))
+				require.Equal(t, http.StatusOK, rep.code, rep.body)
+				require.Equal(t, tt.wantUser, userOf(t, rep))
+				if tt.wantClear {
+					require.Contains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+				} else {
+					require.Empty(t, rep.header.Values("Set-Cookie"), "nothing cleared, nothing reissued")
+				}
+			})
+		}
+
+		// A real browser: a sibling site plants cookies of our name on a
+		// sub-path; the browser sends them first there.
+		u, _ := url.Parse(app.srv.URL)
+		u.Scheme = "https"
+		for _, planted := range []string{junk, tampered, dead} {
+			sub := *u
+			sub.Path = "/sub"
+			user.jar.SetCookies(&sub, []*http.Cookie{{Name: DefaultSessionCookie, Value: planted, Path: "/sub"}})
+			sub.Path = "/sub/whoami"
+			sent := user.jar.Cookies(&sub)
+			require.Len(t, sent, 2)
+			require.Equal(t, planted, sent[0].Value, "the sub-path cookie goes first")
+			for _, path := range []string{"/sub/whoami", "/whoami"} {
+				rep := user.get(app, path)
+				require.Equal(t, "u1", userOf(t, rep), "%s with %q planted", path, planted)
+				require.Empty(t, rep.header.Values("Set-Cookie"))
+			}
+			require.Equal(t, valid, user.cookie(app), "the valid cookie is kept")
+		}
+
+		// Writes that do not read the session first go to the live one too:
+		// a planted cookie naming no session neither takes the change nor
+		// gets the valid cookie cleared.
+		tossed := DefaultSessionCookie + "=" + dead + "; " + DefaultSessionCookie + "=" + valid
+		rep := rawDo(t, http.MethodPost, app.srv.URL+"/delete?k=nothing", tossed)
+		require.Equal(t, http.StatusNoContent, rep.code, rep.body)
+		require.NotContains(t, rep.header.Get("Set-Cookie"), "Max-Age=0")
+		require.Equal(t, "u1", userOf(t, rawGet(t, app.srv.URL+"/whoami", tossed)))
+		require.Equal(t, http.StatusNoContent, rawDo(t, http.MethodPost, app.srv.URL+"/destroy", tossed).code)
+		require.Empty(t, userOf(t, rawGet(t, app.srv.URL+"/whoami", DefaultSessionCookie+"="+valid)), "the live session was destroyed")
+
+		// The gorilla store picks the same way.
+		g := newGorillaApp(t, r, r.Client(), "session", nil)
+		gb := newBrowser(t)
+		require.Equal(t, http.StatusOK, gb.do(http.MethodPost, g.srv.URL+"/g/login").code)
+		gValid := cookieOf(gb, g, "session")
+		gDead := g.store.encodeCookie("session", newToken(""), 0)
+		for _, header := range []string{
+			"session=" + junk + "; session=" + gValid,
+			"session=" + gDead + "; session=" + tampered + "; session=" + gValid,
+		} {
+			me := jsonOf(t, rawGet(t, g.srv.URL+"/g/me", header))
+			require.Equal(t, float64(42), me["userId"], header)
+			require.Equal(t, false, me["isNew"])
+		}
+	})
+}
+
+// TestSessionPersonalResponsesArePrivate: a response whose handler read a
+// logged-in session gets "Cache-Control: private" (unless the handler set
+// one) and "Vary: Cookie" (added to the others), on the wire, even when
+// the handler writes its headers itself; AllowSharedCaching turns it off.
+func TestSessionPersonalResponsesArePrivate(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		newApp := func(allowShared bool) *sessionApp {
+			app := newSessionApp(t, r, c, func(cfg *SessionConfig) { cfg.AllowSharedCaching = allowShared })
+			e := echo.New()
+			e.Use(app.store.Middleware())
+			read := func(c echo.Context) string {
+				s, err := GetSession(c)
+				require.NoError(t, err)
+				return s.UserID()
+			}
+			e.GET("/page", func(c echo.Context) error { return c.String(http.StatusOK, "hello "+read(c)) })
+			e.GET("/own-headers", func(c echo.Context) error {
+				u := read(c)
+				c.Response().Header().Set("Cache-Control", "max-age=60")
+				c.Response().Header().Set("Vary", "Accept-Encoding")
+				return c.String(http.StatusOK, "hello "+u)
+			})
+			e.GET("/vary-cookie", func(c echo.Context) error {
+				c.Response().Header().Set("Vary", "Accept, cookie")
+				return c.String(http.StatusOK, "hello "+read(c))
+			})
+			e.GET("/stream", func(c echo.Context) error {
+				u := read(c)
+				c.Response().WriteHeader(http.StatusOK) // commits: the headers go out now
+				_, err := c.Response().Write([]byte("hello " + u))
+				return err
+			})
+			e.GET("/static", func(c echo.Context) error { return c.String(http.StatusOK, "static") })
+			srv := httptest.NewServer(e)
+			t.Cleanup(srv.Close)
+			return &sessionApp{store: app.store, srv: srv}
+		}
+		app := newApp(false)
+		loginApp := newSessionApp(t, r, c, nil) // same prefix and keys: the same sessions
+		user, visitor := newBrowser(t), newBrowser(t)
+		require.Equal(t, http.StatusOK, user.post(loginApp, "/login?user=u1").code)
+		require.Equal(t, http.StatusOK, visitor.post(loginApp, "/set?k=theme&v=dark").code)
+
+		tests := []struct {
+			name      string
+			b         *browser
+			path      string
+			wantCache string
+			wantVary  []string
+		}{
+			{name: "logged in", b: user, path: "/page", wantCache: "private", wantVary: []string{"Cookie"}},
+			{name: "own Cache-Control kept, Vary added", b: user, path: "/own-headers", wantCache: "max-age=60", wantVary: []string{"Accept-Encoding", "Cookie"}},
+			{name: "Vary already names the cookie", b: user, path: "/vary-cookie", wantCache: "private", wantVary: []string{"Accept, cookie"}},
+			{name: "headers written by the handler", b: user, path: "/stream", wantCache: "private", wantVary: []string{"Cookie"}},
+			{name: "session not read", b: user, path: "/static"},
+			{name: "anonymous session", b: visitor, path: "/page"},
+			{name: "no session", b: newBrowser(t), path: "/page"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				rep := tt.b.get(app, tt.path)
+				require.Equal(t, http.StatusOK, rep.code, rep.body)
+				require.Equal(t, tt.wantCache, rep.header.Get("Cache-Control"))
+				require.Equal(t, tt.wantVary, rep.header.Values("Vary"))
+			})
+		}
+		shared := newApp(true)
+		rep := user.get(shared, "/page")
+		require.Equal(t, "hello u1", rep.body)
+		require.Empty(t, rep.header.Get("Cache-Control"), "AllowSharedCaching leaves the headers alone")
+		require.Empty(t, rep.header.Values("Vary"))
+	})
+}
+
+// TestDestroyUserSessionsReportsMissingIndex: when the user's index is gone
+// (evicted, deleted), "log out everywhere" cannot find the other sessions;
+// it says so when the caller's own session is bound to the user but absent
+// from the index.
+func TestDestroyUserSessionsReportsMissingIndex(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newSessionApp(t, r, c, nil)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		devices := []*browser{newBrowser(t), newBrowser(t), newBrowser(t)}
+		for _, d := range devices {
+			require.Equal(t, http.StatusOK, d.post(app, "/login?user=u1").code)
+		}
+		var who struct{ User, Handle string }
+		require.NoError(t, json.Unmarshal([]byte(devices[0].get(app, "/whoami").body), &who))
+		here := who.Handle
+		idx := app.store.userKey("u1")
+
+		// The index is lost (an eviction, a careless DEL).
+		require.NoError(t, c.Do(ctx, c.B().Del().Key(idx).Build()).Error())
+		n, err := app.store.DestroyUserSessions(ctx, "u1", here)
+		require.ErrorIs(t, err, ErrSessionIndexMissing, "the caller's session is bound to u1 but not indexed")
+		require.Zero(t, n)
+		for _, d := range devices {
+			require.Equal(t, "u1", userOf(t, d.get(app, "/whoami")), "the other sessions live on, as reported")
+		}
+
+		// Rebuilt in part by a new login: that one ends, the error stays.
+		late := newBrowser(t)
+		require.Equal(t, http.StatusOK, late.post(app, "/login?user=u1").code)
+		n, err = app.store.DestroyUserSessions(ctx, "u1", here)
+		require.ErrorIs(t, err, ErrSessionIndexMissing)
+		require.Equal(t, 1, n)
+		require.Empty(t, userOf(t, late.get(app, "/whoami")))
+
+		// Without a session to check against, a lost index cannot be told
+		// from a user with no other session.
+		n, err = app.store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		// An intact index: no error.
+		fresh := []*browser{newBrowser(t), newBrowser(t)}
+		for _, d := range fresh {
+			require.Equal(t, http.StatusOK, d.post(app, "/login?user=u2").code)
+		}
+		require.NoError(t, json.Unmarshal([]byte(fresh[0].get(app, "/whoami").body), &who))
+		n, err = app.store.DestroyUserSessions(ctx, "u2", who.Handle)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		require.Equal(t, "u2", userOf(t, fresh[0].get(app, "/whoami")))
+		require.Empty(t, userOf(t, fresh[1].get(app, "/whoami")))
+	})
 }

@@ -348,13 +348,14 @@ type ClientHolder struct {
 
 // DefaultConnWriteTimeout is the rueidis ConnWriteTimeout of the clients a
 // ClientHolder builds when the option leaves it zero. rueidis drops a
-// connection whose keep-alive PING (sent after Dialer.KeepAlive, 1 s by
-// default, without traffic) gets no answer within it, and with the
-// connection its client-side cache: so it bounds how long an instance cut
-// off from Redis serves cached reads (sessions, cache entries) that other
-// instances may have changed, to about KeepAlive + ConnWriteTimeout (3 s).
-// rueidis's own default, 10 × KeepAlive, lets that last 10 s or more. Set
-// it on the clients you build yourself too.
+// connection whose keep-alive PING gets no answer within it, and with the
+// connection its client-side cache. The PING goes out on a timer of
+// Dialer.KeepAlive (1 s by default) that skips any tick which saw a reply,
+// so this bounds how long an instance cut off from Redis serves cached
+// reads (sessions, cache entries) that other instances may have changed to
+// 2 × KeepAlive + ConnWriteTimeout: 4 s (measured: 3.8 to 4.0 s). rueidis's
+// own default, 10 × KeepAlive, lets that last 12 s. Set it on the clients
+// you build yourself too.
 const DefaultConnWriteTimeout = 2 * time.Second
 
 // NewClientHolder returns a holder for a client built from opt, with

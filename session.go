@@ -1423,6 +1423,32 @@ func (s *SessionState) Regenerate() error {
 	return nil
 }
 
+// Clear deletes every value and flash of the session, keeping its ID, its
+// user binding and its lifetime. Call it with Regenerate and SetUserID when
+// someone logs in on a browser whose session belongs to another user, so
+// that none of the previous user's values carry over.
+func (s *SessionState) Clear() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writable(); err != nil {
+		return err
+	}
+	s.ensureLoaded()
+	for f := range s.set {
+		if isDataField(f) {
+			delete(s.set, f)
+		}
+	}
+	for f := range s.data.fields {
+		if isDataField(f) {
+			if err := s.deleteField(f); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // Destroy deletes the session from Redis when the response starts and
 // clears the cookie. Later changes in the same request are dropped.
 func (s *SessionState) Destroy() error {

@@ -94,6 +94,15 @@ func newSessionApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*
 		require.NoError(t, s.SetUserID(c.QueryParam("user")))
 		return c.JSON(http.StatusOK, map[string]string{"message": "Login successful"})
 	})
+	e.POST("/clear", func(c echo.Context) error {
+		s := sess(c)
+		require.NoError(t, s.Clear())
+		require.Empty(t, s.Keys(), "cleared at once in this request")
+		if v := c.QueryParam("then"); v != "" {
+			require.NoError(t, s.Set("after", v))
+		}
+		return c.NoContent(http.StatusNoContent)
+	})
 	e.POST("/regenerate", func(c echo.Context) error {
 		require.NoError(t, sess(c).Regenerate())
 		return c.NoContent(http.StatusNoContent)
@@ -690,6 +699,27 @@ func TestSessionFlash(t *testing.T) {
 		require.Equal(t, "Saved!", v)
 		found, _ = valueOf(t, b.get(app, "/flash"))
 		require.False(t, found, "read once")
+	})
+}
+
+// TestSessionClear: Clear drops every value and flash, keeps the session
+// and its binding, and values set after it in the same request are kept.
+func TestSessionClear(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/login?user=alice").code)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=theme&v=dark").code)
+		require.Equal(t, http.StatusNoContent, b.post(app, "/flash?v=hello").code)
+		handle := b.get(app, "/whoami").body
+
+		require.Equal(t, http.StatusNoContent, b.post(app, "/clear?then=fresh").code)
+		all := b.get(app, "/all")
+		require.Equal(t, http.StatusOK, all.code)
+		require.JSONEq(t, `{"after":"fresh"}`, all.body)
+		found, _ := valueOf(t, b.get(app, "/flash"))
+		require.False(t, found, "flashes are cleared too")
+		require.Equal(t, handle, b.get(app, "/whoami").body, "same session, same user")
 	})
 }
 

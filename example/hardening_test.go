@@ -29,6 +29,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/redisecho/redisecho"
 	"github.com/redisecho/redisecho/internal/redistest"
 )
 
@@ -742,4 +743,30 @@ func TestSIGTERMDrains(t *testing.T) {
 		}
 		require.Contains(t, log.String(), `msg=stopped`)
 	})
+}
+
+// TestLogoutEverywhereWithoutIndex: when the per-user index is gone
+// (evicted, deleted), "log out everywhere" cannot find the other sessions;
+// the app says so instead of claiming success, and still ends this one.
+func TestLogoutEverywhereWithoutIndex(t *testing.T) {
+	for _, tp := range []*redistest.Topology{standaloneRedis, clusterRedis} {
+		t.Run(tp.Name, func(t *testing.T) {
+			clearExampleKeys(t, tp)
+			t.Cleanup(func() { clearExampleKeys(t, tp) })
+			base := startReady(t, map[string]string{"REDIS_URL": tp.URL(), "COOKIE_INSECURE": "1"})
+			laptop, phone := loggedIn(t, base, "alice"), loggedIn(t, base, "alice")
+
+			n, err := tp.DeleteKeys(redisecho.DefaultPrefix + "{user:1}:sessions")
+			require.NoError(t, err)
+			require.Equal(t, 1, n, "alice's index")
+
+			code, body := phone.call(http.MethodPost, "/logout-all", "")
+			require.Equal(t, http.StatusInternalServerError, code)
+			require.Contains(t, body["error"], "other sessions may still be signed in")
+			code, _ = phone.call(http.MethodGet, "/profile", "")
+			require.Equal(t, http.StatusUnauthorized, code, "this session ended all the same")
+			code, _ = laptop.call(http.MethodGet, "/profile", "")
+			require.Equal(t, http.StatusOK, code, "the one the lost index hid lives on, as reported")
+		})
+	}
 }

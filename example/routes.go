@@ -63,10 +63,8 @@ func login(c echo.Context) error {
 	}
 	uid := strconv.Itoa(u.id)
 	if prev := s.UserID(); prev != "" && prev != uid {
-		for _, k := range s.Keys() {
-			if err := s.Delete(k); err != nil {
-				return err
-			}
+		if err := s.Clear(); err != nil {
+			return err
 		}
 	}
 	if err := errors.Join(
@@ -139,14 +137,26 @@ func logoutAll(c echo.Context) error {
 	if !ok {
 		return jsonError(c, http.StatusUnauthorized, "Not authenticated")
 	}
-	n, err := s.Store().DestroyUserSessions(c.Request().Context(), strconv.Itoa(id))
+	// The current session is kept out of the call and destroyed below, so
+	// that the store can tell a lost index (other sessions may live on
+	// unseen) from a user with no other session.
+	n, err := s.Store().DestroyUserSessions(c.Request().Context(), strconv.Itoa(id), s.Handle())
+	if errors.Is(err, redisecho.ErrSessionIndexMissing) {
+		if err := s.Destroy(); err != nil {
+			return err
+		}
+		return c.JSON(http.StatusInternalServerError, map[string]any{
+			"error": "Could not log out everywhere: the list of your sessions was lost, so other sessions may still be signed in",
+			"ended": n,
+		})
+	}
 	if err != nil {
 		return echo.NewHTTPError(http.StatusServiceUnavailable).SetInternal(err)
 	}
 	if err := s.Destroy(); err != nil {
 		return err
 	}
-	return c.JSON(http.StatusOK, map[string]any{"message": "Logged out everywhere", "ended": n})
+	return c.JSON(http.StatusOK, map[string]any{"message": "Logged out everywhere", "ended": n + 1})
 }
 
 // Preference limits: a request merges at most this many keys, each name and

@@ -289,8 +289,11 @@ type LimiterConfig struct {
 // Limiter decides rate limits in Redis. Each decision is one Lua script in
 // one round trip over the key's hash (and, with SlidingLog policies, its
 // sorted set under the same hash tag), timed by Redis TIME, so every
-// instance agrees whatever its clock. Create it with NewLimiter; it is safe
-// for concurrent use.
+// instance agrees whatever its clock. Each call carries a deadline in its
+// node's Redis time, so a call that reaches Redis too late charges nothing
+// (see FailurePolicy); the first call to each node costs one more round
+// trip (TIME), to learn the offset of that node's clock. Create it with
+// NewLimiter; it is safe for concurrent use.
 type Limiter struct {
 	b        *backend
 	name     string
@@ -826,9 +829,14 @@ func (l *Limiter) parseDecision(scope string, res rueidis.RedisResult, pols []Po
 // the decision's own log entries, and a token bucket's tokens only as far
 // as they have not refilled since. A denied decision consumed nothing and
 // refunds nothing; a decision is refunded at most once, through any copy
-// (a refund that fails may be tried again). A LocalFallback decision is refunded locally. Refund
-// also lifts this instance's free-path block of the key; other instances
-// keep theirs (see DisableFreePath).
+// (a refund that fails may be tried again: one that timed out and reached
+// Redis after its deadline changed nothing, as with decisions; see
+// FailurePolicy). The one gap: a refund that ran but whose reply was lost
+// is given back again by a retry (a log's entries only once; a counter's
+// or a bucket's units twice). A LocalFallback decision is refunded
+// locally. Refund also lifts this instance's free-path block of the key;
+// other instances keep theirs (see DisableFreePath). Refunds only shrink
+// state, so they succeed in a full Redis (maxmemory).
 func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
 	if d == nil || !d.Allowed || d.Cost == 0 || d.key == "" || d.refund == nil || !d.refund.done.CompareAndSwap(false, true) {
 		return nil

@@ -1917,7 +1917,7 @@ func TestRedisClocks(t *testing.T) {
 	// Node A is 1 h ahead of us; node B 3 s behind. Replies arrive 10 s in.
 	require.Equal(t, int64(3600e6), c.learn("A", (10*time.Second+time.Hour).Microseconds(), at(10*time.Second)))
 	c.learn("B", (7 * time.Second).Microseconds(), at(10*time.Second))
-	require.Equal(t, int64(-3e6), c.learn("cluster", (7 * time.Second).Microseconds(), at(10*time.Second)), "used once")
+	require.Equal(t, int64(-3e6), c.learn("cluster", (7*time.Second).Microseconds(), at(10*time.Second)), "used once")
 
 	for _, tc := range []struct {
 		name  string

@@ -1949,3 +1949,123 @@ func TestRedisClocks(t *testing.T) {
 	require.True(t, ok)
 	require.Equal(t, (30 * time.Second).Microseconds(), got)
 }
+
+// fillRedis fills every server of f as hostile traffic would: noeviction,
+// maxmemory just above the memory used, then one key that outgrows it, so
+// that deny-OOM commands are refused until the returned func deletes the
+// keys. maxmemory is reset when the test ends.
+func fillRedis(t *testing.T, f *faultRedis) (free func()) {
+	t.Helper()
+	var fillers [][2]string // addr, key
+	for _, s := range f.Servers() {
+		addr := s.addr()
+		_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+		require.NoError(t, err)
+		info, err := respDo(addr, 2*time.Second, "INFO", "memory")
+		require.NoError(t, err)
+		var used int64
+		for line := range strings.SplitSeq(info.(string), "\r\n") {
+			if v, ok := strings.CutPrefix(line, "used_memory:"); ok {
+				used, err = strconv.ParseInt(v, 10, 64)
+				require.NoError(t, err)
+			}
+		}
+		require.Positive(t, used)
+		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used+256<<10, 10))
+		require.NoError(t, err)
+		t.Cleanup(func() { _, _ = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", "0") })
+		// A command's own arguments count while Redis checks it, so a large
+		// SET is refused before it fills anything: SETRANGE with a large
+		// offset grows a key by 1 MB after the check.
+		for i := 0; ; i++ {
+			require.Less(t, i, 5000, "no key of %s's slots found", addr)
+			key := f.Keys.Key("filler", strconv.Itoa(i))
+			if _, err := respDo(addr, 5*time.Second, "SETRANGE", key, strconv.Itoa(1<<20), "x"); err != nil {
+				require.Contains(t, err.Error(), "MOVED", "only another node's key may fail")
+				continue
+			}
+			_, err := respDo(addr, 2*time.Second, "SET", key, "x")
+			require.ErrorContains(t, err, "OOM", "%s is full", addr)
+			fillers = append(fillers, [2]string{addr, key})
+			break
+		}
+	}
+	return func() {
+		for _, fk := range fillers {
+			_, err := respDo(fk[0], 2*time.Second, "DEL", fk[1])
+			require.NoError(t, err)
+		}
+	}
+}
+
+// TestLimiterOutOfMemory fills Redis (maxmemory, noeviction): an admission
+// needs writes, and a full Redis refuses its first one, so nothing is
+// written (with a SlidingLog too, whose trim used to come first and let the
+// rest write into a full Redis) and the failure policy answers; denials
+// and reads write nothing and are still decided by Redis; refunds only
+// shrink state and succeed. Once memory is freed, admissions work again.
+func TestLimiterOutOfMemory(t *testing.T) {
+	forEachFaultTopology(t, limiterOutOfMemory)
+}
+
+func limiterOutOfMemory(t *testing.T, f *faultRedis) {
+	ctx := context.Background()
+	c := f.Client()
+	admin := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+	// A breaker that never opens: every call reaches the full Redis.
+	br := NewBreaker(BreakerConfig{Failures: 1000, Logger: discardLogger()})
+	pols := []Policy{{Algorithm: SlidingLog, Limit: 3, Window: time.Minute}, {Algorithm: SlidingWindow, Limit: 3, Window: time.Hour},
+		{Algorithm: FixedWindow, Limit: 3, Window: 2 * time.Hour}, {Algorithm: TokenBucket, Limit: 3, Window: 3 * time.Hour}}
+	type limiter struct {
+		fp   FailurePolicy
+		l    *Limiter
+		used Decision // admitted before Redis filled up
+	}
+	var ls []*limiter
+	for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
+		l, err := NewLimiter(LimiterConfig{Client: c, Name: "oom-" + fp.String(), Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true,
+			Options: Options{Prefix: f.Keys.Prefix(), Breaker: br, Logger: discardLogger()}})
+		require.NoError(t, err)
+		lm := &limiter{fp: fp, l: l, used: allow(t, l, "used", 1)}
+		for range 3 {
+			require.True(t, allow(t, l, "full", 1).Allowed)
+		}
+		require.False(t, allow(t, l, "full", 1).Allowed)
+		ls = append(ls, lm)
+	}
+
+	free := fillRedis(t, f)
+	for _, lm := range ls {
+		l := lm.l
+		for _, key := range []string{"used", "new"} {
+			before := limiterState(t, admin, l, key)
+			d, err := l.Allow(ctx, key)
+			if lm.fp == FailClosed {
+				require.ErrorIs(t, err, ErrLimiterUnavailable)
+				require.ErrorContains(t, err, "OOM")
+			} else {
+				require.NoError(t, err)
+				require.True(t, d.Allowed && d.Degraded, "%s answers, without Redis", lm.fp)
+			}
+			require.Equal(t, before, limiterState(t, admin, l, key), "%s, %s: nothing written", lm.fp, key)
+		}
+		require.Empty(t, limiterState(t, admin, l, "new"))
+
+		d := allow(t, l, "full", 1)
+		require.True(t, !d.Allowed && !d.Degraded, "%s: a denial is decided by Redis", lm.fp)
+		require.Positive(t, d.RetryAfter)
+		d = allow(t, l, "used", 0)
+		require.True(t, d.Allowed && !d.Degraded, "%s: a read is decided by Redis", lm.fp)
+		require.Equal(t, int64(2), d.Remaining)
+
+		require.NoError(t, l.Refund(ctx, &lm.used), "%s: a refund only shrinks state, and succeeds", lm.fp)
+		require.Equal(t, int64(3), allow(t, l, "used", 0).Remaining)
+	}
+
+	free()
+	for _, lm := range ls {
+		d := allow(t, lm.l, "new", 1)
+		require.True(t, d.Allowed && !d.Degraded, "%s: admissions work again once memory is freed", lm.fp)
+		require.NotEmpty(t, limiterState(t, admin, lm.l, "new"))
+	}
+}

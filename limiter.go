@@ -391,7 +391,7 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 		return nil, err
 	}
 	l.blocks.clock = b.clock
-	l.clocks.base = time.Now()
+	l.clocks.base, l.clocks.timeout = time.Now(), b.timeout
 	if l.onError == LocalFallback {
 		l.local = &localLimiter{clock: b.clock, share: cfg.FallbackShare, keys: map[string]*localKey{}}
 	}
@@ -618,7 +618,7 @@ const lateMargin = time.Millisecond
 // not loaded, a long idle time), one TIME round trip learns it first.
 func (l *Limiter) notAfter(ctx context.Context, hash string) (string, int64, error) {
 	scope := l.b.scope(hash)
-	if at, ok := l.clocks.redisTime(scope, l.callDeadline(ctx), l.b.timeout); ok {
+	if at, ok := l.clocks.redisTime(scope, l.callDeadline(ctx)); ok {
 		return scope, at, nil
 	}
 	res := l.b.Exec(ctx, timeScript, []string{hash}, nil)
@@ -651,13 +651,17 @@ return tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 // redisClocks learns, per Redis node (breaker scope), the offset of its
 // TIME from this process's monotonic clock, from the time every script
-// reply carries. Each offset is a lower bound: the node read its TIME
+// reply carries. Each sample is a lower bound: the node read its TIME
 // before the reply arrived, so a deadline converted with it falls no later
 // in the node's time than in ours, and a script that starts after it
-// started after the caller gave up.
+// started after the caller gave up. The tightest bound is kept, aged by
+// clockDrift, until a tighter one comes, or one lower by more than a
+// Timeout (more than a reply that came in time can be off: the node's
+// clock stepped back).
 type redisClocks struct {
-	base  time.Time // the monotonic origin
-	nodes sync.Map  // scope -> *nodeClock
+	base    time.Time     // the monotonic origin
+	timeout time.Duration // the limiter's Timeout
+	nodes   sync.Map      // scope -> *nodeClock
 }
 
 // nodeClock is one node's offset.
@@ -681,9 +685,9 @@ const (
 func (c *redisClocks) since(t time.Time) int64 { return t.Sub(c.base).Microseconds() }
 
 // learn records that the node behind scope read now (its TIME, µs) before
-// a reply that arrived at recv, and returns the offset. The scope
-// "cluster" (a cluster whose slot map is not loaded yet) names no one
-// node, so its offset is used for one call and not kept.
+// a reply that arrived at recv, and returns this sample's offset. The
+// scope "cluster" (a cluster whose slot map is not loaded yet) names no
+// one node, so its sample is used for one call and not kept.
 func (c *redisClocks) learn(scope string, now int64, recv time.Time) int64 {
 	at := c.since(recv)
 	off := now - at
@@ -695,27 +699,45 @@ func (c *redisClocks) learn(scope string, now int64, recv time.Time) int64 {
 		v, _ = c.nodes.LoadOrStore(scope, &nodeClock{})
 	}
 	nc := v.(*nodeClock)
+	if cur, ok := c.offset(nc, at); ok && off < cur && off >= cur-c.timeout.Microseconds() {
+		return off // the kept bound is tighter
+	}
 	nc.offset.Store(off)
 	nc.at.Store(at)
 	return off
 }
 
-// redisTime returns local time t in the Redis time of scope's node (µs),
-// less the drift the offset may have gathered since it was learnt; false
-// when no offset is known, or it is older than clockMaxAge Timeouts.
-func (c *redisClocks) redisTime(scope string, t time.Time, timeout time.Duration) (int64, bool) {
-	v, ok := c.nodes.Load(scope)
-	if !ok || scope == "cluster" {
-		return 0, false
-	}
-	nc := v.(*nodeClock)
+// offset returns nc's offset at local time local (µs), aged by the drift
+// gathered since it was learnt; false when none is known, or it is older
+// than clockMaxAge Timeouts.
+func (c *redisClocks) offset(nc *nodeClock, local int64) (int64, bool) {
 	off, at := nc.offset.Load(), nc.at.Load()
-	local := c.since(t)
-	age := max(0, local-at)
-	if age > clockMaxAge*timeout.Microseconds() {
+	if at == 0 && off == 0 {
 		return 0, false
 	}
-	return local + off - age*clockDrift/1_000_000, true
+	age := max(0, local-at)
+	if age > clockMaxAge*c.timeout.Microseconds() {
+		return 0, false
+	}
+	return off - age*clockDrift/1_000_000, true
+}
+
+// redisTime returns local time t in the Redis time of scope's node (µs);
+// false when its offset is not known (see offset).
+func (c *redisClocks) redisTime(scope string, t time.Time) (int64, bool) {
+	if scope == "cluster" {
+		return 0, false
+	}
+	v, ok := c.nodes.Load(scope)
+	if !ok {
+		return 0, false
+	}
+	local := c.since(t)
+	off, ok := c.offset(v.(*nodeClock), local)
+	if !ok {
+		return 0, false
+	}
+	return local + off, true
 }
 
 // algCode is each algorithm's number in the scripts.
@@ -727,8 +749,11 @@ var algCode = [...]string{SlidingWindow: "1", FixedWindow: "2", SlidingLog: "3",
 // nothing was written) is logged as such.
 func (l *Limiter) degrade(nkey string, n int64, pols []Policy, cause error) (Decision, error) {
 	why := "rate limit: Redis unavailable"
-	if isOOM(cause) {
+	switch {
+	case isOOM(cause):
 		why = "rate limit: Redis out of memory (maxmemory) refused an admission"
+	case errors.Is(cause, errLate):
+		why = "rate limit: a decision reached Redis after its deadline, and charged nothing"
 	}
 	switch l.onError {
 	case FailClosed:

@@ -1908,10 +1908,9 @@ func TestLimiterLearnsEachNodesClock(t *testing.T) {
 // too old, or of no one node, is not used.
 func TestRedisClocks(t *testing.T) {
 	base := time.Now()
-	c := redisClocks{base: base}
+	c := redisClocks{base: base, timeout: 500 * time.Millisecond}
 	at := func(d time.Duration) time.Time { return base.Add(d) }
-	const timeout = 500 * time.Millisecond
-	_, ok := c.redisTime("10.0.0.1:6379", at(time.Second), timeout)
+	_, ok := c.redisTime("10.0.0.1:6379", at(time.Second))
 	require.False(t, ok, "nothing known before a reply")
 
 	// Node A is 1 h ahead of us; node B 3 s behind. Replies arrive 10 s in.
@@ -1936,18 +1935,28 @@ func TestRedisClocks(t *testing.T) {
 		{"unknown node", "C", 10 * time.Second, 0, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, ok := c.redisTime(tc.scope, at(tc.local), timeout)
+			got, ok := c.redisTime(tc.scope, at(tc.local))
 			require.Equal(t, tc.ok, ok)
 			require.Equal(t, tc.want, got)
 		})
 	}
 
-	// A later reply replaces the offset, even a smaller one (the node's
-	// clock stepped back, or the reply was slow: either way still a bound).
-	c.learn("A", (30 * time.Second).Microseconds(), at(30*time.Second))
-	got, ok := c.redisTime("A", at(30*time.Second), timeout)
+	// A looser bound (a slower reply) does not replace a tighter one: A's,
+	// learnt at 10 s, is 20 ms off by now.
+	at30 := func(redis time.Duration) int64 {
+		c.learn("A", redis.Microseconds(), at(30*time.Second))
+		got, ok := c.redisTime("A", at(30*time.Second))
+		require.True(t, ok)
+		return got
+	}
+	require.Equal(t, (30*time.Second + time.Hour - 20*time.Millisecond).Microseconds(), at30(30*time.Second+time.Hour-100*time.Millisecond))
+	require.Equal(t, (30*time.Second + time.Hour - 5*time.Millisecond).Microseconds(), at30(30*time.Second+time.Hour-5*time.Millisecond), "a tighter one does")
+	require.Equal(t, (30 * time.Second).Microseconds(), at30(30*time.Second), "so does one lower by more than a Timeout: the node's clock stepped back")
+	// An offset too old for use is replaced by any new one.
+	c.learn("B", (100 * time.Second).Microseconds(), at(100*time.Second))
+	got, ok := c.redisTime("B", at(100*time.Second))
 	require.True(t, ok)
-	require.Equal(t, (30 * time.Second).Microseconds(), got)
+	require.Equal(t, (100 * time.Second).Microseconds(), got)
 }
 
 // fillRedis fills every server of f as hostile traffic would: noeviction,

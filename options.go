@@ -139,8 +139,10 @@ func (b *backend) scope(key string) string {
 	return b.shared.nodeOf(b.client, key, b.timeout)
 }
 
-// call runs fn with the deadline, under the breaker of key's node.
-func (b *backend) call(ctx context.Context, key string, fn func(ctx context.Context) error) error {
+// call runs fn with the deadline, under the breaker of key's node. write
+// tells whether the call may write: a write that succeeds proves the node
+// has memory again (see oomHold).
+func (b *backend) call(ctx context.Context, key string, write bool, fn func(ctx context.Context) error) error {
 	b.shared.checkCache(b.client, b.log, b.timeout)
 	n := b.breaker.node(b.scope(key))
 	if !b.breaker.allow(n) {
@@ -150,23 +152,52 @@ func (b *backend) call(ctx context.Context, key string, fn func(ctx context.Cont
 	cctx, cancel := context.WithTimeout(ctx, b.timeout)
 	err := fn(cctx)
 	cancel()
-	b.record(n, classify(ctx, err))
+	b.record(n, ctx, err, write)
 	return err
 }
 
-// record tells the breaker a call's outcome. A failure on a cluster also
-// re-reads the slot map (at most once a second), so that after a failover
-// the keys of a dead master map to its replacement, not to the dead scope.
-func (b *backend) record(n *breakerNode, o outcome) {
+// record tells the breaker a call's outcome and keeps the node's OOM state:
+// an OOM reply sets it (and counts as an answer, not a failure), a write
+// that succeeds clears it. A failure on a cluster also re-reads the slot map
+// (at most once a second), so that after a failover the keys of a dead
+// master map to its replacement, not to the dead scope.
+func (b *backend) record(n *breakerNode, ctx context.Context, err error, write bool) {
+	o := classify(ctx, err)
 	b.breaker.record(n, o)
-	if o == unhealthy && b.client.Mode() == rueidis.ClientModeCluster {
+	switch {
+	case o == unhealthy && b.client.Mode() == rueidis.ClientModeCluster:
 		b.shared.refreshSlots(b.client, b.timeout)
+	case isOOM(err):
+		n.markOOM(b.breaker.clock.Now())
+	case err == nil && write:
+		n.clearOOM()
 	}
+}
+
+// isOOM reports whether err is Redis's "OOM command not allowed when used
+// memory > 'maxmemory'" reply: the server answers, but refuses writes (and,
+// on Redis 7.0, any command queued in MULTI, which is how rueidis sends a
+// client-side-cached read that misses).
+func isOOM(err error) bool {
+	re, ok := rueidis.IsRedisErr(err)
+	return ok && strings.HasPrefix(re.Error(), "OOM")
+}
+
+// oomHold is how long a node stays marked out of memory after its last OOM
+// reply, unless a write succeeds first. While marked, cached reads of its
+// keys go untracked straight away (a tracked miss would fail), and readiness
+// reports "oom".
+const oomHold = 2 * time.Second
+
+// OOM reports whether a call to key's node got an OOM reply within oomHold
+// that no successful write has cleared since.
+func (b *backend) OOM(key string) bool {
+	return b.breaker.node(b.scope(key)).isOOM(b.breaker.clock.Now())
 }
 
 // Do sends cmd, whose key (or first key) is key.
 func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (res rueidis.RedisResult) {
-	err := b.call(ctx, key, func(ctx context.Context) error {
+	err := b.call(ctx, key, cmd.IsWrite(), func(ctx context.Context) error {
 		res = b.client.Do(ctx, cmd)
 		return res.Error()
 	})
@@ -187,6 +218,12 @@ func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (re
 // runs under a deadline context shared by the calls of the same ~1/50 of
 // Timeout, so a miss still waits at most Timeout. The price: a miss does not
 // end early when the caller gives up, only at that deadline.
+//
+// A hit says nothing about Redis's health, so it is not reported to the
+// breaker (a hit must not close a half-open scope). Under OOM, Redis 7.0
+// refuses the MULTI that a tracked miss is sent in: DoCache then reads
+// untracked with a plain round trip, and keeps doing so while the node is
+// marked out of memory, so reads keep working in a full Redis.
 func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable, ttl time.Duration) (res rueidis.RedisResult) {
 	b.shared.checkCache(b.client, b.log, b.timeout)
 	n := b.breaker.node(b.scope(key))
@@ -194,8 +231,21 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 		n.rejected.Add(1)
 		return rueidis.NewErrorResult(ErrBreakerOpen)
 	}
-	res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
-	b.record(n, classify(ctx, res.Error()))
+	now := b.breaker.clock.Now()
+	if !n.isOOM(now) {
+		res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
+		if res.IsCacheHit() {
+			return res
+		}
+		err := res.Error()
+		if !isOOM(err) {
+			b.record(n, ctx, err, false)
+			return res
+		}
+		n.markOOM(now)
+	}
+	res = b.client.Do(b.deadline.get(b.timeout), rueidis.Completed(cmd)) // untracked; cmd is pinned, so Do does not recycle it
+	b.record(n, ctx, res.Error(), false)
 	return res
 }
 
@@ -216,16 +266,41 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 	for i := range cmds {
 		cmds[i].Cmd = cmds[i].Cmd.Pin() // see DoCache
 	}
-	res := b.client.DoMultiCache(b.deadline.get(b.timeout), cmds...)
-	var err error
+	now := b.breaker.clock.Now()
+	var res []rueidis.RedisResult
+	if !n.isOOM(now) {
+		res = b.client.DoMultiCache(b.deadline.get(b.timeout), cmds...)
+		err, hits := multiErr(res)
+		if !isOOM(err) {
+			if hits < len(res) {
+				b.record(n, ctx, err, false)
+			}
+			return res
+		}
+		n.markOOM(now)
+	}
+	plain := make([]rueidis.Completed, len(cmds))
+	for i := range cmds {
+		plain[i] = rueidis.Completed(cmds[i].Cmd) // untracked, see DoCache
+	}
+	res = b.client.DoMulti(b.deadline.get(b.timeout), plain...)
+	err, _ := multiErr(res)
+	b.record(n, ctx, err, false)
+	return res
+}
+
+// multiErr returns the first error of res that is not a nil reply, and how
+// many replies were cache hits.
+func multiErr(res []rueidis.RedisResult) (err error, hits int) {
 	for _, r := range res {
-		if e := r.Error(); e != nil && !rueidis.IsRedisNil(e) {
+		if r.IsCacheHit() {
+			hits++
+		}
+		if e := r.Error(); err == nil && e != nil && !rueidis.IsRedisNil(e) {
 			err = e
-			break
 		}
 	}
-	b.record(n, classify(ctx, err))
-	return res
+	return err, hits
 }
 
 // sharedDeadline hands out a context whose deadline lies between 49/50 and
@@ -254,7 +329,11 @@ func (d *sharedDeadline) get(timeout time.Duration) context.Context {
 
 // DoMulti pipelines cmds, which must all live in key's slot.
 func (b *backend) DoMulti(ctx context.Context, key string, cmds ...rueidis.Completed) (res []rueidis.RedisResult) {
-	err := b.call(ctx, key, func(ctx context.Context) error {
+	write := false
+	for i := range cmds {
+		write = write || cmds[i].IsWrite()
+	}
+	err := b.call(ctx, key, write, func(ctx context.Context) error {
 		res = b.client.DoMulti(ctx, cmds...)
 		for _, r := range res {
 			if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
@@ -278,7 +357,7 @@ func (b *backend) Exec(ctx context.Context, script *rueidis.Lua, keys, args []st
 	if len(keys) > 0 {
 		first = keys[0]
 	}
-	err := b.call(ctx, first, func(ctx context.Context) error {
+	err := b.call(ctx, first, true, func(ctx context.Context) error {
 		res = script.Exec(ctx, b.client, keys, args)
 		return res.Error()
 	})
@@ -315,7 +394,9 @@ func classify(parent context.Context, err error) outcome {
 		// Replies that mean the server cannot serve now count as failures;
 		// any other error reply (WRONGTYPE, a script error) proves it is up.
 		msg := re.Error()
-		for _, p := range []string{"LOADING", "BUSY ", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM", "READONLY", "NOREPLICAS"} {
+		// An OOM reply is an answer: the node serves reads and refuses
+		// writes, which the node's OOM state tracks instead.
+		for _, p := range []string{"LOADING", "BUSY ", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY", "NOREPLICAS"} {
 			if strings.HasPrefix(msg, p) {
 				return unhealthy
 			}
@@ -426,6 +507,9 @@ type BreakerStats struct {
 	Rejected uint64 `json:"rejected"`
 	// Opened counts how often the scope opened.
 	Opened uint64 `json:"opened"`
+	// OOM reports that the node refused a write for lack of memory within
+	// the last 2 s, and no write has succeeded since.
+	OOM bool `json:"oom"`
 }
 
 // Stats returns a snapshot of every scope the breaker has seen, sorted by
@@ -440,6 +524,7 @@ func (b *Breaker) Stats() []BreakerStats {
 			ConsecutiveFailures: int64(n.run.Load()),
 			Successes:           n.successes.Load(), Failures: n.failed.Load(),
 			Rejected: n.rejected.Load(), Opened: n.opened.Load(),
+			OOM: n.isOOM(b.clock.Now()),
 		})
 		return true
 	})
@@ -453,6 +538,18 @@ func (b *Breaker) State(scope string) BreakerState {
 		return BreakerState(v.(*breakerNode).state.Load())
 	}
 	return BreakerClosed
+}
+
+// AnyOOM reports whether some scope's node answered a call with an OOM
+// reply within the last 2 s that no successful write has cleared since.
+func (b *Breaker) AnyOOM() bool {
+	now := b.clock.Now()
+	oom := false
+	b.nodes.Range(func(_, v any) bool {
+		oom = v.(*breakerNode).isOOM(now)
+		return !oom
+	})
+	return oom
 }
 
 // AnyOpen reports whether some scope refuses calls now (open or half-open).
@@ -482,6 +579,20 @@ type breakerNode struct {
 	failed    atomic.Uint64
 	rejected  atomic.Uint64
 	opened    atomic.Uint64
+	oomAt     atomic.Int64 // unix nanos of the last OOM reply, 0 when cleared
+}
+
+func (n *breakerNode) markOOM(now time.Time) { n.oomAt.Store(now.UnixNano()) }
+
+func (n *breakerNode) clearOOM() {
+	if n.oomAt.Load() != 0 {
+		n.oomAt.Store(0)
+	}
+}
+
+func (n *breakerNode) isOOM(now time.Time) bool {
+	at := n.oomAt.Load()
+	return at != 0 && now.UnixNano()-at < int64(oomHold)
 }
 
 // allow reports whether a call to n may go out now. While open, the first

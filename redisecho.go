@@ -15,11 +15,14 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -47,7 +50,9 @@ var ErrInvalidPrefix = errors.New("redisecho: key prefix must not contain '{' or
 //
 // Escaping is percent-encoding of exactly four bytes: '%' (%25), ':' (%3A),
 // '{' (%7B) and '}' (%7D). Everything else is kept as is, so keys stay
-// readable in redis-cli. Use Digest for parts that are long or secret.
+// readable in redis-cli. A part longer than MaxKeyPart (256 bytes) once
+// escaped is digested, keeping a readable head, so every key has a bounded
+// length whatever a client sends. Use Digest for parts that are secret.
 //
 // The zero value is ready to use and writes under DefaultPrefix.
 type Keyspace struct {
@@ -141,7 +146,7 @@ func Digest(s string) string {
 func partsLen(parts []string) int {
 	n := 0
 	for _, p := range parts {
-		n += len(p) + 1
+		n += min(len(p), MaxKeyPart) + 1
 	}
 	return n
 }
@@ -155,8 +160,59 @@ func writeParts(b *strings.Builder, parts []string) {
 	}
 }
 
-// escapePart writes p percent-encoding '%', ':', '{' and '}'.
+// MaxKeyPart bounds every key part the library writes, in bytes after
+// escaping, so that no request can make Redis store a long key (a 1 MB URL
+// path, header or user ID). A part that would be longer is written as its
+// first escaped bytes, at most KeptPartHead of them and cut on a UTF-8
+// boundary, then the mark "%~", then the 43-character Digest of the whole
+// part: at most KeptPartHead+45 bytes. Escaping never writes "%~", so a
+// digested part equals no part kept as is, and the readable head keeps SCAN
+// patterns (cache Flush prefixes up to KeptPartHead bytes) working.
+const MaxKeyPart = 256
+
+// KeptPartHead is how many escaped bytes of a part longer than MaxKeyPart
+// its digested form keeps, to stay readable.
+const KeptPartHead = 64
+
+// escapePart writes p percent-encoding '%', ':', '{' and '}', digesting it
+// past MaxKeyPart.
 func escapePart(b *strings.Builder, p string) {
+	if escapedLen(p) > MaxKeyPart {
+		head := 0
+		for n := 0; head < len(p); head++ {
+			w := 1
+			if strings.IndexByte("%:{}", p[head]) >= 0 {
+				w = 3
+			}
+			if n+w > KeptPartHead {
+				break
+			}
+			n += w
+		}
+		for head > 0 && head < len(p) && p[head]&0xC0 == 0x80 {
+			head-- // do not cut a UTF-8 sequence
+		}
+		writeEscaped(b, p[:head])
+		b.WriteString("%~")
+		b.WriteString(Digest(p))
+		return
+	}
+	writeEscaped(b, p)
+}
+
+// escapedLen is the length of p once escaped.
+func escapedLen(p string) int {
+	n := len(p)
+	for i := 0; i < len(p); i++ {
+		switch p[i] {
+		case '%', ':', '{', '}':
+			n += 2
+		}
+	}
+	return n
+}
+
+func writeEscaped(b *strings.Builder, p string) {
 	for i := 0; i < len(p); i++ {
 		switch c := p[i]; c {
 		case '%':
@@ -296,9 +352,24 @@ type ClientHolder struct {
 	close  sync.Once
 }
 
-// NewClientHolder returns a holder for a client built from opt. It does no
+// DefaultConnWriteTimeout is the rueidis ConnWriteTimeout of the clients a
+// ClientHolder builds when the option leaves it zero. rueidis drops a
+// connection whose keep-alive PING (sent after Dialer.KeepAlive, 1 s by
+// default, without traffic) gets no answer within it, and with the
+// connection its client-side cache: so it bounds how long an instance cut
+// off from Redis serves cached reads (sessions, cache entries) that other
+// instances may have changed, to about KeepAlive + ConnWriteTimeout (3 s).
+// rueidis's own default, 10 × KeepAlive, lets that last 10 s or more. Set
+// it on the clients you build yourself too.
+const DefaultConnWriteTimeout = 2 * time.Second
+
+// NewClientHolder returns a holder for a client built from opt, with
+// ConnWriteTimeout defaulting to DefaultConnWriteTimeout (2 s). It does no
 // I/O: call Start.
 func NewClientHolder(opt rueidis.ClientOption) *ClientHolder {
+	if opt.ConnWriteTimeout == 0 {
+		opt.ConnWriteTimeout = DefaultConnWriteTimeout
+	}
 	return &ClientHolder{opt: opt, ready: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
 }
 
@@ -389,6 +460,11 @@ type ReadinessConfig struct {
 	// scope's counters, to the report. Off by default, since readiness is
 	// usually reachable without authentication. Default: false.
 	Detail bool
+	// UnavailableWhenOOM makes readiness answer 503 while a master refuses
+	// writes for lack of memory (state "oom"). By default it answers 200
+	// with state "oom": reads still work in a full Redis, and a 503 would
+	// take every instance out of the load balancer at once. Default: false.
+	UnavailableWhenOOM bool
 }
 
 // HealthReport is the JSON body of the readiness handler.
@@ -401,8 +477,13 @@ type HealthReport struct {
 
 // RedisHealth is the Redis part of a HealthReport.
 type RedisHealth struct {
-	// State is "up", "down", "breaker-open" or "connecting".
+	// State is "up", "oom" (a master answers but refuses writes for lack of
+	// memory: see ReadinessConfig.UnavailableWhenOOM), "down",
+	// "breaker-open" or "connecting".
 	State string `json:"state"`
+	// Error says why a ClientHolder has not connected yet ("connecting"),
+	// as one of the fixed codes of DialErrorCode; never internal text.
+	Error string `json:"error,omitempty"`
 	// Mode is the client's mode: "standalone", "cluster" or "sentinel".
 	Mode string `json:"mode,omitempty"`
 	// LatencyMS is the slowest node's PING round trip, in milliseconds.
@@ -460,7 +541,11 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 			client = cfg.Holder.Client()
 		}
 		if client == nil {
-			return c.JSON(http.StatusServiceUnavailable, HealthReport{Status: "unavailable", Redis: RedisHealth{State: "connecting"}})
+			rep := HealthReport{Status: "unavailable", Redis: RedisHealth{State: "connecting"}}
+			if err := cfg.Holder.Err(); err != nil {
+				rep.Redis.Error = DialErrorCode(err)
+			}
+			return c.JSON(http.StatusServiceUnavailable, rep)
 		}
 		breaker := cfg.Breaker
 		if breaker == nil {
@@ -468,9 +553,12 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 		}
 		ctx, cancel := context.WithTimeout(c.Request().Context(), cfg.Timeout)
 		defer cancel()
-		rep := checkRedis(ctx, client, breaker)
+		rep := checkRedis(c.Request().Context(), ctx, client, breaker)
 		if !cfg.Detail {
 			rep.Redis.Nodes, rep.Redis.Scopes = nil, nil
+		}
+		if rep.Redis.State == "oom" && cfg.UnavailableWhenOOM {
+			rep.Status = "unavailable"
 		}
 		code := http.StatusOK
 		if rep.Status != "ok" {
@@ -480,46 +568,120 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 	}, nil
 }
 
-// checkRedis PINGs every master concurrently under ctx (replicas are left
-// out: a missing replica does not stop this instance from serving).
-func checkRedis(ctx context.Context, client rueidis.Client, breaker *Breaker) HealthReport {
-	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: "closed", Scopes: breaker.Stats()}}
-	nodes, err := masters(ctx, client)
-	if err != nil {
-		rep.Status, rep.Redis.State = "unavailable", "down"
-		return rep
+// DialErrorCode names why connecting to Redis failed with one fixed code,
+// for health reports and logs that must not carry internal text:
+//
+//   - "auth": Redis refused the credentials (WRONGPASS, NOAUTH, NOPERM);
+//   - "refused": nothing listens at the address;
+//   - "timeout": no answer within the dial timeout;
+//   - "protocol": something answered that is not a Redis server, or a Redis
+//     server refused the handshake for another reason;
+//   - "unreachable": any other network failure (DNS, reset, no route).
+//
+// It returns "" for a nil error.
+func DialErrorCode(err error) string {
+	if err == nil {
+		return ""
 	}
-	rep.Redis.Nodes = make([]NodeHealth, 0, len(nodes))
-	results := make(chan NodeHealth, len(nodes))
-	for _, n := range nodes {
+	if re, ok := rueidis.IsRedisErr(err); ok {
+		for _, p := range []string{"WRONGPASS", "NOAUTH", "NOPERM"} {
+			if strings.HasPrefix(re.Error(), p) {
+				return "auth"
+			}
+		}
+		return "protocol"
+	}
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case errors.As(err, &ne), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		return "unreachable"
+	}
+	return "protocol"
+}
+
+// checkRedis probes every node concurrently under ctx: PING on a standalone
+// server, ROLE on a cluster (the round trip and the role in one call).
+// Replicas are left out: a missing replica does not stop this instance from
+// serving. A node that does not answer counts as down whatever its role, and
+// its failure feeds its breaker scope.
+//
+// parent is the request's context, ctx the check's (parent with the check's
+// deadline): a probe that fails because the HTTP client went away proves
+// nothing about Redis.
+func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Breaker) HealthReport {
+	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: "closed"}}
+	cluster := client.Mode() == rueidis.ClientModeCluster
+	nodes := client.Nodes()
+	type probe struct {
+		h      NodeHealth
+		master bool
+	}
+	results := make(chan probe, len(nodes))
+	for addr, n := range nodes {
 		go func() {
 			start := time.Now()
-			err := n.Do(ctx, n.B().Ping().Build()).Error()
-			h := NodeHealth{Addr: nodeAddr(n), OK: err == nil, LatencyMS: float64(time.Since(start).Microseconds()) / 1000}
+			p := probe{h: NodeHealth{Addr: addr}, master: true}
+			var err error
+			if cluster {
+				var role []rueidis.RedisMessage
+				if role, err = n.Do(ctx, n.B().Role().Build()).ToArray(); err == nil && len(role) > 0 {
+					r, _ := role[0].ToString()
+					p.master = r == "master"
+				}
+			} else {
+				err = n.Do(ctx, n.B().Ping().Build()).Error()
+			}
+			p.h.OK, p.h.LatencyMS = err == nil, float64(time.Since(start).Microseconds())/1000
 			switch {
 			case err == nil:
 			case errors.Is(err, context.DeadlineExceeded):
-				h.Error = "timeout"
+				p.h.Error = "timeout"
 			default:
-				h.Error = "unreachable"
+				p.h.Error = "unreachable"
 			}
-			results <- h
+			// A failed probe is evidence against the node, as any call's
+			// failure is: it feeds the node's breaker scope, so that an
+			// instance whose reads are all cache hits still learns that
+			// Redis is gone. A probe that works does not close a scope that
+			// calls opened (the cool-down and its probe do).
+			if classify(parent, err) == unhealthy {
+				scope := "redis"
+				if cluster {
+					scope = addr
+				}
+				breaker.record(breaker.node(scope), unhealthy)
+			}
+			results <- p
 		}()
 	}
 	for range nodes {
-		h := <-results
-		rep.Redis.Nodes = append(rep.Redis.Nodes, h)
-		rep.Redis.LatencyMS = max(rep.Redis.LatencyMS, h.LatencyMS)
-		if !h.OK {
+		p := <-results
+		if !p.master {
+			continue
+		}
+		rep.Redis.Nodes = append(rep.Redis.Nodes, p.h)
+		rep.Redis.LatencyMS = max(rep.Redis.LatencyMS, p.h.LatencyMS)
+		if !p.h.OK {
 			rep.Status, rep.Redis.State = "unavailable", "down"
 		}
 	}
+	if len(rep.Redis.Nodes) == 0 {
+		rep.Status, rep.Redis.State = "unavailable", "down"
+	}
 	sort.Slice(rep.Redis.Nodes, func(i, j int) bool { return rep.Redis.Nodes[i].Addr < rep.Redis.Nodes[j].Addr })
+	rep.Redis.Scopes = breaker.Stats()
 	if breaker.AnyOpen() {
 		rep.Redis.Breaker = "open"
 		if rep.Status == "ok" {
 			rep.Status, rep.Redis.State = "unavailable", "breaker-open"
 		}
+	}
+	if rep.Status == "ok" && breaker.AnyOOM() {
+		rep.Redis.State = "oom"
 	}
 	return rep
 }

@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -154,7 +156,49 @@ func FuzzGroupKeysShareSlot(f *testing.F) {
 			require.NotEqual(t, ks.Group(part1).Key("k"), ks.Group(part2).Key("k"))
 		}
 		require.NotEqual(t, ks.Key(part1, part2), ks.Key(part1+":"+part2))
+		// Bounded: no part takes more than MaxKeyPart bytes of a key.
+		require.LessOrEqual(t, len(ks.Key(part1)), len("t:fuzz:")+MaxKeyPart)
 	})
+}
+
+// TestKeyPartsAreBounded: a part of any length takes at most MaxKeyPart
+// bytes of a key, keeps a readable head, and stays distinct from every
+// other part, including one that spells out its digested form.
+func TestKeyPartsAreBounded(t *testing.T) {
+	long := strings.Repeat("a", 1<<20)
+	tests := []struct {
+		name     string
+		given    string
+		wantHead string
+		digested bool
+	}{
+		{name: "short part kept", given: "/api/products/7", wantHead: "/api/products/7"},
+		{name: "exactly MaxKeyPart kept", given: strings.Repeat("b", MaxKeyPart), wantHead: strings.Repeat("b", MaxKeyPart)},
+		{name: "one byte more digested", given: strings.Repeat("b", MaxKeyPart+1), wantHead: strings.Repeat("b", KeptPartHead), digested: true},
+		{name: "escaping counts", given: strings.Repeat(":", MaxKeyPart/3+1), wantHead: strings.Repeat("%3A", KeptPartHead/3), digested: true},
+		{name: "1 MB path", given: "/api/products/" + long, wantHead: ("/api/products/" + long)[:KeptPartHead], digested: true},
+		{name: "UTF-8 not cut", given: strings.Repeat("é", 200), wantHead: strings.Repeat("é", KeptPartHead/2), digested: true},
+	}
+	ks := Keyspace{}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k := ks.Group("c", tt.given).Key("e")
+			tag := strings.TrimSuffix(strings.TrimPrefix(ks.Group("c", tt.given).Tag(), "{c:"), "}")
+			require.LessOrEqual(t, len(tag), MaxKeyPart)
+			require.True(t, strings.HasPrefix(tag, tt.wantHead), "tag %.80q", tag)
+			if tt.digested {
+				require.Equal(t, tt.wantHead+"%~"+Digest(tt.given), tag)
+				require.LessOrEqual(t, len(tag), KeptPartHead+45)
+			} else {
+				require.Equal(t, escape(tt.given), tag)
+			}
+			require.Equal(t, keySlot(ks.Group("c", tt.given).Key()), keySlot(k))
+		})
+	}
+	// A kept part can never equal a digested one: escaping never writes "%~".
+	forged := strings.Repeat("b", KeptPartHead) + "%~" + Digest(strings.Repeat("b", MaxKeyPart+1))
+	require.NotEqual(t, ks.Key(strings.Repeat("b", MaxKeyPart+1)), ks.Key(forged))
+	require.NotEqual(t, ks.Key(long), ks.Key(long+"a"))
 }
 
 func escape(s string) string {
@@ -454,4 +498,77 @@ func TestSuiteFailsLoudlyWithoutRedis(t *testing.T) {
 	require.Contains(t, string(out), "redis-server not found")
 	require.Contains(t, string(out), "apt-get install -y redis-server")
 	require.NotContains(t, string(out), "SKIP")
+}
+
+// TestDialErrorCode: the reasons a ClientHolder fails to connect, as fixed
+// codes in the readiness report, never internal text. Each case is a real
+// peer: a closed port, a server that is not Redis, a Redis with a password,
+// and a listener that never answers.
+func TestDialErrorCode(t *testing.T) {
+	t.Parallel()
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	closedAddr := closed.Addr().String()
+	require.NoError(t, closed.Close())
+
+	notRedis := httptest.NewServer(http.NotFoundHandler())
+	t.Cleanup(notRedis.Close)
+
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = silent.Close() })
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c) // never read, never answered
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			_ = c.Close()
+		}
+	})
+
+	f := newFaultRedis(t, "standalone")
+	_, err = respDo(f.Servers()[0].addr(), 2*time.Second, "CONFIG", "SET", "requirepass", "s3cret")
+	require.NoError(t, err)
+
+	tests := []struct {
+		name     string
+		addr     string
+		password string
+		want     string
+	}{
+		{name: "nothing listens", addr: closedAddr, want: "refused"},
+		{name: "an HTTP server", addr: strings.TrimPrefix(notRedis.URL, "http://"), want: "protocol"},
+		{name: "wrong password", addr: f.Servers()[0].addr(), password: "wrong", want: "auth"},
+		{name: "no password", addr: f.Servers()[0].addr(), want: "auth"},
+		{name: "no answer", addr: silent.Addr().String(), want: "timeout"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			holder := NewClientHolder(rueidis.ClientOption{
+				InitAddress: []string{tt.addr}, Password: tt.password, ForceSingleClient: true,
+				Dialer: net.Dialer{Timeout: 300 * time.Millisecond},
+			})
+			holder.Start()
+			t.Cleanup(holder.Close)
+			require.Eventually(t, func() bool { return holder.Err() != nil }, 10*time.Second, 10*time.Millisecond)
+			require.Equal(t, tt.want, DialErrorCode(holder.Err()), "%v", holder.Err())
+			code, rep, _ := getHealth(t, ReadinessWithConfig(ReadinessConfig{Holder: holder}))
+			require.Equal(t, http.StatusServiceUnavailable, code)
+			require.Equal(t, "connecting", rep.Redis.State)
+			require.Equal(t, tt.want, rep.Redis.Error)
+		})
+	}
+	require.Empty(t, DialErrorCode(nil))
 }

@@ -2128,11 +2128,3 @@ func appendSFString(b []byte, s string) []byte {
 	}
 	return append(b, '"')
 }
-
-// isOOM reports whether err is Redis's "OOM command not allowed when used
-// memory > 'maxmemory'" reply. Temporary copy of the plumbing's isOOM
-// (options.go on main), removed when main is merged.
-func isOOM(err error) bool {
-	re, ok := rueidis.IsRedisErr(err)
-	return ok && strings.HasPrefix(re.Error(), "OOM")
-}

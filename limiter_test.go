@@ -2021,8 +2021,6 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 	ctx := context.Background()
 	c := f.Client()
 	admin := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
-	// A breaker that never opens: every call reaches the full Redis.
-	br := NewBreaker(BreakerConfig{Failures: 1000, Logger: discardLogger()})
 	pols := []Policy{{Algorithm: SlidingLog, Limit: 3, Window: time.Minute}, {Algorithm: SlidingWindow, Limit: 3, Window: time.Hour},
 		{Algorithm: FixedWindow, Limit: 3, Window: 2 * time.Hour}, {Algorithm: TokenBucket, Limit: 3, Window: 3 * time.Hour}}
 	type limiter struct {
@@ -2033,7 +2031,7 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 	var ls []*limiter
 	for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
 		l, err := NewLimiter(LimiterConfig{Client: c, Name: "oom-" + fp.String(), Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true,
-			Options: Options{Prefix: f.Keys.Prefix(), Breaker: br, Logger: discardLogger()}})
+			Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}})
 		require.NoError(t, err)
 		lm := &limiter{fp: fp, l: l, used: allow(t, l, "used", 1)}
 		for range 3 {
@@ -2070,6 +2068,7 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 		require.NoError(t, l.Refund(ctx, &lm.used), "%s: a refund only shrinks state, and succeeds", lm.fp)
 		require.Equal(t, int64(3), allow(t, l, "used", 0).Remaining)
 	}
+	require.False(t, BreakerFor(c).AnyOpen(), "OOM replies are answers: the shared breaker stays closed")
 
 	free()
 	for _, lm := range ls {

@@ -614,12 +614,24 @@ const lateMargin = time.Millisecond
 // script call made now, in that node's Redis time (µs): the caller's
 // deadline or the limiter's Timeout, whichever comes first, less
 // lateMargin. The node's clock offset is learnt from the replies; when it
-// is not known yet (the first call to a node, a cluster whose slot map is
-// not loaded, a long idle time), one TIME round trip learns it first.
+// is not known yet (the first call to a node, a long idle time), one TIME
+// round trip learns it first. On a cluster whose slot map is not loaded
+// yet, offsets are learnt per slot (whose node is not known), and used
+// for the slot's node once it is.
 func (l *Limiter) notAfter(ctx context.Context, hash string) (string, int64, error) {
 	scope := l.b.scope(hash)
-	if at, ok := l.clocks.redisTime(scope, l.callDeadline(ctx)); ok {
+	unmapped := scope == "cluster" // no slot map yet
+	if unmapped {
+		scope = slotScope(hash)
+	}
+	dl := l.callDeadline(ctx)
+	if at, ok := l.clocks.redisTime(scope, dl); ok {
 		return scope, at, nil
+	}
+	if !unmapped && l.b.client.Mode() == rueidis.ClientModeCluster {
+		if at, ok := l.clocks.redisTime(slotScope(hash), dl); ok {
+			return scope, at, nil
+		}
 	}
 	res := l.b.Exec(ctx, timeScript, []string{hash}, nil)
 	recv := time.Now()
@@ -631,6 +643,9 @@ func (l *Limiter) notAfter(ctx context.Context, hash string) (string, int64, err
 	// The script call that follows gets a Timeout of its own.
 	return scope, l.clocks.since(l.callDeadline(ctx)) + off, nil
 }
+
+// slotScope is the clock scope of hash's slot.
+func slotScope(hash string) string { return "slot " + strconv.Itoa(int(keySlot(hash))) }
 
 // callDeadline is when a call sent now gives up: the backend's Timeout, or
 // the caller's own deadline if sooner, less lateMargin.
@@ -685,15 +700,10 @@ const (
 func (c *redisClocks) since(t time.Time) int64 { return t.Sub(c.base).Microseconds() }
 
 // learn records that the node behind scope read now (its TIME, µs) before
-// a reply that arrived at recv, and returns this sample's offset. The
-// scope "cluster" (a cluster whose slot map is not loaded yet) names no
-// one node, so its sample is used for one call and not kept.
+// a reply that arrived at recv, and returns this sample's offset.
 func (c *redisClocks) learn(scope string, now int64, recv time.Time) int64 {
 	at := c.since(recv)
 	off := now - at
-	if scope == "cluster" {
-		return off
-	}
 	v, ok := c.nodes.Load(scope)
 	if !ok {
 		v, _ = c.nodes.LoadOrStore(scope, &nodeClock{})
@@ -725,9 +735,6 @@ func (c *redisClocks) offset(nc *nodeClock, local int64) (int64, bool) {
 // redisTime returns local time t in the Redis time of scope's node (µs);
 // false when its offset is not known (see offset).
 func (c *redisClocks) redisTime(scope string, t time.Time) (int64, bool) {
-	if scope == "cluster" {
-		return 0, false
-	}
 	v, ok := c.nodes.Load(scope)
 	if !ok {
 		return 0, false

@@ -670,9 +670,9 @@ return tonumber(t[1]) * 1000000 + tonumber(t[2])
 // before the reply arrived, so a deadline converted with it falls no later
 // in the node's time than in ours, and a script that starts after it
 // started after the caller gave up. The tightest bound is kept, aged by
-// clockDrift, until a tighter one comes, or one lower by more than a
-// Timeout (more than a reply that came in time can be off: the node's
-// clock stepped back).
+// clockDrift, for up to clockKeep: a looser sample (a slower reply) does
+// not replace it, unless it is lower by more than a Timeout (more than a
+// reply that came in time can be off: the node's clock stepped back).
 type redisClocks struct {
 	base    time.Time     // the monotonic origin
 	timeout time.Duration // the limiter's Timeout
@@ -694,6 +694,10 @@ const (
 	// reply refreshing it: at clockDrift, its slack then reaches a tenth
 	// of the Timeout, and a TIME round trip learns it afresh.
 	clockMaxAge = 100
+	// clockKeep is how long the tightest bound is kept against looser
+	// samples, which bounds how long a small step back of a node's clock
+	// goes unseen.
+	clockKeep = time.Second
 )
 
 // since returns t in µs of the monotonic clock since base.
@@ -709,7 +713,7 @@ func (c *redisClocks) learn(scope string, now int64, recv time.Time) int64 {
 		v, _ = c.nodes.LoadOrStore(scope, &nodeClock{})
 	}
 	nc := v.(*nodeClock)
-	if cur, ok := c.offset(nc, at); ok && off < cur && off >= cur-c.timeout.Microseconds() {
+	if cur, ok := c.offset(nc, at); ok && off < cur && off >= cur-c.timeout.Microseconds() && at-nc.at.Load() <= clockKeep.Microseconds() {
 		return off // the kept bound is tighter
 	}
 	nc.offset.Store(off)

@@ -1940,17 +1940,21 @@ func TestRedisClocks(t *testing.T) {
 		})
 	}
 
-	// A looser bound (a slower reply) does not replace a tighter one: A's,
-	// learnt at 10 s, is 20 ms off by now.
-	at30 := func(redis time.Duration) int64 {
-		c.learn("A", redis.Microseconds(), at(30*time.Second))
-		got, ok := c.redisTime("A", at(30*time.Second))
+	// A looser bound (a slower reply) does not replace a tighter one for
+	// clockKeep: A, learnt again at 30 s, 0.5 s later.
+	c.learn("A", (30*time.Second + time.Hour).Microseconds(), at(30*time.Second))
+	later := at(30*time.Second + 500*time.Millisecond)
+	sample := func(redis time.Duration, recv time.Time) int64 {
+		c.learn("A", redis.Microseconds(), recv)
+		got, ok := c.redisTime("A", recv)
 		require.True(t, ok)
 		return got
 	}
-	require.Equal(t, (30*time.Second + time.Hour - 20*time.Millisecond).Microseconds(), at30(30*time.Second+time.Hour-100*time.Millisecond))
-	require.Equal(t, (30*time.Second + time.Hour - 5*time.Millisecond).Microseconds(), at30(30*time.Second+time.Hour-5*time.Millisecond), "a tighter one does")
-	require.Equal(t, (30 * time.Second).Microseconds(), at30(30*time.Second), "so does one lower by more than a Timeout: the node's clock stepped back")
+	require.Equal(t, (30*time.Second+time.Hour+500*time.Millisecond).Microseconds()-500, sample(30*time.Second+time.Hour+400*time.Millisecond, later), "kept, aged 0.5 ms")
+	require.Equal(t, (30*time.Second + time.Hour + 499900*time.Microsecond).Microseconds(), sample(30*time.Second+time.Hour+499900*time.Microsecond, later), "a tighter one replaces it")
+	require.Equal(t, (30*time.Second + 500*time.Millisecond).Microseconds(), sample(30*time.Second+500*time.Millisecond, later), "so does one lower by more than a Timeout: the node's clock stepped back")
+	past := later.Add(clockKeep + time.Millisecond)
+	require.Equal(t, (31*time.Second + 400*time.Millisecond).Microseconds(), sample(31*time.Second+400*time.Millisecond, past), "and any one after clockKeep: a small step back shows within it")
 	// An offset too old for use is replaced by any new one.
 	c.learn("B", (100 * time.Second).Microseconds(), at(100*time.Second))
 	got, ok := c.redisTime("B", at(100*time.Second))

@@ -605,9 +605,10 @@ func (l *Limiter) decide(ctx context.Context, nkey string, n int64, pols []Polic
 // about to, and applied its failure policy.
 var errLate = errors.New("rate limit: the call reached Redis after its deadline; it changed nothing")
 
-// lateMargin is taken off every deadline a script gets: a script that
-// starts within it of the caller's deadline changes nothing, since its
-// reply would likely arrive too late to be used.
+// lateMargin is taken off every deadline a script gets (a tenth of the
+// Timeout when that is shorter): a script that starts within it of the
+// caller's deadline changes nothing, since its reply would likely arrive
+// too late to be used.
 const lateMargin = time.Millisecond
 
 // notAfter returns the breaker scope of hash's node and the deadline of a
@@ -654,7 +655,7 @@ func (l *Limiter) callDeadline(ctx context.Context) time.Time {
 	if d, ok := ctx.Deadline(); ok && d.Before(dl) {
 		dl = d
 	}
-	return dl.Add(-lateMargin)
+	return dl.Add(-min(lateMargin, l.b.timeout/10))
 }
 
 // timeScript returns Redis TIME in µs. KEYS[1] is the limited key's hash,

@@ -1858,7 +1858,10 @@ func TestLimiterLateCallsChangeNothing(t *testing.T) {
 					require.NoError(t, err)
 					require.True(t, d.Allowed && d.Degraded, "the failure policy decides")
 				}
-				require.Equal(t, before, limiterState(t, admin, l, "k"), "the late decision charged nothing")
+				if fp == LocalFallback {
+					require.Equal(t, int64(4), d.Remaining, "counted locally")
+				}
+				require.Equal(t, before, limiterState(t, admin, l, "k"), "the late decision charged nothing: never counted twice")
 
 				d = allow(t, l, "k", 1)
 				require.False(t, d.Degraded, "the late reply's time set the clock right")

@@ -109,20 +109,37 @@ func (p Policy) capacity() int64 {
 }
 
 // FailurePolicy is what a Limiter does when Redis cannot decide: a call
-// failed, timed out, or the circuit breaker is open.
+// failed, timed out, came too late, or the circuit breaker is open; or an
+// admission needed a write that a full Redis (maxmemory) refused.
+//
+// Whatever the policy, such a request is charged nothing in Redis. rueidis
+// keeps a timed-out command queued, so a paused Redis runs it when it
+// resumes; every script therefore carries a deadline in the Redis time of
+// its node (the caller's deadline or the Limiter's Timeout, learnt from
+// the TIME every reply carries), reads TIME first, and past the deadline
+// changes nothing. One gap remains: a script that ran in time but whose
+// reply was lost, or arrived after the deadline (a connection cut just
+// after it ran), stays charged while the caller applied its policy.
 type FailurePolicy uint8
 
 const (
 	// FailOpen allows the request and logs the error (at most once per
 	// second). It is the default, as in the guide's limiters: an outage of
-	// the limiter does not become an outage of the site.
+	// the limiter does not become an outage of the site. It leaves nothing
+	// behind: no charge in Redis, no state in memory.
 	FailOpen FailurePolicy = iota
 	// FailClosed refuses the request: Allow returns ErrLimiterUnavailable,
-	// which the middleware answers with 503, not 429.
+	// which the middleware answers with 503, not 429. It leaves nothing
+	// behind: no charge in Redis, no state in memory.
 	FailClosed
 	// LocalFallback decides in process memory, with each policy's Limit
 	// (and Burst) scaled by FallbackShare, so that N instances together
-	// stay near the global limit instead of granting N times it.
+	// stay near the global limit instead of granting N times it. It leaves
+	// no charge in Redis: once Redis answers, decisions come from Redis's
+	// state alone, so a request is never counted both locally and in
+	// Redis. In memory it keeps the counters of the requests it admitted
+	// (at most 100,000 keys, each dropped once its windows are over), used
+	// again only if Redis fails again within those windows.
 	LocalFallback
 )
 
@@ -272,8 +289,11 @@ type LimiterConfig struct {
 // Limiter decides rate limits in Redis. Each decision is one Lua script in
 // one round trip over the key's hash (and, with SlidingLog policies, its
 // sorted set under the same hash tag), timed by Redis TIME, so every
-// instance agrees whatever its clock. Create it with NewLimiter; it is safe
-// for concurrent use.
+// instance agrees whatever its clock. Each call carries a deadline in its
+// node's Redis time, so a call that reaches Redis too late charges nothing
+// (see FailurePolicy); the first call to each node costs one more round
+// trip (TIME), to learn the offset of that node's clock. Create it with
+// NewLimiter; it is safe for concurrent use.
 type Limiter struct {
 	b        *backend
 	name     string
@@ -284,6 +304,7 @@ type Limiter struct {
 
 	blocks blockMap
 	local  *localLimiter
+	clocks redisClocks
 }
 
 // limiterNames remembers the policies of every live (client, prefix, Name),
@@ -370,6 +391,7 @@ func NewLimiter(cfg LimiterConfig) (*Limiter, error) {
 		return nil, err
 	}
 	l.blocks.clock = b.clock
+	l.clocks.base, l.clocks.timeout = time.Now(), b.timeout
 	if l.onError == LocalFallback {
 		l.local = &localLimiter{clock: b.clock, share: cfg.FallbackShare, keys: map[string]*localKey{}}
 	}
@@ -558,35 +580,202 @@ func (l *Limiter) decide(ctx context.Context, nkey string, n int64, pols []Polic
 	if nkey == "" {
 		return Decision{}, ErrInvalidLimiterKey
 	}
-	args := make([]string, 0, 2+len(static))
-	args = append(args, strconv.FormatInt(n, 10), strconv.Itoa(len(pols)))
-	args = append(args, static...)
-	res := l.b.Exec(ctx, limitScript, l.keys(nkey), args)
-	d, err := parseDecision(res, pols, n)
-	if err != nil {
-		if errors.Is(ctx.Err(), context.Canceled) {
-			return Decision{}, ctx.Err() // the caller gave up: nothing to decide
+	keys := l.keys(nkey)
+	scope, notAfter, err := l.notAfter(ctx, keys[0])
+	if err == nil {
+		args := make([]string, 0, 3+len(static))
+		args = append(args, strconv.FormatInt(notAfter, 10), strconv.FormatInt(n, 10), strconv.Itoa(len(pols)))
+		args = append(args, static...)
+		res := l.b.Exec(ctx, limitScript, keys, args)
+		var d Decision
+		d, err = l.parseDecision(scope, res, pols, n)
+		if err == nil {
+			d.key = nkey
+			return d, nil
 		}
-		return l.degrade(nkey, n, pols, err)
 	}
-	d.key = nkey
-	return d, nil
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return Decision{}, ctx.Err() // the caller gave up: nothing to decide
+	}
+	return l.degrade(nkey, n, pols, err)
+}
+
+// errLate is the reply of a script that reached Redis after its deadline
+// and so charged (or refunded) nothing: the caller had given up, or was
+// about to, and applied its failure policy.
+var errLate = errors.New("rate limit: the call reached Redis after its deadline; it changed nothing")
+
+// lateMargin is taken off every deadline a script gets (a tenth of the
+// Timeout when that is shorter): a script that starts within it of the
+// caller's deadline changes nothing, since its reply would likely arrive
+// too late to be used.
+const lateMargin = time.Millisecond
+
+// notAfter returns the breaker scope of hash's node and the deadline of a
+// script call made now, in that node's Redis time (µs): the caller's
+// deadline or the limiter's Timeout, whichever comes first, less
+// lateMargin. The node's clock offset is learnt from the replies; when it
+// is not known yet (the first call to a node, a long idle time), one TIME
+// round trip learns it first. On a cluster whose slot map is not loaded
+// yet, offsets are learnt per slot (whose node is not known), and used
+// for the slot's node once it is.
+func (l *Limiter) notAfter(ctx context.Context, hash string) (string, int64, error) {
+	scope := l.b.scope(hash)
+	unmapped := scope == "cluster" // no slot map yet
+	if unmapped {
+		scope = slotScope(hash)
+	}
+	dl := l.callDeadline(ctx)
+	if at, ok := l.clocks.redisTime(scope, dl); ok {
+		return scope, at, nil
+	}
+	if !unmapped && l.b.client.Mode() == rueidis.ClientModeCluster {
+		if at, ok := l.clocks.redisTime(slotScope(hash), dl); ok {
+			return scope, at, nil
+		}
+	}
+	res := l.b.Exec(ctx, timeScript, []string{hash}, nil)
+	recv := time.Now()
+	now, err := res.AsInt64()
+	if err != nil {
+		return scope, 0, err
+	}
+	off := l.clocks.learn(scope, now, recv)
+	// The script call that follows gets a Timeout of its own.
+	return scope, l.clocks.since(l.callDeadline(ctx)) + off, nil
+}
+
+// slotScope is the clock scope of hash's slot.
+func slotScope(hash string) string { return "slot " + strconv.Itoa(int(keySlot(hash))) }
+
+// callDeadline is when a call sent now gives up: the backend's Timeout, or
+// the caller's own deadline if sooner, less lateMargin.
+func (l *Limiter) callDeadline(ctx context.Context) time.Time {
+	dl := time.Now().Add(l.b.timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(dl) {
+		dl = d
+	}
+	return dl.Add(-min(lateMargin, l.b.timeout/10))
+}
+
+// timeScript returns Redis TIME in µs. KEYS[1] is the limited key's hash,
+// never touched: it only routes the call to the node that holds the key.
+var timeScript = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000000 + tonumber(t[2])
+`)
+
+// redisClocks learns, per Redis node (breaker scope), the offset of its
+// TIME from this process's monotonic clock, from the time every script
+// reply carries. Each sample is a lower bound: the node read its TIME
+// before the reply arrived, so a deadline converted with it falls no later
+// in the node's time than in ours, and a script that starts after it
+// started after the caller gave up. The tightest bound is kept, aged by
+// clockDrift, for up to clockKeep: a looser sample (a slower reply) does
+// not replace it, unless it is lower by more than a Timeout (more than a
+// reply that came in time can be off: the node's clock stepped back).
+type redisClocks struct {
+	base    time.Time     // the monotonic origin
+	timeout time.Duration // the limiter's Timeout
+	nodes   sync.Map      // scope -> *nodeClock
+}
+
+// nodeClock is one node's offset.
+type nodeClock struct {
+	offset atomic.Int64 // Redis µs minus local µs
+	at     atomic.Int64 // local µs when learnt
+}
+
+const (
+	// clockDrift is how fast two clocks may drift apart, in parts per
+	// million: each may be slewed by NTP at up to 500 ppm. An offset loses
+	// that much precision per second of age, taken off the deadline.
+	clockDrift = 1000
+	// clockMaxAge is how many Timeouts an offset is used for without a
+	// reply refreshing it: at clockDrift, its slack then reaches a tenth
+	// of the Timeout, and a TIME round trip learns it afresh.
+	clockMaxAge = 100
+	// clockKeep is how long the tightest bound is kept against looser
+	// samples, which bounds how long a small step back of a node's clock
+	// goes unseen.
+	clockKeep = time.Second
+)
+
+// since returns t in µs of the monotonic clock since base.
+func (c *redisClocks) since(t time.Time) int64 { return t.Sub(c.base).Microseconds() }
+
+// learn records that the node behind scope read now (its TIME, µs) before
+// a reply that arrived at recv, and returns this sample's offset.
+func (c *redisClocks) learn(scope string, now int64, recv time.Time) int64 {
+	at := c.since(recv)
+	off := now - at
+	v, ok := c.nodes.Load(scope)
+	if !ok {
+		v, _ = c.nodes.LoadOrStore(scope, &nodeClock{})
+	}
+	nc := v.(*nodeClock)
+	if cur, ok := c.offset(nc, at); ok && off < cur && off >= cur-c.timeout.Microseconds() && at-nc.at.Load() <= clockKeep.Microseconds() {
+		return off // the kept bound is tighter
+	}
+	nc.offset.Store(off)
+	nc.at.Store(at)
+	return off
+}
+
+// offset returns nc's offset at local time local (µs), aged by the drift
+// gathered since it was learnt; false when none is known, or it is older
+// than clockMaxAge Timeouts.
+func (c *redisClocks) offset(nc *nodeClock, local int64) (int64, bool) {
+	off, at := nc.offset.Load(), nc.at.Load()
+	if at == 0 && off == 0 {
+		return 0, false
+	}
+	age := max(0, local-at)
+	if age > clockMaxAge*c.timeout.Microseconds() {
+		return 0, false
+	}
+	return off - age*clockDrift/1_000_000, true
+}
+
+// redisTime returns local time t in the Redis time of scope's node (µs);
+// false when its offset is not known (see offset).
+func (c *redisClocks) redisTime(scope string, t time.Time) (int64, bool) {
+	v, ok := c.nodes.Load(scope)
+	if !ok {
+		return 0, false
+	}
+	local := c.since(t)
+	off, ok := c.offset(v.(*nodeClock), local)
+	if !ok {
+		return 0, false
+	}
+	return local + off, true
 }
 
 // algCode is each algorithm's number in the scripts.
 var algCode = [...]string{SlidingWindow: "1", FixedWindow: "2", SlidingLog: "3", TokenBucket: "4"}
 
 // degrade applies the FailurePolicy to a request Redis could not decide.
+//
+// An OOM reply (a full Redis refused the admission's first write, so
+// nothing was written) is logged as such.
 func (l *Limiter) degrade(nkey string, n int64, pols []Policy, cause error) (Decision, error) {
+	why := "rate limit: Redis unavailable"
+	switch {
+	case isOOM(cause):
+		why = "rate limit: Redis out of memory (maxmemory) refused an admission"
+	case errors.Is(cause, errLate):
+		why = "rate limit: a decision reached Redis after its deadline, and charged nothing"
+	}
 	switch l.onError {
 	case FailClosed:
-		l.b.log.Error("rate limit: Redis unavailable, refusing requests (FailClosed)", cause)
+		l.b.log.Error(why+", refusing requests (FailClosed)", cause)
 		return Decision{}, fmt.Errorf("%w: %w", ErrLimiterUnavailable, cause)
 	case LocalFallback:
-		l.b.log.Error("rate limit: Redis unavailable, deciding locally (LocalFallback)", cause)
+		l.b.log.Error(why+", deciding locally (LocalFallback)", cause)
 		return l.local.decide(nkey, n, pols), nil
 	default:
-		l.b.log.Error("rate limit: Redis unavailable, allowing requests (FailOpen)", cause)
+		l.b.log.Error(why+", allowing requests (FailOpen)", cause)
 		d := Decision{Allowed: true, Time: l.b.clock.Now(), Cost: n, Degraded: true, key: nkey}
 		for _, p := range pols {
 			d.Policies = append(d.Policies, PolicyDecision{Policy: p, Allowed: true, Remaining: p.capacity()})
@@ -628,19 +817,28 @@ func (d *Decision) bind() {
 	}
 }
 
-// parseDecision reads limitScript's reply.
-func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, error) {
+// parseDecision reads limitScript's reply from scope's node, and learns
+// the node's clock from it.
+func (l *Limiter) parseDecision(scope string, res rueidis.RedisResult, pols []Policy, n int64) (Decision, error) {
+	recv := time.Now()
 	arr, err := res.ToArray()
 	if err != nil {
 		return Decision{}, err
 	}
-	if len(arr) != 2+5*len(pols) {
+	if len(arr) < 2 {
 		return Decision{}, fmt.Errorf("rate limit: unexpected reply of %d elements", len(arr))
 	}
 	allowed, err1 := arr[0].AsInt64()
 	now, err2 := arr[1].AsInt64()
 	if err := errors.Join(err1, err2); err != nil {
 		return Decision{}, err
+	}
+	l.clocks.learn(scope, now, recv)
+	if allowed == -1 {
+		return Decision{}, errLate
+	}
+	if len(arr) != 2+5*len(pols) {
+		return Decision{}, fmt.Errorf("rate limit: unexpected reply of %d elements", len(arr))
 	}
 	d := Decision{Allowed: allowed == 1, Time: time.UnixMicro(now), Cost: n, Policies: make([]PolicyDecision, len(pols)), refund: &refundState{tokens: make([]string, len(pols))}}
 	for i, p := range pols {
@@ -668,9 +866,14 @@ func parseDecision(res rueidis.RedisResult, pols []Policy, n int64) (Decision, e
 // the decision's own log entries, and a token bucket's tokens only as far
 // as they have not refilled since. A denied decision consumed nothing and
 // refunds nothing; a decision is refunded at most once, through any copy
-// (a refund that fails may be tried again). A LocalFallback decision is refunded locally. Refund
-// also lifts this instance's free-path block of the key; other instances
-// keep theirs (see DisableFreePath).
+// (a refund that fails may be tried again: one that timed out and reached
+// Redis after its deadline changed nothing, as with decisions; see
+// FailurePolicy). The one gap: a refund that ran but whose reply was lost
+// is given back again by a retry (a log's entries only once; a counter's
+// or a bucket's units twice). A LocalFallback decision is refunded
+// locally. Refund also lifts this instance's free-path block of the key;
+// other instances keep theirs (see DisableFreePath). Refunds only shrink
+// state, so they succeed in a full Redis (maxmemory).
 func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
 	if d == nil || !d.Allowed || d.Cost == 0 || d.key == "" || d.refund == nil || !d.refund.done.CompareAndSwap(false, true) {
 		return nil
@@ -683,21 +886,46 @@ func (l *Limiter) Refund(ctx context.Context, d *Decision) error {
 		}
 		return nil
 	}
-	args := make([]string, 0, 2+6*len(d.Policies))
-	args = append(args, strconv.FormatInt(d.Cost, 10), strconv.Itoa(len(d.Policies)))
-	for i, pd := range d.Policies {
-		p := pd.Policy
-		args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
-			strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), p.field()+":", tokens[i])
+	keys := l.keys(d.key)
+	scope, notAfter, err := l.notAfter(ctx, keys[0])
+	if err == nil {
+		args := make([]string, 0, 3+6*len(d.Policies))
+		args = append(args, strconv.FormatInt(notAfter, 10), strconv.FormatInt(d.Cost, 10), strconv.Itoa(len(d.Policies)))
+		for i, pd := range d.Policies {
+			p := pd.Policy
+			args = append(args, algCode[p.Algorithm], strconv.FormatInt(p.Limit, 10),
+				strconv.FormatInt(p.Window.Microseconds(), 10), strconv.FormatInt(p.Burst, 10), p.field()+":", tokens[i])
+		}
+		err = l.parseRefund(scope, l.b.Exec(ctx, refundScript, keys, args))
 	}
-	err := l.b.Exec(ctx, refundScript, l.keys(d.key), args).Error()
 	// Again once Redis has the units back: a denial decided before the
 	// refund ran may have stored its block after the first delete.
 	l.blocks.delete(d.key)
 	if err != nil {
-		d.refund.done.Store(false) // nothing was given back: it may be tried again
+		// Nothing was given back (a refund that reached Redis after its
+		// deadline changed nothing): it may be tried again.
+		d.refund.done.Store(false)
+		return fmt.Errorf("rate limit: refund: %w", err)
 	}
-	return err
+	return nil
+}
+
+// parseRefund reads refundScript's reply from scope's node, and learns the
+// node's clock from it.
+func (l *Limiter) parseRefund(scope string, res rueidis.RedisResult) error {
+	recv := time.Now()
+	arr, err := res.AsIntSlice()
+	if err != nil {
+		return err
+	}
+	if len(arr) != 2 {
+		return fmt.Errorf("rate limit: unexpected refund reply of %d elements", len(arr))
+	}
+	l.clocks.learn(scope, arr[1], recv)
+	if arr[0] != 1 {
+		return errLate
+	}
+	return nil
 }
 
 // Reset forgets key's counters under every policy, in Redis and in this
@@ -732,8 +960,12 @@ func (l *Limiter) Reset(ctx context.Context, key string) error {
 //	time (members are distinct integers, compact in a listpack); every
 //	SlidingLog policy of the key counts it over its own window
 //
-// ARGV[1]  cost (0 reads without consuming, and always passes)
-// ARGV[2]  number of policies, then 5 per policy: algorithm (1 sliding
+// ARGV[1]  deadline, µs of this node's Redis TIME: a call that starts
+//
+//	later was given up by its caller, and changes nothing
+//
+// ARGV[2]  cost (0 reads without consuming, and always passes)
+// ARGV[3]  number of policies, then 5 per policy: algorithm (1 sliding
 //
 //	counter, 2 fixed window, 3 sliding log, 4 GCRA), limit, window
 //	(µs), burst (GCRA), and the stem of its hash fields (algorithm and
@@ -741,19 +973,24 @@ func (l *Limiter) Reset(ctx context.Context, key string) error {
 //
 // Times are microseconds of Redis TIME; arithmetic is relative to now so
 // that doubles stay exact, and numbers are written with %.0f (Lua's own
-// conversion loses digits past 14). Phase one computes every policy's
+// conversion loses digits past 14). TIME is read first: past the
+// deadline, the script returns at once. Phase one computes every policy's
 // verdict without writing; only if all admit does phase two write, so a
-// denial consumes nothing. Expiry only grows, and is set with some
+// denial consumes nothing, and its first write is deny-OOM, so a full
+// Redis refuses an admission whole (and still decides denials and reads).
+// Expiry only grows, and is set with some
 // headroom (up to a minute), so most calls need no PEXPIREAT: a call with
 // short policies never cuts the state a longer one needs.
 //
 // Reply: allowed (0/1), now, then 5 per policy: remaining, reset (µs until
 // whole again), retry (µs until this cost would pass; 0 when it passes),
-// next (µs until more than remaining is available), refund token.
+// next (µs until more than remaining is available), refund token. Past the
+// deadline: -1, now.
 var limitScript = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost, np = tonumber(ARGV[1]), tonumber(ARGV[2])
+if now > tonumber(ARGV[1]) then return {-1, now} end
+local cost, np = tonumber(ARGV[2]), tonumber(ARGV[3])
 local hash, logk = KEYS[1], KEYS[2]
 local EPS = 1e-9
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
@@ -761,7 +998,7 @@ local function fmt(x) return string.format('%.0f', x) end
 
 local pol, fields, logwin, loglim, maxwin = {}, {'x', 'lw', 'll'}, 0, 0, 0
 for i = 1, np do
-  local b = i * 5 - 2
+  local b = i * 5 - 1
   local alg, win = tonumber(ARGV[b]), tonumber(ARGV[b + 2])
   local p = {alg = alg, limit = tonumber(ARGV[b + 1]), win = win, burst = tonumber(ARGV[b + 3]), f = ARGV[b + 4], at = #fields + 1}
   -- Rounding slack, relative to the size of the numbers compared.
@@ -792,8 +1029,6 @@ if logwin > 0 and not x0 then
     ll = max(ll, redis.call('ZCARD', logk))
   end
 end
-if logwin > 0 then redis.call('ZREMRANGEBYSCORE', logk, '-inf', fmt(now - lw)) end
-
 local allowed = 1
 for i = 1, np do
   local p = pol[i]
@@ -855,6 +1090,12 @@ local function wait(p, need)
   return max(1, ceil(p.x + (need - p.burst) * p.T))
 end
 
+-- Phase two writes. Under maxmemory, Redis 7.0 refuses a script's write
+-- only when it is the script's first write and a deny-OOM command: the
+-- first write here is always ZADD (with a log) or HSET, both deny-OOM, so
+-- a full Redis refuses the whole admission before anything is written.
+-- Nothing before this point writes: a denial or a read (cost 0) writes
+-- nothing, and works in a full Redis.
 local members, took = '', allowed == 1 and cost > 0
 if took then
   local set, need = {}, 0 -- need: µs from now the state must live
@@ -903,7 +1144,10 @@ if took then
       end
       if #args > 0 then redis.call('ZADD', logk, unpack(args)) end
     end
-    -- A SlidingLog of limit L only ever needs the newest L entries.
+    -- Trimmed only now, after the first write (see above); counts never
+    -- need it, as they only look at the policy's window. A SlidingLog of
+    -- limit L only ever needs the newest L entries.
+    redis.call('ZREMRANGEBYSCORE', logk, '-inf', fmt(now - lw))
     redis.call('ZREMRANGEBYRANK', logk, 0, -ll - 1)
     members = table.concat(list, ' ')
     if lw > lw0 then set[#set + 1] = 'lw'; set[#set + 1] = fmt(lw) end
@@ -966,21 +1210,31 @@ return out
 // refundScript gives back a decision's cost.
 //
 // KEYS    as limitScript's
-// ARGV[1] cost
-// ARGV[2] number of policies, then 6 per policy: algorithm, limit, window
+// ARGV[1] deadline, as limitScript's
+// ARGV[2] cost
+// ARGV[3] number of policies, then 6 per policy: algorithm, limit, window
 // (µs), burst, field stem (as limitScript's), and the decision's refund
 // token: the sliding counter's window index, the fixed window's start, the
 // log members the decision added, or the bucket's arrival time the
 // decision set.
+//
+// Reply: 1, now; or, past the deadline and having changed nothing, -1, now.
 var refundScript = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local np = tonumber(ARGV[2])
+if now > tonumber(ARGV[1]) then return {-1, now} end
+local cost = tonumber(ARGV[2])
+local np = tonumber(ARGV[3])
 local hash, logk = KEYS[1], KEYS[2]
 local function fmt(x) return string.format('%.0f', x) end
+-- A refund only rewrites existing fields with numbers no longer than
+-- theirs, or removes: it never grows memory, and may run in a full Redis.
+-- Its first write is a no-op HDEL (not deny-OOM), after which Redis 7.0
+-- lets the others through under maxmemory, so a refund is applied whole
+-- whatever the order of its policies' writes.
+redis.call('HDEL', hash, '')
 for i = 1, np do
-  local b = i * 6 - 3
+  local b = i * 6 - 2
   local alg, limit, win, f, tok = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), ARGV[b + 4], ARGV[b + 5]
   if alg == 1 then
     local v = redis.call('HMGET', hash, f .. 'w', f .. 'c', f .. 'p')
@@ -1018,7 +1272,7 @@ for i = 1, np do
     end
   end
 end
-return 1
+return {1, now}
 `)
 
 // blockMap is the free path: keys denied until a known time, with the

@@ -1699,3 +1699,387 @@ func TestLocalFallbackDenialConsumesNothing(t *testing.T) {
 	require.Equal(t, int64(9), d.Policies[0].Remaining, "the log policy passed and was not charged")
 	require.Equal(t, int64(9), ll.decide("k", 0, pols).Policies[0].Remaining)
 }
+
+// limiterState returns what Redis holds for key under l: its hash's fields
+// and its log's members with their scores ("log:<member>").
+func limiterState(t *testing.T, admin rueidis.Client, l *Limiter, key string) map[string]string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	keys := l.keys(normKey(key))
+	st, err := admin.Do(ctx, admin.B().Hgetall().Key(keys[0]).Build()).AsStrMap()
+	require.NoError(t, err)
+	log, err := admin.Do(ctx, admin.B().Zrange().Key(keys[1]).Min("0").Max("-1").Withscores().Build()).AsZScores()
+	require.NoError(t, err)
+	for _, z := range log {
+		st["log:"+z.Member] = strconv.FormatFloat(z.Score, 'f', 0, 64)
+	}
+	return st
+}
+
+// TestLimiterPausedRedisChargesNothing is issue 10's paused login: correct
+// logins while Redis is frozen (SIGSTOP) get each failure policy's answer;
+// rueidis keeps their timed-out scripts queued and Redis runs them when it
+// resumes, after their deadline, so they charge nothing and the next
+// correct login passes. Under LocalFallback the paused logins were counted
+// locally only, never in Redis as well.
+func TestLimiterPausedRedisChargesNothing(t *testing.T) {
+	forEachFaultTopology(t, pausedRedisChargesNothing)
+}
+
+func pausedRedisChargesNothing(t *testing.T, f *faultRedis) {
+	const client, paused = "192.0.2.1:1", 6
+	c := f.Client()
+	admin := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+	// A breaker that never opens: every paused login is sent, and queued.
+	br := NewBreaker(BreakerConfig{Failures: 1000, Logger: discardLogger()})
+	pols := []Policy{{Algorithm: FixedWindow, Limit: 5, Window: 15 * time.Minute}, {Algorithm: SlidingLog, Limit: 10, Window: time.Minute}}
+	logins := []struct {
+		fp     FailurePolicy
+		paused int // a correct login's status while Redis is paused
+		s      *rlServer
+		l      *Limiter
+		before map[string]string
+	}{
+		{fp: FailOpen, paused: http.StatusOK},
+		{fp: FailClosed, paused: http.StatusServiceUnavailable},
+		{fp: LocalFallback, paused: http.StatusOK},
+	}
+	for i := range logins {
+		lg := &logins[i]
+		l, err := NewLimiter(LimiterConfig{Client: c, Name: "login-" + lg.fp.String(), Policies: pols,
+			Options:      Options{Prefix: f.Keys.Prefix(), Timeout: 150 * time.Millisecond, Breaker: br, Logger: discardLogger()},
+			OnRedisError: lg.fp, FallbackShare: 1, DisableFreePath: true})
+		require.NoError(t, err)
+		lg.l, lg.s = l, newRLServer(t, RateLimitConfig{Limiter: l, SkipSuccessfulRequests: true}, nil)
+		rec := lg.s.do(client, nil)
+		require.Equal(t, http.StatusOK, rec.Code, "a correct login, counted then refunded")
+		require.Equal(t, "4", rec.Header().Get("X-RateLimit-Remaining"))
+		lg.before = limiterState(t, admin, l, "192.0.2.1")
+		require.NotEmpty(t, lg.before)
+	}
+	for _, lg := range logins {
+		scripts := scriptCalls(t, f.addrs)
+		f.Pause(t)
+		for range paused {
+			require.Equal(t, lg.paused, lg.s.do(client, nil).Code, "%s while Redis is paused", lg.fp)
+		}
+		f.Resume(t)
+		// rueidis sent the timed-out scripts (some on connections it then
+		// closed): Redis runs what it received when it resumes.
+		ran := settledScriptCalls(t, f.addrs) - scripts
+		require.Positive(t, ran, "%s: Redis ran late scripts", lg.fp)
+		t.Logf("%s: %d of %d paused decisions reached Redis late", lg.fp, ran, paused)
+
+		require.Equal(t, lg.before, limiterState(t, admin, lg.l, "192.0.2.1"), "%s: the late scripts charged nothing", lg.fp)
+		rec := lg.s.do(client, nil)
+		require.Equal(t, http.StatusOK, rec.Code, "%s: the next correct login passes", lg.fp)
+		require.Equal(t, "4", rec.Header().Get("X-RateLimit-Remaining"), "%s: and sees only itself counted", lg.fp)
+		d := allow(t, lg.l, "192.0.2.1", 0)
+		require.False(t, d.Degraded)
+		require.Equal(t, int64(5), d.Remaining, "%s: the login was refunded in Redis, once", lg.fp)
+	}
+}
+
+// settledScriptCalls returns scriptCalls once it has stopped growing: the
+// scripts a resumed server found waiting have run.
+func settledScriptCalls(t *testing.T, addrs []string) int64 {
+	t.Helper()
+	last, same := scriptCalls(t, addrs), 0
+	for same < 5 {
+		time.Sleep(50 * time.Millisecond)
+		n := scriptCalls(t, addrs)
+		if n == last {
+			same++
+		} else {
+			last, same = n, 0
+		}
+	}
+	return last
+}
+
+// skewClock shifts the offset l has learnt for key's node by delta, once
+// it is known (on a cluster, once the slot map is loaded).
+func skewClock(t *testing.T, l *Limiter, key string, delta time.Duration) {
+	t.Helper()
+	var nc *nodeClock
+	require.Eventually(t, func() bool {
+		v, ok := l.clocks.nodes.Load(l.b.scope(l.keys(normKey(key))[0]))
+		if !ok {
+			allow(t, l, key, 0) // learns the node's clock
+			return false
+		}
+		nc = v.(*nodeClock)
+		return true
+	}, 10*time.Second, 10*time.Millisecond, "the node's clock is known")
+	nc.offset.Add(delta.Microseconds())
+}
+
+// TestLimiterLateCallsChangeNothing checks the late path without a pause:
+// a script whose deadline has passed in Redis time, as a decision or a
+// refund that waited in a queue would find it, changes nothing; the caller
+// applies its failure policy (or gets an error to retry a refund with),
+// and the reply's time puts the clock right for the next call.
+func TestLimiterLateCallsChangeNothing(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		admin := r.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+		ctx := context.Background()
+		pols := []Policy{{Algorithm: FixedWindow, Limit: 5, Window: time.Hour}, {Algorithm: SlidingLog, Limit: 5, Window: time.Hour},
+			{Algorithm: SlidingWindow, Limit: 5, Window: 2 * time.Hour}, {Algorithm: TokenBucket, Limit: 5, Window: 3 * time.Hour}}
+
+		t.Run("script", func(t *testing.T) {
+			keys := newTestLimiter(t, r, c, LimiterConfig{Policies: pols}).keys("late")
+			args := append([]string{"1", "1", strconv.Itoa(len(pols))}, policyArgs(pols)...) // deadline: 1 µs after the epoch
+			reply, err := limitScript.Exec(ctx, c, keys, args).AsIntSlice()
+			require.NoError(t, err)
+			require.Len(t, reply, 2)
+			require.Equal(t, int64(-1), reply[0], "late")
+			require.Greater(t, reply[1], time.Now().Add(-time.Hour).UnixMicro(), "the reply carries Redis TIME")
+			n, err := admin.Do(ctx, admin.B().Exists().Key(keys...).Build()).AsInt64()
+			require.NoError(t, err)
+			require.Zero(t, n, "nothing written")
+		})
+
+		for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
+			t.Run(fp.String(), func(t *testing.T) {
+				l := newTestLimiter(t, r, c, LimiterConfig{Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true})
+				first := allow(t, l, "k", 1)
+				require.True(t, first.Allowed && !first.Degraded)
+				before := limiterState(t, admin, l, "k")
+
+				skewClock(t, l, "k", -time.Hour) // deadlines now lie an hour in the node's past
+				d, err := l.Allow(ctx, "k")
+				switch fp {
+				case FailClosed:
+					require.ErrorIs(t, err, ErrLimiterUnavailable)
+					require.ErrorIs(t, err, errLate)
+				default:
+					require.NoError(t, err)
+					require.True(t, d.Allowed && d.Degraded, "the failure policy decides")
+				}
+				if fp == LocalFallback {
+					require.Equal(t, int64(4), d.Remaining, "counted locally")
+				}
+				require.Equal(t, before, limiterState(t, admin, l, "k"), "the late decision charged nothing: never counted twice")
+
+				d = allow(t, l, "k", 1)
+				require.False(t, d.Degraded, "the late reply's time set the clock right")
+				require.Equal(t, int64(3), d.Remaining)
+
+				before = limiterState(t, admin, l, "k")
+				skewClock(t, l, "k", -time.Hour)
+				require.ErrorIs(t, l.Refund(ctx, &d), errLate)
+				require.Equal(t, before, limiterState(t, admin, l, "k"), "the late refund gave nothing back")
+				require.NoError(t, l.Refund(ctx, &d), "a late refund may be tried again")
+				require.NoError(t, l.Refund(ctx, &d), "and then counts once")
+				require.Equal(t, int64(4), allow(t, l, "k", 0).Remaining)
+			})
+		}
+	})
+}
+
+// TestLimiterLearnsEachNodesClock checks the first call to a node: before
+// any reply is known, one TIME round trip learns the node's clock, so that
+// even the first decision carries a deadline; later calls learn from their
+// replies and cost one script (two TIME reads: the first call's own and its
+// script's; then one).
+func TestLimiterLearnsEachNodesClock(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		l, err := NewLimiter(LimiterConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}, Policies: []Policy{PerMinute(100)}})
+		require.NoError(t, err)
+		timeCalls := func() (n float64) {
+			for _, addr := range f.addrs {
+				n += commandStats(t, addr)["time"][0]
+			}
+			return n
+		}
+		before := timeCalls()
+		allow(t, l, "k", 1)
+		require.Equal(t, before+2, timeCalls(), "the first call learns the node's clock first")
+		require.Eventually(t, func() bool {
+			before := timeCalls()
+			allow(t, l, "k", 1)
+			return timeCalls() == before+1
+		}, 10*time.Second, 50*time.Millisecond, "later calls learn from their replies (on a cluster, once the slot map is known)")
+	})
+}
+
+// TestRedisClocks checks the offset arithmetic: a reply's time is a lower
+// bound of the node's clock at its arrival; each node has its own; a
+// deadline loses clockDrift per second of the offset's age; an offset too
+// old is not used; the tightest bound is kept until the node's clock
+// steps back.
+func TestRedisClocks(t *testing.T) {
+	base := time.Now()
+	c := redisClocks{base: base, timeout: 500 * time.Millisecond}
+	at := func(d time.Duration) time.Time { return base.Add(d) }
+	_, ok := c.redisTime("10.0.0.1:6379", at(time.Second))
+	require.False(t, ok, "nothing known before a reply")
+
+	// Node A is 1 h ahead of us; node B 3 s behind. Replies arrive 10 s in.
+	require.Equal(t, int64(3600e6), c.learn("A", (10*time.Second+time.Hour).Microseconds(), at(10*time.Second)))
+	c.learn("B", (7 * time.Second).Microseconds(), at(10*time.Second))
+
+	for _, tc := range []struct {
+		name  string
+		scope string
+		local time.Duration // the local deadline, since base
+		want  int64         // µs of the node's clock
+		ok    bool
+	}{
+		{"A, fresh", "A", 10 * time.Second, (10*time.Second + time.Hour).Microseconds(), true},
+		{"B, fresh", "B", 10 * time.Second, (7 * time.Second).Microseconds(), true},
+		{"A, 10 s old: 10 ms of drift off", "A", 20 * time.Second, (20*time.Second + time.Hour - 10*time.Millisecond).Microseconds(), true},
+		{"B, 50 s old: 50 ms off", "B", 60 * time.Second, (57*time.Second - 50*time.Millisecond).Microseconds(), true},
+		{"B, older than 100 timeouts", "B", 61 * time.Second, 0, false},
+		{"a deadline before the reply", "B", 9 * time.Second, (6 * time.Second).Microseconds(), true},
+		{"unknown node", "C", 10 * time.Second, 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := c.redisTime(tc.scope, at(tc.local))
+			require.Equal(t, tc.ok, ok)
+			require.Equal(t, tc.want, got)
+		})
+	}
+
+	// A looser bound (a slower reply) does not replace a tighter one for
+	// clockKeep: A, learnt again at 30 s, 0.5 s later.
+	c.learn("A", (30*time.Second + time.Hour).Microseconds(), at(30*time.Second))
+	later := at(30*time.Second + 500*time.Millisecond)
+	sample := func(redis time.Duration, recv time.Time) int64 {
+		c.learn("A", redis.Microseconds(), recv)
+		got, ok := c.redisTime("A", recv)
+		require.True(t, ok)
+		return got
+	}
+	require.Equal(t, (30*time.Second+time.Hour+500*time.Millisecond).Microseconds()-500, sample(30*time.Second+time.Hour+400*time.Millisecond, later), "kept, aged 0.5 ms")
+	require.Equal(t, (30*time.Second + time.Hour + 499900*time.Microsecond).Microseconds(), sample(30*time.Second+time.Hour+499900*time.Microsecond, later), "a tighter one replaces it")
+	require.Equal(t, (30*time.Second + 500*time.Millisecond).Microseconds(), sample(30*time.Second+500*time.Millisecond, later), "so does one lower by more than a Timeout: the node's clock stepped back")
+	past := later.Add(clockKeep + time.Millisecond)
+	require.Equal(t, (31*time.Second + 400*time.Millisecond).Microseconds(), sample(31*time.Second+400*time.Millisecond, past), "and any one after clockKeep: a small step back shows within it")
+	// An offset too old for use is replaced by any new one.
+	c.learn("B", (100 * time.Second).Microseconds(), at(100*time.Second))
+	got, ok := c.redisTime("B", at(100*time.Second))
+	require.True(t, ok)
+	require.Equal(t, (100 * time.Second).Microseconds(), got)
+}
+
+// fillRedis fills every server of f as hostile traffic would: noeviction,
+// maxmemory just above the memory used, then one key that outgrows it, so
+// that deny-OOM commands are refused until the returned func deletes the
+// keys. maxmemory is reset when the test ends.
+func fillRedis(t *testing.T, f *faultRedis) (free func()) {
+	t.Helper()
+	var fillers [][2]string // addr, key
+	for _, s := range f.Servers() {
+		addr := s.addr()
+		_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+		require.NoError(t, err)
+		info, err := respDo(addr, 2*time.Second, "INFO", "memory")
+		require.NoError(t, err)
+		var used int64
+		for line := range strings.SplitSeq(info.(string), "\r\n") {
+			if v, ok := strings.CutPrefix(line, "used_memory:"); ok {
+				used, err = strconv.ParseInt(v, 10, 64)
+				require.NoError(t, err)
+			}
+		}
+		require.Positive(t, used)
+		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used+256<<10, 10))
+		require.NoError(t, err)
+		t.Cleanup(func() { _, _ = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", "0") })
+		// A command's own arguments count while Redis checks it, so a large
+		// SET is refused before it fills anything: SETRANGE with a large
+		// offset grows a key by 1 MB after the check.
+		for i := 0; ; i++ {
+			require.Less(t, i, 5000, "no key of %s's slots found", addr)
+			key := f.Keys.Key("filler", strconv.Itoa(i))
+			if _, err := respDo(addr, 5*time.Second, "SETRANGE", key, strconv.Itoa(1<<20), "x"); err != nil {
+				require.Contains(t, err.Error(), "MOVED", "only another node's key may fail")
+				continue
+			}
+			_, err := respDo(addr, 2*time.Second, "SET", key, "x")
+			require.ErrorContains(t, err, "OOM", "%s is full", addr)
+			fillers = append(fillers, [2]string{addr, key})
+			break
+		}
+	}
+	return func() {
+		for _, fk := range fillers {
+			_, err := respDo(fk[0], 2*time.Second, "DEL", fk[1])
+			require.NoError(t, err)
+		}
+	}
+}
+
+// TestLimiterOutOfMemory fills Redis (maxmemory, noeviction): an admission
+// needs writes, and a full Redis refuses its first one, so nothing is
+// written (with a SlidingLog too, whose trim used to come first and let the
+// rest write into a full Redis) and the failure policy answers; denials
+// and reads write nothing and are still decided by Redis; refunds only
+// shrink state and succeed. Once memory is freed, admissions work again.
+func TestLimiterOutOfMemory(t *testing.T) {
+	forEachFaultTopology(t, limiterOutOfMemory)
+}
+
+func limiterOutOfMemory(t *testing.T, f *faultRedis) {
+	ctx := context.Background()
+	c := f.Client()
+	admin := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+	pols := []Policy{{Algorithm: SlidingLog, Limit: 3, Window: time.Minute}, {Algorithm: SlidingWindow, Limit: 3, Window: time.Hour},
+		{Algorithm: FixedWindow, Limit: 3, Window: 2 * time.Hour}, {Algorithm: TokenBucket, Limit: 3, Window: 3 * time.Hour}}
+	type limiter struct {
+		fp   FailurePolicy
+		l    *Limiter
+		used Decision // admitted before Redis filled up
+	}
+	var ls []*limiter
+	for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
+		l, err := NewLimiter(LimiterConfig{Client: c, Name: "oom-" + fp.String(), Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true,
+			Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		lm := &limiter{fp: fp, l: l, used: allow(t, l, "used", 1)}
+		for range 3 {
+			require.True(t, allow(t, l, "full", 1).Allowed)
+		}
+		require.False(t, allow(t, l, "full", 1).Allowed)
+		ls = append(ls, lm)
+	}
+
+	free := fillRedis(t, f)
+	for _, lm := range ls {
+		l := lm.l
+		for _, key := range []string{"used", "new"} {
+			before := limiterState(t, admin, l, key)
+			d, err := l.Allow(ctx, key)
+			if lm.fp == FailClosed {
+				require.ErrorIs(t, err, ErrLimiterUnavailable)
+				require.ErrorContains(t, err, "OOM")
+			} else {
+				require.NoError(t, err)
+				require.True(t, d.Allowed && d.Degraded, "%s answers, without Redis", lm.fp)
+			}
+			require.Equal(t, before, limiterState(t, admin, l, key), "%s, %s: nothing written", lm.fp, key)
+		}
+		require.Empty(t, limiterState(t, admin, l, "new"))
+
+		d := allow(t, l, "full", 1)
+		require.True(t, !d.Allowed && !d.Degraded, "%s: a denial is decided by Redis", lm.fp)
+		require.Positive(t, d.RetryAfter)
+		d = allow(t, l, "used", 0)
+		require.True(t, d.Allowed && !d.Degraded, "%s: a read is decided by Redis", lm.fp)
+		require.Equal(t, int64(2), d.Remaining)
+
+		require.NoError(t, l.Refund(ctx, &lm.used), "%s: a refund only shrinks state, and succeeds", lm.fp)
+		require.Equal(t, int64(3), allow(t, l, "used", 0).Remaining)
+	}
+	require.False(t, BreakerFor(c).AnyOpen(), "OOM replies are answers: the shared breaker stays closed")
+
+	free()
+	for _, lm := range ls {
+		d := allow(t, lm.l, "new", 1)
+		require.True(t, d.Allowed && !d.Degraded, "%s: admissions work again once memory is freed", lm.fp)
+		require.NotEmpty(t, limiterState(t, admin, lm.l, "new"))
+	}
+}

@@ -357,7 +357,9 @@ func (b *backend) Exec(ctx context.Context, script *rueidis.Lua, keys, args []st
 	if len(keys) > 0 {
 		first = keys[0]
 	}
-	err := b.call(ctx, first, true, func(ctx context.Context) error {
+	// A script that succeeds may have written nothing (a limiter's denial),
+	// so it does not clear the node's OOM state; its OOM reply sets it.
+	err := b.call(ctx, first, false, func(ctx context.Context) error {
 		res = script.Exec(ctx, b.client, keys, args)
 		return res.Error()
 	})

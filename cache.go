@@ -263,9 +263,9 @@ type tagGen struct {
 }
 
 const (
-	entryMagic        = "RE2"
-	oldEntryMagic     = "RE1"
-	flagNotFound byte = 1
+	entryMagic         = "RE2"
+	oldEntryMagic      = "RE1"
+	flagNotFound  byte = 1
 )
 
 func (e *entry) encode() []byte {
@@ -657,7 +657,7 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 	b.WriteString(matchPattern(cs.b.keys.Prefix())[:len(matchPattern(cs.b.keys.Prefix()))-1])
 	b.WriteString(`\{c:`)
 	writeEscaped(&b, pattern) // escaped, never digested: the pattern is the app's, and globs must survive
-	b.WriteString(`\}:[el]`) // entries, and fill locks so fills in flight store nothing
+	b.WriteString(`\}:[el]`)  // entries, and fill locks so fills in flight store nothing
 	cs.epoch.Add(1)
 	n := 0
 	err := scanMasters(ctx, cs.b.client, b.String(), func(ctx context.Context, _ rueidis.Client, keys []string) error {

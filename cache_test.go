@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"strconv"
 	"slices"
 	"strings"
 	"sync"
@@ -1194,5 +1196,259 @@ func TestCacheMiddlewareHeadAndOtherMethods(t *testing.T) {
 			require.Empty(t, resp.Header.Get("X-Cache"), "POST is never cached")
 		}
 		require.Equal(t, before+2, calls.Load())
+	})
+}
+
+// hostileApp is an instance whose routes take their keys and tags from
+// whatever the client sends.
+type hostileApp struct {
+	store *CacheStore
+	srv   *httptest.Server
+	calls atomic.Int32
+}
+
+func newHostileApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*CacheConfig)) *hostileApp {
+	t.Helper()
+	a := &hostileApp{store: newCacheStore(t, r, client, nil)}
+	cfg := CacheConfig{Store: a.store, TTL: time.Minute, NotFoundTTL: time.Minute,
+		Tags: func(c echo.Context) []string {
+			if id := c.Param("id"); id != "" {
+				return []string{"product:" + id}
+			}
+			return nil
+		}}
+	if mod != nil {
+		mod(&cfg)
+	}
+	e := echo.New()
+	g := e.Group("", CacheWithConfig(cfg))
+	answer := func(c echo.Context) error {
+		a.calls.Add(1)
+		return c.JSON(http.StatusOK, map[string]int{"path": len(c.Request().URL.Path), "query": len(c.Request().URL.RawQuery), "accept": len(c.Request().Header.Get("Accept"))})
+	}
+	g.GET("/products/:id", answer)
+	g.GET("/q", answer)
+	srv := httptest.NewUnstartedServer(e)
+	srv.Config.MaxHeaderBytes = 8 << 20
+	srv.Start()
+	t.Cleanup(srv.Close)
+	a.srv = srv
+	return a
+}
+
+func (a *hostileApp) get(t *testing.T, path string, headers ...string) reply {
+	t.Helper()
+	return (&cacheApp{srv: a.srv}).get(t, path, headers...)
+}
+
+// cacheKeySizes returns, for every key under r's prefix, its length and
+// MEMORY USAGE (key, value and overhead).
+func cacheKeySizes(t *testing.T, r *testRedis, client rueidis.Client) map[string][2]int64 {
+	t.Helper()
+	out := map[string][2]int64{}
+	err := scanMasters(ctx5s(t), client, matchPattern(r.Keys.Prefix()), func(ctx context.Context, n rueidis.Client, keys []string) error {
+		for _, k := range keys {
+			mem, err := n.Do(ctx, n.B().MemoryUsage().Key(k).Build()).AsInt64()
+			if err != nil && !rueidis.IsRedisNil(err) {
+				return err
+			}
+			out[k] = [2]int64{int64(len(k)), mem}
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	return out
+}
+
+// TestCacheKeysAreBoundedWhateverTheRequest: a 1 MB path, query, Vary
+// header value or tag makes keys of bounded length and entries of the
+// response's size, and the cache still works on them: hits, tag
+// invalidation, Flush by the readable head.
+func TestCacheKeysAreBoundedWhateverTheRequest(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		a := newHostileApp(t, r, client, nil)
+		mb := strings.Repeat("a", 1<<20)
+		tests := []struct {
+			name    string
+			path    string
+			headers []string
+			want    string
+		}{
+			{name: "1 MB path (and tag)", path: "/products/" + mb, want: fmt.Sprintf(`{"accept":0,"path":%d,"query":0}`, len("/products/")+len(mb))},
+			{name: "1 MB query", path: "/q?x=" + mb, want: fmt.Sprintf(`{"accept":0,"path":2,"query":%d}`, len(mb)+2)},
+			{name: "1 MB Accept (a Vary header)", path: "/q", headers: []string{"Accept", mb}, want: fmt.Sprintf(`{"accept":%d,"path":2,"query":0}`, len(mb))},
+			{name: "1 MB of key syntax", path: "/products/" + url.PathEscape(strings.Repeat("{:%}", 1<<18)), want: fmt.Sprintf(`{"accept":0,"path":%d,"query":0}`, len("/products/")+1<<20)},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				first := a.get(t, tt.path, tt.headers...)
+				require.Equal(t, http.StatusOK, first.code)
+				require.Equal(t, "MISS", first.header.Get("X-Cache"))
+				require.JSONEq(t, tt.want, first.body)
+				for range 3 {
+					rep := a.get(t, tt.path, tt.headers...)
+					require.Equal(t, "HIT", rep.header.Get("X-Cache"))
+					require.JSONEq(t, tt.want, rep.body)
+				}
+			})
+		}
+		// Every key the cache wrote is short, and so is every value.
+		sizes := cacheKeySizes(t, r, client)
+		require.GreaterOrEqual(t, len(sizes), 4+2, "4 entries, 2 tag counters")
+		maxLen := int64(len(r.Keys.Prefix()) + 262)
+		for k, s := range sizes {
+			require.LessOrEqual(t, s[0], maxLen, "key %.80q", k)
+			require.Less(t, s[1], int64(2048), "MEMORY USAGE of %.80q", k)
+			if strings.Contains(k, "%~") {
+				require.LessOrEqual(t, s[0], int64(len(r.Keys.Prefix())+len("{c:")+KeptPartHead+len("%~")+43+len("}:e")), "a digested key keeps a 64-byte head: %.80q", k)
+			}
+		}
+		// Nor does the process keep the long keys.
+		a.store.keyMemo.Range(func(k, _ any) bool {
+			if s, ok := k.(string); ok {
+				require.LessOrEqual(t, len(s), MaxKeyPart)
+			}
+			return true
+		})
+
+		ctx := ctx5s(t)
+		require.NoError(t, a.store.InvalidateTags(ctx, "product:"+mb))
+		require.Equal(t, "MISS", a.get(t, "/products/"+mb).header.Get("X-Cache"), "a 1 MB tag invalidates")
+		require.Equal(t, "HIT", a.get(t, "/products/"+mb).header.Get("X-Cache"))
+		n, err := a.store.Flush(ctx, "GET /products/aaaa*")
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "a Flush pattern matches a digested key by its readable head")
+		require.Equal(t, "MISS", a.get(t, "/products/"+mb).header.Get("X-Cache"))
+		n, err = a.store.Flush(ctx, "GET /products/"+mb)
+		require.NoError(t, err)
+		require.Zero(t, n, "a literal pattern past the head matches no digested key (documented)")
+
+		// The cache service: a 1 MB key and tag.
+		require.NoError(t, a.store.Set(ctx, mb, "v", time.Minute, mb))
+		var v string
+		ok, err := a.store.Get(ctx, mb, &v)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, "v", v)
+		require.NoError(t, a.store.InvalidateTags(ctx, mb))
+		ok, err = a.store.Get(ctx, mb, &v)
+		require.NoError(t, err)
+		require.False(t, ok, "invalidated through its 1 MB tag")
+		for k, s := range cacheKeySizes(t, r, client) {
+			require.LessOrEqual(t, s[0], maxLen, "key %.80q", k)
+			require.Less(t, s[1], int64(2048), "MEMORY USAGE of %.80q", k)
+		}
+	})
+}
+
+// commandCalls sums INFO commandstats calls over addrs, leaving out the
+// commands that the harness, rueidis's keep-alive and the breaker's slot
+// map send on their own.
+func commandCalls(t *testing.T, addrs []string) int64 {
+	t.Helper()
+	var n int64
+	for _, a := range addrs {
+		for k, v := range infoFields(t, a, "commandstats") {
+			name := strings.TrimPrefix(k, "cmdstat_")
+			if name == "info" || name == "ping" || strings.HasPrefix(name, "cluster") || strings.HasPrefix(name, "client") || name == "hello" || strings.HasPrefix(name, "command") {
+				continue
+			}
+			calls, _, _ := strings.Cut(strings.TrimPrefix(v, "calls="), ",")
+			c, err := strconv.ParseInt(calls, 10, 64)
+			require.NoError(t, err, "%s=%s", k, v)
+			n += c
+		}
+	}
+	return n
+}
+
+// TestCacheWarmHitSendsNothing: once an instance has served an entry, its
+// hits (tags validated too) send no command to Redis.
+func TestCacheWarmHitSendsNothing(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		client := f.Client()
+		a := newHostileApp(t, f.testRedis, client, nil)
+		addrs := masterAddrs(t, client)
+		for _, path := range []string{"/q?warm", "/products/7"} {
+			require.Equal(t, "MISS", a.get(t, path).header.Get("X-Cache"))
+			// The first hits find the entry untracked, then track it.
+			require.Equal(t, "HIT", a.get(t, path).header.Get("X-Cache"))
+			require.Equal(t, "HIT", a.get(t, path).header.Get("X-Cache"))
+		}
+		before := commandCalls(t, addrs)
+		for range 100 {
+			for _, path := range []string{"/q?warm", "/products/7"} {
+				require.Equal(t, "HIT", a.get(t, path).header.Get("X-Cache"))
+			}
+		}
+		require.Equal(t, before, commandCalls(t, addrs), "200 warm hits sent commands to Redis")
+		require.Equal(t, int32(2), a.calls.Load())
+	})
+}
+
+// TestCacheMissPathsLeaveNoTrackingState: whatever path a request for a
+// key that is never stored takes (an uncacheable response, a failing
+// Remember, a Get of nothing, waiting for another instance's fill that
+// stores nothing), Redis's tracking table is left as it was.
+func TestCacheMissPathsLeaveNoTrackingState(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ca, cb := f.Client(), f.Client()
+		addrs := masterAddrs(t, ca)
+		a := newCacheStore(t, f.testRedis, ca, nil)
+		b := newCacheStore(t, f.testRedis, cb, nil)
+		ctx := ctx5s(t)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: a, Tags: func(c echo.Context) []string { return []string{"t:" + c.Param("id")} }}))
+		e.GET("/x/:id", func(c echo.Context) error {
+			switch c.Param("id")[0] {
+			case 'p':
+				c.Response().Header().Set("Cache-Control", "private")
+			case 'e':
+				return c.String(http.StatusInternalServerError, "boom")
+			}
+			return c.String(http.StatusNotFound, "none") // 404s are not cached here
+		})
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		app := &cacheApp{srv: srv}
+		// Both clients made their one-time client-side caching check (a
+		// tracked read of one fixed key).
+		for _, st := range []*CacheStore{a, b} {
+			require.NoError(t, st.Set(ctx, "warm", 1, time.Minute))
+		}
+		time.Sleep(100 * time.Millisecond)
+		start := figures(t, addrs).tracking
+		for i := range 50 {
+			for _, id := range []string{"p", "e", "n"} {
+				app.get(t, fmt.Sprint("/x/", id, i))
+			}
+			_, err := Remember(ctx, a, fmt.Sprint("fail", i), time.Minute, func(context.Context) (int, error) { return 0, errors.New("no") }, WithTags(fmt.Sprint("tf", i)))
+			require.Error(t, err)
+			var v int
+			ok, err := a.Get(ctx, fmt.Sprint("nothing", i), &v)
+			require.NoError(t, err)
+			require.False(t, ok)
+			// b waits for a's fill, which stores nothing.
+			finish := make(chan struct{})
+			started := make(chan struct{})
+			go func() {
+				_, _ = Remember(ctx, a, fmt.Sprint("shared", i), time.Minute, func(context.Context) (int, error) {
+					close(started)
+					<-finish
+					return 0, errors.New("not storable")
+				})
+			}()
+			<-started
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				_, _ = Remember(ctx, b, fmt.Sprint("shared", i), time.Minute, func(context.Context) (int, error) { return 0, errors.New("no") })
+			}()
+			time.Sleep(20 * time.Millisecond) // b is waiting on a's lock
+			close(finish)
+			<-done
+		}
+		require.Equal(t, start, figures(t, addrs).tracking, "tracked reads of keys never written")
 	})
 }

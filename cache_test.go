@@ -1452,3 +1452,162 @@ func TestCacheMissPathsLeaveNoTrackingState(t *testing.T) {
 		require.Equal(t, start, figures(t, addrs).tracking, "tracked reads of keys never written")
 	})
 }
+
+// fillRedis makes every master of f's deployment refuse writes for lack of
+// memory, as a full production Redis would: maxmemory-policy noeviction,
+// maxmemory just above used_memory, then ballast (under the test's prefix)
+// until a write gets an OOM reply. Then maxmemory goes 256 KB below
+// used_memory, so that client buffers freed later (the ballast's query
+// buffer, say) do not let a write through by chance and make the test
+// flaky. Both settings are restored when the test ends, before its keys are
+// deleted.
+func fillRedis(t *testing.T, f *faultRedis, client rueidis.Client) {
+	t.Helper()
+	ctx := ctx5s(t)
+	nodes, err := masters(ctx, client)
+	require.NoError(t, err)
+	for i, n := range nodes {
+		addr := nodeAddr(n)
+		for _, p := range []string{"maxmemory-policy", "maxmemory"} {
+			v, err := respDo(addr, 2*time.Second, "CONFIG", "GET", p)
+			require.NoError(t, err)
+			old := v.([]any)[1].(string)
+			t.Cleanup(func() { _, _ = respDo(addr, 2*time.Second, "CONFIG", "SET", p, old) })
+		}
+		_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+		require.NoError(t, err)
+		used, err := strconv.ParseInt(infoFields(t, addr, "memory")["used_memory"], 10, 64)
+		require.NoError(t, err)
+		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used+256<<10, 10))
+		require.NoError(t, err)
+		ballast := strings.Repeat("b", 64<<10)
+		full := false
+		for j := 0; j < 10_000 && !full; j++ {
+			k := f.Keys.Key("ballast", strconv.Itoa(i), strconv.Itoa(j))
+			err := n.Do(ctx, n.B().Set().Key(k).Value(ballast).Build()).Error()
+			switch {
+			case err == nil:
+			case isOOM(err):
+				full = true
+			case strings.Contains(err.Error(), "MOVED"):
+				// another master's key
+			default:
+				require.NoError(t, err)
+			}
+		}
+		require.True(t, full, "%s never refused a write", addr)
+		used, err = strconv.ParseInt(infoFields(t, addr, "memory")["used_memory"], 10, 64)
+		require.NoError(t, err)
+		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used-256<<10, 10))
+		require.NoError(t, err)
+	}
+}
+
+// TestCacheInAFullRedis: with maxmemory reached under noeviction, hits are
+// served (from memory, and from Redis untracked), misses run the handler
+// and answer without storing anything, Delete and Flush work, Set and tag
+// invalidations fail with ErrCacheOutOfMemory, and nothing is written: no
+// entry, no tag counter, no lock left behind. Once memory is back, misses
+// store again.
+func TestCacheInAFullRedis(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ca, cb := f.Client(), f.Client()
+		addrs := masterAddrs(t, ca)
+		a := newHostileApp(t, f.testRedis, ca, nil)
+		b := newHostileApp(t, f.testRedis, cb, func(c *CacheConfig) {
+			c.Store = nil
+			c.Client = cb
+			c.Options = Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}
+		})
+		ctx := ctx5s(t)
+		// Before: /products/1 is hot in a's memory; a stored /products/2
+		// but never read it back; b never read anything.
+		for range 3 {
+			a.get(t, "/products/1")
+		}
+		require.Equal(t, "HIT", a.get(t, "/products/1").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/products/2").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/q?flush=me").header.Get("X-Cache"))
+		require.NoError(t, a.store.Set(ctx, "svc", "v", time.Minute))
+		lockTok, err := a.store.tryLock(ctx, "direct")
+		require.NoError(t, err)
+		require.NotEmpty(t, lockTok)
+		finish := fillInFlight(ctx, a.store, "inflight", "computed") // holds its fill lock through the OOM
+		served := a.calls.Load()
+
+		fillRedis(t, f, ca)
+		keys := figures(t, addrs).keys
+
+		tests := []struct {
+			name string
+			app  *hostileApp
+			path string
+			want string // X-Cache
+		}{
+			{name: "hit from process memory", app: a, path: "/products/1", want: "HIT"},
+			{name: "hit read tracked, refused in MULTI, read again untracked", app: a, path: "/products/2", want: "HIT"},
+			{name: "hit from Redis, untracked", app: b, path: "/products/1", want: "HIT"},
+			{name: "miss: answered, not stored", app: a, path: "/products/new", want: "MISS"},
+			{name: "miss again: still not stored", app: a, path: "/products/new", want: "MISS"},
+			{name: "untagged miss on another instance", app: b, path: "/q?new", want: "MISS"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				rep := tt.app.get(t, tt.path)
+				require.Equal(t, http.StatusOK, rep.code, rep.body)
+				require.Equal(t, tt.want, rep.header.Get("X-Cache"))
+			})
+		}
+		require.Equal(t, served+3, a.calls.Load()+b.calls.Load(), "only the misses ran the handler")
+
+		v, err := Remember(ctx, a.store, "remembered", time.Minute, func(context.Context) (string, error) { return "fresh", nil }, WithTags("rt"))
+		require.NoError(t, err, "Remember computes and answers")
+		require.Equal(t, "fresh", v)
+		require.ErrorIs(t, a.store.Set(ctx, "set", 1, time.Minute), ErrCacheOutOfMemory)
+		require.NoError(t, finish(), "a fill in flight when Redis filled up answers")
+		err = a.store.InvalidateTags(ctx, "product:1")
+		require.ErrorIs(t, err, ErrCacheOutOfMemory, "a tag bump fails, and says so")
+		require.Equal(t, "HIT", a.get(t, "/products/1").header.Get("X-Cache"), "so the entry is still served")
+
+		// The scripts' first writes are deny-OOM: refused, nothing written.
+		lk := a.store.lockKey("direct")
+		err = a.store.b.Exec(ctx, storeScript, []string{a.store.entryKey("direct"), lk}, []string{"x", "60000", lockTok}).Error()
+		require.True(t, isOOM(err), "store script: %v", err)
+		held, err := ca.Do(ctx, ca.B().Get().Key(lk).Build()).ToString()
+		require.NoError(t, err)
+		require.Equal(t, lockTok, held, "the refused store did not release the lock: it wrote nothing")
+		err = a.store.b.Exec(ctx, ensureTagScript, []string{a.store.tagKey("new-tag")}, []string{"60000"}).Error()
+		require.True(t, isOOM(err), "tag counter script: %v", err)
+		a.store.unlock(ctx, "direct", lockTok) // DEL works in a full Redis
+
+		// Invalidations that delete work.
+		require.NoError(t, a.store.Delete(ctx, "svc"))
+		var s string
+		ok, err := a.store.Get(ctx, "svc", &s)
+		require.NoError(t, err)
+		require.False(t, ok)
+		n, err := a.store.Flush(ctx, "GET /q?flush*")
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		require.Equal(t, "MISS", a.get(t, "/q?flush=me").header.Get("X-Cache"))
+
+		// Nothing was written: no entry, no tag counter, no lock.
+		for _, k := range []string{a.store.entryKey("GET /products/new"), a.store.lockKey("GET /products/new"), a.store.tagKey("product:new"),
+			a.store.entryKey("remembered"), a.store.tagKey("rt"), a.store.entryKey("inflight"), a.store.lockKey("inflight"), a.store.lockKey("direct"), a.store.tagKey("new-tag")} {
+			n, err := ca.Do(ctx, ca.B().Exists().Key(k).Build()).AsInt64()
+			require.NoError(t, err)
+			require.Zero(t, n, "%s was written into a full Redis", k)
+		}
+		require.Equal(t, keys-4, figures(t, addrs).keys, "only deletions: svc, the flushed entry, the two locks")
+
+		// Memory back: misses store again.
+		for _, addr := range addrs {
+			_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", "0")
+			require.NoError(t, err)
+		}
+		require.Eventually(t, func() bool {
+			a.get(t, "/products/new")
+			return a.get(t, "/products/new").header.Get("X-Cache") == "HIT"
+		}, 10*time.Second, 100*time.Millisecond, "misses are stored again")
+	})
+}

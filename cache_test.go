@@ -1611,3 +1611,78 @@ func TestCacheInAFullRedis(t *testing.T) {
 		}, 10*time.Second, 100*time.Millisecond, "misses are stored again")
 	})
 }
+
+// TestCacheNeverStoresPrivateResponses: a response marked private,
+// no-store or no-cache is never stored, however the directive is written
+// and whether the handler or a middleware's Before hook set it (as the
+// session middleware does for personal responses: private and Vary:
+// Cookie).
+func TestCacheNeverStoresPrivateResponses(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		store := newCacheStore(t, r, client, nil)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store, Vary: []string{}})) // keys are "GET <path>"
+		var calls atomic.Int32
+		tests := []struct {
+			name   string
+			header http.Header
+			hook   bool // set by a Before hook, not by the handler
+			stored bool
+		}{
+			{name: "private", header: http.Header{"Cache-Control": {"private"}}},
+			{name: "PRIVATE, max-age", header: http.Header{"Cache-Control": {"PRIVATE, max-age=60"}}},
+			{name: "private with field names", header: http.Header{"Cache-Control": {`private="Set-Cookie", max-age=60`}}},
+			{name: "no-store", header: http.Header{"Cache-Control": {"no-store"}}},
+			{name: "no-cache", header: http.Header{"Cache-Control": {"max-age=0, no-cache"}}},
+			{name: "no-store on a second line", header: http.Header{"Cache-Control": {"public, max-age=60", "no-store"}}},
+			{name: "private and Vary: Cookie from a hook", header: http.Header{"Cache-Control": {"private"}, "Vary": {"Cookie"}}, hook: true},
+			{name: "no-store from a hook", header: http.Header{"Cache-Control": {"no-store"}}, hook: true},
+			{name: "Vary: Cookie alone", header: http.Header{"Vary": {"Cookie"}}, hook: true},
+			{name: "public is stored", header: http.Header{"Cache-Control": {"public, max-age=60"}}, stored: true},
+			{name: "a directive that only looks private is stored", header: http.Header{"Cache-Control": {"x-private-ish=1"}}, stored: true},
+		}
+		for i, tt := range tests {
+			e.GET(fmt.Sprint("/r", i), func(c echo.Context) error {
+				calls.Add(1)
+				set := func() {
+					for k, vs := range tt.header {
+						c.Response().Header()[k] = vs
+					}
+				}
+				if tt.hook {
+					c.Response().Before(set)
+				} else {
+					set()
+				}
+				return c.String(http.StatusOK, "personal")
+			})
+		}
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		app := &cacheApp{srv: srv}
+		for i, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				path := fmt.Sprint("/r", i)
+				before := calls.Load()
+				first := app.get(t, path)
+				require.Equal(t, http.StatusOK, first.code)
+				require.Equal(t, "personal", first.body)
+				second := app.get(t, path)
+				require.Equal(t, "personal", second.body)
+				exists, err := client.Do(ctx5s(t), client.B().Exists().Key(store.entryKey("GET "+path)).Build()).AsInt64()
+				require.NoError(t, err)
+				if tt.stored {
+					require.Equal(t, "HIT", second.header.Get("X-Cache"))
+					require.Equal(t, before+1, calls.Load())
+					require.Equal(t, int64(1), exists)
+					return
+				}
+				require.NotEqual(t, "HIT", second.header.Get("X-Cache"))
+				require.Equal(t, before+2, calls.Load(), "the handler ran both times")
+				require.Zero(t, exists, "nothing stored")
+				require.Equal(t, tt.header.Values("Cache-Control"), second.header.Values("Cache-Control"), "the directives reach the client")
+			})
+		}
+	})
+}

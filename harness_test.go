@@ -251,3 +251,28 @@ func (f *faultRedis) pick(servers []*redisServer) []*redistest.Server {
 	}
 	return out
 }
+
+// Fill makes the given servers (every server when none are given) answer as
+// a full Redis does: maxmemory-policy noeviction and a maxmemory of 1 byte,
+// below any used_memory, so that every deny-OOM command is refused with
+// "OOM command not allowed". Free undoes it; it is undone when the test ends.
+func (f *faultRedis) Fill(t *testing.T, servers ...*redisServer) {
+	t.Helper()
+	for _, s := range f.pick(servers) {
+		_, err := respDo(s.Addr(), 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+		require.NoError(t, err)
+		_, err = respDo(s.Addr(), 2*time.Second, "CONFIG", "SET", "maxmemory", "1")
+		require.NoError(t, err)
+		t.Cleanup(func() { _, _ = respDo(s.Addr(), 2*time.Second, "CONFIG", "SET", "maxmemory", "0") })
+	}
+}
+
+// Free lifts the memory limit that Fill set (on every server when none are
+// given).
+func (f *faultRedis) Free(t *testing.T, servers ...*redisServer) {
+	t.Helper()
+	for _, s := range f.pick(servers) {
+		_, err := respDo(s.Addr(), 2*time.Second, "CONFIG", "SET", "maxmemory", "0")
+		require.NoError(t, err)
+	}
+}

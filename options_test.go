@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"sync"
 	"testing"
 	"time"
@@ -432,4 +433,130 @@ func TestRateLogSuppressesRepeats(t *testing.T) {
 	out := logs.String()
 	require.Equal(t, 2, bytes.Count([]byte(out), []byte("redis failed")))
 	require.Contains(t, out, "suppressed=4")
+}
+
+// TestBackendUnderOOM: a full Redis (noeviction) answers reads and refuses
+// writes. Cached reads keep working (rueidis's tracked miss is a MULTI, which
+// Redis 7.0 refuses under OOM, so the backend reads untracked), OOM replies
+// do not open the breaker, and the node's OOM state clears on the next
+// successful write or after oomHold.
+func TestBackendUnderOOM(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		b, c := faultBackend(t, f, clock)
+		cached, plain := b.keys.Key("cached"), b.keys.Key("plain")
+		for _, k := range []string{cached, plain} {
+			require.NoError(t, b.Do(ctx, k, c.B().Set().Key(k).Value("v:"+k).Build()).Error())
+		}
+		get := func(k string) (string, error) {
+			return b.DoCache(ctx, k, c.B().Get().Key(k).Cache().Pin(), time.Minute).ToString()
+		}
+		v, err := get(cached)
+		require.NoError(t, err)
+		require.Equal(t, "v:"+cached, v)
+		scope := waitSlotMap(t, b, plain)
+
+		f.Fill(t)
+		for range 10 {
+			err := b.Do(ctx, plain, c.B().Set().Key(plain).Value("new").Build()).Error()
+			require.True(t, isOOM(err), "a write into a full Redis: %v", err)
+		}
+		require.Equal(t, BreakerClosed, b.breaker.State(scope), "OOM replies prove Redis answers: they do not open the breaker")
+		require.True(t, b.OOM(plain))
+
+		for _, k := range []string{cached, plain} {
+			v, err := get(k)
+			require.NoError(t, err, "a cached read of %s under OOM", k)
+			require.Equal(t, "v:"+k, v, "nothing was half-written")
+		}
+		res := b.DoMultiCache(ctx, plain, rueidis.CT(c.B().Get().Key(plain).Cache(), time.Minute))
+		v, err = res[0].ToString()
+		require.NoError(t, err)
+		require.Equal(t, "v:"+plain, v)
+
+		code, rep, _ := getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: b.breaker}))
+		require.Equal(t, http.StatusOK, code, "reads work: readiness stays 200")
+		require.Equal(t, "oom", rep.Redis.State)
+		code, rep, _ = getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: b.breaker, UnavailableWhenOOM: true}))
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		require.Equal(t, "oom", rep.Redis.State)
+		require.True(t, b.breaker.Stats()[0].OOM || len(b.breaker.Stats()) > 1)
+
+		clock.Advance(oomHold)
+		require.False(t, b.OOM(plain), "the OOM state lapses after oomHold")
+		require.Error(t, b.Do(ctx, plain, c.B().Set().Key(plain).Value("new").Build()).Error())
+		require.True(t, b.OOM(plain), "and is set again by the next OOM reply")
+
+		f.Free(t)
+		require.NoError(t, b.Do(ctx, plain, c.B().Get().Key(plain).Build()).Error())
+		require.True(t, b.OOM(plain), "a read does not prove that writes work again")
+		require.NoError(t, b.Do(ctx, plain, c.B().Set().Key(plain).Value("new").Build()).Error())
+		require.False(t, b.OOM(plain), "a successful write clears the OOM state")
+		code, rep, _ = getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: b.breaker}))
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, "up", rep.Redis.State)
+	})
+}
+
+// TestCacheHitsDoNotCloseTheBreaker: a hit is served from process memory and
+// says nothing about Redis, so it must not count as the half-open probe's
+// success.
+func TestCacheHitsDoNotCloseTheBreaker(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		b, c := faultBackend(t, f, clock)
+		k := b.keys.Key("hot")
+		require.NoError(t, b.Do(ctx, k, c.B().Set().Key(k).Value("v").Build()).Error())
+		get := c.B().Get().Key(k).Cache().Pin()
+		require.NoError(t, b.DoCache(ctx, k, get, time.Minute).Error())
+		require.Eventually(t, func() bool { return b.DoCache(ctx, k, get, time.Minute).IsCacheHit() }, 5*time.Second, 10*time.Millisecond)
+		scope := waitSlotMap(t, b, k)
+		n := b.breaker.node(scope)
+		before := n.successes.Load()
+
+		f.Pause(t)
+		for b.breaker.State(scope) != BreakerOpen {
+			require.Error(t, b.Do(ctx, k, c.B().Get().Key(k).Build()).Error())
+		}
+		clock.Advance(10 * time.Second) // the cool-down has passed: the next call probes
+		res := b.DoCache(ctx, k, get, time.Minute)
+		require.NoError(t, res.Error())
+		require.True(t, res.IsCacheHit(), "the connection is not dropped yet: the hit comes from memory")
+		require.Equal(t, before, n.successes.Load(), "hits are not reported to the breaker")
+		require.NotEqual(t, BreakerClosed, b.breaker.State(scope), "a hit does not close the breaker")
+	})
+}
+
+// TestReadinessFailuresFeedTheBreaker: a readiness PING that times out counts
+// against the node, so an instance whose reads are all cache hits still
+// learns that Redis is gone.
+func TestReadinessFailuresFeedTheBreaker(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		c := f.Client()
+		br := NewBreaker(BreakerConfig{Failures: 2, Cooldown: 10 * time.Second, Logger: discardLogger()})
+		h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Timeout: 300 * time.Millisecond})
+		code, _, _ := getHealth(t, h)
+		require.Equal(t, http.StatusOK, code)
+		f.Pause(t, f.Servers()[0])
+		for range 2 {
+			code, _, _ = getHealth(t, h)
+			require.Equal(t, http.StatusServiceUnavailable, code)
+		}
+		require.True(t, br.AnyOpen(), "two failed PINGs open the node's scope: %+v", br.Stats())
+		if f.Topology == "cluster" {
+			open := 0
+			for _, s := range br.Stats() {
+				if s.State == BreakerOpen {
+					open++
+					require.Equal(t, f.Servers()[0].addr(), s.Scope, "only the paused master's scope")
+				}
+			}
+			require.Equal(t, 1, open)
+		}
+	})
 }

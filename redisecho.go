@@ -553,7 +553,7 @@ func (cfg ReadinessConfig) ToHandler() (echo.HandlerFunc, error) {
 		}
 		ctx, cancel := context.WithTimeout(c.Request().Context(), cfg.Timeout)
 		defer cancel()
-		rep := checkRedis(ctx, client, breaker)
+		rep := checkRedis(c.Request().Context(), ctx, client, breaker)
 		if !cfg.Detail {
 			rep.Redis.Nodes, rep.Redis.Scopes = nil, nil
 		}
@@ -603,53 +603,77 @@ func DialErrorCode(err error) string {
 	return "protocol"
 }
 
-// checkRedis PINGs every master concurrently under ctx (replicas are left
-// out: a missing replica does not stop this instance from serving).
-func checkRedis(ctx context.Context, client rueidis.Client, breaker *Breaker) HealthReport {
-	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: "closed", Scopes: breaker.Stats()}}
-	nodes, err := masters(ctx, client)
-	if err != nil {
-		rep.Status, rep.Redis.State = "unavailable", "down"
-		return rep
+// checkRedis probes every node concurrently under ctx: PING on a standalone
+// server, ROLE on a cluster (the round trip and the role in one call).
+// Replicas are left out: a missing replica does not stop this instance from
+// serving. A node that does not answer counts as down whatever its role, and
+// its failure feeds its breaker scope.
+//
+// parent is the request's context, ctx the check's (parent with the check's
+// deadline): a probe that fails because the HTTP client went away proves
+// nothing about Redis.
+func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Breaker) HealthReport {
+	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: "closed"}}
+	cluster := client.Mode() == rueidis.ClientModeCluster
+	nodes := client.Nodes()
+	type probe struct {
+		h      NodeHealth
+		master bool
 	}
-	rep.Redis.Nodes = make([]NodeHealth, 0, len(nodes))
-	results := make(chan NodeHealth, len(nodes))
-	for _, n := range nodes {
+	results := make(chan probe, len(nodes))
+	for addr, n := range nodes {
 		go func() {
 			start := time.Now()
-			err := n.Do(ctx, n.B().Ping().Build()).Error()
-			// A failed PING is evidence against the node, as any call's
-			// failure is: it feeds the node's breaker scope, so that an
-			// instance cut off from Redis stops serving cached reads soon.
-			// A PING that works does not close a scope that calls opened
-			// (the cool-down and its probe do).
-			if classify(ctx, err) == unhealthy {
-				scope := "redis"
-				if client.Mode() == rueidis.ClientModeCluster {
-					scope = nodeAddr(n)
+			p := probe{h: NodeHealth{Addr: addr}, master: true}
+			var err error
+			if cluster {
+				var role []rueidis.RedisMessage
+				if role, err = n.Do(ctx, n.B().Role().Build()).ToArray(); err == nil && len(role) > 0 {
+					r, _ := role[0].ToString()
+					p.master = r == "master"
 				}
-				breaker.record(breaker.node(scope), unhealthy)
+			} else {
+				err = n.Do(ctx, n.B().Ping().Build()).Error()
 			}
-			h := NodeHealth{Addr: nodeAddr(n), OK: err == nil, LatencyMS: float64(time.Since(start).Microseconds()) / 1000}
+			p.h.OK, p.h.LatencyMS = err == nil, float64(time.Since(start).Microseconds())/1000
 			switch {
 			case err == nil:
 			case errors.Is(err, context.DeadlineExceeded):
-				h.Error = "timeout"
+				p.h.Error = "timeout"
 			default:
-				h.Error = "unreachable"
+				p.h.Error = "unreachable"
 			}
-			results <- h
+			// A failed probe is evidence against the node, as any call's
+			// failure is: it feeds the node's breaker scope, so that an
+			// instance whose reads are all cache hits still learns that
+			// Redis is gone. A probe that works does not close a scope that
+			// calls opened (the cool-down and its probe do).
+			if classify(parent, err) == unhealthy {
+				scope := "redis"
+				if cluster {
+					scope = addr
+				}
+				breaker.record(breaker.node(scope), unhealthy)
+			}
+			results <- p
 		}()
 	}
 	for range nodes {
-		h := <-results
-		rep.Redis.Nodes = append(rep.Redis.Nodes, h)
-		rep.Redis.LatencyMS = max(rep.Redis.LatencyMS, h.LatencyMS)
-		if !h.OK {
+		p := <-results
+		if !p.master {
+			continue
+		}
+		rep.Redis.Nodes = append(rep.Redis.Nodes, p.h)
+		rep.Redis.LatencyMS = max(rep.Redis.LatencyMS, p.h.LatencyMS)
+		if !p.h.OK {
 			rep.Status, rep.Redis.State = "unavailable", "down"
 		}
 	}
+	if len(rep.Redis.Nodes) == 0 {
+		rep.Status, rep.Redis.State = "unavailable", "down"
+	}
 	sort.Slice(rep.Redis.Nodes, func(i, j int) bool { return rep.Redis.Nodes[i].Addr < rep.Redis.Nodes[j].Addr })
+	rep.Redis.Scopes = breaker.Stats()
 	if breaker.AnyOpen() {
 		rep.Redis.Breaker = "open"
 		if rep.Status == "ok" {

@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -496,4 +498,77 @@ func TestSuiteFailsLoudlyWithoutRedis(t *testing.T) {
 	require.Contains(t, string(out), "redis-server not found")
 	require.Contains(t, string(out), "apt-get install -y redis-server")
 	require.NotContains(t, string(out), "SKIP")
+}
+
+// TestDialErrorCode: the reasons a ClientHolder fails to connect, as fixed
+// codes in the readiness report, never internal text. Each case is a real
+// peer: a closed port, a server that is not Redis, a Redis with a password,
+// and a listener that never answers.
+func TestDialErrorCode(t *testing.T) {
+	t.Parallel()
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	closedAddr := closed.Addr().String()
+	require.NoError(t, closed.Close())
+
+	notRedis := httptest.NewServer(http.NotFoundHandler())
+	t.Cleanup(notRedis.Close)
+
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = silent.Close() })
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c) // never read, never answered
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			_ = c.Close()
+		}
+	})
+
+	f := newFaultRedis(t, "standalone")
+	_, err = respDo(f.Servers()[0].addr(), 2*time.Second, "CONFIG", "SET", "requirepass", "s3cret")
+	require.NoError(t, err)
+
+	tests := []struct {
+		name     string
+		addr     string
+		password string
+		want     string
+	}{
+		{name: "nothing listens", addr: closedAddr, want: "refused"},
+		{name: "an HTTP server", addr: strings.TrimPrefix(notRedis.URL, "http://"), want: "protocol"},
+		{name: "wrong password", addr: f.Servers()[0].addr(), password: "wrong", want: "auth"},
+		{name: "no password", addr: f.Servers()[0].addr(), want: "auth"},
+		{name: "no answer", addr: silent.Addr().String(), want: "timeout"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			holder := NewClientHolder(rueidis.ClientOption{
+				InitAddress: []string{tt.addr}, Password: tt.password, ForceSingleClient: true,
+				Dialer: net.Dialer{Timeout: 300 * time.Millisecond},
+			})
+			holder.Start()
+			t.Cleanup(holder.Close)
+			require.Eventually(t, func() bool { return holder.Err() != nil }, 10*time.Second, 10*time.Millisecond)
+			require.Equal(t, tt.want, DialErrorCode(holder.Err()), "%v", holder.Err())
+			code, rep, _ := getHealth(t, ReadinessWithConfig(ReadinessConfig{Holder: holder}))
+			require.Equal(t, http.StatusServiceUnavailable, code)
+			require.Equal(t, "connecting", rep.Redis.State)
+			require.Equal(t, tt.want, rep.Redis.Error)
+		})
+	}
+	require.Empty(t, DialErrorCode(nil))
 }

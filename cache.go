@@ -137,7 +137,8 @@ type CacheStoreConfig struct {
 	// JSONCodec.
 	Codec Codec
 	// TagTTL is how long a tag's generation counter lives after its last
-	// invalidation, so tags never pile up. Tagged entries live at most this
+	// invalidation, so tags never pile up (a counter also lives as long as
+	// the entries that name it, plus 5 s). Tagged entries live at most this
 	// long (their TTL is capped), which keeps a recycled counter from
 	// reviving an old entry. Default: 7 days.
 	TagTTL time.Duration

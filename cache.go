@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"net"
 	"net/http"
 	"slices"
@@ -116,7 +117,19 @@ type cacheLocal struct {
 	decoded      sync.Map // entry key -> *entry, immutable once stored
 	decodedN     atomic.Int64
 	decodedBytes atomic.Int64 // encoded size of the decoded entries, about
+
+	// The entries known to exist in Redis, read through client-side
+	// caching: slot fp%knownSlots holds the fingerprint fp of the entry key
+	// last seen there (a collision forgets the other key, which costs it
+	// one untracked read). 512 KiB, so that far more entries than the key
+	// memo holds stay tracked.
+	known [knownSlots]atomic.Uint64
 }
+
+const knownSlots = 1 << 16
+
+// fingerprintSeed seeds the entry keys' fingerprints (per process).
+var fingerprintSeed = maphash.MakeSeed()
 
 // CacheStoreConfig configures a CacheStore.
 type CacheStoreConfig struct {
@@ -169,7 +182,10 @@ func NewCacheStore(cfg CacheStoreConfig) (*CacheStore, error) {
 	if cfg.Codec == nil {
 		cfg.Codec = JSONCodec{}
 	}
-	local, _ := b.shared.caches.LoadOrStore(b.keys.Prefix(), &cacheLocal{})
+	local, ok := b.shared.caches.Load(b.keys.Prefix())
+	if !ok {
+		local, _ = b.shared.caches.LoadOrStore(b.keys.Prefix(), &cacheLocal{})
+	}
 	return &CacheStore{b: b, cfg: cfg, cacheLocal: local.(*cacheLocal)}, nil
 }
 
@@ -201,9 +217,26 @@ func (cs *CacheStore) entryKey(key string) string { return cs.entry(key).ek }
 // rueidis, so sharing it between concurrent reads is safe, through DoCache
 // and, converted, through Do.)
 type entryRef struct {
-	ek      string
-	get     rueidis.Cacheable
-	tracked atomic.Bool // the entry exists in Redis, as far as this instance knows: read it tracked
+	ek  string
+	get rueidis.Cacheable
+	fp  uint64 // the fingerprint of ek, never 0 (see cacheLocal.known)
+}
+
+// isKnown reports whether ref's entry exists in Redis as far as this
+// instance knows: then it is read through client-side caching.
+func (cs *CacheStore) isKnown(ref *entryRef) bool {
+	return cs.known[ref.fp%knownSlots].Load() == ref.fp
+}
+
+func (cs *CacheStore) setKnown(ref *entryRef, known bool) {
+	slot := &cs.known[ref.fp%knownSlots]
+	if known {
+		if slot.Load() != ref.fp {
+			slot.Store(ref.fp)
+		}
+		return
+	}
+	slot.CompareAndSwap(ref.fp, 0)
 }
 
 // longKey is the memo key of a cache key longer than MaxKeyPart: its entry
@@ -219,7 +252,7 @@ func (cs *CacheStore) entry(key string) *entryRef {
 		return v.(*entryRef)
 	}
 	ek := cs.b.keys.Group("c", key).Key("e")
-	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin()}
+	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin(), fp: maphash.String(fingerprintSeed, ek) | 1}
 	if cs.keyMemoN.Add(1) > maxDecoded {
 		cs.keyMemo.Clear()
 		cs.keyMemoN.Store(0)
@@ -412,7 +445,7 @@ func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
 // deleted) switches the key back to untracked reads: the tracking entry it
 // leaves is one per key that existed, not per request.
 func (cs *CacheStore) readEntry(ctx context.Context, ref *entryRef) (*entry, error) {
-	if !ref.tracked.Load() {
+	if !cs.isKnown(ref) {
 		return cs.readPlain(ctx, ref)
 	}
 	ek := ref.ek
@@ -426,7 +459,7 @@ func (cs *CacheStore) readEntry(ctx context.Context, ref *entryRef) (*entry, err
 		return cs.readPlain(ctx, ref)
 	}
 	if e == nil {
-		ref.tracked.Store(false)
+		cs.setKnown(ref, false)
 	}
 	return e, nil
 }
@@ -439,7 +472,7 @@ func (cs *CacheStore) readPlain(ctx context.Context, ref *entryRef) (*entry, err
 		return nil, err
 	}
 	if e != nil {
-		ref.tracked.Store(true)
+		cs.setKnown(ref, true)
 	}
 	return e, nil
 }
@@ -641,6 +674,7 @@ func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
 			}
 		}
 		cs.markDelete(ek)
+		cs.setKnown(cs.entry(key), false) // read untracked until it exists again
 	}
 	return nil
 }
@@ -667,7 +701,8 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 				return err
 			}
 			if strings.HasSuffix(k, ":e") {
-				cs.markDelete(k) // this instance stops serving it at once
+				cs.known[(maphash.String(fingerprintSeed, k)|1)%knownSlots].Store(0) // read untracked until it exists again
+				cs.markDelete(k)                                                     // this instance stops serving it at once
 				n++
 			}
 		}
@@ -772,7 +807,7 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 	if stored == 1 {
 		cs.fills.Add(1)
 		cs.markWrite(ek, e.id)
-		ref.tracked.Store(true)
+		cs.setKnown(ref, true)
 	}
 	return nil
 }
@@ -984,7 +1019,7 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 	}
 	deadline := time.Now().Add(cs.cfg.LockTTL)
 	var tok string
-	for {
+	for waited := false; ; waited = true {
 		if tok, err = cs.tryLock(ctx, key); err != nil {
 			return cs.fillUncached(ctx, fill, err)
 		}
@@ -996,6 +1031,13 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 				return l.e, nil
 			}
 			break
+		}
+		if waited {
+			// The lock went, and another waiter took it first: the fill we
+			// waited for may have stored the entry.
+			if l, err := cs.readFromRedis(ctx, key); err == nil && (l.fresh || l.stale) {
+				return l.e, nil
+			}
 		}
 		// Another instance fills: wait for its lock to go (its store
 		// releases it atomically with the write, or it found its response

@@ -216,9 +216,9 @@ func TestJunkTrafficLeavesNothing(t *testing.T) {
 		peak := figures(t, addrs)
 		// Tag counters live 5 s past their entries; limiter state about two
 		// windows.
-		after := waitExpired(before, "junk")
+		waitExpired(before, "junk")
 		time.Sleep(500 * time.Millisecond) // lazy frees and tracking cleanup settle
-		after = figures(t, addrs)
+		after := figures(t, addrs)
 
 		perReq := func(a, b int64) float64 { return float64(a-b) / n }
 		t.Logf("%s: before %v; after %d junk requests %v (%.0f B/request, %.3f tracking entries/request); "+

@@ -88,8 +88,9 @@ var (
 // through client-side caching only keys that it knows exist with a TTL (an
 // entry it has seen or written, the tag counters of a stored entry, a fill
 // lock it is about to write); a key derived from a request that may never be
-// written (the entry of a junk URL, say) is read untracked. Hits stay free:
-// from its second hit on, an instance serves an entry from process memory.
+// written (the entry of a junk URL, say) is read untracked. Warm hits stay
+// free: an instance serves an entry from process memory from its second hit
+// on when it stored the entry, from its third when another instance did.
 type CacheStore struct {
 	b   *backend
 	cfg CacheStoreConfig

@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"net"
 	"net/http"
 	"slices"
@@ -49,6 +50,13 @@ var (
 	ErrNoCacheMiddleware = errors.New("redisecho: cache: the Cache middleware is not installed on this route")
 	// ErrInvalidCacheKey is returned for an empty key or tag.
 	ErrInvalidCacheKey = errors.New("redisecho: cache: empty key or tag")
+	// ErrCacheOutOfMemory is what Set and InvalidateTags return (wrapped,
+	// with Redis's reply when there is one) when Redis refused the write for
+	// lack of memory (maxmemory with the noeviction policy), or answered so
+	// within the last 2 s. Nothing was written. Reads, Delete and Flush keep
+	// working in a full Redis; the middleware and Remember serve misses
+	// uncached instead of returning it.
+	ErrCacheOutOfMemory = errors.New("redisecho: cache: Redis is out of memory, nothing written")
 )
 
 // CacheStore is the Redis side of caching, shared by the response cache
@@ -57,16 +65,32 @@ var (
 // caching, so a repeated hit makes no Redis round trip. Build it with
 // NewCacheStore; it is safe for concurrent use.
 //
-// Keys, with K the escaped cache key and T a tag:
+// Keys, with K the escaped cache key and T the escaped tag (each at most
+// MaxKeyPart = 256 bytes: a longer one keeps its first KeptPartHead = 64
+// escaped bytes, then "%~" and its Digest), so that no request can make a
+// long key:
 //
-//	<prefix>{c:K}:e   the entry (one string: metadata, tag generations, value)
-//	<prefix>{c:K}:l   its fill lock, held by one filler at a time
-//	<prefix>tag:T     the tag's generation counter (expires TagTTL after its last invalidation)
+//	<prefix>{c:K}:e   the entry (one string: metadata, tag generations, value); len(prefix)+262 bytes at most
+//	<prefix>{c:K}:l   its fill lock, held by one filler at a time; len(prefix)+262 bytes at most
+//	<prefix>tag:T     the tag's generation counter; len(prefix)+260 bytes at most
 //
 // Tags are versioned: an entry records the generation of each of its tags
 // when its fill started, and is a miss once any of them has moved on. So
 // InvalidateTags is one INCR per tag whatever the number of entries, leaves
-// nothing to clean up, and beats any fill that started before it.
+// nothing to clean up, and beats any fill that started before it. A tag
+// counter exists, with a TTL, as long as any entry that names it: storing an
+// entry creates its counters (at 0) or extends their TTL, and an
+// invalidation keeps a counter TagTTL.
+//
+// Client-side caching and Redis's tracking table: a tracked read of a key
+// leaves an entry in Redis's tracking table until the key changes or
+// expires, even after the reading client has gone. So the store reads
+// through client-side caching only keys that it knows exist with a TTL (an
+// entry it has seen or written, the tag counters of a stored entry, a fill
+// lock it is about to write); a key derived from a request that may never be
+// written (the entry of a junk URL, say) is read untracked. Warm hits stay
+// free: an instance serves an entry from process memory from its second hit
+// on when it stored the entry, from its third when another instance did.
 type CacheStore struct {
 	b   *backend
 	cfg CacheStoreConfig
@@ -91,9 +115,22 @@ type cacheLocal struct {
 
 	flight sync.Map // entry key -> *cacheFill: in-process coalescing
 
-	decoded  sync.Map // entry key -> *entry, immutable once stored
-	decodedN atomic.Int64
+	decoded      sync.Map // entry key -> *entry, immutable once stored
+	decodedN     atomic.Int64
+	decodedBytes atomic.Int64 // encoded size of the decoded entries, about
+
+	// The entries known to exist in Redis, read through client-side
+	// caching: slot fp%knownSlots holds the fingerprint fp of the entry key
+	// last seen there (a collision forgets the other key, which costs it
+	// one untracked read). 512 KiB, so that far more entries than the key
+	// memo holds stay tracked.
+	known [knownSlots]atomic.Uint64
 }
+
+const knownSlots = 1 << 16
+
+// fingerprintSeed seeds the entry keys' fingerprints (per process).
+var fingerprintSeed = maphash.MakeSeed()
 
 // CacheStoreConfig configures a CacheStore.
 type CacheStoreConfig struct {
@@ -114,7 +151,8 @@ type CacheStoreConfig struct {
 	// JSONCodec.
 	Codec Codec
 	// TagTTL is how long a tag's generation counter lives after its last
-	// invalidation, so tags never pile up. Tagged entries live at most this
+	// invalidation, so tags never pile up (a counter also lives as long as
+	// the entries that name it, plus 5 s). Tagged entries live at most this
 	// long (their TTL is capped), which keeps a recycled counter from
 	// reviving an old entry. Default: 7 days.
 	TagTTL time.Duration
@@ -145,7 +183,10 @@ func NewCacheStore(cfg CacheStoreConfig) (*CacheStore, error) {
 	if cfg.Codec == nil {
 		cfg.Codec = JSONCodec{}
 	}
-	local, _ := b.shared.caches.LoadOrStore(b.keys.Prefix(), &cacheLocal{})
+	local, ok := b.shared.caches.Load(b.keys.Prefix())
+	if !ok {
+		local, _ = b.shared.caches.LoadOrStore(b.keys.Prefix(), &cacheLocal{})
+	}
 	return &CacheStore{b: b, cfg: cfg, cacheLocal: local.(*cacheLocal)}, nil
 }
 
@@ -174,24 +215,51 @@ func (cs *CacheStore) entryKey(key string) string { return cs.entry(key).ek }
 // entryRef is a remembered entry key with its prebuilt, pinned GET: a hot
 // key then costs a map lookup instead of escaping, building a command and
 // hashing its slot on every read. (A pinned command is never recycled by
-// rueidis, so sharing it between concurrent reads is safe.)
+// rueidis, so sharing it between concurrent reads is safe, through DoCache
+// and, converted, through Do.)
 type entryRef struct {
 	ek  string
 	get rueidis.Cacheable
+	fp  uint64 // the fingerprint of ek, never 0 (see cacheLocal.known)
 }
 
+// isKnown reports whether ref's entry exists in Redis as far as this
+// instance knows: then it is read through client-side caching.
+func (cs *CacheStore) isKnown(ref *entryRef) bool {
+	return cs.known[ref.fp%knownSlots].Load() == ref.fp
+}
+
+func (cs *CacheStore) setKnown(ref *entryRef, known bool) {
+	slot := &cs.known[ref.fp%knownSlots]
+	if known {
+		if slot.Load() != ref.fp {
+			slot.Store(ref.fp)
+		}
+		return
+	}
+	slot.CompareAndSwap(ref.fp, 0)
+}
+
+// longKey is the memo key of a cache key longer than MaxKeyPart: its entry
+// key, which is bounded, so that the memo never holds a long request's key.
+type longKey string
+
 func (cs *CacheStore) entry(key string) *entryRef {
-	if v, ok := cs.keyMemo.Load(key); ok {
+	var memo any = key
+	if len(key) > MaxKeyPart {
+		memo = longKey(cs.b.keys.Group("c", key).Key("e"))
+	}
+	if v, ok := cs.keyMemo.Load(memo); ok {
 		return v.(*entryRef)
 	}
 	ek := cs.b.keys.Group("c", key).Key("e")
-	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin()}
+	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin(), fp: maphash.String(fingerprintSeed, ek) | 1}
 	if cs.keyMemoN.Add(1) > maxDecoded {
 		cs.keyMemo.Clear()
 		cs.keyMemoN.Store(0)
 	}
-	cs.keyMemo.Store(key, ref)
-	return ref
+	v, _ := cs.keyMemo.LoadOrStore(memo, ref)
+	return v.(*entryRef)
 }
 
 func (cs *CacheStore) lockKey(key string) string { return cs.b.keys.Group("c", key).Key("l") }
@@ -199,11 +267,15 @@ func (cs *CacheStore) tagKey(tag string) string  { return cs.b.keys.Key("tag", t
 
 // An entry is what one cache key holds. The stored form is binary:
 //
-//	"RE1" | flags u8 | stored, fresh, stale (unix ms, 3×i64) | id u64 | status u16 |
-//	tags: n u16, then (len u16, name, generation i64)… |
+//	"RE2" | flags u8 | stored, fresh, stale (unix ms, 3×i64) | id u64 | status u16 |
+//	tags: n u16, then (len u16, tag counter key, generation i64)… |
 //	headers: n u16, then (len u16, name, len u32, value)… | body (the rest)
 //
-// A value that does not parse is a miss, never a panic.
+// Tags are recorded by their counter's key, which is bounded (see
+// CacheStore), not by name: a tag made of request data never makes an
+// entry long. A value that does not parse is a miss, never a panic; an
+// entry of the previous format ("RE1", tags by name) is a miss that the next
+// fill replaces.
 type entry struct {
 	notFound bool // a cached "not found" (Remember with CacheNotFound)
 	stored   int64
@@ -221,13 +293,14 @@ type entry struct {
 }
 
 type tagGen struct {
-	tag string
+	tag string // the tag counter's key
 	gen int64
 }
 
 const (
-	entryMagic        = "RE1"
-	flagNotFound byte = 1
+	entryMagic         = "RE2"
+	oldEntryMagic      = "RE1"
+	flagNotFound  byte = 1
 )
 
 func (e *entry) encode() []byte {
@@ -274,10 +347,16 @@ func (e *entry) encode() []byte {
 	return append(b, e.body...)
 }
 
-var errCorruptEntry = errors.New("redisecho: cache: corrupt entry")
+var (
+	errCorruptEntry = errors.New("redisecho: cache: corrupt entry")
+	errOldEntry     = errors.New("redisecho: cache: entry of the previous format")
+)
 
 // decodeEntry parses s; the body aliases a copy of s.
 func decodeEntry(s string) (*entry, error) {
+	if strings.HasPrefix(s, oldEntryMagic) {
+		return nil, errOldEntry
+	}
 	b := []byte(s)
 	if len(b) < len(entryMagic)+1+32+2+2 || string(b[:3]) != entryMagic {
 		return nil, errCorruptEntry
@@ -349,29 +428,63 @@ type lookup struct {
 // generations unchanged, and fresh or within its stale grace. A corrupt
 // entry is a miss. Errors are Redis failures.
 func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
-	ref := cs.entry(key)
-	ek := ref.ek
-	res := cs.b.DoCache(ctx, ek, ref.get, time.Hour)
-	e, err := cs.decodeResult(ek, res)
-	if err != nil {
+	e, err := cs.readEntry(ctx, cs.entry(key))
+	if err != nil || e == nil {
 		return lookup{}, err
-	}
-	if res.IsCacheHit() && cs.staleHere(ek, e) {
-		// Our own write or delete has not invalidated the local copy yet.
-		if e, err = cs.decodeResult(ek, cs.b.Do(ctx, ek, cs.b.client.B().Get().Key(ek).Build())); err != nil {
-			return lookup{}, err
-		}
-	}
-	if e == nil {
-		return lookup{}, nil
 	}
 	return cs.validate(ctx, e)
 }
 
-// validate checks an entry's tags and age.
+// readEntry reads ref's entry: nil for none. An entry this instance knows
+// to exist is read through client-side caching, the hit path: served from
+// process memory, no Redis command. Any other is read untracked, because a
+// tracked read of a key that is never written (the entry of a junk URL
+// whose response is not stored) would stay in Redis's tracking table for
+// good; once that read finds the entry, or this instance stores it, the
+// next read is tracked, and the entry's expiry, deletion or replacement
+// removes the tracking entry. A tracked read that finds nothing (expired,
+// deleted) switches the key back to untracked reads: the tracking entry it
+// leaves is one per key that existed, not per request.
+func (cs *CacheStore) readEntry(ctx context.Context, ref *entryRef) (*entry, error) {
+	if !cs.isKnown(ref) {
+		return cs.readPlain(ctx, ref)
+	}
+	ek := ref.ek
+	res := cs.b.DoCache(ctx, ek, ref.get, time.Hour)
+	e, err := cs.decodeResult(ek, res)
+	if err != nil {
+		return nil, err
+	}
+	if res.IsCacheHit() && cs.staleHere(ek, e) {
+		// Our own write or delete has not invalidated the local copy yet.
+		return cs.readPlain(ctx, ref)
+	}
+	if e == nil {
+		cs.setKnown(ref, false)
+	}
+	return e, nil
+}
+
+// readPlain reads ref's entry untracked, and marks it for tracked reads
+// when it exists.
+func (cs *CacheStore) readPlain(ctx context.Context, ref *entryRef) (*entry, error) {
+	e, err := cs.decodeResult(ref.ek, cs.b.Do(ctx, ref.ek, rueidis.Completed(ref.get)))
+	if err != nil {
+		return nil, err
+	}
+	if e != nil {
+		cs.setKnown(ref, true)
+	}
+	return e, nil
+}
+
+// validate checks an entry's tags and age. The tags' counters are read
+// through client-side caching (a hit costs nothing): storing the entry
+// made them exist, with a TTL at least the entry's, so their tracking
+// entries go when they expire.
 func (cs *CacheStore) validate(ctx context.Context, e *entry) (lookup, error) {
 	if len(e.tags) > 0 {
-		gens, err := cs.generations(ctx, tagNames(e.tags))
+		gens, err := cs.generations(ctx, tagKeys(e.tags), true)
 		if err != nil {
 			return lookup{}, err
 		}
@@ -409,20 +522,30 @@ func (cs *CacheStore) decodeResult(ek string, res rueidis.RedisResult) (*entry, 
 		}
 	}
 	e, err := decodeEntry(s)
+	if errors.Is(err, errOldEntry) {
+		return nil, nil // written before an upgrade: a miss, replaced by the next fill
+	}
 	if err != nil {
 		cs.b.log.Error("redisecho: cache: a corrupt entry is treated as a miss", err, "key", ek)
 		return nil, nil
 	}
-	if cs.decodedN.Add(1) > maxDecoded {
+	if cs.decodedN.Add(1) > maxDecoded || cs.decodedBytes.Add(int64(len(s))) > maxDecodedBytes {
 		cs.decoded.Clear()
-		cs.decodedN.Store(0)
+		cs.decodedN.Store(1)
+		cs.decodedBytes.Store(int64(len(s)))
 	}
 	cs.decoded.Store(ek, e)
 	return e, nil
 }
 
-// maxDecoded bounds the memo of decoded entries; it is emptied when full.
-const maxDecoded = 1 << 13
+// maxDecoded bounds the memos of decoded entries and of entry keys; each is
+// emptied when full. maxDecodedBytes bounds the decoded entries' size, so
+// that many large responses cannot hold much memory besides rueidis's own
+// client-side cache.
+const (
+	maxDecoded      = 1 << 13
+	maxDecodedBytes = 64 << 20
+)
 
 // entryID reads an encoded entry's id without decoding the rest.
 func entryID(s string) (uint64, bool) {
@@ -437,7 +560,7 @@ func entryID(s string) (uint64, bool) {
 	return id, true
 }
 
-func tagNames(tags []tagGen) []string {
+func tagKeys(tags []tagGen) []string {
 	out := make([]string, len(tags))
 	for i, t := range tags {
 		out[i] = t.tag
@@ -445,17 +568,29 @@ func tagNames(tags []tagGen) []string {
 	return out
 }
 
-// generations returns the current generation of each tag, through
-// client-side caching, never below what this instance itself set.
-func (cs *CacheStore) generations(ctx context.Context, tags []string) ([]int64, error) {
-	cmds := make([]rueidis.CacheableTTL, len(tags))
-	keys := make([]string, len(tags))
-	for i, t := range tags {
-		keys[i] = cs.tagKey(t)
-		cmds[i] = rueidis.CT(cs.b.client.B().Get().Key(keys[i]).Cache(), time.Hour)
+// generations returns the current generation of the tag counters keys,
+// never below what this instance itself set. tracked reads them through
+// client-side caching, for the counters of a stored entry (they exist);
+// otherwise (a fill's tags, from the request: the counter of a junk ID may
+// never be written) they are read untracked.
+func (cs *CacheStore) generations(ctx context.Context, keys []string, tracked bool) ([]int64, error) {
+	var res []rueidis.RedisResult
+	if tracked {
+		cmds := make([]rueidis.CacheableTTL, len(keys))
+		for i, k := range keys {
+			cmds[i] = rueidis.CT(cs.b.client.B().Get().Key(k).Cache(), time.Hour)
+		}
+		res = cs.b.DoMultiCache(ctx, keys[0], cmds...)
+	} else {
+		// The keys may live on several nodes; rueidis routes each GET to
+		// its own. The breaker scope is the first key's node.
+		cmds := make([]rueidis.Completed, len(keys))
+		for i, k := range keys {
+			cmds[i] = cs.b.client.B().Get().Key(k).Build()
+		}
+		res = cs.b.DoMulti(ctx, keys[0], cmds...)
 	}
-	res := cs.b.DoMultiCache(ctx, keys[0], cmds...)
-	gens := make([]int64, len(tags))
+	gens := make([]int64, len(keys))
 	now := time.Now().UnixNano()
 	for i, r := range res {
 		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
@@ -484,10 +619,24 @@ type tagFloor struct {
 	at  int64 // unix nanos
 }
 
+// bumpScript moves a tag to its next generation and keeps its counter
+// TagTTL. Its first write is INCR, which Redis refuses when it is out of
+// memory (a deny-OOM command): then nothing is written.
+//
+// KEYS[1] the tag counter; ARGV[1] TagTTL (ms). Returns the new generation.
+var bumpScript = rueidis.NewLuaScript(`
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+`)
+
 // InvalidateTags makes every entry tagged with any of tags a miss, on every
 // instance: one INCR per tag, whatever the number of entries. This instance
 // stops serving them at once; others when Redis's invalidation reaches
-// them.
+// them. When Redis is out of memory it returns an error wrapping
+// ErrCacheOutOfMemory, and the tags from the failing one on are not
+// invalidated: their entries are served until they expire, so report it
+// (or retry).
 func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error {
 	for _, t := range tags {
 		if t == "" {
@@ -496,15 +645,9 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 	}
 	for _, t := range tags {
 		k := cs.tagKey(t)
-		res := cs.b.DoMulti(ctx, k,
-			cs.b.client.B().Incr().Key(k).Build(),
-			cs.b.client.B().Pexpire().Key(k).Milliseconds(cs.cfg.TagTTL.Milliseconds()).Build())
-		n, err := res[0].AsInt64()
-		if err == nil {
-			err = res[1].Error()
-		}
+		n, err := cs.b.Exec(ctx, bumpScript, []string{k}, []string{strconv.FormatInt(cs.cfg.TagTTL.Milliseconds(), 10)}).AsInt64()
 		if err != nil {
-			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, err)
+			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, oomError(err))
 		}
 		cs.epoch.Add(1)
 		for fl := (tagFloor{gen: n, at: time.Now().UnixNano()}); ; {
@@ -532,6 +675,7 @@ func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
 			}
 		}
 		cs.markDelete(ek)
+		cs.setKnown(cs.entry(key), false) // read untracked until it exists again
 	}
 	return nil
 }
@@ -539,13 +683,17 @@ func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
 // Flush deletes every entry whose key matches pattern, a Redis glob over
 // cache keys (for example "user:*" or "GET /api/products*"), with SCAN on
 // every master. It returns how many entries it deleted. It never uses KEYS
-// or FLUSHDB.
+// or FLUSHDB. A cache key longer than MaxKeyPart (256 bytes, escaped) is
+// stored as its first KeptPartHead (64) escaped bytes, "%~" and a digest:
+// a pattern matches such a key only through its head, so keep the literal
+// text before a pattern's first '*' within 64 bytes (escaped: '%', ':',
+// '{' and '}' count 3). It works in a full Redis (DEL is always allowed).
 func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 	var b strings.Builder
 	b.WriteString(matchPattern(cs.b.keys.Prefix())[:len(matchPattern(cs.b.keys.Prefix()))-1])
 	b.WriteString(`\{c:`)
-	escapePart(&b, pattern)
-	b.WriteString(`\}:[el]`) // entries, and fill locks so fills in flight store nothing
+	writeEscaped(&b, pattern) // escaped, never digested: the pattern is the app's, and globs must survive
+	b.WriteString(`\}:[el]`)  // entries, and fill locks so fills in flight store nothing
 	cs.epoch.Add(1)
 	n := 0
 	err := scanMasters(ctx, cs.b.client, b.String(), func(ctx context.Context, _ rueidis.Client, keys []string) error {
@@ -554,7 +702,8 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 				return err
 			}
 			if strings.HasSuffix(k, ":e") {
-				cs.markDelete(k) // this instance stops serving it at once
+				cs.known[(maphash.String(fingerprintSeed, k)|1)%knownSlots].Store(0) // read untracked until it exists again
+				cs.markDelete(k)                                                     // this instance stops serving it at once
 				n++
 			}
 		}
@@ -567,19 +716,23 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 // filler still holds the lock: a Delete or Flush during the fill removed
 // it, and the value may predate them. A write without a lock (Set) always
 // lands, and removes the lock, so that a fill that began before it cannot
-// overwrite it. It returns 1 when it stored, 0 when it did not.
+// overwrite it. It returns 1 when it stored, 0 when it did not. Its first
+// write is SET, which Redis refuses when it is out of memory (a deny-OOM
+// command; a script whose first write is not one goes on writing into a
+// full Redis): then nothing is written, and the caller releases its lock.
 //
 // KEYS[1] the entry; KEYS[2] its fill lock (same slot).
 // ARGV[1] the encoded entry; ARGV[2] its TTL (ms); ARGV[3] the filler's
 // lock token ("" when it held no lock).
 var storeScript = rueidis.NewLuaScript(`
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
-redis.call('DEL', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
 return 1
 `)
 
-// unlockScript releases a fill lock if the caller still holds it.
+// unlockScript releases a fill lock if the caller still holds it. Its only
+// write is DEL, which a full Redis allows, so no lock is left behind.
 //
 // KEYS[1] the lock; ARGV[1] the holder's token.
 var unlockScript = rueidis.NewLuaScript(`
@@ -587,7 +740,45 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 `)
 
-// write stores e under key, releasing the fill lock token if not "".
+// ensureTagScript makes a tag counter live at least as long as an entry
+// about to be stored with it: it creates the counter at generation 0 (the
+// generation of a missing counter, so nothing changes for any reader) or
+// extends its TTL, never shortens it. So every counter an entry names
+// exists while the entry does, and the tracked reads that validate the
+// entry's hits never leave tracking state behind for a counter that is
+// never written. Its first write is SET (deny-OOM: refused in a full
+// Redis, nothing written) or, for a counter that exists, PEXPIRE, which
+// allocates nothing.
+//
+// KEYS[1] the tag counter; ARGV[1] the TTL it needs (ms).
+var ensureTagScript = rueidis.NewLuaScript(`
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then
+  redis.call('SET', KEYS[1], '0', 'PX', ARGV[1])
+elseif ttl >= 0 and ttl < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 1
+`)
+
+// tagCounterMargin is how much longer than an entry its tag counters are
+// made to live, for the round trip between the two writes and clock skew
+// between the nodes that hold them.
+const tagCounterMargin = 5 * time.Second
+
+// oomError wraps a Redis OOM reply with ErrCacheOutOfMemory.
+func oomError(err error) error {
+	if isOOM(err) {
+		return fmt.Errorf("%w: %w", ErrCacheOutOfMemory, err)
+	}
+	return err
+}
+
+// write stores e under key, releasing the fill lock token if not "". It
+// writes nothing while key's node is out of memory (ErrCacheOutOfMemory):
+// first its tag counters (so that none is missing while the entry lives),
+// then the entry; when a counter fails the entry is not stored. A caller
+// holding the lock releases it when write fails.
 func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken string) error {
 	if len(e.tags) > 0 {
 		// A tagged entry must not outlive its tags' counters (see TagTTL).
@@ -599,13 +790,27 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 	if ttl <= 0 {
 		return nil
 	}
-	ek, lk := cs.entryKey(key), cs.lockKey(key)
+	ref := cs.entry(key)
+	ek, lk := ref.ek, cs.lockKey(key)
+	if cs.b.OOM(ek) {
+		return ErrCacheOutOfMemory
+	}
+	need := strconv.FormatInt((ttl + tagCounterMargin).Milliseconds(), 10)
+	for _, t := range e.tags {
+		if err := cs.b.Exec(ctx, ensureTagScript, []string{t.tag}, []string{need}).Error(); err != nil {
+			return oomError(err)
+		}
+	}
 	stored, err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).AsInt64()
-	if err == nil && stored == 1 {
+	if err != nil {
+		return oomError(err)
+	}
+	if stored == 1 {
 		cs.fills.Add(1)
 		cs.markWrite(ek, e.id)
+		cs.setKnown(ref, true)
 	}
-	return err
+	return nil
 }
 
 // tryLock takes key's fill lock for LockTTL, returning its token, or "" if
@@ -802,13 +1007,20 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill f
 
 // fillOnce runs the cross-instance part of get for the in-process fill f.
 func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, fill fillFunc, f *cacheFill) (*entry, error) {
+	if cs.b.OOM(cs.entryKey(key)) {
+		// Redis is full: no lock (SET would be refused), nothing stored.
+		// The handler runs and answers as usual; in-process waiters share
+		// its result.
+		cs.b.log.Error("redisecho: cache: Redis is out of memory; computing without storing", ErrCacheOutOfMemory)
+		return fill(ctx)
+	}
 	gens, err := cs.tagGens(ctx, tags)
 	if err != nil {
 		return cs.fillUncached(ctx, fill, err)
 	}
 	deadline := time.Now().Add(cs.cfg.LockTTL)
 	var tok string
-	for {
+	for waited := false; ; waited = true {
 		if tok, err = cs.tryLock(ctx, key); err != nil {
 			return cs.fillUncached(ctx, fill, err)
 		}
@@ -821,26 +1033,38 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 			}
 			break
 		}
-		// Another instance fills: wait for its entry, or for its lock to go
-		// (its response was not storable). Both are read through the local
-		// cache, so waiting costs Redis nothing until one of them changes.
+		if waited {
+			// The lock went, and another waiter took it first: the fill we
+			// waited for may have stored the entry.
+			if l, err := cs.readFromRedis(ctx, key); err == nil && (l.fresh || l.stale) {
+				return l.e, nil
+			}
+		}
+		// Another instance fills: wait for its lock to go (its store
+		// releases it atomically with the write, or it found its response
+		// not storable), then take the lock, which re-reads the entry from
+		// Redis above. The lock is read through the local cache, so waiting
+		// costs Redis nothing until it changes. That tracked read leaves no
+		// tracking state behind: it saw the lock held (its release removes
+		// the tracking entry), or it saw it free and the SET NX that follows
+		// writes it (ours), or failed because someone else wrote it since.
+		// (The entry itself is not polled: a tracked read of the entry of a
+		// response that is never stored would stay in Redis's tracking
+		// table.)
 		cs.waits.Add(1)
+		lk := cs.lockKey(key)
 		for time.Now().Before(deadline) {
 			select {
 			case <-ctx.Done():
 				return nil, ctx.Err()
 			case <-time.After(10 * time.Millisecond):
 			}
-			l, err := cs.read(ctx, key)
+			err := cs.b.DoCache(ctx, lk, cs.b.client.B().Get().Key(lk).Cache().Pin(), cs.cfg.LockTTL).Error()
+			if rueidis.IsRedisNil(err) {
+				break // the lock is free: try to take it
+			}
 			if err != nil {
 				return cs.fillUncached(ctx, fill, err)
-			}
-			if l.fresh || l.stale {
-				return l.e, nil
-			}
-			lk := cs.lockKey(key)
-			if rueidis.IsRedisNil(cs.b.DoCache(ctx, lk, cs.b.client.B().Get().Key(lk).Cache().Pin(), cs.cfg.LockTTL).Error()) {
-				break // the lock is free: try to take it
 			}
 		}
 		if !time.Now().Before(deadline) {
@@ -880,32 +1104,44 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 		// Flush may have happened meanwhile, so store nothing.
 		return e, nil
 	}
-	e.tags = e.tags[:0]
-	for i, t := range tags {
-		e.tags = append(e.tags, tagGen{tag: t, gen: gens[i]})
-	}
+	e.tags = append(e.tags[:0], gens...)
 	if werr := cs.write(context.WithoutCancel(ctx), key, e, tok); werr != nil {
 		cs.errors.Add(1)
 		cs.b.log.Error("redisecho: cache: storing an entry failed", werr)
+		cs.unlock(context.WithoutCancel(ctx), key, tok) // DEL works in a full Redis too
 	}
 	return e, nil
 }
 
 // readFromRedis is read without the local cache.
 func (cs *CacheStore) readFromRedis(ctx context.Context, key string) (lookup, error) {
-	ek := cs.entryKey(key)
-	e, err := cs.decodeResult(ek, cs.b.Do(ctx, ek, cs.b.client.B().Get().Key(ek).Build()))
+	e, err := cs.readPlain(ctx, cs.entry(key))
 	if err != nil || e == nil {
 		return lookup{}, err
 	}
 	return cs.validate(ctx, e)
 }
 
-func (cs *CacheStore) tagGens(ctx context.Context, tags []string) ([]int64, error) {
+// tagGens returns the counter keys and current generations of a fill's
+// tags, read untracked: they come from the request, and the counter of a
+// junk ID may never be written.
+func (cs *CacheStore) tagGens(ctx context.Context, tags []string) ([]tagGen, error) {
 	if len(tags) == 0 {
 		return nil, nil
 	}
-	return cs.generations(ctx, tags)
+	keys := make([]string, len(tags))
+	for i, t := range tags {
+		keys[i] = cs.tagKey(t)
+	}
+	gens, err := cs.generations(ctx, keys, false)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]tagGen, len(tags))
+	for i := range tags {
+		out[i] = tagGen{tag: keys[i], gen: gens[i]}
+	}
+	return out, nil
 }
 
 func (cs *CacheStore) fillUncached(ctx context.Context, fill fillFunc, cause error) (*entry, error) {
@@ -948,10 +1184,7 @@ func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFu
 			}
 			return
 		}
-		e.tags = e.tags[:0]
-		for i, t := range tags {
-			e.tags = append(e.tags, tagGen{tag: t, gen: gens[i]})
-		}
+		e.tags = append(e.tags[:0], gens...)
 		if err := cs.write(ctx, key, e, tok); err != nil {
 			cs.b.log.Error("redisecho: cache: storing a refreshed entry failed", err)
 		}
@@ -982,7 +1215,8 @@ func (cs *CacheStore) Get(ctx context.Context, key string, dst any) (bool, error
 }
 
 // Set stores value under key for ttl (DefaultCacheTTL when 0), tagged with
-// tags. A value the codec cannot encode is an error and stores nothing. The
+// tags. A value the codec cannot encode is an error and stores nothing; so
+// is a full Redis (ErrCacheOutOfMemory, wrapped). The
 // tags' generations are read when Set runs: an invalidation that happened
 // while the caller computed value is not seen, so prefer Remember, which
 // reads them before it computes.
@@ -1000,9 +1234,7 @@ func (cs *CacheStore) Set(ctx context.Context, key string, value any, ttl time.D
 	}
 	e := cs.newEntry(ttl, 0)
 	e.body = body
-	for i, t := range tags {
-		e.tags = append(e.tags, tagGen{tag: t, gen: gens[i]})
-	}
+	e.tags = gens
 	return cs.write(ctx, key, e, "")
 }
 
@@ -1487,8 +1719,7 @@ func (h *httpCache) storable(e *entry) bool {
 	if len(hdr.Values(echo.HeaderSetCookie)) > 0 {
 		return false
 	}
-	cc := strings.ToLower(strings.Join(hdr.Values(echo.HeaderCacheControl), ","))
-	if strings.Contains(cc, "no-store") || strings.Contains(cc, "private") {
+	if forbidsSharedCaching(hdr.Values(echo.HeaderCacheControl)) {
 		return false
 	}
 	for _, v := range hdr.Values(echo.HeaderVary) {
@@ -1500,6 +1731,24 @@ func (h *httpCache) storable(e *entry) bool {
 		}
 	}
 	return true
+}
+
+// forbidsSharedCaching reports whether Cache-Control values carry a
+// directive that keeps a shared cache from storing the response, or from
+// serving it without revalidation (which this cache never does): private
+// (with or without field names), no-store or no-cache. Directive names are
+// case-insensitive (RFC 9111 §5.2).
+func forbidsSharedCaching(values []string) bool {
+	for _, v := range values {
+		for _, d := range strings.Split(v, ",") {
+			name, _, _ := strings.Cut(d, "=")
+			switch strings.ToLower(strings.TrimSpace(name)) {
+			case "private", "no-store", "no-cache":
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // xCacheValues are the X-Cache header values, shared (and clipped, so an

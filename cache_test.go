@@ -9,7 +9,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1194,5 +1196,498 @@ func TestCacheMiddlewareHeadAndOtherMethods(t *testing.T) {
 			require.Empty(t, resp.Header.Get("X-Cache"), "POST is never cached")
 		}
 		require.Equal(t, before+2, calls.Load())
+	})
+}
+
+// hostileApp is an instance whose routes take their keys and tags from
+// whatever the client sends.
+type hostileApp struct {
+	store *CacheStore
+	srv   *httptest.Server
+	calls atomic.Int32
+}
+
+func newHostileApp(t *testing.T, r *testRedis, client rueidis.Client, mod func(*CacheConfig)) *hostileApp {
+	t.Helper()
+	a := &hostileApp{store: newCacheStore(t, r, client, nil)}
+	cfg := CacheConfig{Store: a.store, TTL: time.Minute, NotFoundTTL: time.Minute,
+		Tags: func(c echo.Context) []string {
+			if id := c.Param("id"); id != "" {
+				return []string{"product:" + id}
+			}
+			return nil
+		}}
+	if mod != nil {
+		mod(&cfg)
+	}
+	e := echo.New()
+	g := e.Group("", CacheWithConfig(cfg))
+	answer := func(c echo.Context) error {
+		a.calls.Add(1)
+		return c.JSON(http.StatusOK, map[string]int{"path": len(c.Request().URL.Path), "query": len(c.Request().URL.RawQuery), "accept": len(c.Request().Header.Get("Accept"))})
+	}
+	g.GET("/products/:id", answer)
+	g.GET("/q", answer)
+	srv := httptest.NewUnstartedServer(e)
+	srv.Config.MaxHeaderBytes = 8 << 20
+	srv.Start()
+	t.Cleanup(srv.Close)
+	a.srv = srv
+	return a
+}
+
+func (a *hostileApp) get(t *testing.T, path string, headers ...string) reply {
+	t.Helper()
+	return (&cacheApp{srv: a.srv}).get(t, path, headers...)
+}
+
+// cacheKeySizes returns, for every key under r's prefix, its length and
+// MEMORY USAGE (key, value and overhead).
+func cacheKeySizes(t *testing.T, r *testRedis, client rueidis.Client) map[string][2]int64 {
+	t.Helper()
+	out := map[string][2]int64{}
+	err := scanMasters(ctx5s(t), client, matchPattern(r.Keys.Prefix()), func(ctx context.Context, n rueidis.Client, keys []string) error {
+		for _, k := range keys {
+			mem, err := n.Do(ctx, n.B().MemoryUsage().Key(k).Build()).AsInt64()
+			if err != nil && !rueidis.IsRedisNil(err) {
+				return err
+			}
+			out[k] = [2]int64{int64(len(k)), mem}
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	return out
+}
+
+// TestCacheKeysAreBoundedWhateverTheRequest: a 1 MB path, query, Vary
+// header value or tag makes keys of bounded length and entries of the
+// response's size, and the cache still works on them: hits, tag
+// invalidation, Flush by the readable head.
+func TestCacheKeysAreBoundedWhateverTheRequest(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		a := newHostileApp(t, r, client, nil)
+		mb := strings.Repeat("a", 1<<20)
+		tests := []struct {
+			name    string
+			path    string
+			headers []string
+			want    string
+		}{
+			{name: "1 MB path (and tag)", path: "/products/" + mb, want: fmt.Sprintf(`{"accept":0,"path":%d,"query":0}`, len("/products/")+len(mb))},
+			{name: "1 MB query", path: "/q?x=" + mb, want: fmt.Sprintf(`{"accept":0,"path":2,"query":%d}`, len(mb)+2)},
+			{name: "1 MB Accept (a Vary header)", path: "/q", headers: []string{"Accept", mb}, want: fmt.Sprintf(`{"accept":%d,"path":2,"query":0}`, len(mb))},
+			{name: "1 MB of key syntax", path: "/products/" + url.PathEscape(strings.Repeat("{:%}", 1<<18)), want: fmt.Sprintf(`{"accept":0,"path":%d,"query":0}`, len("/products/")+1<<20)},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				first := a.get(t, tt.path, tt.headers...)
+				require.Equal(t, http.StatusOK, first.code)
+				require.Equal(t, "MISS", first.header.Get("X-Cache"))
+				require.JSONEq(t, tt.want, first.body)
+				for range 3 {
+					rep := a.get(t, tt.path, tt.headers...)
+					require.Equal(t, "HIT", rep.header.Get("X-Cache"))
+					require.JSONEq(t, tt.want, rep.body)
+				}
+			})
+		}
+		// Every key the cache wrote is short, and so is every value.
+		sizes := cacheKeySizes(t, r, client)
+		require.GreaterOrEqual(t, len(sizes), 4+2, "4 entries, 2 tag counters")
+		maxLen := int64(len(r.Keys.Prefix()) + 262)
+		for k, s := range sizes {
+			require.LessOrEqual(t, s[0], maxLen, "key %.80q", k)
+			require.Less(t, s[1], int64(2048), "MEMORY USAGE of %.80q", k)
+			if strings.Contains(k, "%~") {
+				require.LessOrEqual(t, s[0], int64(len(r.Keys.Prefix())+len("{c:")+KeptPartHead+len("%~")+43+len("}:e")), "a digested key keeps a 64-byte head: %.80q", k)
+			}
+		}
+		// Nor does the process keep the long keys.
+		a.store.keyMemo.Range(func(k, _ any) bool {
+			if s, ok := k.(string); ok {
+				require.LessOrEqual(t, len(s), MaxKeyPart)
+			}
+			return true
+		})
+
+		ctx := ctx5s(t)
+		require.NoError(t, a.store.InvalidateTags(ctx, "product:"+mb))
+		require.Equal(t, "MISS", a.get(t, "/products/"+mb).header.Get("X-Cache"), "a 1 MB tag invalidates")
+		require.Equal(t, "HIT", a.get(t, "/products/"+mb).header.Get("X-Cache"))
+		n, err := a.store.Flush(ctx, "GET /products/aaaa*")
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "a Flush pattern matches a digested key by its readable head")
+		require.Equal(t, "MISS", a.get(t, "/products/"+mb).header.Get("X-Cache"))
+		n, err = a.store.Flush(ctx, "GET /products/"+mb)
+		require.NoError(t, err)
+		require.Zero(t, n, "a literal pattern past the head matches no digested key (documented)")
+
+		// The cache service: a 1 MB key and tag.
+		require.NoError(t, a.store.Set(ctx, mb, "v", time.Minute, mb))
+		var v string
+		ok, err := a.store.Get(ctx, mb, &v)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, "v", v)
+		require.NoError(t, a.store.InvalidateTags(ctx, mb))
+		ok, err = a.store.Get(ctx, mb, &v)
+		require.NoError(t, err)
+		require.False(t, ok, "invalidated through its 1 MB tag")
+		for k, s := range cacheKeySizes(t, r, client) {
+			require.LessOrEqual(t, s[0], maxLen, "key %.80q", k)
+			require.Less(t, s[1], int64(2048), "MEMORY USAGE of %.80q", k)
+		}
+	})
+}
+
+// commandCalls sums INFO commandstats calls over addrs, leaving out the
+// commands that the harness, rueidis's keep-alive and the breaker's slot
+// map send on their own.
+func commandCalls(t *testing.T, addrs []string) int64 {
+	t.Helper()
+	var n int64
+	for _, a := range addrs {
+		for k, v := range infoFields(t, a, "commandstats") {
+			name := strings.TrimPrefix(k, "cmdstat_")
+			if name == "info" || name == "ping" || strings.HasPrefix(name, "cluster") || strings.HasPrefix(name, "client") || name == "hello" || strings.HasPrefix(name, "command") {
+				continue
+			}
+			calls, _, _ := strings.Cut(strings.TrimPrefix(v, "calls="), ",")
+			c, err := strconv.ParseInt(calls, 10, 64)
+			require.NoError(t, err, "%s=%s", k, v)
+			n += c
+		}
+	}
+	return n
+}
+
+// TestCacheWarmHitSendsNothing: once an instance has served an entry, its
+// hits (tags validated too) send no command to Redis.
+func TestCacheWarmHitSendsNothing(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		client := f.Client()
+		a := newHostileApp(t, f.testRedis, client, nil)
+		addrs := masterAddrs(t, client)
+		for _, path := range []string{"/q?warm", "/products/7"} {
+			require.Equal(t, "MISS", a.get(t, path).header.Get("X-Cache"))
+			// The first hits find the entry untracked, then track it.
+			require.Equal(t, "HIT", a.get(t, path).header.Get("X-Cache"))
+			require.Equal(t, "HIT", a.get(t, path).header.Get("X-Cache"))
+		}
+		// Many other keys since (the key memo is emptied when full) do not
+		// make the hot entries forget that they exist.
+		for i := range 3 * maxDecoded {
+			a.store.entry(fmt.Sprint("GET /other/", i))
+		}
+		before := commandCalls(t, addrs)
+		for range 100 {
+			for _, path := range []string{"/q?warm", "/products/7"} {
+				require.Equal(t, "HIT", a.get(t, path).header.Get("X-Cache"))
+			}
+		}
+		require.Equal(t, before, commandCalls(t, addrs), "200 warm hits sent commands to Redis")
+		require.Equal(t, int32(2), a.calls.Load())
+	})
+}
+
+// TestCacheMissPathsLeaveNoTrackingState: whatever path a request for a
+// key that is never stored takes (an uncacheable response, a failing
+// Remember, a Get of nothing, waiting for another instance's fill that
+// stores nothing), Redis's tracking table is left as it was.
+func TestCacheMissPathsLeaveNoTrackingState(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ca, cb := f.Client(), f.Client()
+		addrs := masterAddrs(t, ca)
+		a := newCacheStore(t, f.testRedis, ca, nil)
+		b := newCacheStore(t, f.testRedis, cb, nil)
+		ctx := ctx5s(t)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: a, Tags: func(c echo.Context) []string { return []string{"t:" + c.Param("id")} }}))
+		e.GET("/x/:id", func(c echo.Context) error {
+			switch c.Param("id")[0] {
+			case 'p':
+				c.Response().Header().Set("Cache-Control", "private")
+			case 'e':
+				return c.String(http.StatusInternalServerError, "boom")
+			}
+			return c.String(http.StatusNotFound, "none") // 404s are not cached here
+		})
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		app := &cacheApp{srv: srv}
+		// Both clients made their one-time client-side caching check (a
+		// tracked read of one fixed key).
+		for _, st := range []*CacheStore{a, b} {
+			require.NoError(t, st.Set(ctx, "warm", 1, time.Minute))
+		}
+		time.Sleep(100 * time.Millisecond)
+		start := figures(t, addrs).tracking
+		for i := range 50 {
+			for _, id := range []string{"p", "e", "n"} {
+				app.get(t, fmt.Sprint("/x/", id, i))
+			}
+			_, err := Remember(ctx, a, fmt.Sprint("fail", i), time.Minute, func(context.Context) (int, error) { return 0, errors.New("no") }, WithTags(fmt.Sprint("tf", i)))
+			require.Error(t, err)
+			var v int
+			ok, err := a.Get(ctx, fmt.Sprint("nothing", i), &v)
+			require.NoError(t, err)
+			require.False(t, ok)
+			// b waits for a's fill, which stores nothing.
+			finish := make(chan struct{})
+			started := make(chan struct{})
+			go func() {
+				_, _ = Remember(ctx, a, fmt.Sprint("shared", i), time.Minute, func(context.Context) (int, error) {
+					close(started)
+					<-finish
+					return 0, errors.New("not storable")
+				})
+			}()
+			<-started
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				_, _ = Remember(ctx, b, fmt.Sprint("shared", i), time.Minute, func(context.Context) (int, error) { return 0, errors.New("no") })
+			}()
+			time.Sleep(20 * time.Millisecond) // b is waiting on a's lock
+			close(finish)
+			<-done
+		}
+		require.Equal(t, start, figures(t, addrs).tracking, "tracked reads of keys never written")
+	})
+}
+
+// fillRedis makes every master of f's deployment refuse writes for lack of
+// memory, as a full production Redis would: maxmemory-policy noeviction,
+// maxmemory just above used_memory, then ballast (under the test's prefix)
+// until a write gets an OOM reply. Then maxmemory goes 256 KB below
+// used_memory, so that client buffers freed later (the ballast's query
+// buffer, say) do not let a write through by chance and make the test
+// flaky. Both settings are restored when the test ends, before its keys are
+// deleted.
+func fillRedis(t *testing.T, f *faultRedis, client rueidis.Client) {
+	t.Helper()
+	ctx := ctx5s(t)
+	nodes, err := masters(ctx, client)
+	require.NoError(t, err)
+	for i, n := range nodes {
+		addr := nodeAddr(n)
+		for _, p := range []string{"maxmemory-policy", "maxmemory"} {
+			v, err := respDo(addr, 2*time.Second, "CONFIG", "GET", p)
+			require.NoError(t, err)
+			old := v.([]any)[1].(string)
+			t.Cleanup(func() { _, _ = respDo(addr, 2*time.Second, "CONFIG", "SET", p, old) })
+		}
+		_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+		require.NoError(t, err)
+		used, err := strconv.ParseInt(infoFields(t, addr, "memory")["used_memory"], 10, 64)
+		require.NoError(t, err)
+		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used+256<<10, 10))
+		require.NoError(t, err)
+		ballast := strings.Repeat("b", 64<<10)
+		full := false
+		for j := 0; j < 10_000 && !full; j++ {
+			k := f.Keys.Key("ballast", strconv.Itoa(i), strconv.Itoa(j))
+			err := n.Do(ctx, n.B().Set().Key(k).Value(ballast).Build()).Error()
+			switch {
+			case err == nil:
+			case isOOM(err):
+				full = true
+			case strings.Contains(err.Error(), "MOVED"):
+				// another master's key
+			default:
+				require.NoError(t, err)
+			}
+		}
+		require.True(t, full, "%s never refused a write", addr)
+		used, err = strconv.ParseInt(infoFields(t, addr, "memory")["used_memory"], 10, 64)
+		require.NoError(t, err)
+		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used-256<<10, 10))
+		require.NoError(t, err)
+	}
+}
+
+// TestCacheInAFullRedis: with maxmemory reached under noeviction, hits are
+// served (from memory, and from Redis untracked), misses run the handler
+// and answer without storing anything, Delete and Flush work, Set and tag
+// invalidations fail with ErrCacheOutOfMemory, and nothing is written: no
+// entry, no tag counter, no lock left behind. Once memory is back, misses
+// store again.
+func TestCacheInAFullRedis(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ca, cb := f.Client(), f.Client()
+		addrs := masterAddrs(t, ca)
+		a := newHostileApp(t, f.testRedis, ca, nil)
+		b := newHostileApp(t, f.testRedis, cb, func(c *CacheConfig) {
+			c.Store = nil
+			c.Client = cb
+			c.Options = Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}
+		})
+		ctx := ctx5s(t)
+		// Before: /products/1 is hot in a's memory; a stored /products/2
+		// but never read it back; b never read anything.
+		for range 3 {
+			a.get(t, "/products/1")
+		}
+		require.Equal(t, "HIT", a.get(t, "/products/1").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/products/2").header.Get("X-Cache"))
+		require.Equal(t, "MISS", a.get(t, "/q?flush=me").header.Get("X-Cache"))
+		require.NoError(t, a.store.Set(ctx, "svc", "v", time.Minute))
+		lockTok, err := a.store.tryLock(ctx, "direct")
+		require.NoError(t, err)
+		require.NotEmpty(t, lockTok)
+		finish := fillInFlight(ctx, a.store, "inflight", "computed") // holds its fill lock through the OOM
+		served := a.calls.Load()
+
+		fillRedis(t, f, ca)
+		keys := figures(t, addrs).keys
+
+		tests := []struct {
+			name string
+			app  *hostileApp
+			path string
+			want string // X-Cache
+		}{
+			{name: "hit from process memory", app: a, path: "/products/1", want: "HIT"},
+			{name: "hit read tracked, refused in MULTI, read again untracked", app: a, path: "/products/2", want: "HIT"},
+			{name: "hit from Redis, untracked", app: b, path: "/products/1", want: "HIT"},
+			{name: "miss: answered, not stored", app: a, path: "/products/new", want: "MISS"},
+			{name: "miss again: still not stored", app: a, path: "/products/new", want: "MISS"},
+			{name: "untagged miss on another instance", app: b, path: "/q?new", want: "MISS"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				rep := tt.app.get(t, tt.path)
+				require.Equal(t, http.StatusOK, rep.code, rep.body)
+				require.Equal(t, tt.want, rep.header.Get("X-Cache"))
+			})
+		}
+		require.Equal(t, served+3, a.calls.Load()+b.calls.Load(), "only the misses ran the handler")
+
+		v, err := Remember(ctx, a.store, "remembered", time.Minute, func(context.Context) (string, error) { return "fresh", nil }, WithTags("rt"))
+		require.NoError(t, err, "Remember computes and answers")
+		require.Equal(t, "fresh", v)
+		require.ErrorIs(t, a.store.Set(ctx, "set", 1, time.Minute), ErrCacheOutOfMemory)
+		require.NoError(t, finish(), "a fill in flight when Redis filled up answers")
+		err = a.store.InvalidateTags(ctx, "product:1")
+		require.ErrorIs(t, err, ErrCacheOutOfMemory, "a tag bump fails, and says so")
+		require.Equal(t, "HIT", a.get(t, "/products/1").header.Get("X-Cache"), "so the entry is still served")
+
+		// The scripts' first writes are deny-OOM: refused, nothing written.
+		lk := a.store.lockKey("direct")
+		err = a.store.b.Exec(ctx, storeScript, []string{a.store.entryKey("direct"), lk}, []string{"x", "60000", lockTok}).Error()
+		require.True(t, isOOM(err), "store script: %v", err)
+		held, err := ca.Do(ctx, ca.B().Get().Key(lk).Build()).ToString()
+		require.NoError(t, err)
+		require.Equal(t, lockTok, held, "the refused store did not release the lock: it wrote nothing")
+		err = a.store.b.Exec(ctx, ensureTagScript, []string{a.store.tagKey("new-tag")}, []string{"60000"}).Error()
+		require.True(t, isOOM(err), "tag counter script: %v", err)
+		a.store.unlock(ctx, "direct", lockTok) // DEL works in a full Redis
+
+		// Invalidations that delete work.
+		require.NoError(t, a.store.Delete(ctx, "svc"))
+		var s string
+		ok, err := a.store.Get(ctx, "svc", &s)
+		require.NoError(t, err)
+		require.False(t, ok)
+		n, err := a.store.Flush(ctx, "GET /q?flush*")
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		require.Equal(t, "MISS", a.get(t, "/q?flush=me").header.Get("X-Cache"))
+
+		// Nothing was written: no entry, no tag counter, no lock.
+		for _, k := range []string{a.store.entryKey("GET /products/new"), a.store.lockKey("GET /products/new"), a.store.tagKey("product:new"),
+			a.store.entryKey("remembered"), a.store.tagKey("rt"), a.store.entryKey("inflight"), a.store.lockKey("inflight"), a.store.lockKey("direct"), a.store.tagKey("new-tag")} {
+			n, err := ca.Do(ctx, ca.B().Exists().Key(k).Build()).AsInt64()
+			require.NoError(t, err)
+			require.Zero(t, n, "%s was written into a full Redis", k)
+		}
+		require.Equal(t, keys-4, figures(t, addrs).keys, "only deletions: svc, the flushed entry, the two locks")
+
+		// Memory back: misses store again.
+		for _, addr := range addrs {
+			_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", "0")
+			require.NoError(t, err)
+		}
+		require.Eventually(t, func() bool {
+			a.get(t, "/products/new")
+			return a.get(t, "/products/new").header.Get("X-Cache") == "HIT"
+		}, 10*time.Second, 100*time.Millisecond, "misses are stored again")
+	})
+}
+
+// TestCacheNeverStoresPrivateResponses: a response marked private,
+// no-store or no-cache is never stored, however the directive is written
+// and whether the handler or a middleware's Before hook set it (as the
+// session middleware does for personal responses: private and Vary:
+// Cookie).
+func TestCacheNeverStoresPrivateResponses(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		store := newCacheStore(t, r, client, nil)
+		e := echo.New()
+		e.Use(CacheWithConfig(CacheConfig{Store: store, Vary: []string{}})) // keys are "GET <path>"
+		var calls atomic.Int32
+		tests := []struct {
+			name   string
+			header http.Header
+			hook   bool // set by a Before hook, not by the handler
+			stored bool
+		}{
+			{name: "private", header: http.Header{"Cache-Control": {"private"}}},
+			{name: "PRIVATE, max-age", header: http.Header{"Cache-Control": {"PRIVATE, max-age=60"}}},
+			{name: "private with field names", header: http.Header{"Cache-Control": {`private="Set-Cookie", max-age=60`}}},
+			{name: "no-store", header: http.Header{"Cache-Control": {"no-store"}}},
+			{name: "no-cache", header: http.Header{"Cache-Control": {"max-age=0, no-cache"}}},
+			{name: "no-store on a second line", header: http.Header{"Cache-Control": {"public, max-age=60", "no-store"}}},
+			{name: "private and Vary: Cookie from a hook", header: http.Header{"Cache-Control": {"private"}, "Vary": {"Cookie"}}, hook: true},
+			{name: "no-store from a hook", header: http.Header{"Cache-Control": {"no-store"}}, hook: true},
+			{name: "Vary: Cookie alone", header: http.Header{"Vary": {"Cookie"}}, hook: true},
+			{name: "public is stored", header: http.Header{"Cache-Control": {"public, max-age=60"}}, stored: true},
+			{name: "a directive that only looks private is stored", header: http.Header{"Cache-Control": {"x-private-ish=1"}}, stored: true},
+		}
+		for i, tt := range tests {
+			e.GET(fmt.Sprint("/r", i), func(c echo.Context) error {
+				calls.Add(1)
+				set := func() {
+					for k, vs := range tt.header {
+						c.Response().Header()[k] = vs
+					}
+				}
+				if tt.hook {
+					c.Response().Before(set)
+				} else {
+					set()
+				}
+				return c.String(http.StatusOK, "personal")
+			})
+		}
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		app := &cacheApp{srv: srv}
+		for i, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				path := fmt.Sprint("/r", i)
+				before := calls.Load()
+				first := app.get(t, path)
+				require.Equal(t, http.StatusOK, first.code)
+				require.Equal(t, "personal", first.body)
+				second := app.get(t, path)
+				require.Equal(t, "personal", second.body)
+				exists, err := client.Do(ctx5s(t), client.B().Exists().Key(store.entryKey("GET "+path)).Build()).AsInt64()
+				require.NoError(t, err)
+				if tt.stored {
+					require.Equal(t, "HIT", second.header.Get("X-Cache"))
+					require.Equal(t, before+1, calls.Load())
+					require.Equal(t, int64(1), exists)
+					return
+				}
+				require.NotEqual(t, "HIT", second.header.Get("X-Cache"))
+				require.Equal(t, before+2, calls.Load(), "the handler ran both times")
+				require.Zero(t, exists, "nothing stored")
+				require.Equal(t, tt.header.Values("Cache-Control"), second.header.Values("Cache-Control"), "the directives reach the client")
+			})
+		}
 	})
 }

@@ -1965,7 +1965,6 @@ func TestRedisClocks(t *testing.T) {
 	require.Equal(t, (100 * time.Second).Microseconds(), got)
 }
 
-
 // TestLimiterOutOfMemory fills Redis (maxmemory, noeviction): an admission
 // needs writes, and a full Redis refuses its first one, so nothing is
 // written (with a SlidingLog too, whose trim used to come first and let the

@@ -250,10 +250,10 @@ func (b *backend) scope(key string) string {
 	return b.shared.nodeOf(b.client, key, b.timeout)
 }
 
-// call runs fn with the deadline, under the breaker of key's node. write
-// tells whether the call may write: a write that succeeds proves the node
-// has memory again (see oomHold).
-func (b *backend) call(ctx context.Context, key string, write bool, fn func(ctx context.Context) error) error {
+// call runs fn with the deadline, under the breaker of key's node. grows
+// tells whether the call sends a command that Redis refuses when full (see
+// refusedWhenFull): its success proves the node has memory again.
+func (b *backend) call(ctx context.Context, key string, grows bool, fn func(ctx context.Context) error) error {
 	b.shared.checkCache(b.client, b.log, b.timeout)
 	n := b.breaker.node(b.scope(key))
 	if !b.breaker.allow(n) {
@@ -263,16 +263,17 @@ func (b *backend) call(ctx context.Context, key string, write bool, fn func(ctx 
 	cctx, cancel := context.WithTimeout(ctx, b.timeout)
 	err := fn(cctx)
 	cancel()
-	b.record(n, ctx, err, write)
+	b.record(n, ctx, err, grows)
 	return err
 }
 
 // record tells the breaker a call's outcome and keeps the node's OOM state:
-// an OOM reply sets it (and counts as an answer, not a failure), a write
-// that succeeds clears it. A failure on a cluster also re-reads the slot map
+// an OOM reply sets it (and counts as an answer, not a failure), a command
+// that Redis refuses when full clears it by succeeding (grows). A DEL or an
+// HDEL succeeds in a full Redis, so it proves nothing. A failure on a cluster also re-reads the slot map
 // (at most once a second), so that after a failover the keys of a dead
 // master map to its replacement, not to the dead scope.
-func (b *backend) record(n *breakerNode, ctx context.Context, err error, write bool) {
+func (b *backend) record(n *breakerNode, ctx context.Context, err error, grows bool) {
 	o := classify(ctx, err)
 	b.breaker.record(n, o)
 	switch {
@@ -280,7 +281,7 @@ func (b *backend) record(n *breakerNode, ctx context.Context, err error, write b
 		b.shared.refreshSlots(b.client, b.timeout)
 	case isOOM(err):
 		n.markOOM(b.breaker.clock.Now())
-	case err == nil && write:
+	case err == nil && grows:
 		n.clearOOM()
 	}
 }
@@ -294,8 +295,29 @@ func isOOM(err error) bool {
 	return ok && strings.HasPrefix(re.Error(), "OOM")
 }
 
+// refusedWhenFull reports whether cmd is one of the common commands that
+// Redis refuses with OOM when maxmemory is reached (their "denyoom" flag):
+// the ones that grow memory. Deletes, expiries and renames are not.
+func refusedWhenFull(cmd rueidis.Completed) bool {
+	cs := cmd.Commands()
+	if len(cs) == 0 {
+		return false
+	}
+	_, ok := denyOOM[strings.ToUpper(cs[0])]
+	return ok
+}
+
+var denyOOM = map[string]struct{}{
+	"SET": {}, "SETNX": {}, "SETEX": {}, "PSETEX": {}, "MSET": {}, "MSETNX": {}, "GETSET": {},
+	"APPEND": {}, "SETRANGE": {}, "INCR": {}, "INCRBY": {}, "INCRBYFLOAT": {}, "DECR": {}, "DECRBY": {},
+	"HSET": {}, "HSETNX": {}, "HMSET": {}, "HINCRBY": {}, "HINCRBYFLOAT": {},
+	"LPUSH": {}, "RPUSH": {}, "LPUSHX": {}, "RPUSHX": {}, "LINSERT": {}, "LSET": {},
+	"SADD": {}, "ZADD": {}, "ZINCRBY": {}, "XADD": {}, "PFADD": {}, "SETBIT": {}, "COPY": {}, "RESTORE": {},
+}
+
 // oomHold is how long a node stays marked out of memory after its last OOM
-// reply, unless a write succeeds first. While marked, cached reads of its
+// reply (or readiness probe that found it full), unless a command that
+// Redis refuses when full succeeds first. While marked, cached reads of its
 // keys go untracked straight away (a tracked miss would fail), and readiness
 // reports "oom".
 const oomHold = 2 * time.Second
@@ -308,7 +330,7 @@ func (b *backend) OOM(key string) bool {
 
 // Do sends cmd, whose key (or first key) is key.
 func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (res rueidis.RedisResult) {
-	err := b.call(ctx, key, cmd.IsWrite(), func(ctx context.Context) error {
+	err := b.call(ctx, key, refusedWhenFull(cmd), func(ctx context.Context) error {
 		res = b.client.Do(ctx, cmd)
 		return res.Error()
 	})
@@ -331,7 +353,9 @@ func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (re
 // end early when the caller gives up, only at that deadline.
 //
 // A hit says nothing about Redis's health, so it is not reported to the
-// breaker (a hit must not close a half-open scope). Under OOM, Redis 7.0
+// breaker (a hit must not close a half-open scope); so while the scope is
+// not closed, DoCache reads untracked, and the half-open probe is a real
+// round trip whose outcome closes or reopens the scope. Under OOM, Redis 7.0
 // refuses the MULTI that a tracked miss is sent in: DoCache then reads
 // untracked with a plain round trip, and keeps doing so while the node is
 // marked out of memory, so reads keep working in a full Redis.
@@ -343,7 +367,7 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 		return rueidis.NewErrorResult(ErrBreakerOpen)
 	}
 	now := b.breaker.clock.Now()
-	if !n.isOOM(now) {
+	if !n.isOOM(now) && n.closed() {
 		res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
 		if res.IsCacheHit() {
 			return res
@@ -379,7 +403,7 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 	}
 	now := b.breaker.clock.Now()
 	var res []rueidis.RedisResult
-	if !n.isOOM(now) {
+	if !n.isOOM(now) && n.closed() {
 		res = b.client.DoMultiCache(b.deadline.get(b.timeout), cmds...)
 		hits, err := multiErr(res)
 		if !isOOM(err) {
@@ -440,11 +464,11 @@ func (d *sharedDeadline) get(timeout time.Duration) context.Context {
 
 // DoMulti pipelines cmds, which must all live in key's slot.
 func (b *backend) DoMulti(ctx context.Context, key string, cmds ...rueidis.Completed) (res []rueidis.RedisResult) {
-	write := false
+	grows := false
 	for i := range cmds {
-		write = write || cmds[i].IsWrite()
+		grows = grows || refusedWhenFull(cmds[i])
 	}
-	err := b.call(ctx, key, write, func(ctx context.Context) error {
+	err := b.call(ctx, key, grows, func(ctx context.Context) error {
 		res = b.client.DoMulti(ctx, cmds...)
 		for _, r := range res {
 			if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) {
@@ -694,6 +718,8 @@ type breakerNode struct {
 	opened    atomic.Uint64
 	oomAt     atomic.Int64 // unix nanos of the last OOM reply, 0 when cleared
 }
+
+func (n *breakerNode) closed() bool { return BreakerState(n.state.Load()) == BreakerClosed }
 
 func (n *breakerNode) markOOM(now time.Time) { n.oomAt.Store(now.UnixNano()) }
 

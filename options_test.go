@@ -484,6 +484,9 @@ func TestBackendUnderOOM(t *testing.T) {
 		require.Equal(t, "oom", rep.Redis.State)
 		require.True(t, b.breaker.Stats()[0].OOM || len(b.breaker.Stats()) > 1)
 
+		require.NoError(t, b.Do(ctx, cached, c.B().Del().Key(b.keys.Key("nothing")).Build()).Error())
+		require.True(t, b.OOM(plain), "a DEL works in a full Redis: it proves nothing")
+
 		clock.Advance(oomHold)
 		require.False(t, b.OOM(plain), "the OOM state lapses after oomHold")
 		require.Error(t, b.Do(ctx, plain, c.B().Set().Key(plain).Value("new").Build()).Error())
@@ -501,8 +504,8 @@ func TestBackendUnderOOM(t *testing.T) {
 }
 
 // TestCacheHitsDoNotCloseTheBreaker: a hit is served from process memory and
-// says nothing about Redis, so it must not count as the half-open probe's
-// success.
+// says nothing about Redis, so it is not reported, and a half-open scope's
+// probe of a cached read goes to Redis instead of being a hit.
 func TestCacheHitsDoNotCloseTheBreaker(t *testing.T) {
 	t.Parallel()
 	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
@@ -524,10 +527,9 @@ func TestCacheHitsDoNotCloseTheBreaker(t *testing.T) {
 		}
 		clock.Advance(10 * time.Second) // the cool-down has passed: the next call probes
 		res := b.DoCache(ctx, k, get, time.Minute)
-		require.NoError(t, res.Error())
-		require.True(t, res.IsCacheHit(), "the connection is not dropped yet: the hit comes from memory")
-		require.Equal(t, before, n.successes.Load(), "hits are not reported to the breaker")
-		require.NotEqual(t, BreakerClosed, b.breaker.State(scope), "a hit does not close the breaker")
+		require.ErrorIs(t, res.Error(), context.DeadlineExceeded, "the probe of a cached read is a round trip, not a hit from memory")
+		require.Equal(t, before, n.successes.Load(), "nothing counted as a success")
+		require.Equal(t, BreakerOpen, b.breaker.State(scope), "the failed probe reopens the scope")
 	})
 }
 
@@ -558,5 +560,63 @@ func TestReadinessFailuresFeedTheBreaker(t *testing.T) {
 			}
 			require.Equal(t, 1, open)
 		}
+	})
+}
+
+// TestReadinessSeesAFullRedis: readiness reads INFO memory with its probe,
+// so a full Redis (noeviction, maxmemory reached) reads "oom" before any
+// write was refused.
+func TestReadinessSeesAFullRedis(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		c := f.Client()
+		br := NewBreaker(BreakerConfig{Logger: discardLogger()})
+		h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br})
+		_, rep, _ := getHealth(t, h)
+		require.Equal(t, "up", rep.Redis.State)
+		f.Fill(t, f.Servers()[0])
+		code, rep, _ := getHealth(t, h)
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, "oom", rep.Redis.State)
+		code, _, _ = getHealth(t, ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, UnavailableWhenOOM: true}))
+		require.Equal(t, http.StatusServiceUnavailable, code)
+		f.Free(t)
+		_, err := respDo(f.Servers()[0].addr(), 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+		require.NoError(t, err)
+		_, err = respDo(f.Servers()[0].addr(), 2*time.Second, "CONFIG", "SET", "maxmemory", "1")
+		require.NoError(t, err, "a limit reached under an evicting policy is not full")
+		time.Sleep(oomHold) // the mark of the last probe lapses
+		_, rep, _ = getHealth(t, h)
+		require.Equal(t, "up", rep.Redis.State)
+	})
+}
+
+// TestHalfOpenProbeIsARoundTripForCachedReads: while a scope is not closed,
+// cached reads go to Redis, so that the half-open probe's success closes
+// the scope; a hit would report nothing and leave it half-open for good,
+// refusing every other call.
+func TestHalfOpenProbeIsARoundTripForCachedReads(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		clock := newFakeClock()
+		c := r.Client()
+		br := NewBreaker(BreakerConfig{Failures: 1, Cooldown: time.Second, Clock: clock, Logger: discardLogger()})
+		b, err := newBackend("test", c, Options{Prefix: r.Keys.Prefix(), Breaker: br, Clock: clock, Logger: discardLogger()})
+		require.NoError(t, err)
+		k := b.keys.Key("hot")
+		require.NoError(t, b.Do(ctx, k, c.B().Set().Key(k).Value("v").Build()).Error())
+		get := c.B().Get().Key(k).Cache().Pin()
+		require.Eventually(t, func() bool { return b.DoCache(ctx, k, get, time.Minute).IsCacheHit() }, 5*time.Second, 10*time.Millisecond)
+		scope := waitSlotMap(t, b, k)
+
+		br.record(br.node(scope), unhealthy) // a failed readiness probe, say
+		require.Equal(t, BreakerOpen, br.State(scope))
+		require.ErrorIs(t, b.DoCache(ctx, k, get, time.Minute).Error(), ErrBreakerOpen)
+		clock.Advance(2 * time.Second)
+		res := b.DoCache(ctx, k, get, time.Minute)
+		require.NoError(t, res.Error())
+		require.False(t, res.IsCacheHit(), "the probe goes to Redis")
+		require.Equal(t, BreakerClosed, br.State(scope), "and closes the scope")
+		require.Eventually(t, func() bool { return b.DoCache(ctx, k, get, time.Minute).IsCacheHit() }, 5*time.Second, 10*time.Millisecond, "hits again once closed")
 	})
 }

@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/http"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -598,7 +599,9 @@ func DialErrorCode(err error) string {
 }
 
 // checkRedis probes every node concurrently under ctx: PING on a standalone
-// server, ROLE on a cluster (the round trip and the role in one call).
+// server, ROLE on a cluster (the round trip and the role in one call),
+// pipelined with INFO memory, so that a full Redis (noeviction, maxmemory
+// reached) reads "oom" even when no write has been refused yet.
 // Replicas are left out: a missing replica does not stop this instance from
 // serving. A node that does not answer counts as down whatever its role, and
 // its failure feeds its breaker scope.
@@ -619,15 +622,24 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 		go func() {
 			start := time.Now()
 			p := probe{h: NodeHealth{Addr: addr}, master: true}
-			var err error
+			probeCmd := n.B().Ping().Build()
 			if cluster {
-				var role []rueidis.RedisMessage
-				if role, err = n.Do(ctx, n.B().Role().Build()).ToArray(); err == nil && len(role) > 0 {
+				probeCmd = n.B().Role().Build()
+			}
+			res := n.DoMulti(ctx, probeCmd, n.B().Info().Section("memory").Build())
+			err := res[0].Error()
+			if cluster && err == nil {
+				if role, _ := res[0].ToArray(); len(role) > 0 {
 					r, _ := role[0].ToString()
 					p.master = r == "master"
 				}
-			} else {
-				err = n.Do(ctx, n.B().Ping().Build()).Error()
+			}
+			if info, ierr := res[1].ToString(); err == nil && ierr == nil && fullRedis(info) {
+				scope := "redis"
+				if cluster {
+					scope = addr
+				}
+				breaker.node(scope).markOOM(breaker.clock.Now())
 			}
 			p.h.OK, p.h.LatencyMS = err == nil, float64(time.Since(start).Microseconds())/1000
 			switch {
@@ -678,6 +690,26 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 		rep.Redis.State = "oom"
 	}
 	return rep
+}
+
+// fullRedis reports whether an INFO memory reply shows a server that
+// refuses writes for lack of memory: a maxmemory, reached, under the
+// noeviction policy (the other policies evict to make room).
+func fullRedis(info string) bool {
+	var used, limit int64
+	var policy string
+	for line := range strings.SplitSeq(info, "\r\n") {
+		k, v, _ := strings.Cut(line, ":")
+		switch k {
+		case "used_memory":
+			used, _ = strconv.ParseInt(v, 10, 64)
+		case "maxmemory":
+			limit, _ = strconv.ParseInt(v, 10, 64)
+		case "maxmemory_policy":
+			policy = v
+		}
+	}
+	return limit > 0 && used >= limit && policy == "noeviction"
 }
 
 // Liveness returns the liveness handler: 200 {"status":"ok"} as long as the

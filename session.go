@@ -653,15 +653,17 @@ const (
 // refuses (with the OOM error, nothing written) or lets the whole save
 // through; the writes that free memory (DEL of a destroyed or expired
 // session) still succeed. The destroy marker is written with pcall: a full
-// Redis refuses it, and refuses as well any save in flight it guards
-// against.
+// Redis refuses it ("unmarked"), and DestroyUserSessions then keeps the
+// index entry, so that a login in flight that lands once memory is freed
+// stays findable.
 //
 // It returns {version, absolute expiry, remember, previous user} ("destroy":
-// {0, 0, "deleted"|"kept"|"missing", user}), or an integer: -1 the session
+// {0, 0, "deleted"|"kept"|"missing"|"unmarked", user}, "unmarked" for a
+// missing session whose marker a full Redis refused), or an integer: -1 the session
 // is gone (expired, destroyed, unknown), -2 the new key exists (a token
 // collision), -3 the values would exceed the max size. Sizes of "v:"/"f:"
-// fields are kept in _z, so the size check costs O(fields changed). An
-// update that changes one value makes 5 calls: HMGET, HSTRLEN, HSET,
+// fields are kept in _z, so the size check costs O(fields changed) (a
+// Clear adds an HKEYS). An update that changes one value makes 5 calls: HMGET, HSTRLEN, HSET,
 // PEXPIRE, and the EVALSHA itself.
 var saveScript = rueidis.NewLuaScript(`
 local src, dst = KEYS[1], KEYS[2]
@@ -669,9 +671,10 @@ local mode, now = ARGV[1], tonumber(ARGV[2])
 local meta = redis.call('HMGET', src, '_a', '_s', '_z', '_u', '_r', '_v', '_i')
 if mode == 'destroy' then
   if not meta[1] then
-    if type(redis.pcall('HSET', src, '_d', '1')) == 'number' then
-      redis.call('PEXPIRE', src, 60000)
+    if type(redis.pcall('HSET', src, '_d', '1')) ~= 'number' then
+      return {0, 0, 'unmarked', ''} -- a full Redis: no marker
     end
+    redis.call('PEXPIRE', src, 60000)
     return {0, 0, 'missing', ''}
   end
   local u = meta[4] or ''
@@ -853,7 +856,7 @@ type saveResult struct {
 	absolute time.Time
 	remember bool
 	prevUser string
-	state    string // "destroy" only: deleted, kept or missing
+	state    string // "destroy" only: deleted, kept, missing or unmarked
 }
 
 func (st *SessionStore) runSave(ctx context.Context, src, dst string, args []string) (saveResult, error) {
@@ -1007,6 +1010,9 @@ func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, 
 				done = append(done, h)
 			case "missing":
 				done = append(done, h) // the marker refuses a save in flight
+			case "unmarked":
+				// A full Redis refused the marker: keep the entry, so that a
+				// login in flight that lands later is still found.
 			}
 		}
 		if len(done) > 0 {

@@ -2664,3 +2664,37 @@ func TestSessionManyValues(t *testing.T) {
 		require.Equal(t, "u1", userOf(t, b.get(app, "/whoami")))
 	})
 }
+
+// TestDestroyUserSessionsInFullRedisKeepsInFlightLogins: in a full Redis,
+// "log out everywhere" cannot leave its marker on the key of a login in
+// flight (indexed, not written yet), so it keeps that index entry: a login
+// that lands once memory is freed stays listed, and can be ended.
+func TestDestroyUserSessionsInFullRedisKeepsInFlightLogins(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: f.Client(), Keys: []string{testKey}, Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		now := store.b.clock.Now()
+		abs := now.Add(time.Hour)
+		tok := newToken("")
+		require.Nil(t, store.index(ctx, "u1", tok.handle(), abs, now)) // a login in flight
+
+		f.Fill(t)
+		n, err := store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		f.Free(t) // the logout freed memory, say; the login lands
+		_, err = store.runSave(ctx, store.key(tok), store.key(tok), store.saveArgs("new", now, abs.UnixMilli(), true,
+			map[string][]byte{fUser: []byte("u1"), "v:x": []byte("1")}, nil))
+		require.NoError(t, err)
+		list, err := store.ListUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Len(t, list, 1, "the login that landed is in the index")
+		n, err = store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "and can be ended")
+	})
+}

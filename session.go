@@ -521,7 +521,10 @@ const (
 // ARGV[6] "1" to increment the version; ARGV[7] and ARGV[8] the idle timeout
 // and max size of a session bound to no user (the GorillaStore passes
 // ARGV[3] and ARGV[5] again); ARGV[9] n, the number of field/value pairs
-// that follow and are set; the remaining ARGV are fields to delete.
+// that follow and are set; ARGV[10] "1" to delete every value and flash the
+// session holds that this save does not set ("update" only: Clear, which
+// must also drop what other requests saved since this one read the
+// session); the remaining ARGV are fields to delete.
 //
 // The limits follow the binding the save leaves ("_u", set in this save or
 // stored): the idle timeout applied is stored in "_i", so that the next
@@ -539,15 +542,17 @@ const (
 // refuses (with the OOM error, nothing written) or lets the whole save
 // through; the writes that free memory (DEL of a destroyed or expired
 // session) still succeed. The destroy marker is written with pcall: a full
-// Redis refuses it, and refuses as well any save in flight it guards
-// against.
+// Redis refuses it ("unmarked"), and DestroyUserSessions then keeps the
+// index entry, so that a login in flight that lands once memory is freed
+// stays findable.
 //
 // It returns {version, absolute expiry, remember, previous user} ("destroy":
-// {0, 0, "deleted"|"kept"|"missing", user}), or an integer: -1 the session
+// {0, 0, "deleted"|"kept"|"missing"|"unmarked", user}, "unmarked" for a
+// missing session whose marker a full Redis refused), or an integer: -1 the session
 // is gone (expired, destroyed, unknown), -2 the new key exists (a token
 // collision), -3 the values would exceed the max size. Sizes of "v:"/"f:"
-// fields are kept in _z, so the size check costs O(fields changed). An
-// update that changes one value makes 5 calls: HMGET, HSTRLEN, HSET,
+// fields are kept in _z, so the size check costs O(fields changed) (a
+// Clear adds an HKEYS). An update that changes one value makes 5 calls: HMGET, HSTRLEN, HSET,
 // PEXPIRE, and the EVALSHA itself.
 var saveScript = rueidis.NewLuaScript(`
 local src, dst = KEYS[1], KEYS[2]
@@ -555,9 +560,10 @@ local mode, now = ARGV[1], tonumber(ARGV[2])
 local meta = redis.call('HMGET', src, '_a', '_s', '_z', '_u', '_r', '_v', '_i')
 if mode == 'destroy' then
   if not meta[1] then
-    if type(redis.pcall('HSET', src, '_d', '1')) == 'number' then
-      redis.call('PEXPIRE', src, 60000)
+    if type(redis.pcall('HSET', src, '_d', '1')) ~= 'number' then
+      return {0, 0, 'unmarked', ''} -- a full Redis: no marker
     end
+    redis.call('PEXPIRE', src, 60000)
     return {0, 0, 'missing', ''}
   end
   local u = meta[4] or ''
@@ -588,13 +594,15 @@ if mode == 'new' then
   table.insert(fields, '_a'); table.insert(fields, ARGV[4])
 end
 local n = tonumber(ARGV[9])
-local i = 10
+local clear = ARGV[10] == '1' and mode ~= 'new'
+if clear then size = 0 end
+local i = 11
 for _ = 1, n do
   local f, v = ARGV[i], ARGV[i + 1]
   local c = string.sub(f, 1, 2)
   if c == 'v:' or c == 'f:' then
     size = size + #v
-    if mode ~= 'new' then size = size - redis.call('HSTRLEN', src, f) end
+    if mode ~= 'new' and not clear then size = size - redis.call('HSTRLEN', src, f) end
   elseif f == '_r' then
     rem = v
   elseif f == '_u' then
@@ -605,8 +613,18 @@ for _ = 1, n do
 end
 for j = i, #ARGV do
   local c = string.sub(ARGV[j], 1, 2)
-  if mode ~= 'new' and (c == 'v:' or c == 'f:') then
+  if mode ~= 'new' and not clear and (c == 'v:' or c == 'f:') then
     size = size - redis.call('HSTRLEN', src, ARGV[j])
+  end
+end
+local drop = {}
+for j = i, #ARGV do drop[#drop + 1] = ARGV[j] end
+if clear then
+  local keep = {}
+  for j = 11, i - 1, 2 do keep[ARGV[j]] = true end
+  for _, f in ipairs(redis.call('HKEYS', src)) do
+    local c = string.sub(f, 1, 2)
+    if (c == 'v:' or c == 'f:') and not keep[f] then drop[#drop + 1] = f end
   end
 end
 local limit = idle
@@ -620,8 +638,14 @@ if ARGV[6] == '1' then ver = ver + 1 end
 table.insert(fields, '_v'); table.insert(fields, ver)
 table.insert(fields, '_z'); table.insert(fields, size)
 table.insert(fields, '_i'); table.insert(fields, limit)
-redis.call('HSET', src, unpack(fields))
-if i <= #ARGV then redis.call('HDEL', src, unpack(ARGV, i, #ARGV)) end
+-- In chunks: unpack is limited to a few thousand values. The first HSET is
+-- the first write (see Full Redis above).
+for j = 1, #fields, 1000 do
+  redis.call('HSET', src, unpack(fields, j, math.min(j + 999, #fields)))
+end
+for j = 1, #drop, 1000 do
+  redis.call('HDEL', src, unpack(drop, j, math.min(j + 999, #drop)))
+end
 if dst ~= src then redis.call('RENAME', src, dst) end
 redis.call('PEXPIRE', dst, math.min(limit, abs - now))
 return {ver, abs, rem, prev}
@@ -721,7 +745,7 @@ type saveResult struct {
 	absolute time.Time
 	remember bool
 	prevUser string
-	state    string // "destroy" only: deleted, kept or missing
+	state    string // "destroy" only: deleted, kept, missing or unmarked
 }
 
 func (st *SessionStore) runSave(ctx context.Context, src, dst string, args []string) (saveResult, error) {
@@ -875,6 +899,9 @@ func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, 
 				done = append(done, h)
 			case "missing":
 				done = append(done, h) // the marker refuses a save in flight
+			case "unmarked":
+				// A full Redis refused the marker: keep the entry, so that a
+				// login in flight that lands later is still found.
 			}
 		}
 		if len(done) > 0 {
@@ -939,6 +966,7 @@ type SessionState struct {
 
 	set         map[string][]byte // fields to write, "v:…", "f:…" and metadata
 	del         map[string]struct{}
+	clear       bool // Clear: the save drops every stored value and flash it does not set
 	regenerate  bool
 	destroy     bool
 	userID      string
@@ -1077,6 +1105,9 @@ func (s *SessionState) raw(field string) ([]byte, bool) {
 		return nil, false
 	}
 	s.ensureLoaded()
+	if s.clear && isDataField(field) {
+		return nil, false
+	}
 	if v, ok := s.data.fields[field]; ok {
 		return []byte(v), true
 	}
@@ -1133,6 +1164,9 @@ func (s *SessionState) Keys() []string {
 	s.ensureLoaded()
 	var keys []string
 	for f := range s.data.fields {
+		if s.clear {
+			break
+		}
 		if k, ok := strings.CutPrefix(f, "v:"); ok {
 			if _, gone := s.del[f]; !gone {
 				keys = append(keys, k)
@@ -1141,7 +1175,7 @@ func (s *SessionState) Keys() []string {
 	}
 	for f := range s.set {
 		if k, ok := strings.CutPrefix(f, "v:"); ok {
-			if _, stored := s.data.fields[f]; !stored {
+			if _, stored := s.data.fields[f]; !stored || s.clear {
 				keys = append(keys, k)
 			}
 		}
@@ -1227,7 +1261,7 @@ func tooLarge(size, limit int) error {
 func (s *SessionState) size() int {
 	n := 0
 	for f, v := range s.data.fields {
-		if isDataField(f) {
+		if isDataField(f) && !s.clear {
 			if _, gone := s.del[f]; !gone {
 				if _, changed := s.set[f]; !changed {
 					n += len(v)
@@ -1313,9 +1347,12 @@ func (s *SessionState) Regenerate() error {
 }
 
 // Clear deletes every value and flash of the session, keeping its ID, its
-// user binding and its lifetime. Call it with Regenerate and SetUserID when
-// someone logs in on a browser whose session belongs to another user, so
-// that none of the previous user's values carry over.
+// user binding and its lifetime: those it holds when the save runs,
+// atomically, including any that another request saved after this one read
+// the session; values set after Clear in this request are kept. Call it
+// with Regenerate and SetUserID when someone logs in on a browser whose
+// session belongs to another user, so that none of the previous user's
+// values carry over.
 func (s *SessionState) Clear() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1323,16 +1360,17 @@ func (s *SessionState) Clear() error {
 		return err
 	}
 	s.ensureLoaded()
+	// The save deletes every value and flash stored when it runs, including
+	// those another request saved after this one read the session.
+	s.clear = true
 	for f := range s.set {
 		if isDataField(f) {
 			delete(s.set, f)
 		}
 	}
-	for f := range s.data.fields {
+	for f := range s.del {
 		if isDataField(f) {
-			if err := s.deleteField(f); err != nil {
-				return err
-			}
+			delete(s.del, f)
 		}
 	}
 	return nil
@@ -1417,7 +1455,7 @@ func (s *SessionState) Store() *SessionStore { return s.st }
 
 // dirty reports whether data changes are pending. Callers hold s.mu.
 func (s *SessionState) dirty() bool {
-	return len(s.set) > 0 || len(s.del) > 0 || s.regenerate || s.userChanged || s.rememberSet
+	return len(s.set) > 0 || len(s.del) > 0 || s.clear || s.regenerate || s.userChanged || s.rememberSet
 }
 
 // sessionCookie is the outcome of a save for the response's headers.
@@ -1506,7 +1544,11 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 					return nil, f
 				}
 			}
-			res, err = st.runSave(ctx, s.key, dstKey, st.saveArgs("update", now, 0, true, s.set, s.del))
+			args := st.saveArgs("update", now, 0, true, s.set, s.del)
+			if s.clear {
+				args[9] = "1"
+			}
+			res, err = st.runSave(ctx, s.key, dstKey, args)
 			// The new ID may be taken (a destroy left its marker there while
 			// this regeneration was in flight): the session is still at its
 			// old ID, so try another new one.
@@ -1603,7 +1645,7 @@ func (st *SessionStore) saveArgs(mode string, now time.Time, abs int64, bump boo
 
 // saveArgsWith is saveArgs with the limits of unbound sessions given.
 func (st *SessionStore) saveArgsWith(anonIdle time.Duration, anonMax int, mode string, now time.Time, abs int64, bump bool, set map[string][]byte, del map[string]struct{}) []string {
-	args := make([]string, 9, 9+2*len(set)+len(del))
+	args := make([]string, 10, 10+2*len(set)+len(del))
 	args[0] = mode
 	args[1] = strconv.FormatInt(now.UnixMilli(), 10)
 	args[2] = strconv.FormatInt(st.cfg.IdleTimeout.Milliseconds(), 10)
@@ -1613,6 +1655,7 @@ func (st *SessionStore) saveArgsWith(anonIdle time.Duration, anonMax int, mode s
 	args[6] = strconv.FormatInt(anonIdle.Milliseconds(), 10)
 	args[7] = strconv.Itoa(anonMax)
 	args[8] = strconv.Itoa(len(set))
+	args[9] = "0"
 	for f, v := range set {
 		args = append(args, f, string(v))
 	}
@@ -1625,7 +1668,7 @@ func (st *SessionStore) saveArgsWith(anonIdle time.Duration, anonMax int, mode s
 // destroyArgs is saveScript's ARGV for a destroy, of a session bound to
 // userID ("": whatever its binding).
 func destroyArgs(userID string) []string {
-	return []string{"destroy", "0", "0", userID, "0", "0", "0", "0", "0"}
+	return []string{"destroy", "0", "0", userID, "0", "0", "0", "0", "0", "0"}
 }
 
 func (st *SessionStore) saveFailed(err error) *sessionFailure {

@@ -2565,3 +2565,136 @@ func TestDestroyUserSessionsReportsMissingIndex(t *testing.T) {
 		require.Empty(t, userOf(t, fresh[1].get(app, "/whoami")))
 	})
 }
+
+// TestSessionClearDropsConcurrentWrites: Clear drops the values the session
+// holds when the save runs, not only those the request read: a value
+// another request of the previous user saved meanwhile does not carry over
+// to the user who logs in.
+func TestSessionClearDropsConcurrentWrites(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		inHandler, proceed := make(chan struct{}), make(chan struct{})
+		e := echo.New()
+		e.Use(app.store.Middleware())
+		e.POST("/switch-user", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			require.Equal(t, "alice", s.UserID())
+			require.NoError(t, s.Clear())
+			require.NoError(t, s.Regenerate())
+			require.NoError(t, s.SetUserID("bob"))
+			close(inHandler)
+			<-proceed
+			return c.NoContent(http.StatusNoContent)
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		switcher := &sessionApp{store: app.store, srv: srv}
+
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/login?user=alice").code)
+		require.Equal(t, http.StatusOK, b.post(app, "/set?k=theme&v=alice-dark").code)
+		aliceCookie := b.cookie(app)
+
+		done := make(chan reply)
+		go func() { done <- b.post(switcher, "/switch-user") }()
+		<-inHandler
+		// Alice's other tab saves a private value while bob logs in.
+		tab := newBrowser(t)
+		tab.setCookie(app, aliceCookie)
+		require.Equal(t, http.StatusOK, tab.post(app, "/set?k=secret&v=alice-only").code)
+		close(proceed)
+		require.Equal(t, http.StatusNoContent, (<-done).code)
+
+		require.Equal(t, "bob", userOf(t, b.get(app, "/whoami")))
+		all := b.get(app, "/all")
+		require.Equal(t, http.StatusOK, all.code)
+		require.JSONEq(t, `{}`, all.body, "none of alice's values carry over to bob")
+	})
+}
+
+// TestSessionManyValues: a save that sets, deletes or clears thousands of
+// values at once works (Lua's unpack takes a few thousand values at most,
+// so the script writes them in chunks).
+func TestSessionManyValues(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		app := newSessionApp(t, r, r.Client(), nil)
+		e := echo.New()
+		e.Use(app.store.Middleware())
+		e.POST("/bulk", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			from, _ := strconv.Atoi(c.QueryParam("from"))
+			n, _ := strconv.Atoi(c.QueryParam("n"))
+			for i := from; i < from+n; i++ {
+				if err := s.Set("k"+strconv.Itoa(i), 1); err != nil {
+					return err
+				}
+			}
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.POST("/delete-all", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			for _, k := range s.Keys() {
+				if err := s.Delete(k); err != nil {
+					return err
+				}
+			}
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.GET("/count", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			return c.String(http.StatusOK, strconv.Itoa(len(s.Keys())))
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		bulk := &sessionApp{store: app.store, srv: srv}
+
+		b := newBrowser(t)
+		require.Equal(t, http.StatusOK, b.post(app, "/login?user=u1").code)
+		for _, from := range []int{0, 5000} {
+			rep := b.post(bulk, fmt.Sprintf("/bulk?from=%d&n=5000", from))
+			require.Equal(t, http.StatusNoContent, rep.code, rep.body)
+		}
+		require.Equal(t, "10000", b.get(bulk, "/count").body)
+		require.Equal(t, http.StatusNoContent, b.post(app, "/clear").code)
+		require.Equal(t, "0", b.get(bulk, "/count").body)
+
+		require.Equal(t, http.StatusNoContent, b.post(bulk, "/bulk?from=0&n=5000").code)
+		require.Equal(t, http.StatusNoContent, b.post(bulk, "/delete-all").code)
+		require.Equal(t, "0", b.get(bulk, "/count").body)
+		require.Equal(t, "u1", userOf(t, b.get(app, "/whoami")))
+	})
+}
+
+// TestDestroyUserSessionsInFullRedisKeepsInFlightLogins: in a full Redis,
+// "log out everywhere" cannot leave its marker on the key of a login in
+// flight (indexed, not written yet), so it keeps that index entry: a login
+// that lands once memory is freed stays listed, and can be ended.
+func TestDestroyUserSessionsInFullRedisKeepsInFlightLogins(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		store, err := NewSessionStore(SessionConfig{Client: f.Client(), Keys: []string{testKey}, Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		now := store.b.clock.Now()
+		abs := now.Add(time.Hour)
+		tok := newToken("")
+		require.Nil(t, store.index(ctx, "u1", tok.handle(), abs, now)) // a login in flight
+
+		f.Fill(t)
+		n, err := store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		f.Free(t) // the logout freed memory, say; the login lands
+		_, err = store.runSave(ctx, store.key(tok), store.key(tok), store.saveArgs("new", now, abs.UnixMilli(), true,
+			map[string][]byte{fUser: []byte("u1"), "v:x": []byte("1")}, nil))
+		require.NoError(t, err)
+		list, err := store.ListUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Len(t, list, 1, "the login that landed is in the index")
+		n, err = store.DestroyUserSessions(ctx, "u1")
+		require.NoError(t, err)
+		require.Equal(t, 1, n, "and can be ended")
+	})
+}

@@ -1985,13 +1985,20 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 		fp   FailurePolicy
 		l    *Limiter
 		used Decision // admitted before Redis filled up
+		// admitted under counters alone, whose refund's first real write
+		// is an HSET (deny-OOM): it passes only after the no-op HDEL
+		counted Decision
 	}
+	counters := []Policy{{Algorithm: FixedWindow, Limit: 3, Window: 2 * time.Hour}, {Algorithm: SlidingWindow, Limit: 3, Window: time.Hour}}
 	var ls []*limiter
 	for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
 		l, err := NewLimiter(LimiterConfig{Client: c, Name: "oom-" + fp.String(), Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true,
 			Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}})
 		require.NoError(t, err)
 		lm := &limiter{fp: fp, l: l, used: allow(t, l, "used", 1)}
+		lm.counted, err = l.AllowPolicies(ctx, "counted", 1, counters...)
+		require.NoError(t, err)
+		require.True(t, lm.counted.Allowed && !lm.counted.Degraded)
 		for range 3 {
 			require.True(t, allow(t, l, "full", 1).Allowed)
 		}
@@ -2025,6 +2032,10 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 
 		require.NoError(t, l.Refund(ctx, &lm.used), "%s: a refund only shrinks state, and succeeds", lm.fp)
 		require.Equal(t, int64(3), allow(t, l, "used", 0).Remaining)
+		require.NoError(t, l.Refund(ctx, &lm.counted), "%s: so does one that starts with a counter's HSET", lm.fp)
+		d, err := l.AllowPolicies(ctx, "counted", 0, counters...)
+		require.NoError(t, err)
+		require.Equal(t, int64(3), d.Remaining)
 	}
 	require.False(t, BreakerFor(c).AnyOpen(), "OOM replies are answers: the shared breaker stays closed")
 

@@ -1380,9 +1380,15 @@ func TestLimiterShortRequestDeadline(t *testing.T) {
 }
 
 func shortRequestDeadline(t *testing.T, f *faultRedis) {
-	l, err := NewLimiter(LimiterConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}, Policies: []Policy{PerMinute(10)}})
+	admin := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+	// A Timeout far beyond the pause: only the request's own deadline can
+	// tell the script it came too late.
+	l, err := NewLimiter(LimiterConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Timeout: 10 * time.Second, Logger: discardLogger()},
+		Policies: []Policy{PerMinute(10), {Algorithm: SlidingLog, Limit: 10, Window: time.Minute}}})
 	require.NoError(t, err)
 	allow(t, l, "k", 1)
+	before := limiterState(t, admin, l, "k")
+	scripts := scriptCalls(t, f.addrs)
 	f.Pause(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
@@ -1390,6 +1396,9 @@ func shortRequestDeadline(t *testing.T, f *faultRedis) {
 	require.NoError(t, err)
 	require.True(t, d.Allowed && d.Degraded, "FailOpen applies")
 	f.Resume(t)
+	require.Positive(t, settledScriptCalls(t, f.addrs)-scripts, "Redis ran the late script")
+	require.Equal(t, before, limiterState(t, admin, l, "k"), "past the request's deadline, it charged nothing")
+	require.Equal(t, int64(9), allow(t, l, "k", 0).Remaining)
 }
 
 // TestLimiterRefundRacesBlock checks that a denial racing a refund never

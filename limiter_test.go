@@ -1850,6 +1850,27 @@ func TestLimiterLateCallsChangeNothing(t *testing.T) {
 			require.Zero(t, n, "nothing written")
 		})
 
+		t.Run("each node its own clock", func(t *testing.T) {
+			if c.Mode() != rueidis.ClientModeCluster {
+				t.Skip("one node")
+			}
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: pols, OnRedisError: FailClosed, DisableFreePath: true})
+			skewClock(t, l, "a", -time.Hour)
+			scopeOf := func(key string) string { return l.b.scope(l.keys(normKey(key))[0]) }
+			other := ""
+			for i := 0; other == ""; i++ {
+				require.Less(t, i, 1000)
+				if k := "b" + strconv.Itoa(i); scopeOf(k) != scopeOf("a") {
+					other = k
+				}
+			}
+			d, err := l.Allow(ctx, other)
+			require.NoError(t, err, "another master's deadline is not the skewed node's")
+			require.False(t, d.Degraded)
+			_, err = l.Allow(ctx, "a")
+			require.ErrorIs(t, err, errLate, "the skewed node's is")
+		})
+
 		for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
 			t.Run(fp.String(), func(t *testing.T) {
 				l := newTestLimiter(t, r, c, LimiterConfig{Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true})

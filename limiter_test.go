@@ -1380,9 +1380,15 @@ func TestLimiterShortRequestDeadline(t *testing.T) {
 }
 
 func shortRequestDeadline(t *testing.T, f *faultRedis) {
-	l, err := NewLimiter(LimiterConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}, Policies: []Policy{PerMinute(10)}})
+	admin := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
+	// A Timeout far beyond the pause: only the request's own deadline can
+	// tell the script it came too late.
+	l, err := NewLimiter(LimiterConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix(), Timeout: 10 * time.Second, Logger: discardLogger()},
+		Policies: []Policy{PerMinute(10), {Algorithm: SlidingLog, Limit: 10, Window: time.Minute}}})
 	require.NoError(t, err)
 	allow(t, l, "k", 1)
+	before := limiterState(t, admin, l, "k")
+	scripts := scriptCalls(t, f.addrs)
 	f.Pause(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
@@ -1390,6 +1396,9 @@ func shortRequestDeadline(t *testing.T, f *faultRedis) {
 	require.NoError(t, err)
 	require.True(t, d.Allowed && d.Degraded, "FailOpen applies")
 	f.Resume(t)
+	require.Positive(t, settledScriptCalls(t, f.addrs)-scripts, "Redis ran the late script")
+	require.Equal(t, before, limiterState(t, admin, l, "k"), "past the request's deadline, it charged nothing")
+	require.Equal(t, int64(9), allow(t, l, "k", 0).Remaining)
 }
 
 // TestLimiterRefundRacesBlock checks that a denial racing a refund never
@@ -1841,6 +1850,27 @@ func TestLimiterLateCallsChangeNothing(t *testing.T) {
 			require.Zero(t, n, "nothing written")
 		})
 
+		t.Run("each node its own clock", func(t *testing.T) {
+			if c.Mode() != rueidis.ClientModeCluster {
+				t.Skip("one node")
+			}
+			l := newTestLimiter(t, r, c, LimiterConfig{Policies: pols, OnRedisError: FailClosed, DisableFreePath: true})
+			skewClock(t, l, "a", -time.Hour)
+			scopeOf := func(key string) string { return l.b.scope(l.keys(normKey(key))[0]) }
+			other := ""
+			for i := 0; other == ""; i++ {
+				require.Less(t, i, 1000)
+				if k := "b" + strconv.Itoa(i); scopeOf(k) != scopeOf("a") {
+					other = k
+				}
+			}
+			d, err := l.Allow(ctx, other)
+			require.NoError(t, err, "another master's deadline is not the skewed node's")
+			require.False(t, d.Degraded)
+			_, err = l.Allow(ctx, "a")
+			require.ErrorIs(t, err, errLate, "the skewed node's is")
+		})
+
 		for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
 			t.Run(fp.String(), func(t *testing.T) {
 				l := newTestLimiter(t, r, c, LimiterConfig{Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true})
@@ -1985,13 +2015,20 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 		fp   FailurePolicy
 		l    *Limiter
 		used Decision // admitted before Redis filled up
+		// admitted under counters alone, whose refund's first real write
+		// is an HSET (deny-OOM): it passes only after the no-op HDEL
+		counted Decision
 	}
+	counters := []Policy{{Algorithm: FixedWindow, Limit: 3, Window: 2 * time.Hour}, {Algorithm: SlidingWindow, Limit: 3, Window: time.Hour}}
 	var ls []*limiter
 	for _, fp := range []FailurePolicy{FailOpen, FailClosed, LocalFallback} {
 		l, err := NewLimiter(LimiterConfig{Client: c, Name: "oom-" + fp.String(), Policies: pols, OnRedisError: fp, FallbackShare: 1, DisableFreePath: true,
 			Options: Options{Prefix: f.Keys.Prefix(), Logger: discardLogger()}})
 		require.NoError(t, err)
 		lm := &limiter{fp: fp, l: l, used: allow(t, l, "used", 1)}
+		lm.counted, err = l.AllowPolicies(ctx, "counted", 1, counters...)
+		require.NoError(t, err)
+		require.True(t, lm.counted.Allowed && !lm.counted.Degraded)
 		for range 3 {
 			require.True(t, allow(t, l, "full", 1).Allowed)
 		}
@@ -2000,7 +2037,6 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 	}
 
 	f.Fill(t)
-	free := func() { f.Free(t) }
 	for _, lm := range ls {
 		l := lm.l
 		for _, key := range []string{"used", "new"} {
@@ -2026,10 +2062,14 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 
 		require.NoError(t, l.Refund(ctx, &lm.used), "%s: a refund only shrinks state, and succeeds", lm.fp)
 		require.Equal(t, int64(3), allow(t, l, "used", 0).Remaining)
+		require.NoError(t, l.Refund(ctx, &lm.counted), "%s: so does one that starts with a counter's HSET", lm.fp)
+		d, err := l.AllowPolicies(ctx, "counted", 0, counters...)
+		require.NoError(t, err)
+		require.Equal(t, int64(3), d.Remaining)
 	}
 	require.False(t, BreakerFor(c).AnyOpen(), "OOM replies are answers: the shared breaker stays closed")
 
-	free()
+	f.Free(t)
 	for _, lm := range ls {
 		d := allow(t, lm.l, "new", 1)
 		require.True(t, d.Allowed && !d.Degraded, "%s: admissions work again once memory is freed", lm.fp)

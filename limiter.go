@@ -651,9 +651,10 @@ func slotScope(hash string) string { return "slot " + strconv.Itoa(int(keySlot(h
 // callDeadline is when a call sent now gives up: the backend's Timeout, or
 // the caller's own deadline if sooner, less lateMargin.
 func (l *Limiter) callDeadline(ctx context.Context) time.Time {
-	dl := time.Now().Add(l.b.timeout)
+	now := time.Now()
+	dl := now.Add(l.b.timeout)
 	if d, ok := ctx.Deadline(); ok && d.Before(dl) {
-		dl = d
+		dl = now.Add(time.Until(d)) // monotonic, even for a deadline built from a wall time
 	}
 	return dl.Add(-min(lateMargin, l.b.timeout/10))
 }
@@ -682,8 +683,12 @@ type redisClocks struct {
 
 // nodeClock is one node's offset.
 type nodeClock struct {
-	offset atomic.Int64 // Redis µs minus local µs
-	at     atomic.Int64 // local µs when learnt
+	cur atomic.Pointer[clockSample] // one pointer, so offset and age are read together
+}
+
+type clockSample struct {
+	offset int64 // Redis µs minus local µs
+	at     int64 // local µs when learnt
 }
 
 const (
@@ -714,11 +719,10 @@ func (c *redisClocks) learn(scope string, now int64, recv time.Time) int64 {
 		v, _ = c.nodes.LoadOrStore(scope, &nodeClock{})
 	}
 	nc := v.(*nodeClock)
-	if cur, ok := c.offset(nc, at); ok && off < cur && off >= cur-c.timeout.Microseconds() && at-nc.at.Load() <= clockKeep.Microseconds() {
+	if cur, ok := c.offset(nc, at); ok && off < cur && off >= cur-c.timeout.Microseconds() && at-nc.cur.Load().at <= clockKeep.Microseconds() {
 		return off // the kept bound is tighter
 	}
-	nc.offset.Store(off)
-	nc.at.Store(at)
+	nc.cur.Store(&clockSample{offset: off, at: at})
 	return off
 }
 
@@ -726,7 +730,11 @@ func (c *redisClocks) learn(scope string, now int64, recv time.Time) int64 {
 // gathered since it was learnt; false when none is known, or it is older
 // than clockMaxAge Timeouts.
 func (c *redisClocks) offset(nc *nodeClock, local int64) (int64, bool) {
-	off, at := nc.offset.Load(), nc.at.Load()
+	cs := nc.cur.Load()
+	if cs == nil {
+		return 0, false
+	}
+	off, at := cs.offset, cs.at
 	if at == 0 && off == 0 {
 		return 0, false
 	}

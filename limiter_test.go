@@ -1821,7 +1821,9 @@ func skewClock(t *testing.T, l *Limiter, key string, delta time.Duration) {
 		nc = v.(*nodeClock)
 		return true
 	}, 10*time.Second, 10*time.Millisecond, "the node's clock is known")
-	nc.offset.Add(delta.Microseconds())
+	cs := *nc.cur.Load()
+	cs.offset += delta.Microseconds()
+	nc.cur.Store(&cs)
 }
 
 // TestLimiterLateCallsChangeNothing checks the late path without a pause:

@@ -1419,8 +1419,10 @@ type CacheConfig struct {
 	// set. Default: "sessionId".
 	SessionCookie string
 	// Personal caches requests with credentials too. Set it only with a
-	// KeyFunc that includes the user, like the guide's "user:<id>".
-	// Default: false.
+	// KeyFunc that includes the requesting user, like the guide's
+	// "user:<id>" where the ID is the caller's: responses marked private or
+	// Vary: Cookie (the session middleware's marks) are stored too, under
+	// that key, and replayed with their marks. Default: false.
 	Personal bool
 }
 
@@ -1719,13 +1721,13 @@ func (h *httpCache) storable(e *entry) bool {
 	if len(hdr.Values(echo.HeaderSetCookie)) > 0 {
 		return false
 	}
-	if forbidsSharedCaching(hdr.Values(echo.HeaderCacheControl)) {
+	if forbidsCaching(hdr.Values(echo.HeaderCacheControl), h.cfg.Personal) {
 		return false
 	}
 	for _, v := range hdr.Values(echo.HeaderVary) {
 		for _, name := range strings.Split(v, ",") {
 			name = http.CanonicalHeaderKey(strings.TrimSpace(name))
-			if name == "*" || (name != "" && !h.vary[name]) {
+			if name == "*" || (name != "" && !h.vary[name] && !(h.cfg.Personal && (name == echo.HeaderCookie || name == echo.HeaderAuthorization))) {
 				return false
 			}
 		}
@@ -1733,18 +1735,27 @@ func (h *httpCache) storable(e *entry) bool {
 	return true
 }
 
-// forbidsSharedCaching reports whether Cache-Control values carry a
-// directive that keeps a shared cache from storing the response, or from
-// serving it without revalidation (which this cache never does): private
-// (with or without field names), no-store or no-cache. Directive names are
-// case-insensitive (RFC 9111 §5.2).
-func forbidsSharedCaching(values []string) bool {
+// forbidsCaching reports whether Cache-Control values carry a directive
+// that keeps this cache from storing the response, or from serving it
+// without revalidation (which it never does): no-store or no-cache, and,
+// unless the route is Personal, private (with or without field names). A
+// Personal route's key names the user (its KeyFunc's contract), so a
+// response meant for one user (private, Vary: Cookie or Authorization, as
+// the session middleware marks what read a logged-in session) is stored
+// under that user's key only, and replayed with its marks for the caches
+// in front of the app. Directive names are case-insensitive (RFC 9111
+// §5.2).
+func forbidsCaching(values []string, personal bool) bool {
 	for _, v := range values {
 		for _, d := range strings.Split(v, ",") {
 			name, _, _ := strings.Cut(d, "=")
 			switch strings.ToLower(strings.TrimSpace(name)) {
-			case "private", "no-store", "no-cache":
+			case "no-store", "no-cache":
 				return true
+			case "private":
+				if !personal {
+					return true
+				}
 			}
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
 	"slices"
@@ -1636,5 +1637,73 @@ func TestCacheNeverStoresPrivateResponses(t *testing.T) {
 				require.Equal(t, tt.header.Values("Cache-Control"), second.header.Values("Cache-Control"), "the directives reach the client")
 			})
 		}
+	})
+}
+
+// TestCachePersonalRouteBehindTheSessionMiddleware: a Personal route keyed
+// by the logged-in user is cached although the session middleware marks
+// its responses private (with Vary: Cookie): the key is per user, and the
+// marks are replayed for the caches in front of the app. Each user gets
+// his own entry, never another's.
+func TestCachePersonalRouteBehindTheSessionMiddleware(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		sessions, err := NewSessionStore(SessionConfig{Client: client, Keys: []string{testKey}, InsecureCookie: true, Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		store := newCacheStore(t, r, client, nil)
+		e := echo.New()
+		e.Use(sessions.Middleware())
+		user := func(c echo.Context) string {
+			s, err := GetSession(c)
+			require.NoError(t, err)
+			return s.UserID()
+		}
+		e.POST("/login", func(c echo.Context) error {
+			s, err := GetSession(c)
+			require.NoError(t, err)
+			require.NoError(t, s.SetUserID(c.QueryParam("user")))
+			return c.NoContent(http.StatusNoContent)
+		})
+		var calls atomic.Int32
+		e.GET("/me", func(c echo.Context) error {
+			calls.Add(1)
+			return c.String(http.StatusOK, "hello "+user(c))
+		}, CacheWithConfig(CacheConfig{Store: store, Personal: true, KeyFunc: func(c echo.Context) string {
+			if u := user(c); u != "" {
+				return "me:" + u
+			}
+			return ""
+		}}))
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		browser := func(name string) *http.Client {
+			jar, err := cookiejar.New(nil)
+			require.NoError(t, err)
+			c := &http.Client{Jar: jar}
+			resp, err := c.Post(srv.URL+"/login?user="+name, "", nil)
+			require.NoError(t, err)
+			resp.Body.Close()
+			require.Equal(t, http.StatusNoContent, resp.StatusCode)
+			return c
+		}
+		me := func(c *http.Client) reply {
+			resp, err := c.Get(srv.URL + "/me")
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			return reply{code: resp.StatusCode, header: resp.Header, body: string(body)}
+		}
+		alice, bob := browser("alice"), browser("bob")
+		for i, c := range []*http.Client{alice, bob, alice, bob, alice} {
+			rep := me(c)
+			want := map[bool]string{true: "hello alice", false: "hello bob"}[i%2 == 0]
+			require.Equal(t, want, rep.body, "request %d", i)
+			require.Equal(t, "private", rep.header.Get("Cache-Control"), "request %d: still private for the caches in front", i)
+			require.Contains(t, rep.header.Values("Vary"), "Cookie", "request %d", i)
+			if i >= 2 {
+				require.Equal(t, "HIT", rep.header.Get("X-Cache"), "request %d", i)
+			}
+		}
+		require.Equal(t, int32(2), calls.Load(), "once per user")
 	})
 }

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"slices"
@@ -120,14 +121,21 @@ type cacheLocal struct {
 	decodedBytes atomic.Int64 // encoded size of the decoded entries, about
 
 	// The entries known to exist in Redis, read through client-side
-	// caching: slot fp%knownSlots holds the fingerprint fp of the entry key
-	// last seen there (a collision forgets the other key, which costs it
-	// one untracked read). 512 KiB, so that far more entries than the key
-	// memo holds stay tracked.
+	// caching, by the fingerprints of their keys (see knownFP), in buckets
+	// of knownWays slots: a key is forgotten (and costs one untracked read)
+	// only when knownWays others of its bucket were seen since. 512 KiB, so
+	// that far more entries than the key memo holds stay tracked: with one
+	// slot per fingerprint, two hot keys of one slot took turns, and each
+	// of their hits cost a round trip for good (about 60 of 2,000 hot
+	// keys); in 8,192 buckets of 8, a hot set of 8,192 keys fits (a bucket
+	// over capacity: 1% likely), one of 20,000 overflows about 8 buckets.
 	known [knownSlots]atomic.Uint64
 }
 
-const knownSlots = 1 << 16
+const (
+	knownSlots = 1 << 16
+	knownWays  = 8
+)
 
 // fingerprintSeed seeds the entry keys' fingerprints (per process).
 var fingerprintSeed = maphash.MakeSeed()
@@ -220,24 +228,63 @@ func (cs *CacheStore) entryKey(key string) string { return cs.entry(key).ek }
 type entryRef struct {
 	ek  string
 	get rueidis.Cacheable
-	fp  uint64 // the fingerprint of ek, never 0 (see cacheLocal.known)
+	fp  uint64 // knownFP(ek)
+}
+
+// knownFP is the fingerprint of an entry key in cacheLocal.known: never 0,
+// the empty slot.
+func knownFP(ek string) uint64 { return maphash.String(fingerprintSeed, ek) | 1 }
+
+// knownBucket returns the slots where fp may be.
+func (cl *cacheLocal) knownBucket(fp uint64) []atomic.Uint64 {
+	i := (fp >> 1) % (knownSlots / knownWays) * knownWays
+	return cl.known[i : i+knownWays : i+knownWays]
 }
 
 // isKnown reports whether ref's entry exists in Redis as far as this
 // instance knows: then it is read through client-side caching.
 func (cs *CacheStore) isKnown(ref *entryRef) bool {
-	return cs.known[ref.fp%knownSlots].Load() == ref.fp
+	b := cs.knownBucket(ref.fp)
+	for i := range b {
+		if b[i].Load() == ref.fp {
+			return true
+		}
+	}
+	return false
 }
 
 func (cs *CacheStore) setKnown(ref *entryRef, known bool) {
-	slot := &cs.known[ref.fp%knownSlots]
 	if known {
-		if slot.Load() != ref.fp {
-			slot.Store(ref.fp)
-		}
-		return
+		cs.remember(ref.fp)
+	} else {
+		cs.forget(ref.fp)
 	}
-	slot.CompareAndSwap(ref.fp, 0)
+}
+
+// remember records fp in its bucket: in a free slot, or in place of a
+// random one when the bucket is full.
+func (cl *cacheLocal) remember(fp uint64) {
+	b := cl.knownBucket(fp)
+	for i := range b {
+		if b[i].Load() == fp {
+			return
+		}
+	}
+	for i := range b {
+		if b[i].CompareAndSwap(0, fp) {
+			return
+		}
+	}
+	b[mrand.IntN(knownWays)].Store(fp)
+}
+
+// forget removes fp from its bucket (every copy: two concurrent remembers
+// may both have stored it).
+func (cl *cacheLocal) forget(fp uint64) {
+	b := cl.knownBucket(fp)
+	for i := range b {
+		b[i].CompareAndSwap(fp, 0)
+	}
 }
 
 // longKey is the memo key of a cache key longer than MaxKeyPart: its entry
@@ -253,7 +300,7 @@ func (cs *CacheStore) entry(key string) *entryRef {
 		return v.(*entryRef)
 	}
 	ek := cs.b.keys.Group("c", key).Key("e")
-	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin(), fp: maphash.String(fingerprintSeed, ek) | 1}
+	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin(), fp: knownFP(ek)}
 	if cs.keyMemoN.Add(1) > maxDecoded {
 		cs.keyMemo.Clear()
 		cs.keyMemoN.Store(0)
@@ -702,8 +749,8 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 				return err
 			}
 			if strings.HasSuffix(k, ":e") {
-				cs.known[(maphash.String(fingerprintSeed, k)|1)%knownSlots].Store(0) // read untracked until it exists again
-				cs.markDelete(k)                                                     // this instance stops serving it at once
+				cs.forget(knownFP(k)) // read untracked until it exists again
+				cs.markDelete(k)      // this instance stops serving it at once
 				n++
 			}
 		}

@@ -80,8 +80,11 @@ var (
 // InvalidateTags is one INCR per tag whatever the number of entries, leaves
 // nothing to clean up, and beats any fill that started before it. A tag
 // counter exists, with a TTL, as long as any entry that names it: storing an
-// entry creates its counters (at 0) or extends their TTL, and an
-// invalidation keeps a counter TagTTL.
+// entry creates its counters or extends their TTL, and an invalidation
+// keeps a counter TagTTL. A counter is created at a random generation, and
+// a missing counter validates no entry, so that a counter evicted under
+// allkeys-lru (its hits are served from process memory: it looks idle to
+// Redis) and created again never revives an entry invalidated before.
 //
 // Client-side caching and Redis's tracking table: a tracked read of a key
 // leaves an entry in Redis's tracking table until the key changes or
@@ -617,9 +620,10 @@ func tagKeys(tags []tagGen) []string {
 
 // generations returns the current generation of the tag counters keys,
 // never below what this instance itself set. tracked reads them through
-// client-side caching, for the counters of a stored entry (they exist);
-// otherwise (a fill's tags, from the request: the counter of a junk ID may
-// never be written) they are read untracked.
+// client-side caching, for the counters of a stored entry (they exist; one
+// that is missing gives -2, which no entry recorded); otherwise (a fill's
+// tags, from the request: the counter of a junk ID may never be written)
+// they are read untracked, and a missing one gives 0, "absent".
 func (cs *CacheStore) generations(ctx context.Context, keys []string, tracked bool) ([]int64, error) {
 	var res []rueidis.RedisResult
 	if tracked {
@@ -644,8 +648,13 @@ func (cs *CacheStore) generations(ctx context.Context, keys []string, tracked bo
 			return nil, err
 		}
 		n, err := r.AsInt64()
-		if err != nil && !rueidis.IsRedisNil(err) {
-			n = -1 // not a counter (someone wrote to it): never matches a fill's 0+
+		switch {
+		case rueidis.IsRedisNil(err) && tracked:
+			n = -2 // validating: a missing counter (evicted?) matches no entry
+		case rueidis.IsRedisNil(err):
+			n = 0 // a fill: absent, see write
+		case err != nil:
+			n = -1 // not a counter (someone wrote to it): matches no entry
 		}
 		if v, ok := cs.tagFloor.Load(keys[i]); ok {
 			if f := v.(tagFloor); now-f.at < int64(cs.cfg.RecentWindow) {
@@ -667,15 +676,27 @@ type tagFloor struct {
 }
 
 // bumpScript moves a tag to its next generation and keeps its counter
-// TagTTL. Its first write is INCR, which Redis refuses when it is out of
-// memory (a deny-OOM command): then nothing is written.
+// TagTTL. A missing counter starts from a random generation (see
+// newGeneration), never from 0. Its first write is SET or INCR, which Redis
+// refuses when it is out of memory (deny-OOM commands): then nothing is
+// written.
 //
-// KEYS[1] the tag counter; ARGV[1] TagTTL (ms). Returns the new generation.
+// KEYS[1] the tag counter; ARGV[1] TagTTL (ms); ARGV[2] the random
+// generation to start from. Returns the new generation.
 var bumpScript = rueidis.NewLuaScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
 local n = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return n
 `)
+
+// newGeneration returns the random generation a new tag counter starts
+// from: in [1, 2^52), so that INCR results stay exact through Lua's
+// numbers, and a counter created again after an eviction does not come
+// back to a generation an old entry recorded (2^-52 a chance).
+func newGeneration() string { return strconv.FormatUint(mrand.Uint64N(1<<52-1)+1, 10) }
 
 // InvalidateTags makes every entry tagged with any of tags a miss, on every
 // instance: one INCR per tag, whatever the number of entries. This instance
@@ -692,7 +713,7 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 	}
 	for _, t := range tags {
 		k := cs.tagKey(t)
-		n, err := cs.b.Exec(ctx, bumpScript, []string{k}, []string{strconv.FormatInt(cs.cfg.TagTTL.Milliseconds(), 10)}).AsInt64()
+		n, err := cs.b.Exec(ctx, bumpScript, []string{k}, []string{strconv.FormatInt(cs.cfg.TagTTL.Milliseconds(), 10), newGeneration()}).AsInt64()
 		if err != nil {
 			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, oomError(err))
 		}
@@ -788,24 +809,26 @@ return 0
 `)
 
 // ensureTagScript makes a tag counter live at least as long as an entry
-// about to be stored with it: it creates the counter at generation 0 (the
-// generation of a missing counter, so nothing changes for any reader) or
-// extends its TTL, never shortens it. So every counter an entry names
-// exists while the entry does, and the tracked reads that validate the
-// entry's hits never leave tracking state behind for a counter that is
-// never written. Its first write is SET (deny-OOM: refused in a full
-// Redis, nothing written) or, for a counter that exists, PEXPIRE, which
-// allocates nothing.
+// about to be stored with it: it creates the counter at a random
+// generation, or extends its TTL, never shortens it. So every counter an
+// entry names exists while the entry does, and the tracked reads that
+// validate the entry's hits never leave tracking state behind for a
+// counter that is never written. Its first write is SET (deny-OOM: refused
+// in a full Redis, nothing written) or, for a counter that exists,
+// PEXPIRE, which allocates nothing.
 //
-// KEYS[1] the tag counter; ARGV[1] the TTL it needs (ms).
+// KEYS[1] the tag counter; ARGV[1] the TTL it needs (ms); ARGV[2] the
+// generation to create it at (newGeneration). Returns 1 when it created
+// the counter, 0 when it existed.
 var ensureTagScript = rueidis.NewLuaScript(`
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -2 then
-  redis.call('SET', KEYS[1], '0', 'PX', ARGV[1])
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+  return 1
 elseif ttl >= 0 and ttl < tonumber(ARGV[1]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
-return 1
+return 0
 `)
 
 // tagCounterMargin is how much longer than an entry its tag counters are
@@ -824,8 +847,13 @@ func oomError(err error) error {
 // write stores e under key, releasing the fill lock token if not "". It
 // writes nothing while key's node is out of memory (ErrCacheOutOfMemory):
 // first its tag counters (so that none is missing while the entry lives),
-// then the entry; when a counter fails the entry is not stored. A caller
-// holding the lock releases it when write fails.
+// then the entry; when a counter fails the entry is not stored. A tag whose
+// counter was absent when the fill began (generation 0) gets the
+// generation its counter is created at, when this write creates it; when
+// another writer created it meanwhile (an invalidation, say), the entry
+// could never be valid and is not stored. A caller holding the lock
+// releases it when write fails; write releases it when it stores nothing
+// otherwise.
 func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken string) error {
 	if len(e.tags) > 0 {
 		// A tagged entry must not outlive its tags' counters (see TagTTL).
@@ -835,6 +863,7 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 	}
 	ttl := time.Duration(e.stale-cs.b.clock.Now().UnixMilli()) * time.Millisecond
 	if ttl <= 0 {
+		cs.unlock(ctx, key, lockToken)
 		return nil
 	}
 	ref := cs.entry(key)
@@ -843,9 +872,19 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 		return ErrCacheOutOfMemory
 	}
 	need := strconv.FormatInt((ttl + tagCounterMargin).Milliseconds(), 10)
-	for _, t := range e.tags {
-		if err := cs.b.Exec(ctx, ensureTagScript, []string{t.tag}, []string{need}).Error(); err != nil {
+	for i, t := range e.tags {
+		gen := newGeneration()
+		created, err := cs.b.Exec(ctx, ensureTagScript, []string{t.tag}, []string{need, gen}).AsInt64()
+		if err != nil {
 			return oomError(err)
+		}
+		switch {
+		case t.gen != 0:
+		case created == 1:
+			e.tags[i].gen, _ = strconv.ParseInt(gen, 10, 64)
+		default:
+			cs.unlock(ctx, key, lockToken)
+			return nil // absent when the fill began, written by another since
 		}
 	}
 	stored, err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).AsInt64()

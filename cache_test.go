@@ -1532,7 +1532,7 @@ func TestCacheInAFullRedis(t *testing.T) {
 		held, err := ca.Do(ctx, ca.B().Get().Key(lk).Build()).ToString()
 		require.NoError(t, err)
 		require.Equal(t, lockTok, held, "the refused store did not release the lock: it wrote nothing")
-		err = a.store.b.Exec(ctx, ensureTagScript, []string{a.store.tagKey("new-tag")}, []string{"60000"}).Error()
+		err = a.store.b.Exec(ctx, ensureTagScript, []string{a.store.tagKey("new-tag")}, []string{"60000", newGeneration()}).Error()
 		require.True(t, isOOM(err), "tag counter script: %v", err)
 		a.store.unlock(ctx, "direct", lockTok) // DEL works in a full Redis
 
@@ -1738,5 +1738,52 @@ func TestCacheLargeHotSetStaysInMemory(t *testing.T) {
 		read()
 		read()
 		require.Equal(t, before, commandCalls(t, addrs), "warm hits of a hot set sent commands to Redis")
+	})
+}
+
+// TestCacheEvictedTagCounterRevivesNothing: an entry invalidated by a tag
+// stays invalid when the tag's counter is evicted (allkeys-lru, the
+// README's policy for caches, evicts counters whose hits were served from
+// process memory and so look idle to Redis; deleted here), whether the
+// counter stays missing or another fill creates it again and later
+// invalidations count it up: a new counter never starts where an old
+// entry's generation can be reached.
+func TestCacheEvictedTagCounterRevivesNothing(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		a := newCacheStore(t, r, client, nil)
+		b := newCacheStore(t, r, r.Client(), nil) // another instance: no memory of a's invalidations
+		ctx := ctx5s(t)
+		for _, tt := range []struct {
+			name    string
+			gen     int  // invalidations before the old entry was filled
+			recount bool // after the eviction, another fill creates the counter and as many invalidations follow
+		}{
+			{name: "counter missing"},
+			{name: "counter recreated", recount: true},
+			{name: "entry of generation 2, counter recreated and counted up", gen: 2, recount: true},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				tag := "evicted " + tt.name
+				remember := func(cs *CacheStore, key, value string) string {
+					v, err := Remember(ctx, cs, key, time.Minute, func(context.Context) (string, error) { return value, nil }, WithTags(tag))
+					require.NoError(t, err)
+					return v
+				}
+				for range tt.gen {
+					require.NoError(t, a.InvalidateTags(ctx, tag))
+				}
+				require.Equal(t, "old", remember(a, tag, "old"))
+				require.NoError(t, a.InvalidateTags(ctx, tag)) // the old entry is invalid from now on
+				require.NoError(t, client.Do(ctx, client.B().Del().Key(a.tagKey(tag)).Build()).Error())
+				if tt.recount {
+					require.Equal(t, "x", remember(b, "other "+tag, "x"))
+					for range tt.gen {
+						require.NoError(t, b.InvalidateTags(ctx, tag))
+					}
+				}
+				require.Equal(t, "new", remember(b, tag, "new"), "the invalidated entry was served again")
+			})
+		}
 	})
 }

@@ -133,6 +133,12 @@ type cacheLocal struct {
 	// keys); in 8,192 buckets of 8, a hot set of 8,192 keys fits (a bucket
 	// over capacity: 1% likely), one of 20,000 overflows about 8 buckets.
 	known [knownSlots]atomic.Uint64
+	// knownUntil[i] is when the entry of known[i] expires (unix ms, the
+	// store's clock): past it the entry is read untracked again, so that a
+	// read of an entry that expired (a Get, a fill that stores nothing)
+	// leaves no tracking entry for a key that no longer exists. Another
+	// 512 KiB.
+	knownUntil [knownSlots]atomic.Int64
 }
 
 const (
@@ -238,55 +244,60 @@ type entryRef struct {
 // the empty slot.
 func knownFP(ek string) uint64 { return maphash.String(fingerprintSeed, ek) | 1 }
 
-// knownBucket returns the slots where fp may be.
-func (cl *cacheLocal) knownBucket(fp uint64) []atomic.Uint64 {
-	i := (fp >> 1) % (knownSlots / knownWays) * knownWays
-	return cl.known[i : i+knownWays : i+knownWays]
-}
+// knownBucket returns the index of the first of the slots where fp may be.
+func knownBucket(fp uint64) int { return int((fp >> 1) % (knownSlots / knownWays) * knownWays) }
+
+// knownMargin is how long before its expiry a known entry is read
+// untracked again: the expiry is the writer's clock, Redis counts the TTL
+// from when the write arrived.
+const knownMargin = 100 * time.Millisecond
 
 // isKnown reports whether ref's entry exists in Redis as far as this
 // instance knows: then it is read through client-side caching.
 func (cs *CacheStore) isKnown(ref *entryRef) bool {
-	b := cs.knownBucket(ref.fp)
-	for i := range b {
-		if b[i].Load() == ref.fp {
-			return true
+	now := cs.b.clock.Now().UnixMilli()
+	for i := knownBucket(ref.fp); i < knownBucket(ref.fp)+knownWays; i++ {
+		if cs.known[i].Load() == ref.fp {
+			return now < cs.knownUntil[i].Load()
 		}
 	}
 	return false
 }
 
-func (cs *CacheStore) setKnown(ref *entryRef, known bool) {
-	if known {
-		cs.remember(ref.fp)
-	} else {
-		cs.forget(ref.fp)
-	}
+// setKnown records that ref's entry e exists, until it expires.
+func (cs *CacheStore) setKnown(ref *entryRef, e *entry) {
+	cs.remember(ref.fp, e.stale-knownMargin.Milliseconds())
 }
 
-// remember records fp in its bucket: in a free slot, or in place of a
-// random one when the bucket is full.
-func (cl *cacheLocal) remember(fp uint64) {
-	b := cl.knownBucket(fp)
-	for i := range b {
-		if b[i].Load() == fp {
+// remember records fp in its bucket, until until (unix ms): in its slot, a
+// free one, or in place of a random one when the bucket is full. (Another
+// goroutine may replace the slot between the two stores: at worst one read
+// is tracked or untracked when it need not be.)
+func (cl *cacheLocal) remember(fp uint64, until int64) {
+	first := knownBucket(fp)
+	for i := first; i < first+knownWays; i++ {
+		if cl.known[i].Load() == fp {
+			cl.knownUntil[i].Store(until)
 			return
 		}
 	}
-	for i := range b {
-		if b[i].CompareAndSwap(0, fp) {
+	for i := first; i < first+knownWays; i++ {
+		if cl.known[i].CompareAndSwap(0, fp) {
+			cl.knownUntil[i].Store(until)
 			return
 		}
 	}
-	b[mrand.IntN(knownWays)].Store(fp)
+	i := first + mrand.IntN(knownWays)
+	cl.knownUntil[i].Store(until)
+	cl.known[i].Store(fp)
 }
 
 // forget removes fp from its bucket (every copy: two concurrent remembers
 // may both have stored it).
 func (cl *cacheLocal) forget(fp uint64) {
-	b := cl.knownBucket(fp)
-	for i := range b {
-		b[i].CompareAndSwap(fp, 0)
+	first := knownBucket(fp)
+	for i := first; i < first+knownWays; i++ {
+		cl.known[i].CompareAndSwap(fp, 0)
 	}
 }
 
@@ -492,9 +503,11 @@ func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
 // whose response is not stored) would stay in Redis's tracking table for
 // good; once that read finds the entry, or this instance stores it, the
 // next read is tracked, and the entry's expiry, deletion or replacement
-// removes the tracking entry. A tracked read that finds nothing (expired,
-// deleted) switches the key back to untracked reads: the tracking entry it
-// leaves is one per key that existed, not per request.
+// removes the tracking entry. An entry is known until it expires (then it
+// is read untracked again, and a read of it leaves nothing); a tracked read
+// that finds nothing (deleted by another instance) switches the key back
+// to untracked reads: the tracking entry it leaves is one per deletion
+// made elsewhere, not per request.
 func (cs *CacheStore) readEntry(ctx context.Context, ref *entryRef) (*entry, error) {
 	if !cs.isKnown(ref) {
 		return cs.readPlain(ctx, ref)
@@ -509,8 +522,11 @@ func (cs *CacheStore) readEntry(ctx context.Context, ref *entryRef) (*entry, err
 		// Our own write or delete has not invalidated the local copy yet.
 		return cs.readPlain(ctx, ref)
 	}
-	if e == nil {
-		cs.setKnown(ref, false)
+	switch {
+	case e == nil:
+		cs.forget(ref.fp)
+	case !res.IsCacheHit():
+		cs.setKnown(ref, e) // it may have been replaced: its expiry with it
 	}
 	return e, nil
 }
@@ -523,7 +539,7 @@ func (cs *CacheStore) readPlain(ctx context.Context, ref *entryRef) (*entry, err
 		return nil, err
 	}
 	if e != nil {
-		cs.setKnown(ref, true)
+		cs.setKnown(ref, e)
 	}
 	return e, nil
 }
@@ -743,7 +759,7 @@ func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
 			}
 		}
 		cs.markDelete(ek)
-		cs.setKnown(cs.entry(key), false) // read untracked until it exists again
+		cs.forget(cs.entry(key).fp) // read untracked until it exists again
 	}
 	return nil
 }
@@ -894,7 +910,7 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 	if stored == 1 {
 		cs.fills.Add(1)
 		cs.markWrite(ek, e.id)
-		cs.setKnown(ref, true)
+		cs.setKnown(ref, e)
 	}
 	return nil
 }

@@ -1787,3 +1787,38 @@ func TestCacheEvictedTagCounterRevivesNothing(t *testing.T) {
 		}
 	})
 }
+
+// TestCacheExpiredEntriesAreReadUntracked: an entry this instance knew, once
+// expired, is read untracked again, so that reading it (a Get, a fill
+// that stores nothing) leaves no tracking entry for a key that no longer
+// exists.
+func TestCacheExpiredEntriesAreReadUntracked(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		client := f.Client()
+		addrs := masterAddrs(t, client)
+		cs := newCacheStore(t, f.testRedis, client, nil)
+		ctx := ctx5s(t)
+		const n = 20
+		for i := range n {
+			require.NoError(t, cs.Set(ctx, fmt.Sprint("gone", i), i, 500*time.Millisecond))
+			var v int
+			for range 2 { // known and read through client-side caching
+				ok, err := cs.Get(ctx, fmt.Sprint("gone", i), &v)
+				require.NoError(t, err)
+				require.True(t, ok)
+			}
+		}
+		require.Eventually(t, func() bool { return figures(t, addrs).keys == 0 }, 10*time.Second, 50*time.Millisecond)
+		time.Sleep(100 * time.Millisecond) // expiry's invalidations delivered
+		start := figures(t, addrs).tracking
+		for i := range n {
+			var v int
+			ok, err := cs.Get(ctx, fmt.Sprint("gone", i), &v)
+			require.NoError(t, err)
+			require.False(t, ok)
+			_, err = Remember(ctx, cs, fmt.Sprint("gone", i), time.Minute, func(context.Context) (int, error) { return 0, errors.New("backend down") })
+			require.Error(t, err)
+		}
+		require.Equal(t, start, figures(t, addrs).tracking, "tracked reads of expired keys")
+	})
+}

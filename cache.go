@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"slices"
@@ -79,8 +80,11 @@ var (
 // InvalidateTags is one INCR per tag whatever the number of entries, leaves
 // nothing to clean up, and beats any fill that started before it. A tag
 // counter exists, with a TTL, as long as any entry that names it: storing an
-// entry creates its counters (at 0) or extends their TTL, and an
-// invalidation keeps a counter TagTTL.
+// entry creates its counters or extends their TTL, and an invalidation
+// keeps a counter TagTTL. A counter is created at a random generation, and
+// a missing counter validates no entry, so that a counter evicted under
+// allkeys-lru (its hits are served from process memory: it looks idle to
+// Redis) and created again never revives an entry invalidated before.
 //
 // Client-side caching and Redis's tracking table: a tracked read of a key
 // leaves an entry in Redis's tracking table until the key changes or
@@ -120,14 +124,27 @@ type cacheLocal struct {
 	decodedBytes atomic.Int64 // encoded size of the decoded entries, about
 
 	// The entries known to exist in Redis, read through client-side
-	// caching: slot fp%knownSlots holds the fingerprint fp of the entry key
-	// last seen there (a collision forgets the other key, which costs it
-	// one untracked read). 512 KiB, so that far more entries than the key
-	// memo holds stay tracked.
+	// caching, by the fingerprints of their keys (see knownFP), in buckets
+	// of knownWays slots: a key is forgotten (and costs one untracked read)
+	// only when knownWays others of its bucket were seen since. 512 KiB, so
+	// that far more entries than the key memo holds stay tracked: with one
+	// slot per fingerprint, two hot keys of one slot took turns, and each
+	// of their hits cost a round trip for good (about 60 of 2,000 hot
+	// keys); in 8,192 buckets of 8, a hot set of 8,192 keys fits (a bucket
+	// over capacity: 1% likely), one of 20,000 overflows about 8 buckets.
 	known [knownSlots]atomic.Uint64
+	// knownUntil[i] is when the entry of known[i] expires (unix ms, the
+	// store's clock): past it the entry is read untracked again, so that a
+	// read of an entry that expired (a Get, a fill that stores nothing)
+	// leaves no tracking entry for a key that no longer exists. Another
+	// 512 KiB.
+	knownUntil [knownSlots]atomic.Int64
 }
 
-const knownSlots = 1 << 16
+const (
+	knownSlots = 1 << 16
+	knownWays  = 8
+)
 
 // fingerprintSeed seeds the entry keys' fingerprints (per process).
 var fingerprintSeed = maphash.MakeSeed()
@@ -220,24 +237,68 @@ func (cs *CacheStore) entryKey(key string) string { return cs.entry(key).ek }
 type entryRef struct {
 	ek  string
 	get rueidis.Cacheable
-	fp  uint64 // the fingerprint of ek, never 0 (see cacheLocal.known)
+	fp  uint64 // knownFP(ek)
 }
+
+// knownFP is the fingerprint of an entry key in cacheLocal.known: never 0,
+// the empty slot.
+func knownFP(ek string) uint64 { return maphash.String(fingerprintSeed, ek) | 1 }
+
+// knownBucket returns the index of the first of the slots where fp may be.
+func knownBucket(fp uint64) int { return int((fp >> 1) % (knownSlots / knownWays) * knownWays) }
+
+// knownMargin is how long before its expiry a known entry is read
+// untracked again: the expiry is the writer's clock, Redis counts the TTL
+// from when the write arrived.
+const knownMargin = 100 * time.Millisecond
 
 // isKnown reports whether ref's entry exists in Redis as far as this
 // instance knows: then it is read through client-side caching.
 func (cs *CacheStore) isKnown(ref *entryRef) bool {
-	return cs.known[ref.fp%knownSlots].Load() == ref.fp
+	now := cs.b.clock.Now().UnixMilli()
+	for i := knownBucket(ref.fp); i < knownBucket(ref.fp)+knownWays; i++ {
+		if cs.known[i].Load() == ref.fp {
+			return now < cs.knownUntil[i].Load()
+		}
+	}
+	return false
 }
 
-func (cs *CacheStore) setKnown(ref *entryRef, known bool) {
-	slot := &cs.known[ref.fp%knownSlots]
-	if known {
-		if slot.Load() != ref.fp {
-			slot.Store(ref.fp)
+// setKnown records that ref's entry e exists, until it expires.
+func (cs *CacheStore) setKnown(ref *entryRef, e *entry) {
+	cs.remember(ref.fp, e.stale-knownMargin.Milliseconds())
+}
+
+// remember records fp in its bucket, until until (unix ms): in its slot, a
+// free one, or in place of a random one when the bucket is full. (Another
+// goroutine may replace the slot between the two stores: at worst one read
+// is tracked or untracked when it need not be.)
+func (cl *cacheLocal) remember(fp uint64, until int64) {
+	first := knownBucket(fp)
+	for i := first; i < first+knownWays; i++ {
+		if cl.known[i].Load() == fp {
+			cl.knownUntil[i].Store(until)
+			return
 		}
-		return
 	}
-	slot.CompareAndSwap(ref.fp, 0)
+	for i := first; i < first+knownWays; i++ {
+		if cl.known[i].CompareAndSwap(0, fp) {
+			cl.knownUntil[i].Store(until)
+			return
+		}
+	}
+	i := first + mrand.IntN(knownWays)
+	cl.knownUntil[i].Store(until)
+	cl.known[i].Store(fp)
+}
+
+// forget removes fp from its bucket (every copy: two concurrent remembers
+// may both have stored it).
+func (cl *cacheLocal) forget(fp uint64) {
+	first := knownBucket(fp)
+	for i := first; i < first+knownWays; i++ {
+		cl.known[i].CompareAndSwap(fp, 0)
+	}
 }
 
 // longKey is the memo key of a cache key longer than MaxKeyPart: its entry
@@ -253,7 +314,7 @@ func (cs *CacheStore) entry(key string) *entryRef {
 		return v.(*entryRef)
 	}
 	ek := cs.b.keys.Group("c", key).Key("e")
-	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin(), fp: maphash.String(fingerprintSeed, ek) | 1}
+	ref := &entryRef{ek: ek, get: cs.b.client.B().Get().Key(ek).Cache().Pin(), fp: knownFP(ek)}
 	if cs.keyMemoN.Add(1) > maxDecoded {
 		cs.keyMemo.Clear()
 		cs.keyMemoN.Store(0)
@@ -442,9 +503,11 @@ func (cs *CacheStore) read(ctx context.Context, key string) (lookup, error) {
 // whose response is not stored) would stay in Redis's tracking table for
 // good; once that read finds the entry, or this instance stores it, the
 // next read is tracked, and the entry's expiry, deletion or replacement
-// removes the tracking entry. A tracked read that finds nothing (expired,
-// deleted) switches the key back to untracked reads: the tracking entry it
-// leaves is one per key that existed, not per request.
+// removes the tracking entry. An entry is known until it expires (then it
+// is read untracked again, and a read of it leaves nothing); a tracked read
+// that finds nothing (deleted by another instance) switches the key back
+// to untracked reads: the tracking entry it leaves is one per deletion
+// made elsewhere, not per request.
 func (cs *CacheStore) readEntry(ctx context.Context, ref *entryRef) (*entry, error) {
 	if !cs.isKnown(ref) {
 		return cs.readPlain(ctx, ref)
@@ -459,8 +522,11 @@ func (cs *CacheStore) readEntry(ctx context.Context, ref *entryRef) (*entry, err
 		// Our own write or delete has not invalidated the local copy yet.
 		return cs.readPlain(ctx, ref)
 	}
-	if e == nil {
-		cs.setKnown(ref, false)
+	switch {
+	case e == nil:
+		cs.forget(ref.fp)
+	case !res.IsCacheHit():
+		cs.setKnown(ref, e) // it may have been replaced: its expiry with it
 	}
 	return e, nil
 }
@@ -473,7 +539,7 @@ func (cs *CacheStore) readPlain(ctx context.Context, ref *entryRef) (*entry, err
 		return nil, err
 	}
 	if e != nil {
-		cs.setKnown(ref, true)
+		cs.setKnown(ref, e)
 	}
 	return e, nil
 }
@@ -570,9 +636,10 @@ func tagKeys(tags []tagGen) []string {
 
 // generations returns the current generation of the tag counters keys,
 // never below what this instance itself set. tracked reads them through
-// client-side caching, for the counters of a stored entry (they exist);
-// otherwise (a fill's tags, from the request: the counter of a junk ID may
-// never be written) they are read untracked.
+// client-side caching, for the counters of a stored entry (they exist; one
+// that is missing gives -2, which no entry recorded); otherwise (a fill's
+// tags, from the request: the counter of a junk ID may never be written)
+// they are read untracked, and a missing one gives 0, "absent".
 func (cs *CacheStore) generations(ctx context.Context, keys []string, tracked bool) ([]int64, error) {
 	var res []rueidis.RedisResult
 	if tracked {
@@ -597,8 +664,13 @@ func (cs *CacheStore) generations(ctx context.Context, keys []string, tracked bo
 			return nil, err
 		}
 		n, err := r.AsInt64()
-		if err != nil && !rueidis.IsRedisNil(err) {
-			n = -1 // not a counter (someone wrote to it): never matches a fill's 0+
+		switch {
+		case rueidis.IsRedisNil(err) && tracked:
+			n = -2 // validating: a missing counter (evicted?) matches no entry
+		case rueidis.IsRedisNil(err):
+			n = 0 // a fill: absent, see write
+		case err != nil:
+			n = -1 // not a counter (someone wrote to it): matches no entry
 		}
 		if v, ok := cs.tagFloor.Load(keys[i]); ok {
 			if f := v.(tagFloor); now-f.at < int64(cs.cfg.RecentWindow) {
@@ -620,15 +692,27 @@ type tagFloor struct {
 }
 
 // bumpScript moves a tag to its next generation and keeps its counter
-// TagTTL. Its first write is INCR, which Redis refuses when it is out of
-// memory (a deny-OOM command): then nothing is written.
+// TagTTL. A missing counter starts from a random generation (see
+// newGeneration), never from 0. Its first write is SET or INCR, which Redis
+// refuses when it is out of memory (deny-OOM commands): then nothing is
+// written.
 //
-// KEYS[1] the tag counter; ARGV[1] TagTTL (ms). Returns the new generation.
+// KEYS[1] the tag counter; ARGV[1] TagTTL (ms); ARGV[2] the random
+// generation to start from. Returns the new generation.
 var bumpScript = rueidis.NewLuaScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
 local n = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return n
 `)
+
+// newGeneration returns the random generation a new tag counter starts
+// from: in [1, 2^52), so that INCR results stay exact through Lua's
+// numbers, and a counter created again after an eviction does not come
+// back to a generation an old entry recorded (2^-52 a chance).
+func newGeneration() string { return strconv.FormatUint(mrand.Uint64N(1<<52-1)+1, 10) }
 
 // InvalidateTags makes every entry tagged with any of tags a miss, on every
 // instance: one INCR per tag, whatever the number of entries. This instance
@@ -645,7 +729,7 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 	}
 	for _, t := range tags {
 		k := cs.tagKey(t)
-		n, err := cs.b.Exec(ctx, bumpScript, []string{k}, []string{strconv.FormatInt(cs.cfg.TagTTL.Milliseconds(), 10)}).AsInt64()
+		n, err := cs.b.Exec(ctx, bumpScript, []string{k}, []string{strconv.FormatInt(cs.cfg.TagTTL.Milliseconds(), 10), newGeneration()}).AsInt64()
 		if err != nil {
 			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, oomError(err))
 		}
@@ -675,7 +759,7 @@ func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
 			}
 		}
 		cs.markDelete(ek)
-		cs.setKnown(cs.entry(key), false) // read untracked until it exists again
+		cs.forget(cs.entry(key).fp) // read untracked until it exists again
 	}
 	return nil
 }
@@ -702,8 +786,8 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 				return err
 			}
 			if strings.HasSuffix(k, ":e") {
-				cs.known[(maphash.String(fingerprintSeed, k)|1)%knownSlots].Store(0) // read untracked until it exists again
-				cs.markDelete(k)                                                     // this instance stops serving it at once
+				cs.forget(knownFP(k)) // read untracked until it exists again
+				cs.markDelete(k)      // this instance stops serving it at once
 				n++
 			}
 		}
@@ -741,24 +825,26 @@ return 0
 `)
 
 // ensureTagScript makes a tag counter live at least as long as an entry
-// about to be stored with it: it creates the counter at generation 0 (the
-// generation of a missing counter, so nothing changes for any reader) or
-// extends its TTL, never shortens it. So every counter an entry names
-// exists while the entry does, and the tracked reads that validate the
-// entry's hits never leave tracking state behind for a counter that is
-// never written. Its first write is SET (deny-OOM: refused in a full
-// Redis, nothing written) or, for a counter that exists, PEXPIRE, which
-// allocates nothing.
+// about to be stored with it: it creates the counter at a random
+// generation, or extends its TTL, never shortens it. So every counter an
+// entry names exists while the entry does, and the tracked reads that
+// validate the entry's hits never leave tracking state behind for a
+// counter that is never written. Its first write is SET (deny-OOM: refused
+// in a full Redis, nothing written) or, for a counter that exists,
+// PEXPIRE, which allocates nothing.
 //
-// KEYS[1] the tag counter; ARGV[1] the TTL it needs (ms).
+// KEYS[1] the tag counter; ARGV[1] the TTL it needs (ms); ARGV[2] the
+// generation to create it at (newGeneration). Returns 1 when it created
+// the counter, 0 when it existed.
 var ensureTagScript = rueidis.NewLuaScript(`
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -2 then
-  redis.call('SET', KEYS[1], '0', 'PX', ARGV[1])
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+  return 1
 elseif ttl >= 0 and ttl < tonumber(ARGV[1]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
-return 1
+return 0
 `)
 
 // tagCounterMargin is how much longer than an entry its tag counters are
@@ -777,8 +863,13 @@ func oomError(err error) error {
 // write stores e under key, releasing the fill lock token if not "". It
 // writes nothing while key's node is out of memory (ErrCacheOutOfMemory):
 // first its tag counters (so that none is missing while the entry lives),
-// then the entry; when a counter fails the entry is not stored. A caller
-// holding the lock releases it when write fails.
+// then the entry; when a counter fails the entry is not stored. A tag whose
+// counter was absent when the fill began (generation 0) gets the
+// generation its counter is created at, when this write creates it; when
+// another writer created it meanwhile (an invalidation, say), the entry
+// could never be valid and is not stored. A caller holding the lock
+// releases it when write fails; write releases it when it stores nothing
+// otherwise.
 func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken string) error {
 	if len(e.tags) > 0 {
 		// A tagged entry must not outlive its tags' counters (see TagTTL).
@@ -788,6 +879,7 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 	}
 	ttl := time.Duration(e.stale-cs.b.clock.Now().UnixMilli()) * time.Millisecond
 	if ttl <= 0 {
+		cs.unlock(ctx, key, lockToken)
 		return nil
 	}
 	ref := cs.entry(key)
@@ -796,9 +888,19 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 		return ErrCacheOutOfMemory
 	}
 	need := strconv.FormatInt((ttl + tagCounterMargin).Milliseconds(), 10)
-	for _, t := range e.tags {
-		if err := cs.b.Exec(ctx, ensureTagScript, []string{t.tag}, []string{need}).Error(); err != nil {
+	for i, t := range e.tags {
+		gen := newGeneration()
+		created, err := cs.b.Exec(ctx, ensureTagScript, []string{t.tag}, []string{need, gen}).AsInt64()
+		if err != nil {
 			return oomError(err)
+		}
+		switch {
+		case t.gen != 0:
+		case created == 1:
+			e.tags[i].gen, _ = strconv.ParseInt(gen, 10, 64)
+		default:
+			cs.unlock(ctx, key, lockToken)
+			return nil // absent when the fill began, written by another since
 		}
 	}
 	stored, err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).AsInt64()
@@ -808,7 +910,7 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 	if stored == 1 {
 		cs.fills.Add(1)
 		cs.markWrite(ek, e.id)
-		cs.setKnown(ref, true)
+		cs.setKnown(ref, e)
 	}
 	return nil
 }
@@ -1419,8 +1521,10 @@ type CacheConfig struct {
 	// set. Default: "sessionId".
 	SessionCookie string
 	// Personal caches requests with credentials too. Set it only with a
-	// KeyFunc that includes the user, like the guide's "user:<id>".
-	// Default: false.
+	// KeyFunc that includes the requesting user, like the guide's
+	// "user:<id>" where the ID is the caller's: responses marked private or
+	// Vary: Cookie (the session middleware's marks) are stored too, under
+	// that key, and replayed with their marks. Default: false.
 	Personal bool
 }
 
@@ -1719,13 +1823,13 @@ func (h *httpCache) storable(e *entry) bool {
 	if len(hdr.Values(echo.HeaderSetCookie)) > 0 {
 		return false
 	}
-	if forbidsSharedCaching(hdr.Values(echo.HeaderCacheControl)) {
+	if forbidsCaching(hdr.Values(echo.HeaderCacheControl), h.cfg.Personal) {
 		return false
 	}
 	for _, v := range hdr.Values(echo.HeaderVary) {
 		for _, name := range strings.Split(v, ",") {
 			name = http.CanonicalHeaderKey(strings.TrimSpace(name))
-			if name == "*" || (name != "" && !h.vary[name]) {
+			if name == "*" || (name != "" && !h.vary[name] && !(h.cfg.Personal && (name == echo.HeaderCookie || name == echo.HeaderAuthorization))) {
 				return false
 			}
 		}
@@ -1733,18 +1837,27 @@ func (h *httpCache) storable(e *entry) bool {
 	return true
 }
 
-// forbidsSharedCaching reports whether Cache-Control values carry a
-// directive that keeps a shared cache from storing the response, or from
-// serving it without revalidation (which this cache never does): private
-// (with or without field names), no-store or no-cache. Directive names are
-// case-insensitive (RFC 9111 §5.2).
-func forbidsSharedCaching(values []string) bool {
+// forbidsCaching reports whether Cache-Control values carry a directive
+// that keeps this cache from storing the response, or from serving it
+// without revalidation (which it never does): no-store or no-cache, and,
+// unless the route is Personal, private (with or without field names). A
+// Personal route's key names the user (its KeyFunc's contract), so a
+// response meant for one user (private, Vary: Cookie or Authorization, as
+// the session middleware marks what read a logged-in session) is stored
+// under that user's key only, and replayed with its marks for the caches
+// in front of the app. Directive names are case-insensitive (RFC 9111
+// §5.2).
+func forbidsCaching(values []string, personal bool) bool {
 	for _, v := range values {
 		for _, d := range strings.Split(v, ",") {
 			name, _, _ := strings.Cut(d, "=")
 			switch strings.ToLower(strings.TrimSpace(name)) {
-			case "private", "no-store", "no-cache":
+			case "no-store", "no-cache":
 				return true
+			case "private":
+				if !personal {
+					return true
+				}
 			}
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
 	"slices"
@@ -1531,7 +1532,7 @@ func TestCacheInAFullRedis(t *testing.T) {
 		held, err := ca.Do(ctx, ca.B().Get().Key(lk).Build()).ToString()
 		require.NoError(t, err)
 		require.Equal(t, lockTok, held, "the refused store did not release the lock: it wrote nothing")
-		err = a.store.b.Exec(ctx, ensureTagScript, []string{a.store.tagKey("new-tag")}, []string{"60000"}).Error()
+		err = a.store.b.Exec(ctx, ensureTagScript, []string{a.store.tagKey("new-tag")}, []string{"60000", newGeneration()}).Error()
 		require.True(t, isOOM(err), "tag counter script: %v", err)
 		a.store.unlock(ctx, "direct", lockTok) // DEL works in a full Redis
 
@@ -1636,5 +1637,188 @@ func TestCacheNeverStoresPrivateResponses(t *testing.T) {
 				require.Equal(t, tt.header.Values("Cache-Control"), second.header.Values("Cache-Control"), "the directives reach the client")
 			})
 		}
+	})
+}
+
+// TestCachePersonalRouteBehindTheSessionMiddleware: a Personal route keyed
+// by the logged-in user is cached although the session middleware marks
+// its responses private (with Vary: Cookie): the key is per user, and the
+// marks are replayed for the caches in front of the app. Each user gets
+// his own entry, never another's.
+func TestCachePersonalRouteBehindTheSessionMiddleware(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		sessions, err := NewSessionStore(SessionConfig{Client: client, Keys: []string{testKey}, InsecureCookie: true, Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		store := newCacheStore(t, r, client, nil)
+		e := echo.New()
+		e.Use(sessions.Middleware())
+		user := func(c echo.Context) string {
+			s, err := GetSession(c)
+			require.NoError(t, err)
+			return s.UserID()
+		}
+		e.POST("/login", func(c echo.Context) error {
+			s, err := GetSession(c)
+			require.NoError(t, err)
+			require.NoError(t, s.SetUserID(c.QueryParam("user")))
+			return c.NoContent(http.StatusNoContent)
+		})
+		var calls atomic.Int32
+		e.GET("/me", func(c echo.Context) error {
+			calls.Add(1)
+			return c.String(http.StatusOK, "hello "+user(c))
+		}, CacheWithConfig(CacheConfig{Store: store, Personal: true, KeyFunc: func(c echo.Context) string {
+			if u := user(c); u != "" {
+				return "me:" + u
+			}
+			return ""
+		}}))
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		browser := func(name string) *http.Client {
+			jar, err := cookiejar.New(nil)
+			require.NoError(t, err)
+			c := &http.Client{Jar: jar}
+			resp, err := c.Post(srv.URL+"/login?user="+name, "", nil)
+			require.NoError(t, err)
+			resp.Body.Close()
+			require.Equal(t, http.StatusNoContent, resp.StatusCode)
+			return c
+		}
+		me := func(c *http.Client) reply {
+			resp, err := c.Get(srv.URL + "/me")
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			return reply{code: resp.StatusCode, header: resp.Header, body: string(body)}
+		}
+		alice, bob := browser("alice"), browser("bob")
+		for i, c := range []*http.Client{alice, bob, alice, bob, alice} {
+			rep := me(c)
+			want := map[bool]string{true: "hello alice", false: "hello bob"}[i%2 == 0]
+			require.Equal(t, want, rep.body, "request %d", i)
+			require.Equal(t, "private", rep.header.Get("Cache-Control"), "request %d: still private for the caches in front", i)
+			require.Contains(t, rep.header.Values("Vary"), "Cookie", "request %d", i)
+			if i >= 2 {
+				require.Equal(t, "HIT", rep.header.Get("X-Cache"), "request %d", i)
+			}
+		}
+		require.Equal(t, int32(2), calls.Load(), "once per user")
+	})
+}
+
+// TestCacheLargeHotSetStaysInMemory: with thousands of hot entries, every
+// warm hit is served from process memory, none costs a round trip: the
+// table of known entries does not make two hot entries take turns (with
+// one slot per fingerprint, 2,000 entries had about 60 that collided and
+// cost a GET on every read, forever).
+func TestCacheLargeHotSetStaysInMemory(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		client := f.Client()
+		addrs := masterAddrs(t, client)
+		cs := newCacheStore(t, f.testRedis, client, nil)
+		ctx := ctx5s(t)
+		const hot = 2000
+		for i := range hot {
+			require.NoError(t, cs.Set(ctx, fmt.Sprint("hot:", i), i, time.Minute))
+		}
+		read := func() {
+			for i := range hot {
+				var v int
+				ok, err := cs.Get(ctx, fmt.Sprint("hot:", i), &v)
+				require.NoError(t, err)
+				require.True(t, ok)
+				require.Equal(t, i, v)
+			}
+		}
+		read() // tracked reads fill the local cache
+		read()
+		before := commandCalls(t, addrs)
+		read()
+		read()
+		require.Equal(t, before, commandCalls(t, addrs), "warm hits of a hot set sent commands to Redis")
+	})
+}
+
+// TestCacheEvictedTagCounterRevivesNothing: an entry invalidated by a tag
+// stays invalid when the tag's counter is evicted (allkeys-lru, the
+// README's policy for caches, evicts counters whose hits were served from
+// process memory and so look idle to Redis; deleted here), whether the
+// counter stays missing or another fill creates it again and later
+// invalidations count it up: a new counter never starts where an old
+// entry's generation can be reached.
+func TestCacheEvictedTagCounterRevivesNothing(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		a := newCacheStore(t, r, client, nil)
+		b := newCacheStore(t, r, r.Client(), nil) // another instance: no memory of a's invalidations
+		ctx := ctx5s(t)
+		for _, tt := range []struct {
+			name    string
+			gen     int  // invalidations before the old entry was filled
+			recount bool // after the eviction, another fill creates the counter and as many invalidations follow
+		}{
+			{name: "counter missing"},
+			{name: "counter recreated", recount: true},
+			{name: "entry of generation 2, counter recreated and counted up", gen: 2, recount: true},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				tag := "evicted " + tt.name
+				remember := func(cs *CacheStore, key, value string) string {
+					v, err := Remember(ctx, cs, key, time.Minute, func(context.Context) (string, error) { return value, nil }, WithTags(tag))
+					require.NoError(t, err)
+					return v
+				}
+				for range tt.gen {
+					require.NoError(t, a.InvalidateTags(ctx, tag))
+				}
+				require.Equal(t, "old", remember(a, tag, "old"))
+				require.NoError(t, a.InvalidateTags(ctx, tag)) // the old entry is invalid from now on
+				require.NoError(t, client.Do(ctx, client.B().Del().Key(a.tagKey(tag)).Build()).Error())
+				if tt.recount {
+					require.Equal(t, "x", remember(b, "other "+tag, "x"))
+					for range tt.gen {
+						require.NoError(t, b.InvalidateTags(ctx, tag))
+					}
+				}
+				require.Equal(t, "new", remember(b, tag, "new"), "the invalidated entry was served again")
+			})
+		}
+	})
+}
+
+// TestCacheExpiredEntriesAreReadUntracked: an entry this instance knew, once
+// expired, is read untracked again, so that reading it (a Get, a fill
+// that stores nothing) leaves no tracking entry for a key that no longer
+// exists.
+func TestCacheExpiredEntriesAreReadUntracked(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		client := f.Client()
+		addrs := masterAddrs(t, client)
+		cs := newCacheStore(t, f.testRedis, client, nil)
+		ctx := ctx5s(t)
+		const n = 20
+		for i := range n {
+			require.NoError(t, cs.Set(ctx, fmt.Sprint("gone", i), i, 500*time.Millisecond))
+			var v int
+			for range 2 { // known and read through client-side caching
+				ok, err := cs.Get(ctx, fmt.Sprint("gone", i), &v)
+				require.NoError(t, err)
+				require.True(t, ok)
+			}
+		}
+		require.Eventually(t, func() bool { return figures(t, addrs).keys == 0 }, 10*time.Second, 50*time.Millisecond)
+		time.Sleep(100 * time.Millisecond) // expiry's invalidations delivered
+		start := figures(t, addrs).tracking
+		for i := range n {
+			var v int
+			ok, err := cs.Get(ctx, fmt.Sprint("gone", i), &v)
+			require.NoError(t, err)
+			require.False(t, ok)
+			_, err = Remember(ctx, cs, fmt.Sprint("gone", i), time.Minute, func(context.Context) (int, error) { return 0, errors.New("backend down") })
+			require.Error(t, err)
+		}
+		require.Equal(t, start, figures(t, addrs).tracking, "tracked reads of expired keys")
 	})
 }

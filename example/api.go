@@ -52,15 +52,29 @@ func priceField(id int) string { return strconv.Itoa(id) + ":price" }
 
 // seed writes the demo products that are missing, leaving the ones there
 // alone (HSETNX): any number of instances may start at once, and a restart
-// keeps the prices set since.
+// keeps the prices set since. It reads first and writes only what is
+// missing, so an instance starting while Redis is full (and refuses every
+// write, HSETNX included, even of a field that exists) starts all the same
+// once the catalogue is complete.
 func (db *catalogue) seed(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	cmds := make(rueidis.Commands, 0, 2*catalogueSize)
-	for id := 1; id <= catalogueSize; id++ {
-		cmds = append(cmds,
-			db.client.B().Hsetnx().Key(db.key).Field(nameField(id)).Value(fmt.Sprintf("Product %d", id)).Build(),
-			db.client.B().Hsetnx().Key(db.key).Field(priceField(id)).Value(formatPrice(float64(id)*9.99)).Build())
+	fields := allFields()
+	vals, err := db.client.Do(ctx, db.client.B().Hmget().Key(db.key).Field(fields...).Build()).ToArray()
+	if err != nil {
+		return fmt.Errorf("seed the catalogue: read it: %w", err)
+	}
+	if len(vals) != len(fields) {
+		return fmt.Errorf("seed the catalogue: HMGET: %d values for %d fields", len(vals), len(fields))
+	}
+	var cmds rueidis.Commands
+	for i, v := range vals {
+		if v.IsNil() {
+			cmds = append(cmds, db.client.B().Hsetnx().Key(db.key).Field(fields[i]).Value(seedValue(i)).Build())
+		}
+	}
+	if len(cmds) == 0 {
+		return nil
 	}
 	for _, r := range db.client.DoMulti(ctx, cmds...) {
 		if err := r.Error(); err != nil {
@@ -68,6 +82,25 @@ func (db *catalogue) seed(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// allFields are the catalogue's fields, product by product, name then
+// price: the order of seedValue and of list's replies.
+func allFields() []string {
+	fields := make([]string, 0, 2*catalogueSize)
+	for id := 1; id <= catalogueSize; id++ {
+		fields = append(fields, nameField(id), priceField(id))
+	}
+	return fields
+}
+
+// seedValue is the demo value of allFields()[i].
+func seedValue(i int) string {
+	id := i/2 + 1
+	if i%2 == 0 {
+		return fmt.Sprintf("Product %d", id)
+	}
+	return formatPrice(float64(id) * 9.99)
 }
 
 func formatPrice(p float64) string { return strconv.FormatFloat(p, 'f', -1, 64) }
@@ -108,10 +141,7 @@ func (db *catalogue) get(ctx context.Context, id int) (product, error) {
 func (db *catalogue) list(ctx context.Context) ([]product, error) {
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	fields := make([]string, 0, 2*catalogueSize)
-	for id := 1; id <= catalogueSize; id++ {
-		fields = append(fields, nameField(id), priceField(id))
-	}
+	fields := allFields()
 	vals, err := db.client.Do(ctx, db.client.B().Hmget().Key(db.key).Field(fields...).Build()).ToArray()
 	if err != nil {
 		return nil, err

@@ -7,8 +7,11 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/redisecho/redisecho/internal/redistest"
 )
 
 // TestPreferencesTooLargeChangeNothing: a PUT /preferences refused with 413
@@ -47,5 +50,44 @@ func TestPreferencesTooLargeChangeNothing(t *testing.T) {
 			require.Equal(t, http.StatusOK, code)
 			require.Equal(t, map[string]any{"theme": "dark", "p3": "kept"}, body, "the refused request changed nothing")
 		})
+	})
+}
+
+// setMaxmemory sets maxmemory on every server of tp ("1": full at once,
+// "0": no limit), with the default noeviction policy.
+func setMaxmemory(t *testing.T, tp *redistest.Topology, v string) {
+	t.Helper()
+	for _, s := range tp.Servers {
+		_, err := redistest.Do(s.Addr(), 5*time.Second, "CONFIG", "SET", "maxmemory", v)
+		require.NoError(t, err)
+	}
+}
+
+// TestStartsInAFullRedis: an instance that starts (a deploy, a restart)
+// while Redis is full and refuses writes serves the full app once the
+// catalogue is there, since reads still work: seeding a catalogue that is
+// complete writes nothing. Product writes then fail cleanly with 503.
+func TestStartsInAFullRedis(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, tp *redistest.Topology) {
+		env := func() map[string]string {
+			return map[string]string{"REDIS_URL": tp.URL(), "COOKIE_INSECURE": "1", "SESSION_SECRET": strings.Repeat("s", 32)}
+		}
+		first := startReady(t, env()) // seeds the catalogue
+		alice := loggedIn(t, first, "alice")
+		setMaxmemory(t, tp, "1")
+		t.Cleanup(func() { setMaxmemory(t, tp, "0") })
+
+		base := startExample(t, env())
+		waitServing(t, base, 10*time.Second)
+		code, body := newClient(t, base).call(http.MethodGet, "/api/products/3", "")
+		require.Equal(t, http.StatusOK, code, "%v", body)
+		require.Equal(t, "Product 3", body["name"])
+
+		code, body = alice.call(http.MethodPut, "/api/products/3", `{"price": 1}`)
+		require.Equal(t, http.StatusServiceUnavailable, code, "%v", body)
+		setMaxmemory(t, tp, "0")
+		code, body = newClient(t, base).call(http.MethodGet, "/api/products/3", "")
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, 3*9.99, body["price"], "the refused write wrote nothing")
 	})
 }

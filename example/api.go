@@ -280,6 +280,7 @@ func requireAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 //	GET /api/products       cached 10 min, tagged "products"
 //	GET /api/products/:id   cached 5 min, tagged "product:<id>"; 404s cached 30 s
 //	GET /api/users/:id      cached under the guide's custom key "user:<id>"
+//	                        (each GET route answers HEAD too)
 //	PUT /api/products/:id   alice only; updates, then invalidates
 //	                        "product:<id>" and "products"
 //
@@ -335,15 +336,21 @@ func mountAPI(api *echo.Group, client rueidis.Client, opts redisecho.Options, se
 	}
 	productID := canonicalIDFor("products", "Product not found")
 	userID := canonicalIDFor("users", "User not found")
+	// The reads answer HEAD too (with GET's headers and no body), as HTTP
+	// asks of every resource that answers GET; the cache serves both.
+	get := func(path string, h echo.HandlerFunc, m ...echo.MiddlewareFunc) {
+		api.GET(path, h, m...)
+		api.HEAD(path, h, m...)
+	}
 
-	api.GET("/products", func(c echo.Context) error {
+	get("/products", func(c echo.Context) error {
 		list, err := db.list(c.Request().Context())
 		if err != nil {
 			return unavailable(c, err)
 		}
 		return c.JSON(http.StatusOK, list)
 	}, list)
-	api.GET("/products/:id", func(c echo.Context) error {
+	get("/products/:id", func(c echo.Context) error {
 		id, _, _ := parseID(c.Param("id"))
 		p, err := db.get(c.Request().Context(), id)
 		switch {
@@ -354,7 +361,7 @@ func mountAPI(api *echo.Group, client rueidis.Client, opts redisecho.Options, se
 		}
 		return c.JSON(http.StatusOK, p)
 	}, productID, item)
-	api.GET("/users/:id", func(c echo.Context) error {
+	get("/users/:id", func(c echo.Context) error {
 		id, _, _ := parseID(c.Param("id"))
 		u, ok := users[id]
 		if !ok {

@@ -91,3 +91,47 @@ func TestStartsInAFullRedis(t *testing.T) {
 		require.Equal(t, 3*9.99, body["price"], "the refused write wrote nothing")
 	})
 }
+
+// TestAPIReadsAnswerHEAD: the API's reads answer HEAD with GET's status and
+// headers (the cache serves it), and another spelling of an ID redirects on
+// HEAD as on GET.
+func TestAPIReadsAnswerHEAD(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, redisURL string) {
+		base := startReady(t, map[string]string{"REDIS_URL": redisURL, "COOKIE_INSECURE": "1"})
+		noFollow := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+		t.Cleanup(noFollow.CloseIdleConnections)
+		head := func(path string) *http.Response {
+			t.Helper()
+			resp, err := noFollow.Head(base + path)
+			require.NoError(t, err)
+			_ = resp.Body.Close()
+			return resp
+		}
+		tests := []struct {
+			path, location string
+			code           int
+			caches         bool
+		}{
+			{path: "/api/products", code: http.StatusOK, caches: true},
+			{path: "/api/products/7", code: http.StatusOK, caches: true},
+			{path: "/api/users/1", code: http.StatusOK, caches: true},
+			{path: "/api/products/07", code: http.StatusMovedPermanently, location: "/api/products/7"},
+			{path: "/api/users/+2", code: http.StatusMovedPermanently, location: "/api/users/2"},
+			{path: "/api/products/x", code: http.StatusNotFound},
+		}
+		for _, tt := range tests {
+			t.Run(tt.path, func(t *testing.T) {
+				first, second := head(tt.path), head(tt.path)
+				require.Equal(t, tt.code, first.StatusCode)
+				require.Equal(t, tt.location, first.Header.Get("Location"))
+				if tt.caches {
+					require.Equal(t, "application/json", first.Header.Get("Content-Type"))
+					require.Equal(t, []string{"MISS", "HIT"}, []string{first.Header.Get("X-Cache"), second.Header.Get("X-Cache")})
+				}
+			})
+		}
+		code, body := newClient(t, base).call(http.MethodGet, "/api/users/1", "")
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, "alice", body["username"], "a GET after a HEAD under the same custom key has its body")
+	})
+}

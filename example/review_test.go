@@ -3,12 +3,15 @@ package main
 // Regression tests from the review of the hardening issue's example part.
 
 import (
+	"context"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/require"
 
 	"github.com/redisecho/redisecho/internal/redistest"
@@ -134,4 +137,90 @@ func TestAPIReadsAnswerHEAD(t *testing.T) {
 		require.Equal(t, http.StatusOK, code)
 		require.Equal(t, "alice", body["username"], "a GET after a HEAD under the same custom key has its body")
 	})
+}
+
+// TestProductUpdateThatLandsLate: a product update that timed out while
+// Redis was paused may still run when Redis resumes (the client keeps a
+// timed-out command queued). Its 503 must not leave the cache serving the
+// old price once the new one is in the catalogue.
+func TestProductUpdateThatLandsLate(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, tp *redistest.Topology) {
+		base := startReady(t, map[string]string{"REDIS_URL": tp.URL(), "COOKIE_INSECURE": "1"})
+		alice, browser := loggedIn(t, base, "alice"), newClient(t, base)
+		for _, want := range []string{"MISS", "HIT"} {
+			code, h, _ := browser.request(http.MethodGet, "/api/products/4", "")
+			require.Equal(t, http.StatusOK, code)
+			require.Equal(t, want, h.Get("X-Cache"))
+		}
+		code, _ := alice.call(http.MethodPut, "/api/products/5", `{"price": 5.5}`)
+		require.Equal(t, http.StatusOK, code, "the update script is loaded")
+		code, _ = alice.call(http.MethodGet, "/profile", "")
+		require.Equal(t, http.StatusOK, code)
+
+		for _, s := range tp.Servers {
+			require.NoError(t, s.Pause())
+		}
+		code, body := alice.call(http.MethodPut, "/api/products/4", `{"price": 4.5}`)
+		for _, s := range tp.Servers {
+			require.NoError(t, s.Resume())
+		}
+		t.Logf("PUT while paused: %d %v", code, body)
+		require.NotEqual(t, http.StatusOK, code)
+
+		require.Eventually(t, func() bool {
+			code, _ := status(t, base+"/health")
+			return code == http.StatusOK
+		}, 20*time.Second, 50*time.Millisecond)
+		time.Sleep(500 * time.Millisecond) // the late script has run by now
+		code, h, body := browser.request(http.MethodGet, "/api/products/4", "")
+		require.Equal(t, http.StatusOK, code)
+		t.Logf("after resume: X-Cache %s, price %v", h.Get("X-Cache"), body["price"])
+		code, _, fresh := newClient(t, base).request(http.MethodGet, "/api/products/4?fresh=1", "")
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, fresh["price"], body["price"], "the cached page matches the catalogue (%v)", fresh["price"])
+	})
+}
+
+// TestUpdateScriptRefusesWhenLate: the update script writes nothing when
+// it runs after its caller's deadline (in the node's clock), and applies
+// the update before it.
+func TestUpdateScriptRefusesWhenLate(t *testing.T) {
+	for _, tp := range []*redistest.Topology{standaloneRedis, clusterRedis} {
+		t.Run(tp.Name, func(t *testing.T) {
+			clearExampleKeys(t, tp)
+			t.Cleanup(func() { clearExampleKeys(t, tp) })
+			client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: tp.Addrs})
+			require.NoError(t, err)
+			t.Cleanup(client.Close)
+			db := newCatalogue(client)
+			ctx := context.Background()
+			require.NoError(t, db.seed(ctx))
+			now, err := clockScript.Exec(ctx, client, []string{db.key}, nil).AsInt64()
+			require.NoError(t, err)
+
+			late := []string{strconv.FormatInt(now-1, 10), nameField(6), priceField(6), priceField(6), "0.5"}
+			err = updateScript.Exec(ctx, client, []string{db.key}, late).Error()
+			require.ErrorContains(t, err, "LATE")
+			p, err := db.get(ctx, 6)
+			require.NoError(t, err)
+			require.Equal(t, 6*9.99, p.Price, "a late update writes nothing")
+
+			price := 0.5
+			p, err = db.update(ctx, 6, nil, &price)
+			require.NoError(t, err, "in time")
+			require.Equal(t, product{ID: 6, Name: "Product 6", Price: 0.5}, p)
+		})
+	}
+}
+
+// TestEmbeddedRedisProductUpdate: the catalogue's scripts (TIME included)
+// run on the embedded miniredis too.
+func TestEmbeddedRedisProductUpdate(t *testing.T) {
+	base := startExample(t, map[string]string{"COOKIE_INSECURE": "1"})
+	waitServing(t, base, 5*time.Second)
+	code, body := loggedIn(t, base, "alice").call(http.MethodPut, "/api/products/3", `{"price": 3.25}`)
+	require.Equal(t, http.StatusOK, code, "%v", body)
+	code, body = newClient(t, base).call(http.MethodGet, "/api/products/3", "")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, 3.25, body["price"])
 }

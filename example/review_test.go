@@ -224,3 +224,42 @@ func TestEmbeddedRedisProductUpdate(t *testing.T) {
 	require.Equal(t, http.StatusOK, code)
 	require.Equal(t, 3.25, body["price"])
 }
+
+// TestLoginSessionCreationLimit: a login without a session creates one,
+// which holds Redis memory for its idle timeout, and successful logins are
+// not charged by the login limiter: so logins from one address that create
+// sessions count against the same per-address creation limit as anonymous
+// ones, whoever signs in (the demo's passwords are public). A login on a
+// live session (it is regenerated, not added) and a failed one are not
+// counted.
+func TestLoginSessionCreationLimit(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, redisURL string) {
+		base := startReady(t, map[string]string{"REDIS_URL": redisURL, "COOKIE_INSECURE": "1", "TRUSTED_PROXIES": "127.0.0.1"})
+		ip := newClientIPs().ip()
+		from := func() *client {
+			c := newClient(t, base)
+			c.forwardedFor = ip
+			return c
+		}
+		for _, path := range []string{"/login", "/api/auth/login"} {
+			code, _ := from().call(http.MethodPost, path, `{"username":"alice","password":"nope"}`)
+			require.Equal(t, http.StatusUnauthorized, code)
+		}
+		var last *client
+		for i := range newSessionsPerClient {
+			last = from()
+			path := []string{"/login", "/api/auth/login"}[i%2]
+			code, body := last.call(http.MethodPost, path, `{"username":"bob","password":"builder"}`)
+			require.Equal(t, http.StatusOK, code, "login %d: %v", i+1, body)
+		}
+		for _, path := range []string{"/login", "/api/auth/login"} {
+			code, body := from().call(http.MethodPost, path, `{"username":"bob","password":"builder"}`)
+			require.Equal(t, http.StatusTooManyRequests, code, "%s: one new session more than the limit: %v", path, body)
+		}
+		code, body := last.call(http.MethodPost, "/login", `{"username":"alice","password":"wonderland"}`)
+		require.Equal(t, http.StatusOK, code, "a login on a live session creates none: %v", body)
+		code, body = last.call(http.MethodGet, "/profile", "")
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, "alice", body["username"])
+	})
+}

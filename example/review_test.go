@@ -43,6 +43,12 @@ func TestPreferencesTooLargeChangeNothing(t *testing.T) {
 				require.Empty(t, h.Values("Set-Cookie"), "attempt %d: a refused request creates no session", i+1)
 			}
 		})
+		t.Run("deleting what is not there", func(t *testing.T) {
+			code, h, body := newClient(t, base).request(http.MethodPut, "/preferences", `{"theme":null}`)
+			require.Equal(t, http.StatusOK, code)
+			require.Empty(t, body)
+			require.Empty(t, h.Values("Set-Cookie"), "no empty session for a visitor who had none")
+		})
 		t.Run("a visitor with a session", func(t *testing.T) {
 			c := newClient(t, base)
 			code, _ := c.call(http.MethodPut, "/preferences", `{"theme":"dark","p3":"kept"}`)

@@ -198,9 +198,12 @@ func putPreferences(c echo.Context) error {
 	for k, v := range in {
 		ch := prefChange{key: "pref:" + k}
 		ch.old, ch.had = s.GetString(ch.key)
-		if v == nil {
+		switch {
+		case v == nil && !ch.had:
+			continue // nothing to delete: no change, and no empty session
+		case v == nil:
 			err = s.Delete(ch.key)
-		} else {
+		default:
 			err = s.Set(ch.key, *v)
 		}
 		if err != nil {

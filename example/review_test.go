@@ -259,8 +259,11 @@ func TestLoginSessionCreationLimit(t *testing.T) {
 			require.Equal(t, http.StatusOK, code, "login %d: %v", i+1, body)
 		}
 		for _, path := range []string{"/login", "/api/auth/login"} {
-			code, body := from().call(http.MethodPost, path, `{"username":"bob","password":"builder"}`)
+			code, h, body := from().request(http.MethodPost, path, `{"username":"bob","password":"builder"}`)
 			require.Equal(t, http.StatusTooManyRequests, code, "%s: one new session more than the limit: %v", path, body)
+			require.Equal(t, map[string]any{"error": "Too many new sessions from this address, please try again later."}, body)
+			require.NotEmpty(t, h.Get("Retry-After"))
+			require.Empty(t, h.Values("Set-Cookie"), "no session")
 		}
 		code, body := last.call(http.MethodPost, "/login", `{"username":"alice","password":"wonderland"}`)
 		require.Equal(t, http.StatusOK, code, "a login on a live session creates none: %v", body)

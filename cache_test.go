@@ -1458,56 +1458,6 @@ func TestCacheMissPathsLeaveNoTrackingState(t *testing.T) {
 	})
 }
 
-// fillRedis makes every master of f's deployment refuse writes for lack of
-// memory, as a full production Redis would: maxmemory-policy noeviction,
-// maxmemory just above used_memory, then ballast (under the test's prefix)
-// until a write gets an OOM reply. Then maxmemory goes 256 KB below
-// used_memory, so that client buffers freed later (the ballast's query
-// buffer, say) do not let a write through by chance and make the test
-// flaky. Both settings are restored when the test ends, before its keys are
-// deleted.
-func fillRedis(t *testing.T, f *faultRedis, client rueidis.Client) {
-	t.Helper()
-	ctx := ctx5s(t)
-	nodes, err := masters(ctx, client)
-	require.NoError(t, err)
-	for i, n := range nodes {
-		addr := nodeAddr(n)
-		for _, p := range []string{"maxmemory-policy", "maxmemory"} {
-			v, err := respDo(addr, 2*time.Second, "CONFIG", "GET", p)
-			require.NoError(t, err)
-			old := v.([]any)[1].(string)
-			t.Cleanup(func() { _, _ = respDo(addr, 2*time.Second, "CONFIG", "SET", p, old) })
-		}
-		_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "noeviction")
-		require.NoError(t, err)
-		used, err := strconv.ParseInt(infoFields(t, addr, "memory")["used_memory"], 10, 64)
-		require.NoError(t, err)
-		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used+256<<10, 10))
-		require.NoError(t, err)
-		ballast := strings.Repeat("b", 64<<10)
-		full := false
-		for j := 0; j < 10_000 && !full; j++ {
-			k := f.Keys.Key("ballast", strconv.Itoa(i), strconv.Itoa(j))
-			err := n.Do(ctx, n.B().Set().Key(k).Value(ballast).Build()).Error()
-			switch {
-			case err == nil:
-			case isOOM(err):
-				full = true
-			case strings.Contains(err.Error(), "MOVED"):
-				// another master's key
-			default:
-				require.NoError(t, err)
-			}
-		}
-		require.True(t, full, "%s never refused a write", addr)
-		used, err = strconv.ParseInt(infoFields(t, addr, "memory")["used_memory"], 10, 64)
-		require.NoError(t, err)
-		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used-256<<10, 10))
-		require.NoError(t, err)
-	}
-}
-
 // TestCacheInAFullRedis: with maxmemory reached under noeviction, hits are
 // served (from memory, and from Redis untracked), misses run the handler
 // and answer without storing anything, Delete and Flush work, Set and tag
@@ -1540,7 +1490,7 @@ func TestCacheInAFullRedis(t *testing.T) {
 		finish := fillInFlight(ctx, a.store, "inflight", "computed") // holds its fill lock through the OOM
 		served := a.calls.Load()
 
-		fillRedis(t, f, ca)
+		f.Fill(t)
 		keys := figures(t, addrs).keys
 
 		tests := []struct {
@@ -1606,10 +1556,7 @@ func TestCacheInAFullRedis(t *testing.T) {
 		require.Equal(t, keys-4, figures(t, addrs).keys, "only deletions: svc, the flushed entry, the two locks")
 
 		// Memory back: misses store again.
-		for _, addr := range addrs {
-			_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", "0")
-			require.NoError(t, err)
-		}
+		f.Free(t)
 		require.Eventually(t, func() bool {
 			a.get(t, "/products/new")
 			return a.get(t, "/products/new").header.Get("X-Cache") == "HIT"

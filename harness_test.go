@@ -404,3 +404,11 @@ func (p *freezeProxy) close() {
 		_ = c.Close()
 	}
 }
+
+// nodeAddr returns the address of a node client from masters.
+func nodeAddr(n rueidis.Client) string {
+	if a, ok := n.(addressed); ok {
+		return a.addr
+	}
+	return ""
+}

@@ -1965,54 +1965,6 @@ func TestRedisClocks(t *testing.T) {
 	require.Equal(t, (100 * time.Second).Microseconds(), got)
 }
 
-// fillRedis fills every server of f as hostile traffic would: noeviction,
-// maxmemory just above the memory used, then one key that outgrows it, so
-// that deny-OOM commands are refused until the returned func deletes the
-// keys. maxmemory is reset when the test ends.
-func fillRedis(t *testing.T, f *faultRedis) (free func()) {
-	t.Helper()
-	var fillers [][2]string // addr, key
-	for _, s := range f.Servers() {
-		addr := s.addr()
-		_, err := respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory-policy", "noeviction")
-		require.NoError(t, err)
-		info, err := respDo(addr, 2*time.Second, "INFO", "memory")
-		require.NoError(t, err)
-		var used int64
-		for line := range strings.SplitSeq(info.(string), "\r\n") {
-			if v, ok := strings.CutPrefix(line, "used_memory:"); ok {
-				used, err = strconv.ParseInt(v, 10, 64)
-				require.NoError(t, err)
-			}
-		}
-		require.Positive(t, used)
-		_, err = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", strconv.FormatInt(used+256<<10, 10))
-		require.NoError(t, err)
-		t.Cleanup(func() { _, _ = respDo(addr, 2*time.Second, "CONFIG", "SET", "maxmemory", "0") })
-		// A command's own arguments count while Redis checks it, so a large
-		// SET is refused before it fills anything: SETRANGE with a large
-		// offset grows a key by 1 MB after the check.
-		for i := 0; ; i++ {
-			require.Less(t, i, 5000, "no key of %s's slots found", addr)
-			key := f.Keys.Key("filler", strconv.Itoa(i))
-			if _, err := respDo(addr, 5*time.Second, "SETRANGE", key, strconv.Itoa(1<<20), "x"); err != nil {
-				require.Contains(t, err.Error(), "MOVED", "only another node's key may fail")
-				continue
-			}
-			_, err := respDo(addr, 2*time.Second, "SET", key, "x")
-			require.ErrorContains(t, err, "OOM", "%s is full", addr)
-			fillers = append(fillers, [2]string{addr, key})
-			break
-		}
-	}
-	return func() {
-		for _, fk := range fillers {
-			_, err := respDo(fk[0], 2*time.Second, "DEL", fk[1])
-			require.NoError(t, err)
-		}
-	}
-}
-
 // TestLimiterOutOfMemory fills Redis (maxmemory, noeviction): an admission
 // needs writes, and a full Redis refuses its first one, so nothing is
 // written (with a SlidingLog too, whose trim used to come first and let the
@@ -2047,7 +1999,8 @@ func limiterOutOfMemory(t *testing.T, f *faultRedis) {
 		ls = append(ls, lm)
 	}
 
-	free := fillRedis(t, f)
+	f.Fill(t)
+	free := func() { f.Free(t) }
 	for _, lm := range ls {
 		l := lm.l
 		for _, key := range []string{"used", "new"} {

@@ -1,10 +1,14 @@
 package redisecho
 
 import (
+	"bytes"
 	"context"
+	"encoding/gob"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"sort"
 	"strconv"
 	"strings"
@@ -79,6 +83,113 @@ type Options struct {
 	// cache bypassed because Redis failed, say), at most once per second per
 	// feature, with the number of repeats it left out. Default: slog.Default().
 	Logger *slog.Logger
+}
+
+// Codec encodes values: session values (each on its own, so one request can
+// change one value without rewriting the others) and cache service values.
+type Codec interface {
+	Marshal(v any) ([]byte, error)
+	Unmarshal(data []byte, v any) error
+}
+
+// JSONCodec is the default Codec: encoding/json.
+type JSONCodec struct{}
+
+// Marshal encodes v as JSON.
+func (JSONCodec) Marshal(v any) ([]byte, error) { return json.Marshal(v) }
+
+// Unmarshal decodes JSON data into v. Plain strings, integers and booleans
+// into *string, *int, *int64 and *bool take a fast path with the same result
+// as encoding/json.
+func (JSONCodec) Unmarshal(data []byte, v any) error {
+	switch p := v.(type) {
+	case *string:
+		if s, ok := plainJSONString(data); ok {
+			*p = s
+			return nil
+		}
+	case *int:
+		if n, err := strconv.ParseInt(string(data), 10, strconv.IntSize); err == nil && plainJSONInt(data) {
+			*p = int(n)
+			return nil
+		}
+	case *int64:
+		if n, err := strconv.ParseInt(string(data), 10, 64); err == nil && plainJSONInt(data) {
+			*p = n
+			return nil
+		}
+	case *bool:
+		switch string(data) {
+		case "true":
+			*p = true
+			return nil
+		case "false":
+			*p = false
+			return nil
+		}
+	}
+	return json.Unmarshal(data, v)
+}
+
+// plainJSONString decodes a JSON string with no escapes and no bytes that
+// encoding/json would treat specially (controls, non-ASCII).
+func plainJSONString(data []byte) (string, bool) {
+	if len(data) < 2 || data[0] != '"' || data[len(data)-1] != '"' {
+		return "", false
+	}
+	for _, c := range data[1 : len(data)-1] {
+		if c < 0x20 || c == '"' || c == '\\' || c >= 0x80 {
+			return "", false
+		}
+	}
+	return string(data[1 : len(data)-1]), true
+}
+
+// plainJSONInt reports whether data is a JSON integer as encoding/json
+// writes it: an optional minus and digits without a leading zero or plus.
+func plainJSONInt(data []byte) bool {
+	d := data
+	if len(d) > 0 && d[0] == '-' {
+		d = d[1:]
+	}
+	return len(d) > 0 && (d[0] != '0' || len(d) == 1) && d[0] != '+'
+}
+
+// GobCodec encodes values with encoding/gob, keeping their Go types through
+// an interface (register custom types with gob.Register). The gorilla store
+// uses it so that sess.Values["userId"].(int) survives a reload.
+type GobCodec struct{}
+
+// Marshal encodes v, as an interface value, with gob.
+func (GobCodec) Marshal(v any) ([]byte, error) {
+	var b bytes.Buffer
+	if err := gob.NewEncoder(&b).Encode(&v); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+// Unmarshal decodes data into v, which must be a non-nil pointer to the
+// encoded value's type or to an interface it implements (such as *any).
+func (GobCodec) Unmarshal(data []byte, v any) error {
+	var x any
+	if err := gob.NewDecoder(bytes.NewReader(data)).Decode(&x); err != nil {
+		return err
+	}
+	dst := reflect.ValueOf(v)
+	if dst.Kind() != reflect.Pointer || dst.IsNil() {
+		return fmt.Errorf("redisecho: gob: cannot decode into %T", v)
+	}
+	if x == nil {
+		dst.Elem().SetZero()
+		return nil
+	}
+	src := reflect.ValueOf(x)
+	if !src.Type().AssignableTo(dst.Elem().Type()) {
+		return fmt.Errorf("redisecho: gob: cannot decode %T into %T", x, v)
+	}
+	dst.Elem().Set(src)
+	return nil
 }
 
 // backend is a feature's way to Redis: the client with the options applied.

@@ -282,7 +282,6 @@ type addressed struct {
 	addr string
 }
 
-
 // scanMasters runs SCAN MATCH pattern over every master (see masters) and
 // calls fn with each batch of keys, together with the node that holds them so
 // that fn can act on them there. A batch holds keys of one node only. It stops

@@ -52,15 +52,29 @@ func priceField(id int) string { return strconv.Itoa(id) + ":price" }
 
 // seed writes the demo products that are missing, leaving the ones there
 // alone (HSETNX): any number of instances may start at once, and a restart
-// keeps the prices set since.
+// keeps the prices set since. It reads first and writes only what is
+// missing, so an instance starting while Redis is full (and refuses every
+// write, HSETNX included, even of a field that exists) starts all the same
+// once the catalogue is complete.
 func (db *catalogue) seed(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	cmds := make(rueidis.Commands, 0, 2*catalogueSize)
-	for id := 1; id <= catalogueSize; id++ {
-		cmds = append(cmds,
-			db.client.B().Hsetnx().Key(db.key).Field(nameField(id)).Value(fmt.Sprintf("Product %d", id)).Build(),
-			db.client.B().Hsetnx().Key(db.key).Field(priceField(id)).Value(formatPrice(float64(id)*9.99)).Build())
+	fields := allFields()
+	vals, err := db.client.Do(ctx, db.client.B().Hmget().Key(db.key).Field(fields...).Build()).ToArray()
+	if err != nil {
+		return fmt.Errorf("seed the catalogue: read it: %w", err)
+	}
+	if len(vals) != len(fields) {
+		return fmt.Errorf("seed the catalogue: HMGET: %d values for %d fields", len(vals), len(fields))
+	}
+	var cmds rueidis.Commands
+	for i, v := range vals {
+		if v.IsNil() {
+			cmds = append(cmds, db.client.B().Hsetnx().Key(db.key).Field(fields[i]).Value(seedValue(i)).Build())
+		}
+	}
+	if len(cmds) == 0 {
+		return nil
 	}
 	for _, r := range db.client.DoMulti(ctx, cmds...) {
 		if err := r.Error(); err != nil {
@@ -68,6 +82,25 @@ func (db *catalogue) seed(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// allFields are the catalogue's fields, product by product, name then
+// price: the order of seedValue and of list's replies.
+func allFields() []string {
+	fields := make([]string, 0, 2*catalogueSize)
+	for id := 1; id <= catalogueSize; id++ {
+		fields = append(fields, nameField(id), priceField(id))
+	}
+	return fields
+}
+
+// seedValue is the demo value of allFields()[i].
+func seedValue(i int) string {
+	id := i/2 + 1
+	if i%2 == 0 {
+		return fmt.Sprintf("Product %d", id)
+	}
+	return formatPrice(float64(id) * 9.99)
 }
 
 func formatPrice(p float64) string { return strconv.FormatFloat(p, 'f', -1, 64) }
@@ -108,10 +141,7 @@ func (db *catalogue) get(ctx context.Context, id int) (product, error) {
 func (db *catalogue) list(ctx context.Context) ([]product, error) {
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	fields := make([]string, 0, 2*catalogueSize)
-	for id := 1; id <= catalogueSize; id++ {
-		fields = append(fields, nameField(id), priceField(id))
-	}
+	fields := allFields()
 	vals, err := db.client.Do(ctx, db.client.B().Hmget().Key(db.key).Field(fields...).Build()).ToArray()
 	if err != nil {
 		return nil, err
@@ -134,25 +164,57 @@ func (db *catalogue) list(ctx context.Context) ([]product, error) {
 }
 
 // updateScript applies an update to a product that exists, atomically,
-// and returns the product's name and price afterwards.
+// and returns the product's name and price afterwards. It changes nothing
+// when it runs after its caller gave up: a call that timed out (Redis
+// paused, a slow network) stays queued in the client and may reach Redis
+// later, where a write would land behind the caller's cache invalidation
+// and leave stale pages for their TTL.
 //
 //	KEYS[1]  the catalogue hash
-//	ARGV[1]  the product's name field, whose presence says it exists
-//	ARGV[2]  the product's price field
-//	ARGV[3…] field, value pairs to set (none: a read)
+//	ARGV[1]  not after: the caller's deadline in this node's clock (Redis
+//	         TIME, in ms); later, the reply is an error "LATE" and nothing
+//	         is written
+//	ARGV[2]  the product's name field, whose presence says it exists
+//	ARGV[3]  the product's price field
+//	ARGV[4…] field, value pairs to set (none: a read)
 //
 // Reply: nil when the product does not exist, else {name, price}.
 var updateScript = rueidis.NewLuaScript(`
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return false end
-if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
-return redis.call('HMGET', KEYS[1], ARGV[1], ARGV[2])
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[1]) then
+  return redis.error_reply('LATE the caller gave up; nothing written')
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then return false end
+if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
+return redis.call('HMGET', KEYS[1], ARGV[2], ARGV[3])
 `)
 
-// update applies the fields that are set and returns the product.
+// clockScript is the Redis TIME, in ms, of the node that holds KEYS[1]
+// (the catalogue): a script, so that a cluster routes it by key. It writes
+// nothing.
+var clockScript = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+`)
+
+// update applies the fields that are set and returns the product. It
+// writes nothing after ctx's deadline (updateScript), so once it has
+// failed, nothing it sent can change the catalogue later: invalidating the
+// product's pages after a failure leaves none stale, whether the update
+// ran (its reply lost) or not.
 func (db *catalogue) update(ctx context.Context, id int, name *string, price *float64) (product, error) {
 	ctx, cancel := context.WithTimeout(ctx, dbTimeout)
 	defer cancel()
-	args := []string{nameField(id), priceField(id)}
+	deadline, _ := ctx.Deadline()
+	redisNow, err := clockScript.Exec(ctx, db.client, []string{db.key}, nil).AsInt64()
+	if err != nil {
+		return product{}, fmt.Errorf("update: read the clock: %w", err)
+	}
+	// redisNow was read at some instant before now, so redisNow + (the
+	// time left from now) is at most the deadline in the node's clock: a
+	// script that runs by then runs before this call gives up.
+	notAfter := redisNow + time.Until(deadline).Milliseconds()
+	args := []string{strconv.FormatInt(notAfter, 10), nameField(id), priceField(id)}
 	if name != nil {
 		args = append(args, nameField(id), *name)
 	}
@@ -250,6 +312,7 @@ func requireAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 //	GET /api/products       cached 10 min, tagged "products"
 //	GET /api/products/:id   cached 5 min, tagged "product:<id>"; 404s cached 30 s
 //	GET /api/users/:id      cached under the guide's custom key "user:<id>"
+//	                        (each GET route answers HEAD too)
 //	PUT /api/products/:id   alice only; updates, then invalidates
 //	                        "product:<id>" and "products"
 //
@@ -305,15 +368,21 @@ func mountAPI(api *echo.Group, client rueidis.Client, opts redisecho.Options, se
 	}
 	productID := canonicalIDFor("products", "Product not found")
 	userID := canonicalIDFor("users", "User not found")
+	// The reads answer HEAD too (with GET's headers and no body), as HTTP
+	// asks of every resource that answers GET; the cache serves both.
+	get := func(path string, h echo.HandlerFunc, m ...echo.MiddlewareFunc) {
+		api.GET(path, h, m...)
+		api.HEAD(path, h, m...)
+	}
 
-	api.GET("/products", func(c echo.Context) error {
+	get("/products", func(c echo.Context) error {
 		list, err := db.list(c.Request().Context())
 		if err != nil {
 			return unavailable(c, err)
 		}
 		return c.JSON(http.StatusOK, list)
 	}, list)
-	api.GET("/products/:id", func(c echo.Context) error {
+	get("/products/:id", func(c echo.Context) error {
 		id, _, _ := parseID(c.Param("id"))
 		p, err := db.get(c.Request().Context(), id)
 		switch {
@@ -324,7 +393,7 @@ func mountAPI(api *echo.Group, client rueidis.Client, opts redisecho.Options, se
 		}
 		return c.JSON(http.StatusOK, p)
 	}, productID, item)
-	api.GET("/users/:id", func(c echo.Context) error {
+	get("/users/:id", func(c echo.Context) error {
 		id, _, _ := parseID(c.Param("id"))
 		u, ok := users[id]
 		if !ok {
@@ -346,18 +415,23 @@ func mountAPI(api *echo.Group, client rueidis.Client, opts redisecho.Options, se
 		if in.Name != nil && (*in.Name == "" || len(*in.Name) > maxProductName) || in.Price != nil && *in.Price < 0 {
 			return jsonError(c, http.StatusBadRequest, "name must be 1-200 bytes and price not negative")
 		}
+		cs, err := redisecho.GetCache(c)
+		if err != nil {
+			return err
+		}
+		tags := []string{"product:" + strconv.Itoa(id), "products"}
 		p, err := db.update(c.Request().Context(), id, in.Name, in.Price)
 		switch {
 		case errors.Is(err, errNoProduct):
 			return jsonError(c, http.StatusNotFound, "Product not found")
 		case err != nil:
+			// The update may have run with its reply lost, and it can no
+			// longer run later (update): invalidating now leaves no page
+			// stale either way.
+			_ = cs.InvalidateTags(c.Request().Context(), tags...)
 			return unavailable(c, err)
 		}
-		cs, err := redisecho.GetCache(c)
-		if err != nil {
-			return err
-		}
-		if err := cs.InvalidateTags(c.Request().Context(), "product:"+strconv.Itoa(id), "products"); err != nil {
+		if err := cs.InvalidateTags(c.Request().Context(), tags...); err != nil {
 			// The data changed; stale pages would be served until their TTL.
 			// Say so instead of pretending all is well.
 			return echo.NewHTTPError(http.StatusServiceUnavailable, "updated, but the cache could not be invalidated").SetInternal(err)

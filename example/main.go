@@ -313,21 +313,25 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 	}
 	auth := e.Group("", sessions)
 	// The guide limits only /api/auth/login; POST /login shares its
-	// counter, or it would be the way around it.
-	auth.POST("/login", login, limits.login)
+	// counter, or it would be the way around it. A login that creates a
+	// session (the visitor had none) counts as a new session too: the
+	// login limiter gives successes back, and the demo's passwords are
+	// public.
+	auth.POST("/login", login, limits.login, limits.newLoginSession)
 	auth.GET("/profile", profile)
 	auth.POST("/logout", logout)
 	auth.GET("/sessions", listSessions)
 	auth.POST("/logout-all", logoutAll)
 	// The one route that creates anonymous sessions: each creation is
-	// counted per client address; a visitor with a session is not.
+	// counted per client address (with the logins that create one); a
+	// visitor with a session is not.
 	auth.PUT("/preferences", putPreferences, limits.newSession)
 	auth.GET("/preferences", getPreferences)
 
 	api := e.Group("/api", limits.api)
 	// The same login as POST /login, behind the guide's authLimiter, which
 	// runs before the session: a refused attempt costs no session work.
-	api.POST("/auth/login", login, limits.login, sessions)
+	api.POST("/auth/login", login, limits.login, sessions, limits.newLoginSession)
 	// The session runs first: the limiter keys logged-in users by their ID.
 	api.GET("/expensive-operation", expensiveOperation, sessions, limits.expensive)
 	if err := mountAPI(api, client, opts, sessions); err != nil {

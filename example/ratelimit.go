@@ -19,21 +19,27 @@ import (
 //	POST /api/auth/login          5 failed attempts per 15 minutes per client IP (authLimiter)
 //	GET /api/expensive-operation  10 per minute per user, or per client IP when
 //	                              anonymous (the custom sliding-window limiter)
-//	PUT /preferences              30 new anonymous sessions per 10 minutes per
-//	                              client IP (not in the guide: each session
-//	                              holds Redis memory for its idle timeout)
+//	PUT /preferences, logins      30 new sessions per 10 minutes per client IP
+//	                              (not in the guide: each session holds Redis
+//	                              memory for its idle timeout; a login counts
+//	                              only when the visitor had no session, since
+//	                              one on a live session replaces it)
 //
 // Each has its own Name, so their counters never share a Redis key, even for
 // the same client. Clients are told apart by c.RealIP(): see
 // config.ipExtractor and TRUSTED_PROXIES.
 type rateLimits struct {
 	api, login, expensive, newSession echo.MiddlewareFunc
+	// newLoginSession counts what newSession counts, for the logins,
+	// without rate-limit headers of its own.
+	newLoginSession echo.MiddlewareFunc
 }
 
 // newSessionsPerClient is how many sessions one client address may create
-// without logging in, per newSessionWindow: a visitor's first preference
-// creates one, the visitor's later requests carry its cookie and are not
-// counted, so this bounds only a client that throws its cookies away.
+// per newSessionWindow, anonymous ones (PUT /preferences) and logins
+// together: a visitor's first preference or login creates one, the
+// visitor's later requests carry its cookie and are not counted, so this
+// bounds only a client that throws its cookies away.
 const (
 	newSessionsPerClient = 30
 	newSessionWindow     = 10 * time.Minute
@@ -94,22 +100,42 @@ func newRateLimits(client rueidis.Client, cfg config, opts redisecho.Options) (r
 	if err != nil {
 		return rl, err
 	}
-	rl.newSession, err = redisecho.RateLimitConfig{
+	// One limiter, one count per address, behind two middlewares: PUT
+	// /preferences sends its headers, the logins do not (theirs are the
+	// login limiter's).
+	sessions, err := redisecho.NewLimiter(redisecho.LimiterConfig{
 		Client:   client,
 		Options:  opts,
 		Name:     "new-session",
 		Policies: []redisecho.Policy{{Algorithm: redisecho.FixedWindow, Limit: newSessionsPerClient, Window: newSessionWindow}},
-		// Only requests that create a session count: the Session
-		// middleware ran before, so a request with a live session is
-		// skipped, and one that ends without a new session cookie (a
-		// refused body, a write of nothing, a failure) is given back.
-		Skipper:              func(c echo.Context) bool { return !createsSession(c) },
-		SkipFailedRequests:   true,
-		RequestWasSuccessful: setSessionCookie,
 		// Without Redis no session can be created anyway: 503.
 		OnRedisError: redisecho.FailClosed,
-		Message:      map[string]string{"error": "Too many new sessions from this address, please try again later."},
-	}.ToMiddleware()
+		// Refunds (below) need the script path.
+		DisableFreePath: true,
+	})
+	if err != nil {
+		return rl, err
+	}
+	newSession := func(headers bool) (echo.MiddlewareFunc, error) {
+		return redisecho.RateLimitConfig{
+			Limiter: sessions,
+			// Only requests that create a session count: the Session
+			// middleware ran before, so a request with a live session is
+			// skipped, and one that ends without a new session cookie (a
+			// refused body or login, a write of nothing, a failure) is
+			// given back.
+			Skipper:              func(c echo.Context) bool { return !createsSession(c) },
+			SkipFailedRequests:   true,
+			RequestWasSuccessful: setSessionCookie,
+			DisableDraftHeaders:  !headers,
+			DisableLegacyHeaders: !headers,
+			Message:              map[string]string{"error": "Too many new sessions from this address, please try again later."},
+		}.ToMiddleware()
+	}
+	if rl.newSession, err = newSession(true); err != nil {
+		return rl, err
+	}
+	rl.newLoginSession, err = newSession(false)
 	return rl, err
 }
 

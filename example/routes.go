@@ -190,20 +190,63 @@ func putPreferences(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	// All or nothing: a request refused half-way (the session would grow
+	// too large) changes nothing, so a 413 never hides a partial write,
+	// and a visitor without a session gets none (the request is then not
+	// counted as a creation, rightly).
+	var done []prefChange
 	for k, v := range in {
-		if v == nil {
-			err = s.Delete("pref:" + k)
-		} else {
-			err = s.Set("pref:"+k, *v)
+		ch := prefChange{key: "pref:" + k}
+		ch.old, ch.had = s.GetString(ch.key)
+		switch {
+		case v == nil && !ch.had:
+			continue // nothing to delete: no change, and no empty session
+		case v == nil:
+			err = s.Delete(ch.key)
+		default:
+			err = s.Set(ch.key, *v)
 		}
-		if errors.Is(err, redisecho.ErrSessionTooLarge) {
-			return jsonError(c, http.StatusRequestEntityTooLarge, "Too many preferences")
+		if err != nil {
+			if uerr := undoPreferences(s, done); uerr != nil {
+				return uerr
+			}
+			if errors.Is(err, redisecho.ErrSessionTooLarge) {
+				return jsonError(c, http.StatusRequestEntityTooLarge, "Too many preferences")
+			}
+			return err
+		}
+		done = append(done, ch)
+	}
+	return getPreferences(c)
+}
+
+// prefChange is a preference putPreferences changed: its session key and
+// the value it had (had false: none).
+type prefChange struct {
+	key string
+	old string
+	had bool
+}
+
+// undoPreferences takes back the changes done, newest first, so the
+// session is as it was loaded; a new session is dropped instead, so that
+// no empty session is created.
+func undoPreferences(s *redisecho.SessionState, done []prefChange) error {
+	if s.IsNew() {
+		return s.Destroy()
+	}
+	for i := len(done) - 1; i >= 0; i-- {
+		var err error
+		if ch := done[i]; ch.had {
+			err = s.Set(ch.key, ch.old)
+		} else {
+			err = s.Delete(ch.key)
 		}
 		if err != nil {
 			return err
 		}
 	}
-	return getPreferences(c)
+	return nil
 }
 
 func getPreferences(c echo.Context) error {

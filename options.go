@@ -29,6 +29,11 @@ const DefaultTimeout = 500 * time.Millisecond
 var (
 	// ErrNilClient is returned when a feature is given no rueidis client.
 	ErrNilClient = errors.New("redisecho: rueidis client is nil")
+	// ErrClientNotComparable is returned for a rueidis.Client of a type
+	// that cannot be compared (a struct wrapping a client together with a
+	// func, say): the library keeps per-client state (the shared breaker,
+	// the slot map) keyed by the client. Pass a pointer to such a wrapper.
+	ErrClientNotComparable = errors.New("redisecho: the rueidis client's type is not comparable")
 	// ErrInvalidTimeout is returned for a negative timeout or interval.
 	ErrInvalidTimeout = errors.New("redisecho: timeout must not be negative")
 	// ErrInvalidBreaker is returned for a BreakerConfig with negative values.
@@ -211,6 +216,9 @@ type backend struct {
 func newBackend(feature string, client rueidis.Client, o Options) (*backend, error) {
 	if client == nil {
 		return nil, fmt.Errorf("%s: %w", feature, ErrNilClient)
+	}
+	if !reflect.TypeOf(client).Comparable() {
+		return nil, fmt.Errorf("%s: %w: %T (pass a pointer to it)", feature, ErrClientNotComparable, client)
 	}
 	keys, err := NewKeyspace(o.Prefix)
 	if err != nil {
@@ -828,6 +836,10 @@ type clientState struct {
 var clients sync.Map // rueidis.Client -> *clientState
 
 func stateOf(client rueidis.Client) *clientState {
+	if !reflect.TypeOf(client).Comparable() {
+		// Cannot be a map key (newBackend refuses it): a state of its own.
+		return &clientState{breaker: NewBreaker(BreakerConfig{})}
+	}
 	if v, ok := clients.Load(client); ok {
 		return v.(*clientState)
 	}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -198,6 +199,7 @@ func TestNewBackendValidates(t *testing.T) {
 		{name: "nil client", given: Options{}, wantErr: ErrNilClient},
 		{name: "brace in prefix", client: c, given: Options{Prefix: "a{b}"}, wantErr: ErrInvalidPrefix},
 		{name: "negative timeout", client: c, given: Options{Timeout: -time.Second}, wantErr: ErrInvalidTimeout},
+		{name: "client type not comparable", client: uncomparableClient{Client: c}, given: Options{}, wantErr: ErrClientNotComparable},
 		{name: "defaults", client: c, given: Options{}},
 	}
 	for _, tt := range tests {
@@ -213,6 +215,22 @@ func TestNewBackendValidates(t *testing.T) {
 			assert.Same(t, BreakerFor(c), b.breaker, "features on one client share a breaker")
 		})
 	}
+}
+
+// uncomparableClient wraps a client with a func, as an app's decorator
+// might: it cannot be a map key.
+type uncomparableClient struct {
+	rueidis.Client
+	onClose func()
+}
+
+func TestUncomparableClientDoesNotPanic(t *testing.T) {
+	c := uncomparableClient{Client: standaloneClient(t)}
+	require.NotPanics(t, func() { _ = BreakerFor(c) })
+	_, err := NewSessionStore(SessionConfig{Client: c, Keys: []string{strings.Repeat("k", 32)}})
+	require.ErrorIs(t, err, ErrClientNotComparable)
+	_, err = NewSessionStore(SessionConfig{Client: &c, Keys: []string{strings.Repeat("k", 32)}})
+	require.NoError(t, err, "a pointer to the wrapper works")
 }
 
 func standaloneClient(t *testing.T) rueidis.Client {

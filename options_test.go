@@ -221,7 +221,7 @@ func TestNewBackendValidates(t *testing.T) {
 // might: it cannot be a map key.
 type uncomparableClient struct {
 	rueidis.Client
-	onClose func()
+	_ func()
 }
 
 func TestUncomparableClientDoesNotPanic(t *testing.T) {

@@ -195,9 +195,15 @@ func TestJunkTrafficLeavesNothing(t *testing.T) {
 		expireNow := func() {
 			janitor := f.Client(func(o *rueidis.ClientOption) { o.DisableCache = true })
 			defer janitor.Close()
-			err := scanMasters(ctx5s(t), janitor, matchPattern(f.Keys.Prefix()), func(ctx context.Context, node rueidis.Client, keys []string) error {
-				for _, k := range keys {
-					if err := node.Do(ctx, node.B().Pexpire().Key(k).Milliseconds(1).Build()).Error(); err != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute) // tens of thousands of keys, under -race
+			defer cancel()
+			err := scanMasters(ctx, janitor, matchPattern(f.Keys.Prefix()), func(ctx context.Context, node rueidis.Client, keys []string) error {
+				cmds := make(rueidis.Commands, len(keys))
+				for i, k := range keys {
+					cmds[i] = node.B().Pexpire().Key(k).Milliseconds(1).Build()
+				}
+				for _, r := range node.DoMulti(ctx, cmds...) {
+					if err := r.Error(); err != nil {
 						return err
 					}
 				}

@@ -131,8 +131,10 @@ type SessionConfig struct {
 	// that changes nothing extends the session, so that read-only requests
 	// usually write nothing. Between 0 (exclusive) and 1. Default: 0.25.
 	TouchAfter float64
-	// MaxSize bounds the encoded size of all of a session's values, in
-	// bytes (value keys, at most 256 bytes each, are not counted).
+	// MaxSize bounds what a session's values and flashes take, in bytes:
+	// each counts its encoded size, its key and SessionValueOverhead (32
+	// bytes, about what Redis spends per hash field), so that many tiny
+	// values cannot hold more Redis memory than the bound says.
 	// Default: 64 KiB.
 	MaxSize int
 	// AnonymousIdleTimeout replaces IdleTimeout for sessions bound to no
@@ -554,7 +556,7 @@ const (
 // fields are kept in _z, so the size check costs O(fields changed) (a
 // Clear adds an HKEYS). An update that changes one value makes 5 calls: HMGET, HSTRLEN, HSET,
 // PEXPIRE, and the EVALSHA itself.
-var saveScript = rueidis.NewLuaScript(`
+var saveScript = rueidis.NewLuaScript(strings.ReplaceAll(`
 local src, dst = KEYS[1], KEYS[2]
 local mode, now = ARGV[1], tonumber(ARGV[2])
 local meta = redis.call('HMGET', src, '_a', '_s', '_z', '_u', '_r', '_v', '_i')
@@ -594,6 +596,7 @@ if mode == 'new' then
   table.insert(fields, '_a'); table.insert(fields, ARGV[4])
 end
 local n = tonumber(ARGV[9])
+local ovh = SESSION_VALUE_OVERHEAD
 local clear = ARGV[10] == '1' and mode ~= 'new'
 if clear then size = 0 end
 local i = 11
@@ -601,8 +604,11 @@ for _ = 1, n do
   local f, v = ARGV[i], ARGV[i + 1]
   local c = string.sub(f, 1, 2)
   if c == 'v:' or c == 'f:' then
-    size = size + #v
-    if mode ~= 'new' and not clear then size = size - redis.call('HSTRLEN', src, f) end
+    size = size + #f + #v + ovh
+    if mode ~= 'new' and not clear then
+      local old = redis.call('HSTRLEN', src, f)
+      if old > 0 then size = size - old - #f - ovh end
+    end
   elseif f == '_r' then
     rem = v
   elseif f == '_u' then
@@ -614,9 +620,11 @@ end
 for j = i, #ARGV do
   local c = string.sub(ARGV[j], 1, 2)
   if mode ~= 'new' and not clear and (c == 'v:' or c == 'f:') then
-    size = size - redis.call('HSTRLEN', src, ARGV[j])
+    local old = redis.call('HSTRLEN', src, ARGV[j])
+    if old > 0 then size = size - old - #ARGV[j] - ovh end
   end
 end
+if size < 0 then size = 0 end -- a _z written before keys counted
 local drop = {}
 for j = i, #ARGV do drop[#drop + 1] = ARGV[j] end
 if clear then
@@ -649,7 +657,7 @@ end
 if dst ~= src then redis.call('RENAME', src, dst) end
 redis.call('PEXPIRE', dst, math.min(limit, abs - now))
 return {ver, abs, rem, prev}
-`)
+`, "SESSION_VALUE_OVERHEAD", strconv.Itoa(SessionValueOverhead)))
 
 // indexScript records a session in its user's index and prunes entries
 // whose absolute expiry passed.
@@ -1221,17 +1229,19 @@ func (s *SessionState) setField(field string, b []byte) error {
 	if err := s.writable(); err != nil {
 		return err
 	}
-	if len(b) > s.st.cfg.MaxSize {
-		return tooLarge(len(b), s.st.cfg.MaxSize)
+	if c := valueCost(field, b); c > s.st.cfg.MaxSize {
+		return tooLarge(c, s.st.cfg.MaxSize)
 	}
 	s.ensureLoaded() // usually a local cache hit: tells the handler about the size limit now
 	if s.err != nil {
 		return unavailableError(s.err) // a 503 the handler can return as is
 	}
 	if !s.degraded {
-		old, _ := s.raw(field)
 		cur := s.size()
-		size := cur - len(old) + len(b)
+		size := cur + valueCost(field, b)
+		if old, ok := s.raw(field); ok {
+			size -= valueCost(field, old)
+		}
 		if size > s.st.cfg.MaxSize {
 			return tooLarge(size, s.st.cfg.MaxSize)
 		}
@@ -1247,6 +1257,16 @@ func (s *SessionState) setField(field string, b []byte) error {
 	return nil
 }
 
+// SessionValueOverhead is what each session value or flash counts towards
+// MaxSize and AnonymousMaxSize besides its encoded size and its key: about
+// what Redis spends per hash field.
+const SessionValueOverhead = 32
+
+// valueCost is what field = v counts towards a session's size.
+func valueCost[B string | []byte](field string, v B) int {
+	return len(field) + len(v) + SessionValueOverhead
+}
+
 // tooLarge is Set's refusal: a 413 for the handler to return as is, which
 // errors.Is matches with ErrSessionTooLarge.
 func tooLarge(size, limit int) error {
@@ -1256,7 +1276,8 @@ func tooLarge(size, limit int) error {
 	}
 }
 
-// size is the encoded size of values and flashes, pending changes applied.
+// size is what values and flashes count towards MaxSize (see valueCost),
+// pending changes applied.
 // Callers hold s.mu and have loaded the session.
 func (s *SessionState) size() int {
 	n := 0
@@ -1264,14 +1285,14 @@ func (s *SessionState) size() int {
 		if isDataField(f) && !s.clear {
 			if _, gone := s.del[f]; !gone {
 				if _, changed := s.set[f]; !changed {
-					n += len(v)
+					n += valueCost(f, v)
 				}
 			}
 		}
 	}
 	for f, v := range s.set {
 		if isDataField(f) {
-			n += len(v)
+			n += valueCost(f, v)
 		}
 	}
 	return n

@@ -808,7 +808,9 @@ func TestSessionUserIndex(t *testing.T) {
 
 func TestSessionSizeLimit(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
-		app := newSessionApp(t, r, r.Client(), func(cfg *SessionConfig) { cfg.MaxSize = 100 })
+		// Each value counts its key, its encoded size and SessionValueOverhead:
+		// "a" = 60 x's costs 3 + 62 + 32 = 97 bytes.
+		app := newSessionApp(t, r, r.Client(), func(cfg *SessionConfig) { cfg.MaxSize = 250 })
 		b := newBrowser(t)
 		require.Equal(t, http.StatusOK, b.post(app, "/set?k=a&v="+strings.Repeat("x", 60)).code)
 
@@ -818,7 +820,7 @@ func TestSessionSizeLimit(t *testing.T) {
 		e.POST("/", func(c echo.Context) error {
 			s, _ := GetSession(c)
 			require.True(t, s.Has("a"))
-			require.ErrorIs(t, s.Set("b", strings.Repeat("y", 60)), ErrSessionTooLarge)
+			require.ErrorIs(t, s.Set("b", strings.Repeat("y", 120)), ErrSessionTooLarge) // 97 + 157 > 250
 			require.ErrorIs(t, s.Set("c", strings.Repeat("y", 200)), ErrSessionTooLarge)
 			require.NoError(t, s.Set("a", "small"), "replacing a value counts its old size out")
 			return c.NoContent(http.StatusNoContent)
@@ -2621,7 +2623,8 @@ func TestSessionClearDropsConcurrentWrites(t *testing.T) {
 // so the script writes them in chunks).
 func TestSessionManyValues(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
-		app := newSessionApp(t, r, r.Client(), nil)
+		// 10,000 values take about 400 KB with their keys and overhead.
+		app := newSessionApp(t, r, r.Client(), func(cfg *SessionConfig) { cfg.MaxSize = 1 << 20 })
 		e := echo.New()
 		e.Use(app.store.Middleware())
 		e.POST("/bulk", func(c echo.Context) error {

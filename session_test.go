@@ -2705,3 +2705,49 @@ func TestDestroyUserSessionsInFullRedisKeepsInFlightLogins(t *testing.T) {
 		require.Equal(t, 1, n, "and can be ended")
 	})
 }
+
+// TestSessionTinyValuesCountTowardsTheCap: each value counts its key and
+// SessionValueOverhead, so an anonymous session of many one-byte values is
+// refused near its cap, and its Redis memory stays near the cap too (it
+// used to take 4,096 of them: 197 KB under a 4 KiB cap).
+func TestSessionTinyValuesCountTowardsTheCap(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		c := r.Client()
+		app := newSessionApp(t, r, c, nil)
+		e := echo.New()
+		e.Use(app.store.Middleware())
+		e.POST("/tiny", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			n := 0
+			for ; n < 4096; n++ {
+				if err := s.Set(strconv.Itoa(n), 1); err != nil {
+					require.ErrorIs(t, err, ErrSessionTooLarge)
+					break
+				}
+			}
+			return c.String(http.StatusOK, strconv.Itoa(n))
+		})
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+		b := newBrowser(t)
+		rep := b.post(&sessionApp{store: app.store, srv: srv}, "/tiny")
+		require.Equal(t, http.StatusOK, rep.code)
+		n, err := strconv.Atoi(rep.body)
+		require.NoError(t, err)
+		require.Less(t, n, DefaultAnonymousMaxSize/SessionValueOverhead, "each value costs at least its overhead")
+		require.Greater(t, n, DefaultAnonymousMaxSize/(SessionValueOverhead+8))
+
+		tok, _, _, ok := app.store.decodeCookie(DefaultSessionCookie, b.cookie(&sessionApp{store: app.store, srv: srv}))
+		require.True(t, ok)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		key := app.store.key(tok)
+		fields, err := c.Do(ctx, c.B().Hlen().Key(key).Build()).AsInt64()
+		require.NoError(t, err)
+		require.GreaterOrEqual(t, fields, int64(n), "the values that fit were saved")
+		require.LessOrEqual(t, fields, int64(n+9), "with the metadata")
+		used, err := c.Do(ctx, c.B().MemoryUsage().Key(key).Samples(0).Build()).AsInt64()
+		require.NoError(t, err)
+		require.Less(t, used, int64(2*DefaultAnonymousMaxSize), "Redis memory stays near the cap")
+	})
+}

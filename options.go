@@ -217,7 +217,7 @@ func newBackend(feature string, client rueidis.Client, o Options) (*backend, err
 	if client == nil {
 		return nil, fmt.Errorf("%s: %w", feature, ErrNilClient)
 	}
-	if !reflect.TypeOf(client).Comparable() {
+	if !clientComparable(client) {
 		return nil, fmt.Errorf("%s: %w: %T (pass a pointer to it)", feature, ErrClientNotComparable, client)
 	}
 	keys, err := NewKeyspace(o.Prefix)
@@ -836,7 +836,7 @@ type clientState struct {
 var clients sync.Map // rueidis.Client -> *clientState
 
 func stateOf(client rueidis.Client) *clientState {
-	if !reflect.TypeOf(client).Comparable() {
+	if !clientComparable(client) {
 		// Cannot be a map key (newBackend refuses it): a state of its own.
 		return &clientState{breaker: NewBreaker(BreakerConfig{})}
 	}
@@ -845,6 +845,22 @@ func stateOf(client rueidis.Client) *clientState {
 	}
 	v, _ := clients.LoadOrStore(client, &clientState{breaker: NewBreaker(BreakerConfig{})})
 	return v.(*clientState)
+}
+
+// clientComparable reports whether client can be a map key. Its type alone
+// does not tell: a comparable struct may embed a rueidis.Client interface
+// holding a value that is not comparable, and hashing it panics.
+func clientComparable(client rueidis.Client) (ok bool) {
+	if !reflect.TypeOf(client).Comparable() {
+		return false
+	}
+	defer func() {
+		if recover() != nil {
+			ok = false
+		}
+	}()
+	other := client
+	return other == client // panics if some value inside is not comparable
 }
 
 // BreakerFor returns the Breaker that every feature using client shares by

@@ -638,3 +638,46 @@ func TestHalfOpenProbeIsARoundTripForCachedReads(t *testing.T) {
 		require.Eventually(t, func() bool { return b.DoCache(ctx, k, get, time.Minute).IsCacheHit() }, 5*time.Second, 10*time.Millisecond, "hits again once closed")
 	})
 }
+
+// TestReadinessClosesTheScopeItOpened: failed readiness probes open a node's
+// scope; once Redis answers again and the cool-down has passed, a readiness
+// probe that works is the half-open probe and closes it. Without that, an
+// instance the load balancer took out of rotation (readiness 503, so no
+// traffic, so no call to probe the scope) would stay out for good.
+func TestReadinessClosesTheScopeItOpened(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		c := f.Client()
+		clock := newFakeClock()
+		br := NewBreaker(BreakerConfig{Failures: 2, Cooldown: 10 * time.Second, Clock: clock, Logger: discardLogger()})
+		h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Timeout: 300 * time.Millisecond})
+		f.Pause(t, f.Servers()[0])
+		for range 2 {
+			code, _, _ := getHealth(t, h)
+			require.Equal(t, http.StatusServiceUnavailable, code)
+		}
+		require.True(t, br.AnyOpen())
+		f.Resume(t, f.Servers()[0])
+		code, rep, _ := getHealth(t, h)
+		require.Equal(t, http.StatusServiceUnavailable, code, "during the cool-down the scope stays open")
+		require.Equal(t, "breaker-open", rep.Redis.State)
+		clock.Advance(10 * time.Second)
+		code, rep, _ = getHealth(t, h)
+		require.Equal(t, http.StatusOK, code, "the probe after the cool-down closes the scope: %+v", rep)
+		require.Equal(t, "up", rep.Redis.State)
+		require.False(t, br.AnyOpen(), "%+v", br.Stats())
+	})
+}
+
+// comparableWrapper is comparable by type, but holds a value that is not:
+// using it as a map key would panic at run time.
+type comparableWrapper struct{ rueidis.Client }
+
+func TestWrappedUncomparableClientIsRefused(t *testing.T) {
+	c := comparableWrapper{Client: uncomparableClient{Client: standaloneClient(t)}}
+	require.NotPanics(t, func() { _ = BreakerFor(c) })
+	require.NotPanics(t, func() {
+		_, err := NewSessionStore(SessionConfig{Client: c, Keys: []string{strings.Repeat("k", 32)}})
+		require.ErrorIs(t, err, ErrClientNotComparable)
+	})
+}

@@ -622,6 +622,15 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 		go func() {
 			start := time.Now()
 			p := probe{h: NodeHealth{Addr: addr}, master: true}
+			scope := "redis"
+			if cluster {
+				scope = addr
+			}
+			bn := breaker.node(scope)
+			// Once an open scope's cool-down has passed, this probe is its
+			// half-open probe: an instance that readiness took out of the
+			// load balancer gets no calls that could close it.
+			probing := !bn.closed() && breaker.allow(bn)
 			probeCmd := n.B().Ping().Build()
 			if cluster {
 				probeCmd = n.B().Role().Build()
@@ -635,11 +644,7 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 				}
 			}
 			if info, ierr := res[1].ToString(); err == nil && ierr == nil && fullRedis(info) {
-				scope := "redis"
-				if cluster {
-					scope = addr
-				}
-				breaker.node(scope).markOOM(breaker.clock.Now())
+				bn.markOOM(breaker.clock.Now())
 			}
 			p.h.OK, p.h.LatencyMS = err == nil, float64(time.Since(start).Microseconds())/1000
 			switch {
@@ -652,14 +657,11 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 			// A failed probe is evidence against the node, as any call's
 			// failure is: it feeds the node's breaker scope, so that an
 			// instance whose reads are all cache hits still learns that
-			// Redis is gone. A probe that works does not close a scope that
-			// calls opened (the cool-down and its probe do).
-			if classify(parent, err) == unhealthy {
-				scope := "redis"
-				if cluster {
-					scope = addr
-				}
-				breaker.record(breaker.node(scope), unhealthy)
+			// Redis is gone. A probe that works does not close an open scope
+			// during its cool-down; after it, the probe closes the scope
+			// (see probing above).
+			if o := classify(parent, err); o == unhealthy || probing {
+				breaker.record(bn, o)
 			}
 			results <- p
 		}()

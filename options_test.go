@@ -9,12 +9,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/redis/rueidis"
+	"github.com/redisecho/redisecho/internal/redistest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -680,4 +682,45 @@ func TestWrappedUncomparableClientIsRefused(t *testing.T) {
 		_, err := NewSessionStore(SessionConfig{Client: c, Keys: []string{strings.Repeat("k", 32)}})
 		require.ErrorIs(t, err, ErrClientNotComparable)
 	})
+}
+
+// TestReadinessLeavesReplicasOut: on a cluster with a replica, a replica
+// that stops answering neither turns readiness to 503 nor opens a breaker
+// scope (no call ever goes to it): only masters count.
+func TestReadinessLeavesReplicasOut(t *testing.T) {
+	t.Parallel()
+	f := newFaultRedis(t, "cluster")
+	master := f.Servers()[0]
+	replica, err := redistest.NewServer(true)
+	require.NoError(t, err)
+	require.NoError(t, replica.Start())
+	t.Cleanup(replica.Stop)
+	_, err = respDo(master.addr(), 2*time.Second, "CLUSTER", "MEET", "127.0.0.1", strconv.Itoa(replica.Port()))
+	require.NoError(t, err)
+	id, err := respDo(master.addr(), 2*time.Second, "CLUSTER", "MYID")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		_, err := respDo(replica.Addr(), 2*time.Second, "CLUSTER", "REPLICATE", id.(string))
+		return err == nil
+	}, 10*time.Second, 50*time.Millisecond, "the replica learns its master")
+	c := f.Client(func(o *rueidis.ClientOption) { o.ClusterOption.ShardsRefreshInterval = 100 * time.Millisecond })
+	require.Eventually(t, func() bool { _, ok := c.Nodes()[replica.Addr()]; return ok }, 10*time.Second, 50*time.Millisecond,
+		"the client sees the replica")
+
+	br := NewBreaker(BreakerConfig{Failures: 2, Cooldown: 10 * time.Second, Logger: discardLogger()})
+	h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Timeout: 300 * time.Millisecond, Detail: true})
+	require.Eventually(t, func() bool {
+		stateOf(c).refreshSlots(c, time.Second) // as the first call of a feature does
+		code, _, _ := getHealth(t, h)
+		return code == http.StatusOK && stateOf(c).slots.Load() != nil
+	}, 10*time.Second, 50*time.Millisecond, "the slot map is read")
+
+	require.NoError(t, replica.Pause())
+	t.Cleanup(func() { _ = replica.Resume() })
+	for range 2 {
+		code, rep, _ := getHealth(t, h)
+		require.Equal(t, http.StatusOK, code, "a paused replica: %+v", rep)
+		require.Len(t, rep.Redis.Nodes, 3, "masters only")
+	}
+	require.False(t, br.AnyOpen(), "%+v", br.Stats())
 }

@@ -603,8 +603,11 @@ func DialErrorCode(err error) string {
 // pipelined with INFO memory, so that a full Redis (noeviction, maxmemory
 // reached) reads "oom" even when no write has been refused yet.
 // Replicas are left out: a missing replica does not stop this instance from
-// serving. A node that does not answer counts as down whatever its role, and
-// its failure feeds its breaker scope.
+// serving. A node that does not answer counts as a master, and as down,
+// unless the cluster's slot map (see clientState.nodeOf) is known and does
+// not list it as a master; a master's failure feeds its breaker scope, and
+// on a cluster asks for a fresh slot map (a failover may have moved its
+// slots).
 //
 // parent is the request's context, ctx the check's (parent with the check's
 // deadline): a probe that fails because the HTTP client went away proves
@@ -613,6 +616,21 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: "closed"}}
 	cluster := client.Mode() == rueidis.ClientModeCluster
 	nodes := client.Nodes()
+	var st *clientState
+	var slotMasters map[string]bool // nil: not known yet, every node that fails counts
+	if cluster {
+		st = stateOf(client)
+		if m := st.slots.Load(); m != nil {
+			slotMasters = make(map[string]bool, 8)
+			for i := 0; i < len(m); i++ {
+				if i == 0 || m[i] != m[i-1] {
+					slotMasters[m[i]] = true
+				}
+			}
+		} else {
+			st.refreshSlots(client, DefaultTimeout)
+		}
+	}
 	type probe struct {
 		h      NodeHealth
 		master bool
@@ -637,13 +655,16 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 			}
 			res := n.DoMulti(ctx, probeCmd, n.B().Info().Section("memory").Build())
 			err := res[0].Error()
-			if cluster && err == nil {
+			switch {
+			case cluster && err == nil:
 				if role, _ := res[0].ToArray(); len(role) > 0 {
 					r, _ := role[0].ToString()
 					p.master = r == "master"
 				}
+			case cluster:
+				p.master = slotMasters == nil || slotMasters[addr]
 			}
-			if info, ierr := res[1].ToString(); err == nil && ierr == nil && fullRedis(info) {
+			if info, ierr := res[1].ToString(); err == nil && ierr == nil && p.master && fullRedis(info) {
 				bn.markOOM(breaker.clock.Now())
 			}
 			p.h.OK, p.h.LatencyMS = err == nil, float64(time.Since(start).Microseconds())/1000
@@ -660,8 +681,11 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 			// Redis is gone. A probe that works does not close an open scope
 			// during its cool-down; after it, the probe closes the scope
 			// (see probing above).
-			if o := classify(parent, err); o == unhealthy || probing {
+			if o := classify(parent, err); (o == unhealthy && p.master) || probing {
 				breaker.record(bn, o)
+				if o == unhealthy && cluster {
+					st.refreshSlots(client, DefaultTimeout)
+				}
 			}
 			results <- p
 		}()

@@ -723,4 +723,9 @@ func TestReadinessLeavesReplicasOut(t *testing.T) {
 		require.Len(t, rep.Redis.Nodes, 3, "masters only")
 	}
 	require.False(t, br.AnyOpen(), "%+v", br.Stats())
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	ms, err := masters(ctx, c)
+	require.NoError(t, err, "SCANs (cache Flush) go on without the replica")
+	require.Len(t, ms, 3)
 }

@@ -18,6 +18,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -255,13 +256,22 @@ func keySlot(key string) uint16 {
 // masters returns one client per master node: the single node of a
 // standalone or sentinel client, every master of a cluster. Replicas are left
 // out, because a write sent through one fails with MOVED and a SCAN of both
-// would see every key twice. Each ROLE call runs under ctx.
+// would see every key twice. Each ROLE call runs under ctx. A node that does
+// not answer is an error, unless the slot map is known and does not list it
+// as a master (a replica that is down holds no key of its own).
 func masters(ctx context.Context, client rueidis.Client) ([]rueidis.Client, error) {
 	nodes := client.Nodes()
 	out := make([]rueidis.Client, 0, len(nodes))
+	var slots *[16384]string
+	if client.Mode() == rueidis.ClientModeCluster {
+		slots = stateOf(client).slots.Load()
+	}
 	for addr, n := range nodes {
 		if client.Mode() == rueidis.ClientModeCluster {
 			role, err := n.Do(ctx, n.B().Role().Build()).ToArray()
+			if err != nil && slots != nil && !slices.Contains(slots[:], addr) {
+				continue
+			}
 			if err != nil {
 				return nil, fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
 			}

@@ -729,3 +729,30 @@ func TestReadinessLeavesReplicasOut(t *testing.T) {
 	require.NoError(t, err, "SCANs (cache Flush) go on without the replica")
 	require.Len(t, ms, 3)
 }
+
+// TestReadinessCountsAMasterTheClientDropped: with CLUSTER SHARDS (Redis 8,
+// or PreferClusterShards), rueidis drops a failed master from its topology,
+// so Nodes() no longer lists it. Readiness still reports it down: the slot
+// map says its slots have no other master.
+func TestReadinessCountsAMasterTheClientDropped(t *testing.T) {
+	t.Parallel()
+	f := newFaultRedis(t, "cluster")
+	c := f.Client(func(o *rueidis.ClientOption) {
+		o.ClusterOption.PreferClusterShards = true
+		o.ClusterOption.ShardsRefreshInterval = 100 * time.Millisecond
+	})
+	br := NewBreaker(BreakerConfig{Failures: 1000, Logger: discardLogger()})
+	h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Timeout: 300 * time.Millisecond})
+	require.Eventually(t, func() bool {
+		stateOf(c).refreshSlots(c, time.Second)
+		code, _, _ := getHealth(t, h)
+		return code == http.StatusOK && stateOf(c).slots.Load() != nil
+	}, 10*time.Second, 50*time.Millisecond)
+	dead := f.Servers()[0]
+	f.Stop(t, dead)
+	require.Eventually(t, func() bool { _, ok := c.Nodes()[dead.addr()]; return !ok }, 20*time.Second, 50*time.Millisecond,
+		"rueidis drops the failed master")
+	code, rep, _ := getHealth(t, h)
+	require.Equal(t, http.StatusServiceUnavailable, code, "%+v", rep)
+	require.Equal(t, "down", rep.Redis.State)
+}

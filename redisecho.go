@@ -617,7 +617,8 @@ func DialErrorCode(err error) string {
 // unless the cluster's slot map (see clientState.nodeOf) is known and does
 // not list it as a master; a master's failure feeds its breaker scope, and
 // on a cluster asks for a fresh slot map (a failover may have moved its
-// slots).
+// slots). A master of the slot map that the client does not list counts as
+// down too.
 //
 // parent is the request's context, ctx the check's (parent with the check's
 // deadline): a probe that fails because the HTTP client went away proves
@@ -709,6 +710,16 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 		rep.Redis.LatencyMS = max(rep.Redis.LatencyMS, p.h.LatencyMS)
 		if !p.h.OK {
 			rep.Status, rep.Redis.State = "unavailable", "down"
+		}
+	}
+	// A master of the slot map that the client no longer lists (rueidis
+	// drops a failed node read from CLUSTER SHARDS) serves its slots to no
+	// one: it is down, until a fresh slot map shows who took them over.
+	for addr := range slotMasters {
+		if _, ok := nodes[addr]; !ok && addr != "" {
+			rep.Redis.Nodes = append(rep.Redis.Nodes, NodeHealth{Addr: addr, Error: "unreachable"})
+			rep.Status, rep.Redis.State = "unavailable", "down"
+			st.refreshSlots(client, DefaultTimeout)
 		}
 	}
 	if len(rep.Redis.Nodes) == 0 {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"reflect"
 	"sort"
 	"strconv"
@@ -919,13 +920,27 @@ func (s *clientState) refreshSlots(client rueidis.Client, timeout time.Duration)
 			}
 			host, _ := node[0].ToString()
 			port, _ := node[1].AsInt64()
-			addr := host + ":" + strconv.FormatInt(port, 10)
+			addr := slotEndpoint(host, port)
+			if addr == "" {
+				continue // the slots' calls share the scope "cluster"
+			}
 			for slot := lo; slot <= hi && slot < 16384; slot++ {
 				m[slot] = addr
 			}
 		}
 		s.slots.Store(&m)
 	}()
+}
+
+// slotEndpoint is a CLUSTER SLOTS node address spelled as rueidis spells
+// the keys of Nodes() (net.JoinHostPort, so "[::1]:7000" for IPv6), so that
+// a scope and a readiness probe name a node alike. "" (a node that does not
+// know its own address) and "?" (an unknown endpoint) give "".
+func slotEndpoint(host string, port int64) string {
+	if host == "" || host == "?" {
+		return ""
+	}
+	return net.JoinHostPort(host, strconv.FormatInt(port, 10))
 }
 
 // checkCache finds out once per client, in the background, whether DoCache

@@ -756,3 +756,22 @@ func TestReadinessCountsAMasterTheClientDropped(t *testing.T) {
 	require.Equal(t, http.StatusServiceUnavailable, code, "%+v", rep)
 	require.Equal(t, "down", rep.Redis.State)
 }
+
+// TestSlotEndpoint: the slot map names nodes as rueidis's Nodes() does, or
+// readiness and calls would feed different scopes of one node.
+func TestSlotEndpoint(t *testing.T) {
+	tests := []struct {
+		host string
+		port int64
+		want string
+	}{
+		{host: "127.0.0.1", port: 7000, want: "127.0.0.1:7000"},
+		{host: "::1", port: 7000, want: "[::1]:7000"},
+		{host: "redis-0.redis", port: 6379, want: "redis-0.redis:6379"},
+		{host: "", port: 7000, want: ""},
+		{host: "?", port: 7000, want: ""},
+	}
+	for _, tt := range tests {
+		require.Equal(t, tt.want, slotEndpoint(tt.host, tt.port), "%q", tt.host)
+	}
+}

@@ -279,9 +279,10 @@ func (b *backend) call(ctx context.Context, key string, grows bool, fn func(ctx 
 // record tells the breaker a call's outcome and keeps the node's OOM state:
 // an OOM reply sets it (and counts as an answer, not a failure), a command
 // that Redis refuses when full clears it by succeeding (grows). A DEL or an
-// HDEL succeeds in a full Redis, so it proves nothing. A failure on a cluster also re-reads the slot map
-// (at most once a second), so that after a failover the keys of a dead
-// master map to its replacement, not to the dead scope.
+// HDEL succeeds in a full Redis, so it proves nothing. A failure on a
+// cluster also re-reads the slot map (at most once a second), so that after
+// a failover the keys of a dead master map to its replacement, not to the
+// dead scope.
 func (b *backend) record(n *breakerNode, ctx context.Context, err error, grows bool) {
 	o := classify(ctx, err)
 	b.breaker.record(n, o)
@@ -331,8 +332,8 @@ var denyOOM = map[string]struct{}{
 // reports "oom".
 const oomHold = 2 * time.Second
 
-// OOM reports whether a call to key's node got an OOM reply within oomHold
-// that no successful write has cleared since.
+// OOM reports whether key's node is marked out of memory (see
+// BreakerStats.OOM).
 func (b *backend) OOM(key string) bool {
 	return b.breaker.node(b.scope(key)).isOOM(b.breaker.clock.Now())
 }
@@ -653,8 +654,10 @@ type BreakerStats struct {
 	Rejected uint64 `json:"rejected"`
 	// Opened counts how often the scope opened.
 	Opened uint64 `json:"opened"`
-	// OOM reports that the node refused a write for lack of memory within
-	// the last 2 s, and no write has succeeded since.
+	// OOM reports that the node answered a call with an OOM reply, or that
+	// a readiness probe found it full (INFO memory: maxmemory reached under
+	// noeviction), within the last 2 s, and that no command Redis refuses
+	// when full has succeeded since.
 	OOM bool `json:"oom"`
 }
 
@@ -686,8 +689,8 @@ func (b *Breaker) State(scope string) BreakerState {
 	return BreakerClosed
 }
 
-// AnyOOM reports whether some scope's node answered a call with an OOM
-// reply within the last 2 s that no successful write has cleared since.
+// AnyOOM reports whether some scope's node is marked out of memory (see
+// BreakerStats.OOM).
 func (b *Breaker) AnyOOM() bool {
 	now := b.clock.Now()
 	oom := false

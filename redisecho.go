@@ -256,34 +256,56 @@ func keySlot(key string) uint16 {
 // masters returns one client per master node: the single node of a
 // standalone or sentinel client, every master of a cluster. Replicas are left
 // out, because a write sent through one fails with MOVED and a SCAN of both
-// would see every key twice. Each ROLE call runs under ctx. A node that does
-// not answer is an error, unless the slot map is known and does not list it
-// as a master (a replica that is down holds no key of its own).
+// would see every key twice. The ROLE calls run concurrently under ctx (so
+// a node that hangs does not eat the others' deadline). A node that does not
+// answer is an error, unless the slot map is known and does not list it as
+// a master (a replica that is down holds no key of its own).
 func masters(ctx context.Context, client rueidis.Client) ([]rueidis.Client, error) {
 	nodes := client.Nodes()
 	out := make([]rueidis.Client, 0, len(nodes))
-	var slots *[16384]string
-	if client.Mode() == rueidis.ClientModeCluster {
-		slots = stateOf(client).slots.Load()
-	}
-	for addr, n := range nodes {
-		if client.Mode() == rueidis.ClientModeCluster {
-			role, err := n.Do(ctx, n.B().Role().Build()).ToArray()
-			if err != nil && slots != nil && !slices.Contains(slots[:], addr) {
-				continue
-			}
-			if err != nil {
-				return nil, fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
-			}
-			if len(role) == 0 {
-				continue
-			}
-			if r, _ := role[0].ToString(); r != "master" {
-				continue
-			}
+	if client.Mode() != rueidis.ClientModeCluster {
+		for addr, n := range nodes {
+			out = append(out, addressed{Client: n, addr: addr})
 		}
-		out = append(out, addressed{Client: n, addr: addr})
+		return out, nil
 	}
+	slots := stateOf(client).slots.Load()
+	type role struct {
+		addr   string
+		n      rueidis.Client
+		master bool
+		err    error
+	}
+	roles := make(chan role, len(nodes))
+	for addr, n := range nodes {
+		go func() {
+			r := role{addr: addr, n: n}
+			reply, err := n.Do(ctx, n.B().Role().Build()).ToArray()
+			switch {
+			case err != nil && slots != nil && !slices.Contains(slots[:], addr):
+			case err != nil:
+				r.err = fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
+			case len(reply) > 0:
+				s, _ := reply[0].ToString()
+				r.master = s == "master"
+			}
+			roles <- r
+		}()
+	}
+	var err error
+	for range nodes {
+		r := <-roles
+		if r.err != nil && err == nil {
+			err = r.err
+		}
+		if r.master {
+			out = append(out, addressed{Client: r.n, addr: r.addr})
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].(addressed).addr < out[j].(addressed).addr })
 	return out, nil
 }
 

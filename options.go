@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"reflect"
 	"sort"
 	"strconv"
@@ -217,7 +218,7 @@ func newBackend(feature string, client rueidis.Client, o Options) (*backend, err
 	if client == nil {
 		return nil, fmt.Errorf("%s: %w", feature, ErrNilClient)
 	}
-	if !reflect.TypeOf(client).Comparable() {
+	if !clientComparable(client) {
 		return nil, fmt.Errorf("%s: %w: %T (pass a pointer to it)", feature, ErrClientNotComparable, client)
 	}
 	keys, err := NewKeyspace(o.Prefix)
@@ -278,9 +279,10 @@ func (b *backend) call(ctx context.Context, key string, grows bool, fn func(ctx 
 // record tells the breaker a call's outcome and keeps the node's OOM state:
 // an OOM reply sets it (and counts as an answer, not a failure), a command
 // that Redis refuses when full clears it by succeeding (grows). A DEL or an
-// HDEL succeeds in a full Redis, so it proves nothing. A failure on a cluster also re-reads the slot map
-// (at most once a second), so that after a failover the keys of a dead
-// master map to its replacement, not to the dead scope.
+// HDEL succeeds in a full Redis, so it proves nothing. A failure on a
+// cluster also re-reads the slot map (at most once a second), so that after
+// a failover the keys of a dead master map to its replacement, not to the
+// dead scope.
 func (b *backend) record(n *breakerNode, ctx context.Context, err error, grows bool) {
 	o := classify(ctx, err)
 	b.breaker.record(n, o)
@@ -330,8 +332,8 @@ var denyOOM = map[string]struct{}{
 // reports "oom".
 const oomHold = 2 * time.Second
 
-// OOM reports whether a call to key's node got an OOM reply within oomHold
-// that no successful write has cleared since.
+// OOM reports whether key's node is marked out of memory (see
+// BreakerStats.OOM).
 func (b *backend) OOM(key string) bool {
 	return b.breaker.node(b.scope(key)).isOOM(b.breaker.clock.Now())
 }
@@ -652,8 +654,10 @@ type BreakerStats struct {
 	Rejected uint64 `json:"rejected"`
 	// Opened counts how often the scope opened.
 	Opened uint64 `json:"opened"`
-	// OOM reports that the node refused a write for lack of memory within
-	// the last 2 s, and no write has succeeded since.
+	// OOM reports that the node answered a call with an OOM reply, or that
+	// a readiness probe found it full (INFO memory: maxmemory reached under
+	// noeviction), within the last 2 s, and that no command Redis refuses
+	// when full has succeeded since.
 	OOM bool `json:"oom"`
 }
 
@@ -685,8 +689,8 @@ func (b *Breaker) State(scope string) BreakerState {
 	return BreakerClosed
 }
 
-// AnyOOM reports whether some scope's node answered a call with an OOM
-// reply within the last 2 s that no successful write has cleared since.
+// AnyOOM reports whether some scope's node is marked out of memory (see
+// BreakerStats.OOM).
 func (b *Breaker) AnyOOM() bool {
 	now := b.clock.Now()
 	oom := false
@@ -836,7 +840,7 @@ type clientState struct {
 var clients sync.Map // rueidis.Client -> *clientState
 
 func stateOf(client rueidis.Client) *clientState {
-	if !reflect.TypeOf(client).Comparable() {
+	if !clientComparable(client) {
 		// Cannot be a map key (newBackend refuses it): a state of its own.
 		return &clientState{breaker: NewBreaker(BreakerConfig{})}
 	}
@@ -845,6 +849,22 @@ func stateOf(client rueidis.Client) *clientState {
 	}
 	v, _ := clients.LoadOrStore(client, &clientState{breaker: NewBreaker(BreakerConfig{})})
 	return v.(*clientState)
+}
+
+// clientComparable reports whether client can be a map key. Its type alone
+// does not tell: a comparable struct may embed a rueidis.Client interface
+// holding a value that is not comparable, and hashing it panics.
+func clientComparable(client rueidis.Client) (ok bool) {
+	if !reflect.TypeOf(client).Comparable() {
+		return false
+	}
+	defer func() {
+		if recover() != nil {
+			ok = false
+		}
+	}()
+	other := client
+	return other == client // panics if some value inside is not comparable
 }
 
 // BreakerFor returns the Breaker that every feature using client shares by
@@ -903,13 +923,27 @@ func (s *clientState) refreshSlots(client rueidis.Client, timeout time.Duration)
 			}
 			host, _ := node[0].ToString()
 			port, _ := node[1].AsInt64()
-			addr := host + ":" + strconv.FormatInt(port, 10)
+			addr := slotEndpoint(host, port)
+			if addr == "" {
+				continue // the slots' calls share the scope "cluster"
+			}
 			for slot := lo; slot <= hi && slot < 16384; slot++ {
 				m[slot] = addr
 			}
 		}
 		s.slots.Store(&m)
 	}()
+}
+
+// slotEndpoint is a CLUSTER SLOTS node address spelled as rueidis spells
+// the keys of Nodes() (net.JoinHostPort, so "[::1]:7000" for IPv6), so that
+// a scope and a readiness probe name a node alike. "" (a node that does not
+// know its own address) and "?" (an unknown endpoint) give "".
+func slotEndpoint(host string, port int64) string {
+	if host == "" || host == "?" {
+		return ""
+	}
+	return net.JoinHostPort(host, strconv.FormatInt(port, 10))
 }
 
 // checkCache finds out once per client, in the background, whether DoCache

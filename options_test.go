@@ -9,12 +9,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/redis/rueidis"
+	"github.com/redisecho/redisecho/internal/redistest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -637,4 +639,139 @@ func TestHalfOpenProbeIsARoundTripForCachedReads(t *testing.T) {
 		require.Equal(t, BreakerClosed, br.State(scope), "and closes the scope")
 		require.Eventually(t, func() bool { return b.DoCache(ctx, k, get, time.Minute).IsCacheHit() }, 5*time.Second, 10*time.Millisecond, "hits again once closed")
 	})
+}
+
+// TestReadinessClosesTheScopeItOpened: failed readiness probes open a node's
+// scope; once Redis answers again and the cool-down has passed, a readiness
+// probe that works is the half-open probe and closes it. Without that, an
+// instance the load balancer took out of rotation (readiness 503, so no
+// traffic, so no call to probe the scope) would stay out for good.
+func TestReadinessClosesTheScopeItOpened(t *testing.T) {
+	t.Parallel()
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		c := f.Client()
+		clock := newFakeClock()
+		br := NewBreaker(BreakerConfig{Failures: 2, Cooldown: 10 * time.Second, Clock: clock, Logger: discardLogger()})
+		h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Timeout: 300 * time.Millisecond})
+		f.Pause(t, f.Servers()[0])
+		for range 2 {
+			code, _, _ := getHealth(t, h)
+			require.Equal(t, http.StatusServiceUnavailable, code)
+		}
+		require.True(t, br.AnyOpen())
+		f.Resume(t, f.Servers()[0])
+		code, rep, _ := getHealth(t, h)
+		require.Equal(t, http.StatusServiceUnavailable, code, "during the cool-down the scope stays open")
+		require.Equal(t, "breaker-open", rep.Redis.State)
+		clock.Advance(10 * time.Second)
+		code, rep, _ = getHealth(t, h)
+		require.Equal(t, http.StatusOK, code, "the probe after the cool-down closes the scope: %+v", rep)
+		require.Equal(t, "up", rep.Redis.State)
+		require.False(t, br.AnyOpen(), "%+v", br.Stats())
+	})
+}
+
+// comparableWrapper is comparable by type, but holds a value that is not:
+// using it as a map key would panic at run time.
+type comparableWrapper struct{ rueidis.Client }
+
+func TestWrappedUncomparableClientIsRefused(t *testing.T) {
+	c := comparableWrapper{Client: uncomparableClient{Client: standaloneClient(t)}}
+	require.NotPanics(t, func() { _ = BreakerFor(c) })
+	require.NotPanics(t, func() {
+		_, err := NewSessionStore(SessionConfig{Client: c, Keys: []string{strings.Repeat("k", 32)}})
+		require.ErrorIs(t, err, ErrClientNotComparable)
+	})
+}
+
+// TestReadinessLeavesReplicasOut: on a cluster with a replica, a replica
+// that stops answering neither turns readiness to 503 nor opens a breaker
+// scope (no call ever goes to it): only masters count.
+func TestReadinessLeavesReplicasOut(t *testing.T) {
+	t.Parallel()
+	f := newFaultRedis(t, "cluster")
+	master := f.Servers()[0]
+	replica, err := redistest.NewServer(true)
+	require.NoError(t, err)
+	require.NoError(t, replica.Start())
+	t.Cleanup(replica.Stop)
+	_, err = respDo(master.addr(), 2*time.Second, "CLUSTER", "MEET", "127.0.0.1", strconv.Itoa(replica.Port()))
+	require.NoError(t, err)
+	id, err := respDo(master.addr(), 2*time.Second, "CLUSTER", "MYID")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		_, err := respDo(replica.Addr(), 2*time.Second, "CLUSTER", "REPLICATE", id.(string))
+		return err == nil
+	}, 10*time.Second, 50*time.Millisecond, "the replica learns its master")
+	c := f.Client(func(o *rueidis.ClientOption) { o.ClusterOption.ShardsRefreshInterval = 100 * time.Millisecond })
+	require.Eventually(t, func() bool { _, ok := c.Nodes()[replica.Addr()]; return ok }, 10*time.Second, 50*time.Millisecond,
+		"the client sees the replica")
+
+	br := NewBreaker(BreakerConfig{Failures: 2, Cooldown: 10 * time.Second, Logger: discardLogger()})
+	h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Timeout: 300 * time.Millisecond, Detail: true})
+	require.Eventually(t, func() bool {
+		stateOf(c).refreshSlots(c, time.Second) // as the first call of a feature does
+		code, _, _ := getHealth(t, h)
+		return code == http.StatusOK && stateOf(c).slots.Load() != nil
+	}, 10*time.Second, 50*time.Millisecond, "the slot map is read")
+
+	require.NoError(t, replica.Pause())
+	t.Cleanup(func() { _ = replica.Resume() })
+	for range 2 {
+		code, rep, _ := getHealth(t, h)
+		require.Equal(t, http.StatusOK, code, "a paused replica: %+v", rep)
+		require.Len(t, rep.Redis.Nodes, 3, "masters only")
+	}
+	require.False(t, br.AnyOpen(), "%+v", br.Stats())
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	ms, err := masters(ctx, c)
+	require.NoError(t, err, "SCANs (cache Flush) go on without the replica")
+	require.Len(t, ms, 3)
+}
+
+// TestReadinessCountsAMasterTheClientDropped: with CLUSTER SHARDS (Redis 8,
+// or PreferClusterShards), rueidis drops a failed master from its topology,
+// so Nodes() no longer lists it. Readiness still reports it down: the slot
+// map says its slots have no other master.
+func TestReadinessCountsAMasterTheClientDropped(t *testing.T) {
+	t.Parallel()
+	f := newFaultRedis(t, "cluster")
+	c := f.Client(func(o *rueidis.ClientOption) {
+		o.ClusterOption.PreferClusterShards = true
+		o.ClusterOption.ShardsRefreshInterval = 100 * time.Millisecond
+	})
+	br := NewBreaker(BreakerConfig{Failures: 1000, Logger: discardLogger()})
+	h := ReadinessWithConfig(ReadinessConfig{Client: c, Breaker: br, Timeout: 300 * time.Millisecond})
+	require.Eventually(t, func() bool {
+		stateOf(c).refreshSlots(c, time.Second)
+		code, _, _ := getHealth(t, h)
+		return code == http.StatusOK && stateOf(c).slots.Load() != nil
+	}, 10*time.Second, 50*time.Millisecond)
+	dead := f.Servers()[0]
+	f.Stop(t, dead)
+	require.Eventually(t, func() bool { _, ok := c.Nodes()[dead.addr()]; return !ok }, 20*time.Second, 50*time.Millisecond,
+		"rueidis drops the failed master")
+	code, rep, _ := getHealth(t, h)
+	require.Equal(t, http.StatusServiceUnavailable, code, "%+v", rep)
+	require.Equal(t, "down", rep.Redis.State)
+}
+
+// TestSlotEndpoint: the slot map names nodes as rueidis's Nodes() does, or
+// readiness and calls would feed different scopes of one node.
+func TestSlotEndpoint(t *testing.T) {
+	tests := []struct {
+		host string
+		port int64
+		want string
+	}{
+		{host: "127.0.0.1", port: 7000, want: "127.0.0.1:7000"},
+		{host: "::1", port: 7000, want: "[::1]:7000"},
+		{host: "redis-0.redis", port: 6379, want: "redis-0.redis:6379"},
+		{host: "", port: 7000, want: ""},
+		{host: "?", port: 7000, want: ""},
+	}
+	for _, tt := range tests {
+		require.Equal(t, tt.want, slotEndpoint(tt.host, tt.port), "%q", tt.host)
+	}
 }

@@ -18,6 +18,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -255,25 +256,56 @@ func keySlot(key string) uint16 {
 // masters returns one client per master node: the single node of a
 // standalone or sentinel client, every master of a cluster. Replicas are left
 // out, because a write sent through one fails with MOVED and a SCAN of both
-// would see every key twice. Each ROLE call runs under ctx.
+// would see every key twice. The ROLE calls run concurrently under ctx (so
+// a node that hangs does not eat the others' deadline). A node that does not
+// answer is an error, unless the slot map is known and does not list it as
+// a master (a replica that is down holds no key of its own).
 func masters(ctx context.Context, client rueidis.Client) ([]rueidis.Client, error) {
 	nodes := client.Nodes()
 	out := make([]rueidis.Client, 0, len(nodes))
-	for addr, n := range nodes {
-		if client.Mode() == rueidis.ClientModeCluster {
-			role, err := n.Do(ctx, n.B().Role().Build()).ToArray()
-			if err != nil {
-				return nil, fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
-			}
-			if len(role) == 0 {
-				continue
-			}
-			if r, _ := role[0].ToString(); r != "master" {
-				continue
-			}
+	if client.Mode() != rueidis.ClientModeCluster {
+		for addr, n := range nodes {
+			out = append(out, addressed{Client: n, addr: addr})
 		}
-		out = append(out, addressed{Client: n, addr: addr})
+		return out, nil
 	}
+	slots := stateOf(client).slots.Load()
+	type role struct {
+		addr   string
+		n      rueidis.Client
+		master bool
+		err    error
+	}
+	roles := make(chan role, len(nodes))
+	for addr, n := range nodes {
+		go func() {
+			r := role{addr: addr, n: n}
+			reply, err := n.Do(ctx, n.B().Role().Build()).ToArray()
+			switch {
+			case err != nil && slots != nil && !slices.Contains(slots[:], addr):
+			case err != nil:
+				r.err = fmt.Errorf("redisecho: ROLE on %s: %w", addr, err)
+			case len(reply) > 0:
+				s, _ := reply[0].ToString()
+				r.master = s == "master"
+			}
+			roles <- r
+		}()
+	}
+	var err error
+	for range nodes {
+		r := <-roles
+		if r.err != nil && err == nil {
+			err = r.err
+		}
+		if r.master {
+			out = append(out, addressed{Client: r.n, addr: r.addr})
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].(addressed).addr < out[j].(addressed).addr })
 	return out, nil
 }
 
@@ -603,8 +635,12 @@ func DialErrorCode(err error) string {
 // pipelined with INFO memory, so that a full Redis (noeviction, maxmemory
 // reached) reads "oom" even when no write has been refused yet.
 // Replicas are left out: a missing replica does not stop this instance from
-// serving. A node that does not answer counts as down whatever its role, and
-// its failure feeds its breaker scope.
+// serving. A node that does not answer counts as a master, and as down,
+// unless the cluster's slot map (see clientState.nodeOf) is known and does
+// not list it as a master; a master's failure feeds its breaker scope, and
+// on a cluster asks for a fresh slot map (a failover may have moved its
+// slots). A master of the slot map that the client does not list counts as
+// down too.
 //
 // parent is the request's context, ctx the check's (parent with the check's
 // deadline): a probe that fails because the HTTP client went away proves
@@ -613,6 +649,21 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 	rep := HealthReport{Status: "ok", Redis: RedisHealth{State: "up", Mode: string(client.Mode()), Breaker: "closed"}}
 	cluster := client.Mode() == rueidis.ClientModeCluster
 	nodes := client.Nodes()
+	var st *clientState
+	var slotMasters map[string]bool // nil: not known yet, every node that fails counts
+	if cluster {
+		st = stateOf(client)
+		if m := st.slots.Load(); m != nil {
+			slotMasters = make(map[string]bool, 8)
+			for i := 0; i < len(m); i++ {
+				if i == 0 || m[i] != m[i-1] {
+					slotMasters[m[i]] = true
+				}
+			}
+		} else {
+			st.refreshSlots(client, DefaultTimeout)
+		}
+	}
 	type probe struct {
 		h      NodeHealth
 		master bool
@@ -622,24 +673,32 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 		go func() {
 			start := time.Now()
 			p := probe{h: NodeHealth{Addr: addr}, master: true}
+			scope := "redis"
+			if cluster {
+				scope = addr
+			}
+			bn := breaker.node(scope)
+			// Once an open scope's cool-down has passed, this probe is its
+			// half-open probe: an instance that readiness took out of the
+			// load balancer gets no calls that could close it.
+			probing := !bn.closed() && breaker.allow(bn)
 			probeCmd := n.B().Ping().Build()
 			if cluster {
 				probeCmd = n.B().Role().Build()
 			}
 			res := n.DoMulti(ctx, probeCmd, n.B().Info().Section("memory").Build())
 			err := res[0].Error()
-			if cluster && err == nil {
+			switch {
+			case cluster && err == nil:
 				if role, _ := res[0].ToArray(); len(role) > 0 {
 					r, _ := role[0].ToString()
 					p.master = r == "master"
 				}
+			case cluster:
+				p.master = slotMasters == nil || slotMasters[addr]
 			}
-			if info, ierr := res[1].ToString(); err == nil && ierr == nil && fullRedis(info) {
-				scope := "redis"
-				if cluster {
-					scope = addr
-				}
-				breaker.node(scope).markOOM(breaker.clock.Now())
+			if info, ierr := res[1].ToString(); err == nil && ierr == nil && p.master && fullRedis(info) {
+				bn.markOOM(breaker.clock.Now())
 			}
 			p.h.OK, p.h.LatencyMS = err == nil, float64(time.Since(start).Microseconds())/1000
 			switch {
@@ -652,14 +711,14 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 			// A failed probe is evidence against the node, as any call's
 			// failure is: it feeds the node's breaker scope, so that an
 			// instance whose reads are all cache hits still learns that
-			// Redis is gone. A probe that works does not close a scope that
-			// calls opened (the cool-down and its probe do).
-			if classify(parent, err) == unhealthy {
-				scope := "redis"
-				if cluster {
-					scope = addr
+			// Redis is gone. A probe that works does not close an open scope
+			// during its cool-down; after it, the probe closes the scope
+			// (see probing above).
+			if o := classify(parent, err); (o == unhealthy && p.master) || probing {
+				breaker.record(bn, o)
+				if o == unhealthy && cluster {
+					st.refreshSlots(client, DefaultTimeout)
 				}
-				breaker.record(breaker.node(scope), unhealthy)
 			}
 			results <- p
 		}()
@@ -673,6 +732,16 @@ func checkRedis(parent, ctx context.Context, client rueidis.Client, breaker *Bre
 		rep.Redis.LatencyMS = max(rep.Redis.LatencyMS, p.h.LatencyMS)
 		if !p.h.OK {
 			rep.Status, rep.Redis.State = "unavailable", "down"
+		}
+	}
+	// A master of the slot map that the client no longer lists (rueidis
+	// drops a failed node read from CLUSTER SHARDS) serves its slots to no
+	// one: it is down, until a fresh slot map shows who took them over.
+	for addr := range slotMasters {
+		if _, ok := nodes[addr]; !ok && addr != "" {
+			rep.Redis.Nodes = append(rep.Redis.Nodes, NodeHealth{Addr: addr, Error: "unreachable"})
+			rep.Status, rep.Redis.State = "unavailable", "down"
+			st.refreshSlots(client, DefaultTimeout)
 		}
 	}
 	if len(rep.Redis.Nodes) == 0 {

@@ -1975,12 +1975,7 @@ func TestDestroyUserSessionsKeepsInFlightBindings(t *testing.T) {
 		// The login completes.
 		_, err = store.runSave(ctx, key, key, store.saveArgs("update", now, 0, true, map[string][]byte{fUser: []byte("u1")}, nil))
 		require.NoError(t, err)
-		list, err := store.ListUserSessions(ctx, "u1")
-		require.NoError(t, err)
-		require.Len(t, list, 1, "the completed login is listed")
-		n, err = store.DestroyUserSessions(ctx, "u1")
-		require.NoError(t, err)
-		require.Equal(t, 1, n, "and can be ended")
+		requireOneIndexedSession(t, store, "u1", "the completed login is listed")
 	})
 }
 
@@ -2697,12 +2692,7 @@ func TestDestroyUserSessionsInFullRedisKeepsInFlightLogins(t *testing.T) {
 		_, err = store.runSave(ctx, store.key(tok), store.key(tok), store.saveArgs("new", now, abs.UnixMilli(), true,
 			map[string][]byte{fUser: []byte("u1"), "v:x": []byte("1")}, nil))
 		require.NoError(t, err)
-		list, err := store.ListUserSessions(ctx, "u1")
-		require.NoError(t, err)
-		require.Len(t, list, 1, "the login that landed is in the index")
-		n, err = store.DestroyUserSessions(ctx, "u1")
-		require.NoError(t, err)
-		require.Equal(t, 1, n, "and can be ended")
+		requireOneIndexedSession(t, store, "u1", "the login that landed is in the index")
 	})
 }
 
@@ -2750,4 +2740,18 @@ func TestSessionTinyValuesCountTowardsTheCap(t *testing.T) {
 		require.NoError(t, err)
 		require.Less(t, used, int64(2*DefaultAnonymousMaxSize), "Redis memory stays near the cap")
 	})
+}
+
+// requireOneIndexedSession checks that user's index lists exactly one
+// session, and that DestroyUserSessions ends it.
+func requireOneIndexedSession(t *testing.T, store *SessionStore, user, why string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	list, err := store.ListUserSessions(ctx, user)
+	require.NoError(t, err)
+	require.Len(t, list, 1, why)
+	n, err := store.DestroyUserSessions(ctx, user)
+	require.NoError(t, err)
+	require.Equal(t, 1, n, "and can be ended")
 }

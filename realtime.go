@@ -258,12 +258,12 @@ type Hub struct {
 	keys  []KeyGroup // one per partition
 	conns []*hubConn // created lazily, one per connection partition
 
-	mu      sync.Mutex
-	chans   map[string]*hubChannel
-	clients map[*sseClient]struct{}
-	closed  bool
-	started bool // background loops running
-	streams sync.WaitGroup
+	mu       sync.Mutex
+	chans    map[string]*hubChannel
+	clients  map[*sseClient]struct{}
+	closed   bool
+	started  bool // background loops running
+	streams  sync.WaitGroup
 	stop     chan struct{}
 	stopOnce sync.Once
 	loops    sync.WaitGroup

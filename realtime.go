@@ -1243,6 +1243,14 @@ func (h *Hub) reread(ch *hubChannel) error {
 			ch.mu.Unlock()
 			continue
 		}
+		if page.reset && page.top.Epoch != from.Epoch {
+			// A new epoch: what the old one still had is lost, but the
+			// new one's events all came after it, so deliver them from
+			// its start (a Disconnect among them must still end streams).
+			h.resetLocked(ch, Position{Epoch: page.top.Epoch})
+			ch.mu.Unlock()
+			continue
+		}
 		if page.reset {
 			h.resetLocked(ch, page.top)
 			ch.mu.Unlock()

@@ -1535,10 +1535,11 @@ func (c *sseClient) writeDeadline() {
 
 // sseWriter writes one stream's SSE text.
 type sseWriter struct {
-	c   *sseClient
-	w   http.ResponseWriter
-	buf []byte
-	pos []Position // the client's position on each channel
+	c     *sseClient
+	w     http.ResponseWriter
+	buf   []byte
+	pos   []Position // the client's position on each channel
+	items []queued   // reused by writeQueued
 
 	resetName string
 }
@@ -1883,8 +1884,15 @@ func (h *Hub) writeQueued(sw *sseWriter) bool {
 		return false
 	default:
 	}
-	var items []queued
-	items = sw.c.take(items)
+	sw.items = sw.c.take(sw.items)
+	sw.buffer(sw.items)
+	clear(sw.items) // an idle stream holds no event
+	return true
+}
+
+// buffer writes queued items into the buffer, a reset (of every channel
+// reset in a row) before the events that follow it.
+func (sw *sseWriter) buffer(items []queued) {
 	var resets []int
 	for _, it := range items {
 		if it.reset {
@@ -1892,12 +1900,15 @@ func (h *Hub) writeQueued(sw *sseWriter) bool {
 			resets = append(resets, it.idx)
 			continue
 		}
+		if len(resets) > 0 {
+			sw.reset(sw.resetName, resets...)
+			resets = resets[:0]
+		}
 		sw.event(it.idx, it.pos, it.ev)
 	}
 	if len(resets) > 0 {
 		sw.reset(sw.resetName, resets...)
 	}
-	return true
 }
 
 // stream is the live loop: queued events, heartbeats, Alive checks, the
@@ -1944,11 +1955,7 @@ func (h *Hub) stream(ctx context.Context, sw *sseWriter, s *Stream) {
 				items = append(items[:0], sw.c.q...)
 				sw.c.q = nil
 				sw.c.mu.Unlock()
-				for _, it := range items {
-					if !it.reset {
-						sw.event(it.idx, it.pos, it.ev)
-					}
-				}
+				sw.buffer(items)
 			}
 			sw.buf = append(sw.buf, "event: disconnect\n"...)
 			sw.buf = sw.idLine(sw.buf)

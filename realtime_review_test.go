@@ -5,10 +5,12 @@ package redisecho
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -159,5 +161,141 @@ func TestReviewNewEpochKeepsItsFirstEvents(t *testing.T) {
 		f := s.nextEvent(t)
 		require.Equal(t, "disconnect", f.event)
 		require.JSONEq(t, `{"reason":"disconnected"}`, f.data)
+	})
+}
+
+// gateWriter is an http.ResponseWriter whose writes block while its gate
+// is closed: a client that stops reading, without the kernel buffers that
+// make one hard to time on loopback. It ignores deadlines (a fault a real
+// connection does not produce on cue, so it is injected).
+type gateWriter struct {
+	hdr     http.Header
+	mu      sync.Mutex
+	buf     bytes.Buffer
+	open    chan struct{} // closed: writes pass
+	blocked chan struct{} // a write is waiting at the gate
+}
+
+func newGateWriter() *gateWriter {
+	g := &gateWriter{hdr: http.Header{}, open: make(chan struct{}), blocked: make(chan struct{}, 1)}
+	close(g.open)
+	return g
+}
+
+func (g *gateWriter) Header() http.Header { return g.hdr }
+func (g *gateWriter) WriteHeader(int)     {}
+func (g *gateWriter) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	open := g.open
+	g.mu.Unlock()
+	select {
+	case <-open:
+	default:
+		select {
+		case g.blocked <- struct{}{}:
+		default:
+		}
+		<-open
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.buf.Write(p)
+}
+func (g *gateWriter) Flush()                           {}
+func (g *gateWriter) SetWriteDeadline(time.Time) error { return nil }
+func (g *gateWriter) SetReadDeadline(time.Time) error  { return nil }
+func (g *gateWriter) close()                           { g.mu.Lock(); g.open = make(chan struct{}); g.mu.Unlock() }
+func (g *gateWriter) release()                         { g.mu.Lock(); close(g.open); g.mu.Unlock() }
+func (g *gateWriter) text() string                     { g.mu.Lock(); defer g.mu.Unlock(); return g.buf.String() }
+func (g *gateWriter) has(s string) func() bool {
+	return func() bool { return strings.Contains(g.text(), s) }
+}
+
+// parseFrames splits SSE text into its events.
+func parseFrames(text string) []reviewFrame {
+	var out []reviewFrame
+	for _, block := range strings.Split(text, "\n\n") {
+		var f reviewFrame
+		for _, line := range strings.Split(block, "\n") {
+			switch {
+			case strings.HasPrefix(line, "event: "):
+				f.event = line[7:]
+			case strings.HasPrefix(line, "id: "):
+				f.id = line[4:]
+			case strings.HasPrefix(line, "data: "):
+				f.data += line[6:]
+			}
+		}
+		if f.event != "" || f.data != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// A stream the server ends still writes what was queued before the end,
+// and a reset among it must be written too: the events after it are of a
+// new epoch, and without the reset the client's ID would move to that
+// epoch silently (a gap it can never detect). Before the fix the last
+// write skipped queued resets.
+func TestReviewEndWritesQueuedReset(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		h, err := NewHub(HubConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = h.Shutdown(context.Background()) })
+		w := newGateWriter()
+		rctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		req := httptest.NewRequest(http.MethodGet, "/events", nil).WithContext(rctx)
+		served := make(chan error, 1)
+		go func() { served <- h.Serve(w, req, Stream{Channels: []string{"room"}, UserID: "u1"}) }()
+		require.Eventually(t, w.has(": connected"), 10*time.Second, 5*time.Millisecond)
+
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("one")})
+		require.NoError(t, err)
+		require.Eventually(t, w.has("data: one"), 10*time.Second, 5*time.Millisecond)
+
+		// The client stops reading: the handler blocks writing "two".
+		w.close()
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("two")})
+		require.NoError(t, err)
+		select {
+		case <-w.blocked:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the handler did not write")
+		}
+		// Meanwhile the room's history is lost and restarts: a reset, then
+		// "three" of the new epoch, are queued; then the user is logged out.
+		admin := r.Client()
+		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf("room").meta).Build()).Error())
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("three")})
+		require.NoError(t, err)
+		require.Eventually(t, func() bool { return h.Stats().Delivered >= 3 }, 10*time.Second, 5*time.Millisecond)
+		require.NoError(t, h.Disconnect(ctx, "u1"))
+		require.Eventually(t, func() bool {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			for c := range h.clients {
+				c.mu.Lock()
+				ended := c.ended
+				c.mu.Unlock()
+				return ended
+			}
+			return false
+		}, 10*time.Second, 5*time.Millisecond)
+		w.release()
+		select {
+		case err := <-served:
+			require.NoError(t, err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("Serve did not return")
+		}
+
+		var names []string
+		for _, f := range parseFrames(w.text()) {
+			names = append(names, f.event+":"+f.data)
+		}
+		require.Equal(t, []string{"m:one", "m:two", "reset:{\"channels\":[\"room\"]}", "m:three", "disconnect:{\"reason\":\"disconnected\"}"}, names)
 	})
 }

@@ -299,3 +299,43 @@ func TestReviewEndWritesQueuedReset(t *testing.T) {
 		require.Equal(t, []string{"m:one", "m:two", "reset:{\"channels\":[\"room\"]}", "m:three", "disconnect:{\"reason\":\"disconnected\"}"}, names)
 	})
 }
+
+// A reset queued behind a slow write is written before the new epoch's
+// events queued after it, not after the whole batch (the client would
+// otherwise show the new epoch's first events, then throw its state away).
+func TestReviewQueuedResetPrecedesItsEvents(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		h, err := NewHub(HubConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = h.Shutdown(context.Background()) })
+		w := newGateWriter()
+		rctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		req := httptest.NewRequest(http.MethodGet, "/events", nil).WithContext(rctx)
+		go func() { _ = h.Serve(w, req, Stream{Channels: []string{"room"}}) }()
+		require.Eventually(t, w.has(": connected"), 10*time.Second, 5*time.Millisecond)
+
+		w.close()
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("one")})
+		require.NoError(t, err)
+		select {
+		case <-w.blocked:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the handler did not write")
+		}
+		admin := r.Client()
+		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf("room").meta).Build()).Error())
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("two")})
+		require.NoError(t, err)
+		require.Eventually(t, func() bool { return h.Stats().Delivered >= 2 }, 10*time.Second, 5*time.Millisecond)
+		w.release()
+		require.Eventually(t, w.has("data: two"), 10*time.Second, 5*time.Millisecond)
+
+		var names []string
+		for _, f := range parseFrames(w.text()) {
+			names = append(names, f.event+":"+f.data)
+		}
+		require.Equal(t, []string{"m:one", "reset:{\"channels\":[\"room\"]}", "m:two"}, names)
+	})
+}

@@ -1794,6 +1794,11 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 	for _, i := range replay {
 		reset, ok := h.replay(r.Context(), sw, i)
 		if !ok {
+			select {
+			case <-c.done: // ended by the server: it still says why
+				sw.writeLast()
+			default:
+			}
 			return nil
 		}
 		start.Channels[i].Reset = start.Channels[i].Reset || reset
@@ -1923,7 +1928,6 @@ func (h *Hub) stream(ctx context.Context, sw *sseWriter, s *Stream) {
 		defer t.Stop()
 		aliveC = t.C
 	}
-	var items []queued
 	for {
 		select {
 		case <-c.notify:
@@ -1946,29 +1950,36 @@ func (h *Hub) stream(ctx context.Context, sw *sseWriter, s *Stream) {
 				c.end(endSession)
 			}
 		case <-c.done:
-			c.mu.Lock()
-			reason := c.reason
-			c.mu.Unlock()
-			if reason != endSlow {
-				// What was queued before the end is still delivered.
-				sw.c.mu.Lock()
-				items = append(items[:0], sw.c.q...)
-				sw.c.q = nil
-				sw.c.mu.Unlock()
-				sw.buffer(items)
-			}
-			sw.buf = append(sw.buf, "event: disconnect\n"...)
-			sw.buf = sw.idLine(sw.buf)
-			sw.buf = append(sw.buf, `data: {"reason":"`...)
-			sw.buf = append(sw.buf, reason...)
-			sw.buf = append(sw.buf, "\"}\n\n"...)
-			_, _ = sw.w.Write(sw.buf) // under end's short deadline
-			_ = c.rc.Flush()
+			sw.writeLast()
 			return
 		case <-ctx.Done():
 			return
 		}
 	}
+}
+
+// writeLast writes the last event of a stream the server ended (and what
+// was queued before the end, unless it fell behind), under end's short
+// write deadline.
+func (sw *sseWriter) writeLast() {
+	c := sw.c
+	c.mu.Lock()
+	reason := c.reason
+	var items []queued
+	if reason != endSlow {
+		// What was queued before the end is still delivered.
+		items = c.q
+	}
+	c.q = nil
+	c.mu.Unlock()
+	sw.buffer(items)
+	sw.buf = append(sw.buf, "event: disconnect\n"...)
+	sw.buf = sw.idLine(sw.buf)
+	sw.buf = append(sw.buf, `data: {"reason":"`...)
+	sw.buf = append(sw.buf, reason...)
+	sw.buf = append(sw.buf, "\"}\n\n"...)
+	_, _ = sw.w.Write(sw.buf)
+	_ = c.rc.Flush()
 }
 
 // leave unregisters an ended stream.

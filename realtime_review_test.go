@@ -339,3 +339,62 @@ func TestReviewQueuedResetPrecedesItsEvents(t *testing.T) {
 		require.Equal(t, []string{"m:one", "reset:{\"channels\":[\"room\"]}", "m:two"}, names)
 	})
 }
+
+// A stream the server ends in the middle of its replay (Shutdown, a
+// Disconnect, a session that ended) still gets its last "disconnect"
+// event, with the position it reached: every stream the server ends does.
+// Before the fix the handler returned without it.
+func TestReviewEndDuringReplayWritesLastEvent(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		h, err := NewHub(HubConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		var first Position
+		for i := 0; i < 250; i++ {
+			p, err := h.Publish(ctx, "room", Event{Name: "m", Data: []byte("x")})
+			require.NoError(t, err)
+			if i == 0 {
+				first = p
+			}
+		}
+		id := string(appendStreamID(nil, []string{channelHash("room")}, []Position{first}))
+
+		w := newGateWriter()
+		w.close() // the client reads nothing yet
+		req := httptest.NewRequest(http.MethodGet, "/events", nil)
+		served := make(chan error, 1)
+		go func() { served <- h.Serve(w, req, Stream{Channels: []string{"room"}, LastEventID: id}) }()
+		select {
+		case <-w.blocked:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the handler did not write")
+		}
+		shut := make(chan error, 1)
+		go func() { shut <- h.Shutdown(ctx) }()
+		require.Eventually(t, func() bool {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			for c := range h.clients {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				return c.ended
+			}
+			return true
+		}, 10*time.Second, 5*time.Millisecond)
+		w.release()
+		select {
+		case err := <-served:
+			require.NoError(t, err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("Serve did not return")
+		}
+		require.NoError(t, <-shut)
+
+		frames := parseFrames(w.text())
+		require.NotEmpty(t, frames)
+		last := frames[len(frames)-1]
+		require.Equal(t, "disconnect", last.event)
+		require.JSONEq(t, `{"reason":"shutdown"}`, last.data)
+		require.NotEmpty(t, last.id)
+	})
+}

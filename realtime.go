@@ -976,8 +976,17 @@ func (c *hubConn) subscriber() {
 			backoff = 50 * time.Millisecond
 			err = c.serve(conn, wait)
 		}
-		release()
-		if err == nil { // stopping
+		if err == nil { // stopping, unsubscribed: the connection is clean
+			release()
+			return
+		}
+		// A connection in an unknown state (dropped, timed out, moved, or
+		// stopping without a confirmed unsubscribe) is closed, not
+		// released: the pool would clean it up with an UNSUBSCRIBE that
+		// waits, without a deadline, for a server that may not answer (a
+		// paused one held Shutdown for 12 s).
+		conn.Close()
+		if errors.Is(err, errStopUnclean) {
 			return
 		}
 		c.h.b.log.Error("realtime: subscription connection lost, resubscribing", err, "partition", c.idx)
@@ -990,8 +999,12 @@ func (c *hubConn) subscriber() {
 	}
 }
 
+// errStopUnclean: the hub stopped, but Redis did not confirm the
+// unsubscribe.
+var errStopUnclean = errors.New("stopping: unsubscribe failed")
+
 // serve runs a subscribed connection until it drops (an error) or the hub
-// stops (nil).
+// stops (nil, or errStopUnclean).
 func (c *hubConn) serve(conn rueidis.DedicatedClient, wait <-chan error) error {
 	for {
 		select {
@@ -1015,8 +1028,11 @@ func (c *hubConn) serve(conn rueidis.DedicatedClient, wait <-chan error) error {
 			c.mu.Unlock()
 			if len(names) > 0 {
 				ctx, cancel := context.WithTimeout(context.Background(), c.h.b.timeout)
-				_ = conn.Do(ctx, c.unsubscribeCmd(conn, names)).Error()
+				err := conn.Do(ctx, c.unsubscribeCmd(conn, names)).Error()
 				cancel()
+				if err != nil {
+					return errStopUnclean
+				}
 			}
 			return nil
 		}

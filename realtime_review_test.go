@@ -398,3 +398,27 @@ func TestReviewEndDuringReplayWritesLastEvent(t *testing.T) {
 		require.NotEmpty(t, last.id)
 	})
 }
+
+// Shutdown with Redis paused (SIGSTOP) finishes within a few Timeouts:
+// the subscription connection that cannot unsubscribe is closed, not
+// handed back to rueidis's pool, whose clean-up waits without a deadline
+// until the dead connection is detected. Before the fix Shutdown took 12 s
+// with a Timeout of 200 ms.
+func TestReviewShutdownWithRedisPaused(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		timeout := 200 * time.Millisecond
+		h, srv := newReviewHub(t, f.testRedis, HubConfig{Options: Options{Timeout: timeout}})
+		s := openReviewStream(t, srv.URL+"/events?channels=room,other&user=u1", nil)
+		_, err := h.Publish(context.Background(), "room", Event{Data: []byte("x")})
+		require.NoError(t, err)
+		require.Equal(t, "x", s.nextEvent(t).data)
+		f.Pause(t)
+		defer f.Resume(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 25*timeout) // 5 s
+		defer cancel()
+		require.NoError(t, h.Shutdown(ctx), "Shutdown finishes while Redis is paused")
+		last := s.nextEvent(t)
+		require.Equal(t, "disconnect", last.event)
+		require.JSONEq(t, `{"reason":"shutdown"}`, last.data)
+	})
+}

@@ -438,25 +438,6 @@ end
 return {off, epoch}
 `)
 
-// positionScript returns a channel's epoch and last offset, starting an
-// epoch when there is none (a channel never published to, or whose history
-// was lost), so every stream position has one.
-//
-// KEYS[1] the meta hash, KEYS[2] the stream (deleted with a new epoch: an
-// evicted meta may leave it behind, and its IDs would refuse the new
-// epoch's offsets). ARGV[1] the epoch to start, ARGV[2] MetaTTL ms.
-// Returns {offset, epoch}.
-var positionScript = rueidis.NewLuaScript(`
-local m = redis.call('HMGET', KEYS[1], 'e', 's')
-if not m[1] then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {0, ARGV[1]}
-end
-return {tonumber(m[2]) or 0, m[1]}
-`)
-
 // Publish appends ev to channel's history and delivers it to the channel's
 // streams on every instance. It returns the event's position. One Redis
 // call (a Lua script) under the Timeout; an error means the event may or
@@ -548,7 +529,18 @@ func randomBase62(n int) string {
 	return string(b)
 }
 
-func newEpoch() string { return randomBase62(epochLen) }
+// noEpoch is the epoch of a channel without history (never published to,
+// or its history lost), always at offset 0. Every event of the channel's
+// next epoch comes after it. newEpoch never returns it.
+const noEpoch = "000000"
+
+func newEpoch() string {
+	for {
+		if e := randomBase62(epochLen); e != noEpoch {
+			return e
+		}
+	}
+}
 
 func validEpoch(e string) bool {
 	if len(e) != epochLen {
@@ -1259,7 +1251,7 @@ func (h *Hub) reread(ch *hubChannel) error {
 			ch.mu.Unlock()
 			continue
 		}
-		if page.reset && page.top.Epoch != from.Epoch {
+		if page.reset && page.newEpoch {
 			// A new epoch: what the old one still had is lost, but the
 			// new one's events all came after it, so deliver them from
 			// its start (a Disconnect among them must still end streams).
@@ -1283,17 +1275,23 @@ func (h *Hub) reread(ch *hubChannel) error {
 	}
 }
 
-// position returns ch's current position, starting an epoch if it has
-// none.
+// position returns ch's current position: noEpoch at 0 when the channel
+// has no history (never published to, or lost). It writes nothing, so
+// streams to channels nobody publishes to leave no key behind.
 func (h *Hub) position(ch *hubChannel) (Position, error) {
-	res := h.b.Exec(context.Background(), positionScript, []string{ch.keys.meta, ch.keys.stream}, []string{
-		newEpoch(), strconv.FormatInt(h.cfg.MetaTTL.Milliseconds(), 10),
-	})
-	pos, err := parsePosition(res)
+	vals, err := h.b.Do(context.Background(), ch.keys.meta, h.b.client.B().Hmget().Key(ch.keys.meta).Field("e", "s").Build()).ToArray()
+	if err == nil && len(vals) != 2 {
+		err = errors.New("unexpected reply")
+	}
 	if err != nil {
 		return Position{}, fmt.Errorf("realtime: position: %w", err)
 	}
-	return pos, nil
+	epoch, eerr := vals[0].ToString()
+	last, serr := vals[1].AsInt64()
+	if eerr != nil || serr != nil || !validEpoch(epoch) {
+		return Position{Epoch: noEpoch}, nil
+	}
+	return Position{Offset: uint64(max(last, 0)), Epoch: epoch}, nil
 }
 
 // streamEvent is one event read from a stream.
@@ -1305,9 +1303,12 @@ type streamEvent struct {
 // streamPage is one read of a stream after a position.
 type streamPage struct {
 	events []streamEvent
-	more   bool     // a full page: read again
-	reset  bool     // the history no longer reaches back: reset to top
-	top    Position // the channel's current position (with reset)
+	more   bool // a full page: read again
+	reset  bool // the history no longer reaches back: reset to top
+	// newEpoch: the reset is the channel's epoch changing (or its history
+	// lost): the new epoch can be read from its start.
+	newEpoch bool
+	top      Position // the channel's current position (with reset)
 }
 
 // readPage reads up to ReplayPage events after from, with the channel's
@@ -1325,15 +1326,22 @@ func (h *Hub) readPage(ctx context.Context, ch *hubChannel, from Position) (stre
 	epoch, eerr := meta[0].ToString()
 	last, serr := meta[1].AsInt64()
 	if eerr != nil || serr != nil || !validEpoch(epoch) {
-		// No meta: the history is lost. Start an epoch, reset to it.
-		top, err := h.position(ch)
-		if err != nil {
-			return streamPage{}, err
+		// No meta: no history (any more).
+		top := Position{Epoch: noEpoch}
+		if from == top {
+			return streamPage{top: top}, nil
 		}
-		return streamPage{reset: true, top: top}, nil
+		return streamPage{reset: true, newEpoch: true, top: top}, nil
 	}
 	top := Position{Offset: uint64(max(last, 0)), Epoch: epoch}
-	if epoch != from.Epoch || top.Offset < from.Offset {
+	if from.Epoch == noEpoch && from.Offset == 0 {
+		// The channel had no history: its epoch's events all came after.
+		from.Epoch = epoch
+	}
+	if epoch != from.Epoch {
+		return streamPage{reset: true, newEpoch: true, top: top}, nil
+	}
+	if top.Offset < from.Offset {
 		return streamPage{reset: true, top: top}, nil
 	}
 	entries, err := res[1].AsXRange()
@@ -1758,7 +1766,9 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 		case p == cur:
 			ch.subs[c] = &chanSub{idx: i, cursor: cur.Offset}
 			start.Channels[i].Resumed = true
-		case p.Epoch == cur.Epoch:
+		case p.Epoch == cur.Epoch, p == Position{Epoch: noEpoch}:
+			// Behind (or from before the channel had a history, which
+			// its epoch's events all follow): replay.
 			cur = p
 			replay = append(replay, i)
 			start.Channels[i].Resumed = true

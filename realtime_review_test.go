@@ -9,6 +9,7 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -420,5 +421,65 @@ func TestReviewShutdownWithRedisPaused(t *testing.T) {
 		last := s.nextEvent(t)
 		require.Equal(t, "disconnect", last.event)
 		require.JSONEq(t, `{"reason":"shutdown"}`, last.data)
+	})
+}
+
+// Opening streams writes nothing that outlives them: a client that opens
+// streams to channels nobody publishes to (any name its Authorize lets
+// through, 16 per request) must not grow Redis. Before the fix each such
+// channel got a meta hash that lived MetaTTL (24 h), so a loop of
+// requests with fresh names grew Redis without bound, although the README
+// says only publishing creates channel state. A channel with no history
+// now has the placeholder epoch "000000" in stream IDs, and the events of
+// its first epoch reach open and resuming streams without a reset.
+func TestReviewStreamsToUnpublishedChannelsLeaveNoKeys(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		h, srv := newReviewHub(t, r, HubConfig{UnsubscribeGrace: 10 * time.Millisecond})
+		admin := r.Client()
+		var names []string
+		for i := 0; i < 16; i++ {
+			names = append(names, "ghost-"+strconv.Itoa(i))
+		}
+		s := openReviewStream(t, srv.URL+"/events?user=u9&channels="+strings.Join(names, ","), nil)
+		s.resp.Body.Close()
+		require.Eventually(t, func() bool { return h.Stats().Connections == 0 }, 10*time.Second, 5*time.Millisecond)
+		for _, name := range append(names, userChannel("u9")) {
+			k := h.keysOf(name)
+			require.Eventually(t, func() bool {
+				n, err := admin.Do(ctx, admin.B().Exists().Key(k.meta).Build()).AsInt64()
+				require.NoError(t, err)
+				m, err := admin.Do(ctx, admin.B().Exists().Key(k.presence).Build()).AsInt64()
+				require.NoError(t, err)
+				return n+m == 0
+			}, 10*time.Second, 10*time.Millisecond, "no key of %q is left", name)
+		}
+
+		// The first epoch of such a channel loses nothing: an open stream
+		// gets its first events (and no reset), a stream resuming from the
+		// no-history position gets them replayed.
+		live := openReviewStream(t, srv.URL+"/events?channels=fresh", nil)
+		waitSynced(t, h, "fresh", 0)
+		_, err := h.Publish(ctx, "fresh", Event{Name: "m", Data: []byte("a")})
+		require.NoError(t, err)
+		f := live.next(t)
+		require.Equal(t, "a", f.data, "no reset before the first event")
+
+		h2, srv2 := newReviewHub(t, r, HubConfig{})
+		_ = h2
+		before := openReviewStream(t, srv2.URL+"/events?channels=other", nil)
+		waitSynced(t, h2, "other", 0)
+		_, err = h.Publish(ctx, "other", Event{Name: "m", Data: []byte("b1")})
+		require.NoError(t, err)
+		first := before.next(t)
+		require.Equal(t, "b1", first.data)
+		before.resp.Body.Close()
+		// An ID from before the first publish resumes from the start.
+		noHistory := string(appendStreamID(nil, []string{channelHash("other")}, []Position{{Epoch: noEpoch}}))
+		_, err = h.Publish(ctx, "other", Event{Name: "m", Data: []byte("b2")})
+		require.NoError(t, err)
+		resumed := openReviewStream(t, srv.URL+"/events?channels=other", map[string]string{"Last-Event-ID": noHistory})
+		require.Equal(t, "b1", resumed.next(t).data)
+		require.Equal(t, "b2", resumed.next(t).data)
 	})
 }

@@ -1409,7 +1409,8 @@ type Stream struct {
 	// reaches back to the client's position. Default: DefaultResetEvent
 	// ("reset").
 	ResetEvent string
-	// MaxChannels bounds Channels. Default: DefaultMaxChannels (16).
+	// MaxChannels bounds Channels, at most 64 (a stream ID holds at most
+	// that many positions). Default: DefaultMaxChannels (16).
 	MaxChannels int
 	// OnStart, when set, is called once the stream is live on every channel
 	// (after any replay), from the handler's goroutine.
@@ -1623,6 +1624,10 @@ func (s *Stream) fill() error {
 	}
 	if s.MaxChannels == 0 {
 		s.MaxChannels = DefaultMaxChannels
+	}
+	if s.MaxChannels > maxStreamIDEntries {
+		// Its stream IDs would not decode: the stream could never resume.
+		return fmt.Errorf("realtime: MaxChannels must be at most %d", maxStreamIDEntries)
 	}
 	if s.Heartbeat == 0 {
 		s.Heartbeat = DefaultHeartbeat
@@ -2312,8 +2317,8 @@ type SSEConfig struct {
 	// AliveInterval is how often Alive's check runs. Default:
 	// DefaultAliveInterval (30 s).
 	AliveInterval time.Duration
-	// MaxChannels bounds a request's channels (400 beyond). Default:
-	// DefaultMaxChannels (16).
+	// MaxChannels bounds a request's channels (400 beyond), at most 64.
+	// Default: DefaultMaxChannels (16).
 	MaxChannels int
 	// Heartbeat is the interval of the keep-alive comments. Default:
 	// DefaultHeartbeat (15 s).

@@ -483,3 +483,52 @@ func TestReviewStreamsToUnpublishedChannelsLeaveNoKeys(t *testing.T) {
 		require.Equal(t, "b2", resumed.next(t).data)
 	})
 }
+
+// Every stream the server accepts can resume from its own IDs: a
+// MaxChannels whose IDs the decoder refuses (more than 64 entries, or
+// more than MaxStreamIDLength bytes) is a configuration error. Before the
+// fix MaxChannels 70 was accepted, its IDs were ignored on reconnect, and
+// a reconnecting client silently missed what was published meanwhile.
+func TestReviewEveryAcceptedStreamCanResume(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		for _, n := range []int{maxStreamIDEntries, 70} {
+			cfg := HubConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}}
+			h, err := NewHub(cfg)
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = h.Shutdown(context.Background()) })
+			handler, err := SSEConfig{Hub: h, MaxChannels: n}.ToHandler()
+			if err != nil {
+				require.Greater(t, n, maxStreamIDEntries, "MaxChannels %d must be accepted", n)
+				err = h.Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/", nil), Stream{Channels: []string{"a"}, MaxChannels: n})
+				require.Error(t, err, "Serve refuses it too")
+				continue
+			}
+			e := echo.New()
+			e.GET("/events", handler)
+			srv := httptest.NewServer(e)
+			t.Cleanup(srv.Close)
+			var names []string
+			for i := 0; i < n; i++ {
+				names = append(names, "c"+strconv.Itoa(n)+"-"+strconv.Itoa(i))
+			}
+			url := srv.URL + "/events?channels=" + strings.Join(names, ",")
+			s := openReviewStream(t, url, nil)
+			waitSynced(t, h, names[n-1], 0)
+			for _, name := range names {
+				_, err := h.Publish(ctx, name, Event{Name: "m", Data: []byte(name + "-1")})
+				require.NoError(t, err)
+			}
+			var last string
+			for range names {
+				last = s.next(t).id
+			}
+			s.resp.Body.Close()
+			_, err = h.Publish(ctx, names[n-1], Event{Name: "m", Data: []byte("missed")})
+			require.NoError(t, err)
+			t.Logf("MaxChannels %d: resuming from an ID of %d bytes", n, len(last))
+			resumed := openReviewStream(t, url, map[string]string{"Last-Event-ID": last})
+			require.Equal(t, "missed", resumed.next(t).data, "MaxChannels %d: the client resumes from its last ID (%d bytes)", n, len(last))
+		}
+	})
+}

@@ -1759,9 +1759,10 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 		ch.mu.Lock()
 		cur := ch.pos
 		switch {
-		case ok && p.Epoch == cur.Epoch && p.Offset > cur.Offset && h.reached(r.Context(), ch, p):
+		case ok && (p.Epoch == cur.Epoch || cur == Position{Epoch: noEpoch}) && p.Offset > cur.Offset && h.reached(r.Context(), ch, p):
 			// Ahead of this instance, which has not delivered what the
-			// client got elsewhere yet: live, past the client's position.
+			// client got elsewhere yet (maybe not even the first events
+			// of the channel's history): live, past the client's position.
 			cur = p
 			ch.subs[c] = &chanSub{idx: i, cursor: p.Offset}
 			start.Channels[i].Resumed = true

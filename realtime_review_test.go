@@ -532,3 +532,63 @@ func TestReviewEveryAcceptedStreamCanResume(t *testing.T) {
 		}
 	})
 }
+
+// A client switching to an instance that has not yet seen the first
+// events of a channel's first epoch (it synced while the channel had no
+// history) resumes from its position with neither a reset nor duplicates,
+// as it does when that instance lags within an epoch.
+func TestReviewSwitchToInstanceBehindFirstEpoch(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		// One partition: one worker for both channels, on a cluster too.
+		ha, srvA := newReviewHub(t, r, HubConfig{Partitions: 1})
+		hb, srvB := newReviewHub(t, r, HubConfig{Partitions: 1})
+		onA := openReviewStream(t, srvA.URL+"/events?channels=room,other", nil)
+		_ = onA
+		waitSynced(t, ha, "room", 0)
+		waitSynced(t, ha, "other", 0)
+
+		// A's worker stalls on "other": A lags behind on "room".
+		ha.mu.Lock()
+		other := ha.chans["other"]
+		ha.mu.Unlock()
+		other.mu.Lock()
+		locked := true
+		defer func() {
+			if locked {
+				other.mu.Unlock()
+			}
+		}()
+		_, err := hb.Publish(ctx, "other", Event{Name: "m", Data: []byte("o1")})
+		require.NoError(t, err)
+
+		onB := openReviewStream(t, srvB.URL+"/events?channels=room", nil)
+		waitSynced(t, hb, "room", 0)
+		for _, d := range []string{"r1", "r2"} {
+			_, err := hb.Publish(ctx, "room", Event{Name: "m", Data: []byte(d)})
+			require.NoError(t, err)
+		}
+		require.Equal(t, "r1", onB.next(t).data)
+		last := onB.next(t)
+		require.Equal(t, "r2", last.data)
+		onB.resp.Body.Close()
+
+		// The client switches to A, which still has "room" at no history.
+		s := openReviewStream(t, srvA.URL+"/events?channels=room", map[string]string{"Last-Event-ID": last.id})
+		ha.mu.Lock()
+		room := ha.chans["room"]
+		ha.mu.Unlock()
+		require.Eventually(t, func() bool { // the stream is planned
+			room.mu.Lock()
+			defer room.mu.Unlock()
+			return len(room.subs) == 2
+		}, 10*time.Second, 5*time.Millisecond)
+		other.mu.Unlock()
+		locked = false
+		_, err = hb.Publish(ctx, "room", Event{Name: "m", Data: []byte("r3")})
+		require.NoError(t, err)
+		f := s.next(t)
+		require.Equal(t, "m", f.event, "no reset: the client missed nothing")
+		require.Equal(t, "r3", f.data, "no duplicate")
+	})
+}

@@ -1610,8 +1610,8 @@ func (sw *sseWriter) flush() error {
 	if err == nil {
 		err = sw.c.rc.Flush()
 	}
-	if cap(sw.buf) > 64<<10 {
-		sw.buf = nil
+	if cap(sw.buf) > 4<<10 {
+		sw.buf = nil // an idle stream keeps no copy of a large event
 	} else {
 		sw.buf = sw.buf[:0]
 	}

@@ -9,9 +9,11 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -590,5 +592,75 @@ func TestReviewSwitchToInstanceBehindFirstEpoch(t *testing.T) {
 		f := s.next(t)
 		require.Equal(t, "m", f.event, "no reset: the client missed nothing")
 		require.Equal(t, "r3", f.data, "no duplicate")
+	})
+}
+
+// countWriter is an http.ResponseWriter that keeps nothing of what it is
+// sent (so the test measures the hub's memory, not a client's).
+type countWriter struct {
+	hdr http.Header
+	n   atomic.Int64
+}
+
+func (w *countWriter) Header() http.Header              { return w.hdr }
+func (w *countWriter) WriteHeader(int)                  {}
+func (w *countWriter) Write(p []byte) (int, error)      { w.n.Add(int64(len(p))); return len(p), nil }
+func (w *countWriter) Flush()                           {}
+func (w *countWriter) SetWriteDeadline(time.Time) error { return nil }
+func (w *countWriter) SetReadDeadline(time.Time) error  { return nil }
+
+func heapInuse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}
+
+// An idle stream holds no copy of the events it wrote: one large event
+// broadcast to many streams does not leave each of them with a buffer of
+// its size. Before the fix every stream kept a write buffer of up to
+// 64 KiB after a large event, for as long as it stayed open (twice the
+// whole idle stream's budget).
+func TestReviewIdleStreamsKeepNoLargeBuffers(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		h, err := NewHub(HubConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}})
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = h.Shutdown(context.Background()) })
+		const streams = 200
+		ws := make([]*countWriter, streams)
+		for i := range ws {
+			ws[i] = &countWriter{hdr: http.Header{}}
+			req := httptest.NewRequest(http.MethodGet, "/events", nil).WithContext(ctx)
+			go func(w *countWriter) { _ = h.Serve(w, req, Stream{Channels: []string{"room"}}) }(ws[i])
+		}
+		require.Eventually(t, func() bool { return h.Stats().Connections == streams }, 10*time.Second, 5*time.Millisecond)
+		require.Eventually(t, func() bool {
+			for _, w := range ws {
+				if w.n.Load() == 0 {
+					return false
+				}
+			}
+			return true
+		}, 10*time.Second, 5*time.Millisecond)
+		waitSynced(t, h, "room", 0)
+		before := heapInuse()
+
+		const size = 48 << 10
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: bytes.Repeat([]byte("x"), size)})
+		require.NoError(t, err)
+		require.Eventually(t, func() bool {
+			for _, w := range ws {
+				if w.n.Load() < size {
+					return false
+				}
+			}
+			return true
+		}, 10*time.Second, 5*time.Millisecond)
+		grown := int64(heapInuse()) - int64(before)
+		t.Logf("heap grew by %d KiB for %d idle streams after one %d KiB event", grown>>10, streams, size>>10)
+		require.Less(t, grown, int64(streams*size/10), "idle streams keep no copy of the event")
 	})
 }

@@ -29,6 +29,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"regexp"
 	"strconv"
@@ -93,6 +94,7 @@ type realtime struct {
 	// joins limits the user:joined events per user or client address.
 	joins   *redisecho.Limiter
 	joinKey func(c echo.Context) (string, error)
+	logger  *slog.Logger
 }
 
 // newRealtime builds the realtime part of the app. It does no I/O.
@@ -126,7 +128,11 @@ func newRealtime(client rueidis.Client, opts redisecho.Options) (*realtime, erro
 	if err != nil {
 		return nil, err
 	}
-	return &realtime{hub: hub, publishes: publishes, joins: joins, joinKey: key}, nil
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &realtime{hub: hub, publishes: publishes, joins: joins, joinKey: key, logger: logger}, nil
 }
 
 // mount adds the realtime routes to auth, the group behind the Session
@@ -185,17 +191,17 @@ func (rt *realtime) shutdown(within time.Duration) {
 func streamChannels(c echo.Context) ([]string, error) {
 	var channels []string
 	if q := c.QueryParam("rooms"); q != "" {
-		rooms := strings.Split(q, ",")
+		rooms := strings.SplitN(q, ",", maxRooms+1) // a long list costs no more
 		if len(rooms) > maxRooms {
-			return nil, echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf("At most %d rooms per stream", maxRooms))
+			return nil, badRequest(fmt.Sprintf("At most %d rooms per stream", maxRooms))
 		}
 		seen := make(map[string]bool, len(rooms))
 		for _, r := range rooms {
 			if !roomName.MatchString(r) {
-				return nil, echo.NewHTTPError(http.StatusBadRequest, "Room names are 1-64 characters of A-Z, a-z, 0-9, _ and -")
+				return nil, badRequest(roomNameRule)
 			}
 			if seen[r] {
-				return nil, echo.NewHTTPError(http.StatusBadRequest, "Room "+r+" is listed twice")
+				return nil, badRequest("Room " + r + " is listed twice")
 			}
 			seen[r] = true
 			channels = append(channels, r)
@@ -205,9 +211,17 @@ func streamChannels(c echo.Context) ([]string, error) {
 		channels = append(channels, userChannel(id))
 	}
 	if len(channels) == 0 {
-		return nil, echo.NewHTTPError(http.StatusBadRequest, "Give the rooms to join: /events?rooms=lobby")
+		return nil, badRequest("Give the rooms to join: /events?rooms=lobby")
 	}
 	return channels, nil
+}
+
+// roomNameRule says what a room name is.
+const roomNameRule = "Room names are 1-64 characters of A-Z, a-z, 0-9, _ and -"
+
+// badRequest is a 400 with the app's JSON error body.
+func badRequest(msg string) *echo.HTTPError {
+	return echo.NewHTTPError(http.StatusBadRequest, map[string]string{"error": msg})
 }
 
 // authorizeChannel lets only alice read the admin room, and each user only
@@ -230,7 +244,7 @@ func checkRoom(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		room := c.Param("room")
 		if !roomName.MatchString(room) {
-			return jsonError(c, http.StatusBadRequest, "Room names are 1-64 characters of A-Z, a-z, 0-9, _ and -")
+			return jsonError(c, http.StatusBadRequest, roomNameRule)
 		}
 		if err := authorizeChannel(c, room); err != nil {
 			return c.JSON(http.StatusForbidden, map[string]string{"error": "forbidden", "channel": room})
@@ -278,8 +292,9 @@ func (rt *realtime) publish(c echo.Context, channel, name string, data any) (red
 
 // unavailable answers a publish or presence call that failed: 503, and the
 // cause in the log only.
-func unavailable(err error) error {
-	return echo.NewHTTPError(http.StatusServiceUnavailable, "realtime unavailable").SetInternal(err)
+func (rt *realtime) unavailable(c echo.Context, err error) error {
+	rt.logger.Warn("realtime unavailable", "route", c.Path(), "error", err)
+	return jsonError(c, http.StatusServiceUnavailable, "realtime unavailable")
 }
 
 // announce is the stream's OnStart: a fresh connection to a room (not
@@ -308,7 +323,7 @@ func (rt *realtime) announce(c echo.Context, s redisecho.StreamStart) {
 	for _, room := range rooms {
 		data, _ := json.Marshal(map[string]string{"room": room, "username": name})
 		if _, err := rt.hub.Publish(ctx, room, redisecho.Event{Name: "user:joined", Data: data}); err != nil {
-			c.Logger().Warnf("user:joined in %s: %v", room, err)
+			rt.logger.Warn("cannot announce a join", "room", room, "error", err)
 		}
 	}
 }
@@ -329,7 +344,7 @@ func (rt *realtime) postMessage(c echo.Context) error {
 		"timestamp": time.Now().UTC().Format(time.RFC3339),
 	})
 	if err != nil {
-		return unavailable(err)
+		return rt.unavailable(c, err)
 	}
 	return c.JSON(http.StatusAccepted, map[string]string{"id": pos.String()})
 }
@@ -356,7 +371,7 @@ func (rt *realtime) postNotification(c echo.Context) error {
 		"timestamp": time.Now().UTC().Format(time.RFC3339),
 	})
 	if err != nil {
-		return unavailable(err)
+		return rt.unavailable(c, err)
 	}
 	return c.JSON(http.StatusAccepted, map[string]string{"id": pos.String()})
 }
@@ -390,7 +405,7 @@ func (rt *realtime) putOrderStatus(c echo.Context) error {
 	update := map[string]any{"orderId": orderID, "status": in.Status, "userId": uid}
 	for _, channel := range []string{userChannel(uid), adminRoom} {
 		if _, err := rt.publish(c, channel, "order:updated", update); err != nil {
-			return unavailable(err)
+			return rt.unavailable(c, err)
 		}
 	}
 	return c.JSON(http.StatusOK, update)
@@ -402,7 +417,7 @@ func (rt *realtime) presence(c echo.Context) error {
 	room := c.Param("room")
 	p, err := rt.hub.Presence(c.Request().Context(), room, 100)
 	if err != nil {
-		return unavailable(err)
+		return rt.unavailable(c, err)
 	}
 	members := p.Members
 	if members == nil {
@@ -424,7 +439,7 @@ func (rt *realtime) endStreams(next echo.HandlerFunc) echo.HandlerFunc {
 			if derr := rt.hub.Disconnect(c.Request().Context(), strconv.Itoa(id)); derr != nil {
 				// The session is gone all the same: its streams end at
 				// their next session check (SSEConfig.AliveInterval).
-				c.Logger().Warnf("logout: end the streams of user %d: %v", id, derr)
+				rt.logger.Warn("logout: cannot end the user's streams", "user", id, "error", derr)
 			}
 		}
 		return err

@@ -37,7 +37,8 @@ const wait = 30 * time.Second
 // address: once its /health answers 200, the page (which reconnects by
 // itself, with its last position) shows the three messages exactly once
 // and in order, and announces its visitor only once (a resumed connection
-// does not).
+// does not). Set E2E_SCREENSHOT to a file name to keep a picture of the
+// page at the end.
 func TestChatAcrossInstancesAndRestart(t *testing.T) {
 	browserPath, err := exec.LookPath("chromium")
 	require.NoError(t, err, "the browser test needs Debian's chromium: %s", installHint)
@@ -71,6 +72,18 @@ func TestChatAcrossInstancesAndRestart(t *testing.T) {
 		`[...document.querySelectorAll('#messages li.info')].map(e => e.textContent)`))
 	require.NoError(t, err)
 	require.Equal(t, []string{"anonymous joined #e2e"}, notes, "one join, and no reset")
+
+	// The page's own form posts to B, and the stream shows the message.
+	require.NoError(t, chromedp.Do(page,
+		chromedp.SendKeys(chromedp.CSS(`#post input[name="text"]`), "typed on B"),
+		chromedp.Click(chromedp.CSS(`#post button`)),
+	))
+	waitMessages(t, page, []string{"hello from A", "one", "two", "three", "after the restart", "typed on B"})
+	if path := os.Getenv("E2E_SCREENSHOT"); path != "" {
+		png, err := chromedp.Run(page, chromedp.FullScreenshot(100))
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(path, png, 0o644))
+	}
 }
 
 // startRedis starts a redis-server without persistence on a free loopback

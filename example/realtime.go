@@ -431,13 +431,15 @@ func (rt *realtime) presence(c echo.Context) error {
 // so that a revoked session stops receiving the user's events at once.
 // Streams of the user's other sessions end too (Disconnect goes by user):
 // their pages reconnect at once, from their position, and lose nothing.
+// It runs whatever the logout answered: a logout that failed leaves the
+// session, and its streams reconnect as before.
 func (rt *realtime) endStreams(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		_, id, ok := current(c)
 		err := next(c)
-		if ok && err == nil && c.Response().Status == http.StatusOK {
+		if ok {
 			if derr := rt.hub.Disconnect(c.Request().Context(), strconv.Itoa(id)); derr != nil {
-				// The session is gone all the same: its streams end at
+				// The streams of a destroyed session end all the same at
 				// their next session check (SSEConfig.AliveInterval).
 				rt.logger.Warn("logout: cannot end the user's streams", "user", id, "error", derr)
 			}

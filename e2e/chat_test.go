@@ -61,7 +61,7 @@ func TestChatAcrossInstancesAndRestart(t *testing.T) {
 	for _, text := range []string{"one", "two", "three"} {
 		post(t, a.base, "e2e", text)
 	}
-	b = startInstance(t, bin, bAddr, redisURL) // returns once /health answers 200
+	startInstance(t, bin, bAddr, redisURL) // B again; returns once /health answers 200
 	waitMessages(t, page, []string{"hello from A", "one", "two", "three"})
 
 	// Nothing more comes before the next live message: no duplicate, and

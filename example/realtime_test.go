@@ -447,17 +447,20 @@ func TestRealtimeJoinedOnlyOnFreshConnections(t *testing.T) {
 
 		// Resumed with Last-Event-ID: what was missed, and no join.
 		s = bob.stream("rooms=r", last)
-		last = s.expectChat("r", "while bob was away", "alice").ID
+		s.expectChat("r", "while bob was away", "alice")
 		poster.say("r", "after the header resume")
 		observer.expectChat("r", "while bob was away", "alice")
 		observer.expectChat("r", "after the header resume", "alice")
 		last = s.expectChat("r", "after the header resume", "alice").ID
 		s.close()
+		poster.say("r", "missed again")
 
 		// Resumed with the query parameter (a page opening a new
 		// EventSource), on the other instance.
 		s = bob.on(a).stream("rooms=r&lastEventId="+last, "")
+		s.expectChat("r", "missed again", "alice")
 		poster.say("r", "after the query resume")
+		observer.expectChat("r", "missed again", "alice")
 		observer.expectChat("r", "after the query resume", "alice")
 		last = s.expectChat("r", "after the query resume", "alice").ID
 		s.close()

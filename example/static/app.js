@@ -18,6 +18,7 @@
   let source = null;
   let retryTimer = 0;
   let attempt = 0;
+  let who = ''; // the logged-in user's name, '' when anonymous
 
   function setStatus(state, text) {
     const s = $('#status');
@@ -58,9 +59,25 @@
     });
   }
 
+  // refusal is why the server would refuse the room (400 or 403, which
+  // retrying never mends; EventSource cannot tell them from an outage), or
+  // '' when it would not.
+  function refusal() {
+    if (!/^[A-Za-z0-9_-]{1,64}$/.test(room)) return 'Room names are 1-64 characters of A-Z, a-z, 0-9, _ and -.';
+    if (room === 'admin' && who !== 'alice') return 'Only alice, the demo admin, may join #admin.';
+    return '';
+  }
+
   function connect() {
     clearTimeout(retryTimer);
     if (source) source.close();
+    source = null;
+    const refused = refusal();
+    if (refused) {
+      setStatus('refused', 'not connected');
+      line('error', ['text', refused]);
+      return;
+    }
     const q = new URLSearchParams({ rooms: room });
     if (lastEventId) q.set('lastEventId', lastEventId);
     const es = new EventSource('/events?' + q);
@@ -104,8 +121,8 @@
 
   async function whoAmI() {
     const { status, data } = await call('GET', '/profile');
-    const name = status === 200 ? data.username : 'anonymous';
-    $('#who').textContent = name;
+    who = status === 200 ? data.username : '';
+    $('#who').textContent = who || 'anonymous';
     $('#login').hidden = status === 200;
     $('#logout').hidden = status !== 200;
   }
@@ -156,6 +173,5 @@
     await whoAmI(); // the server ended the stream; it reconnects anonymous
   });
 
-  whoAmI().catch(() => {});
-  connect();
+  whoAmI().catch(() => {}).finally(connect);
 })();

@@ -1,16 +1,17 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -19,10 +20,12 @@ import (
 
 	"github.com/chromedp/chromedp"
 	"github.com/stretchr/testify/require"
+
+	"github.com/redisecho/redisecho/internal/redistest"
 )
 
-// installHint says how to get what the test needs; it never skips.
-const installHint = "install them with `make e2e`, or: apt-get install chromium redis-server"
+// installHint says how to get the browser; the test never skips.
+const installHint = "install it with `make e2e`, or: apt-get install chromium"
 
 // sessionSecret is the instances' shared session key.
 const sessionSecret = "e2e-session-key-of-at-least-thirty-two-bytes"
@@ -31,19 +34,30 @@ const sessionSecret = "e2e-session-key-of-at-least-thirty-two-bytes"
 const wait = 30 * time.Second
 
 // TestChatAcrossInstancesAndRestart drives the demo page in headless
-// Chromium against two instances of the example on one Redis: a message
-// posted to instance A appears on the page connected to instance B. Then B
-// stops, three messages are posted to A, and B starts again on the same
-// address: once its /health answers 200, the page (which reconnects by
-// itself, with its last position) shows the three messages exactly once
-// and in order, and announces its visitor only once (a resumed connection
-// does not). Set E2E_SCREENSHOT to a file name to keep a picture of the
-// page at the end.
+// Chromium against two instances of the example on one Redis deployment, a
+// standalone server and a 3-master cluster in turn: a message posted to
+// instance A appears on the page connected to instance B. Then B stops,
+// three messages are posted to A, and B starts again on the same address:
+// once its /health answers 200, the page (which reconnects by itself, with
+// its last position) shows the three messages exactly once and in order,
+// and announces its visitor only once (a resumed connection does not).
+// Set E2E_SCREENSHOT to a file name to keep a picture of the page at the
+// end.
 func TestChatAcrossInstancesAndRestart(t *testing.T) {
 	browserPath, err := exec.LookPath("chromium")
 	require.NoError(t, err, "the browser test needs Debian's chromium: %s", installHint)
-	redisURL := startRedis(t)
 	bin := buildExample(t)
+	for _, topology := range []string{"standalone", "cluster"} {
+		t.Run(topology, func(t *testing.T) {
+			tp, err := redistest.Start(topology)
+			require.NoError(t, err, "%s", redistest.InstallHint)
+			t.Cleanup(tp.Close)
+			chatAcrossInstancesAndRestart(t, browserPath, bin, tp.URL())
+		})
+	}
+}
+
+func chatAcrossInstancesAndRestart(t *testing.T, browserPath, bin, redisURL string) {
 	a := startInstance(t, bin, freeAddr(t), redisURL)
 	bAddr := freeAddr(t)
 	b := startInstance(t, bin, bAddr, redisURL)
@@ -86,48 +100,20 @@ func TestChatAcrossInstancesAndRestart(t *testing.T) {
 	}
 }
 
-// startRedis starts a redis-server without persistence on a free loopback
-// port and returns its URL. It is stopped (by its PID) when the test ends.
-func startRedis(t *testing.T) string {
-	t.Helper()
-	path, err := exec.LookPath("redis-server")
-	require.NoError(t, err, "the browser test needs redis-server: %s", installHint)
-	addr := freeAddr(t)
-	_, port, _ := net.SplitHostPort(addr)
-	cmd := exec.Command(path, "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no", "--protected-mode", "no")
-	var out syncBuffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		_ = cmd.Wait()
-	})
-	require.Eventually(t, func() bool { return ping(addr) }, wait, 50*time.Millisecond, "redis-server on %s: %s", addr, &out)
-	return "redis://" + addr + "/0"
-}
-
-// ping reports whether a Redis server answers PING at addr.
-func ping(addr string) bool {
-	conn, err := net.DialTimeout("tcp", addr, time.Second)
-	if err != nil {
-		return false
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("PING\r\n")); err != nil {
-		return false
-	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	return err == nil && line == "+PONG\r\n"
-}
-
-// freeAddr returns a loopback address with a port that was free.
+// freeAddr returns a loopback address with a port that was free, below
+// 32768 where Linux's ephemeral ports start, so that no outgoing
+// connection takes it while an instance restarts on it.
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	return ln.Addr().String()
+	for range 200 {
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(10000+rand.IntN(22768)))
+		if ln, err := net.Listen("tcp", addr); err == nil {
+			_ = ln.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free loopback port")
+	return ""
 }
 
 // buildExample builds the example app from ../example.

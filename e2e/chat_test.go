@@ -76,7 +76,9 @@ func chatAcrossInstancesAndRestart(t *testing.T, browserPath, bin, redisURL stri
 		post(t, a.base, "e2e", text)
 	}
 	startInstance(t, bin, bAddr, redisURL) // B again; returns once /health answers 200
+	healthy := time.Now()
 	waitMessages(t, page, []string{"hello from A", "one", "two", "three"})
+	t.Logf("the page caught up %v after B's /health answered 200", time.Since(healthy).Round(time.Millisecond))
 
 	// Nothing more comes before the next live message: no duplicate, and
 	// the resumed connection announced nobody.

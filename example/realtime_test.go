@@ -403,6 +403,7 @@ func TestRealtimePostMessage(t *testing.T) {
 
 		t.Run("rate limited per client", func(t *testing.T) {
 			c := visitor(t, base, ips)
+			clearOfMinuteEnd(t) // a sliding window: exact within one minute
 			for i := range publishesPerMinute {
 				code, out := c.call(http.MethodPost, "/rooms/lobby/messages", fmt.Sprintf(`{"text":"%d"}`, i))
 				require.Equal(t, http.StatusAccepted, code, "message %d: %v", i+1, out)
@@ -474,6 +475,7 @@ func TestRealtimeJoinedOnlyOnFreshConnections(t *testing.T) {
 		// A reconnect loop without positions: announced joinsPerMinute
 		// times, then connected silently.
 		flood := visitor(t, b, ips)
+		clearOfMinuteEnd(t) // a sliding window: exact within one minute
 		for range joinsPerMinute {
 			fs := flood.stream("rooms=s", "")
 			fs.expectJoined("s", "anonymous")

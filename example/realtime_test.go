@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/redisecho/redisecho/internal/redistest"
 )
 
 // sseEvent is one event of a stream, as EventSource dispatches it.
@@ -781,4 +783,84 @@ func TestRealtimeEmbeddedRedis(t *testing.T) {
 	code, _ = alice.call(http.MethodPost, "/logout", "")
 	require.Equal(t, http.StatusOK, code)
 	s.expectEnd("disconnected")
+}
+
+// TestRealtimeRedisDown: with Redis down every realtime route answers 503
+// with a JSON error of its own, never internal text, and an open stream
+// stays open; once Redis is back, messages flow again to new streams and
+// to the open one (after a reset: the restarted server lost the room's
+// history).
+func TestRealtimeRedisDown(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, tp *redistest.Topology) {
+		base := startReady(t, realtimeEnv(tp.URL()))
+		ips := newClientIPs()
+		anon := visitor(t, base, ips)
+		s := anon.stream("rooms=lobby", "")
+		s.expectJoined("lobby", "anonymous")
+		anon.say("lobby", "before")
+		s.expectChat("lobby", "before", "anonymous")
+
+		tp.StopServers()
+		allowed := []string{"realtime unavailable", "session store unavailable", "Service temporarily unavailable, please try again later."}
+		for _, tt := range []struct{ method, path, body string }{
+			{http.MethodPost, "/rooms/lobby/messages", `{"text":"hi"}`},
+			{http.MethodGet, "/rooms/lobby/presence", ""},
+		} {
+			code, out := visitor(t, base, ips).call(tt.method, tt.path, tt.body)
+			require.Equal(t, http.StatusServiceUnavailable, code, "%s %s: %v", tt.method, tt.path, out)
+			require.Contains(t, allowed, out["error"], "%s %s: a fixed message, no internal text", tt.method, tt.path)
+		}
+
+		// A new stream: 503 once the breaker of the room's node is open;
+		// before that it may start, and then it catches up once Redis is
+		// back, like the streams that were open.
+		code, during, body := visitor(t, base, ips).tryStream("rooms=lobby", "")
+		streams := []*sseStream{s}
+		switch code {
+		case http.StatusOK:
+			streams = append(streams, during)
+		case http.StatusServiceUnavailable:
+			require.JSONEq(t, `{"error":"realtime unavailable"}`, body)
+		default:
+			t.Fatalf("a new stream with Redis down: %d %s", code, body)
+		}
+
+		require.NoError(t, tp.StartServers())
+		require.Eventually(t, func() bool {
+			code, _ := anon.call(http.MethodPost, "/rooms/lobby/messages", `{"text":"after"}`)
+			return code == http.StatusAccepted
+		}, 20*time.Second, 100*time.Millisecond, "posting works again once Redis is back")
+		streams = append(streams, visitor(t, base, ips).stream("rooms=lobby", ""))
+		epoch, offset := anon.say("lobby", "for everyone")
+		// The streams opened before, during and after the outage: whatever
+		// the outage cost them is announced, never silently skipped. Each
+		// gets the live message, or a reset (the restarted server lost the
+		// room's history and its epoch) whose position covers it.
+		for i, s := range streams {
+			for {
+				ev := s.next()
+				if ev.Name == "chat:message" && ev.json(t)["text"] == "for everyone" {
+					break
+				}
+				if ev.Name == "reset" {
+					if e, o := singlePosition(t, ev.ID); e == epoch && o >= offset {
+						break
+					}
+				}
+				require.Contains(t, []string{"reset", "chat:message", "user:joined"}, ev.Name, "stream %d: %s: %s", i, ev.Name, ev.Data)
+			}
+		}
+	})
+}
+
+// singlePosition decodes the stream ID of a one-channel stream, in the
+// format of the README ("1." + 6 characters of channel hash + 6 of epoch +
+// the offset in base36), into the channel's epoch and offset.
+func singlePosition(t *testing.T, id string) (epoch string, offset int) {
+	t.Helper()
+	rest, ok := strings.CutPrefix(id, "1.")
+	require.True(t, ok && len(rest) > 12 && !strings.Contains(rest, "."), "a one-channel stream ID: %q", id)
+	n, err := strconv.ParseInt(rest[12:], 36, 64)
+	require.NoError(t, err, "stream ID %q", id)
+	return rest[6:12], int(n)
 }

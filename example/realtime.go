@@ -9,7 +9,8 @@ package main
 //	GET  /events?rooms=a,b          the SSE stream of the rooms (1 to 15, each
 //	                                1-64 of [A-Za-z0-9_-]), plus user:<id>
 //	                                for a logged-in user; the admin room is
-//	                                alice's only (403 for anyone else)
+//	                                alice's only (403 for anyone else); 60
+//	                                starts a minute per client
 //	POST /rooms/:room/messages      {"text"} of 1-1000 characters: 202
 //	                                {"id"}, event chat:message to the room
 //	POST /notifications             {"userId","message"}, logged in: 202
@@ -62,6 +63,13 @@ const (
 	// updates one client (a logged-in user, or an anonymous client
 	// address) may publish per minute, the three routes together.
 	publishesPerMinute = 30
+	// streamsPerMinute is how many streams one client (a logged-in user,
+	// or an anonymous client address) may start per minute, resumed or
+	// not: each start may create a Redis record of up to maxRooms rooms
+	// (their epoch and counter, kept for the hub's MetaTTL), so this
+	// bounds what a client can make Redis hold. A page reconnects far less
+	// often (with backoff).
+	streamsPerMinute = 60
 	// joinsPerMinute is how many fresh connections (no position) per
 	// minute and client announce themselves with user:joined; more connect
 	// all the same, silently, so a reconnect loop cannot flood a room's
@@ -91,6 +99,8 @@ type realtime struct {
 	// publishes limits POST /rooms/:room/messages, POST /notifications
 	// and PUT /orders/:id/status, per user or client address.
 	publishes echo.MiddlewareFunc
+	// streams limits GET /events per user or client address.
+	streams echo.MiddlewareFunc
 	// joins limits the user:joined events per user or client address.
 	joins   *redisecho.Limiter
 	joinKey func(c echo.Context) (string, error)
@@ -118,6 +128,21 @@ func newRealtime(client rueidis.Client, opts redisecho.Options) (*realtime, erro
 	if err != nil {
 		return nil, err
 	}
+	streams, err := redisecho.RateLimitConfig{
+		Client:   client,
+		Options:  opts,
+		Name:     "realtime-stream",
+		Policies: []redisecho.Policy{redisecho.PerMinute(streamsPerMinute)},
+		KeyFunc:  key,
+		// Fail open: while Redis is down a stream creates nothing in it,
+		// and one that starts catches up once Redis is back.
+		OnRedisError:         redisecho.FailOpen,
+		DisableLegacyHeaders: true,
+		Message:              map[string]string{"error": "Too many connections, please try again later."},
+	}.ToMiddleware()
+	if err != nil {
+		return nil, err
+	}
 	joins, err := redisecho.NewLimiter(redisecho.LimiterConfig{
 		Client:       client,
 		Options:      opts,
@@ -132,7 +157,7 @@ func newRealtime(client rueidis.Client, opts redisecho.Options) (*realtime, erro
 	if logger == nil {
 		logger = slog.Default()
 	}
-	return &realtime{hub: hub, publishes: publishes, joins: joins, joinKey: key, logger: logger}, nil
+	return &realtime{hub: hub, publishes: publishes, streams: streams, joins: joins, joinKey: key, logger: logger}, nil
 }
 
 // mount adds the realtime routes to auth, the group behind the Session
@@ -147,7 +172,7 @@ func (rt *realtime) mount(e *echo.Echo, auth *echo.Group) error {
 	if err != nil {
 		return err
 	}
-	auth.GET("/events", events)
+	auth.GET("/events", events, rt.streams)
 	auth.POST("/rooms/:room/messages", rt.postMessage, checkRoom, rt.publishes)
 	auth.GET("/rooms/:room/presence", rt.presence, checkRoom)
 	auth.POST("/notifications", rt.postNotification, requireLogin, rt.publishes)

@@ -345,6 +345,23 @@ func TestRealtimeStreamValidation(t *testing.T) {
 				}
 			})
 		}
+
+		t.Run("rate limited per client", func(t *testing.T) {
+			c := visitor(t, base, ips)
+			c.t = t
+			clearOfMinuteEnd(t) // a sliding window: exact within one minute
+			for i := range streamsPerMinute {
+				code, s, body := c.tryStream("rooms=lobby", "")
+				require.Equal(t, http.StatusOK, code, "stream %d: %s", i+1, body)
+				s.close()
+			}
+			code, _, body := c.tryStream("rooms=lobby", "")
+			require.Equal(t, http.StatusTooManyRequests, code, body)
+			require.JSONEq(t, `{"error":"Too many connections, please try again later."}`, body)
+			code, s, body := visitor(t, base, ips).tryStream("rooms=lobby", "")
+			require.Equal(t, http.StatusOK, code, "other clients are not limited: %s", body)
+			s.close()
+		})
 	})
 }
 

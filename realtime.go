@@ -1173,6 +1173,10 @@ func (h *Hub) live(m liveMsg) {
 
 func (h *Hub) liveLocked(ch *hubChannel, m liveMsg) {
 	switch {
+	case ch.pos == Position{Epoch: noEpoch} && m.pos.Offset == 1:
+		// The first event of the channel's history.
+		ch.pos = m.pos
+		h.deliverLocked(ch, m.pos, m.ev)
 	case m.pos.Epoch != ch.pos.Epoch || m.pos.Offset > ch.pos.Offset+1:
 		// Another epoch, or a skipped position: the stream decides.
 		ch.reread.Store(true)

@@ -466,6 +466,7 @@ func TestReviewStreamsToUnpublishedChannelsLeaveNoKeys(t *testing.T) {
 		require.NoError(t, err)
 		f := live.next(t)
 		require.Equal(t, "a", f.data, "no reset before the first event")
+		require.Zero(t, h.Stats().Rereads, "the first event of a history is delivered live, without a re-read")
 
 		h2, srv2 := newReviewHub(t, r, HubConfig{})
 		_ = h2

@@ -957,7 +957,7 @@ func (c *hubConn) subscriber() {
 			return
 		default:
 		}
-		conn, release := c.h.b.client.Dedicate()
+		conn, _ := c.h.b.client.Dedicate() // closed, never released
 		wait := conn.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: c.onMessage, OnSubscription: c.onSubscription})
 		c.mu.Lock()
 		c.subscribed = map[string]bool{}
@@ -968,17 +968,11 @@ func (c *hubConn) subscriber() {
 			backoff = 50 * time.Millisecond
 			err = c.serve(conn, wait)
 		}
-		if err == nil { // stopping, unsubscribed: the connection is clean
-			release()
-			return
-		}
-		// A connection in an unknown state (dropped, timed out, moved, or
-		// stopping without a confirmed unsubscribe) is closed, not
-		// released: the pool would clean it up with an UNSUBSCRIBE that
-		// waits, without a deadline, for a server that may not answer (a
-		// paused one held Shutdown for 12 s).
+		// The connection is closed, not released: the pool would clean it
+		// up with an UNSUBSCRIBE that waits, without a deadline, for a
+		// server that may not answer (a paused one held Shutdown for 12 s).
 		conn.Close()
-		if errors.Is(err, errStopUnclean) {
+		if err == nil { // stopping
 			return
 		}
 		c.h.b.log.Error("realtime: subscription connection lost, resubscribing", err, "partition", c.idx)
@@ -991,12 +985,8 @@ func (c *hubConn) subscriber() {
 	}
 }
 
-// errStopUnclean: the hub stopped, but Redis did not confirm the
-// unsubscribe.
-var errStopUnclean = errors.New("stopping: unsubscribe failed")
-
 // serve runs a subscribed connection until it drops (an error) or the hub
-// stops (nil, or errStopUnclean).
+// stops (nil).
 func (c *hubConn) serve(conn rueidis.DedicatedClient, wait <-chan error) error {
 	for {
 		select {
@@ -1020,11 +1010,8 @@ func (c *hubConn) serve(conn rueidis.DedicatedClient, wait <-chan error) error {
 			c.mu.Unlock()
 			if len(names) > 0 {
 				ctx, cancel := context.WithTimeout(context.Background(), c.h.b.timeout)
-				err := conn.Do(ctx, c.unsubscribeCmd(conn, names)).Error()
+				_ = conn.Do(ctx, c.unsubscribeCmd(conn, names)).Error()
 				cancel()
-				if err != nil {
-					return errStopUnclean
-				}
 			}
 			return nil
 		}

@@ -232,7 +232,9 @@ type PresenceInfo struct {
 	Channel string `json:"channel"`
 	// Count is the number of live connections, all of them.
 	Count int `json:"count"`
-	// Members are at most the limit asked for, oldest connection first.
+	// Members are at most the limit asked for, sorted oldest connection
+	// first. When there are more, which ones is unspecified (those whose
+	// entries were refreshed longest ago), not necessarily the oldest.
 	Members []Member `json:"members"`
 }
 
@@ -2207,8 +2209,9 @@ func (h *Hub) flushLeaves() {
 
 // Presence returns who is connected to channel across instances: the
 // count of live connections and at most limit of them (100 when limit is
-// not positive), oldest first. One Redis call, which also prunes entries
-// whose instance stopped refreshing them.
+// not positive), sorted oldest first; when there are more, which ones is
+// unspecified. One Redis call, which also prunes entries whose instance
+// stopped refreshing them.
 func (h *Hub) Presence(ctx context.Context, channel string, limit int) (PresenceInfo, error) {
 	if !validChannel(channel) {
 		return PresenceInfo{}, ErrInvalidChannel

@@ -1,0 +1,1588 @@
+package redisecho
+
+// Behaviour tests of the realtime hub and its SSE endpoint (issue 11), on a
+// real standalone server and a real 3-master cluster. Every simulated
+// instance is a Hub with its own rueidis client behind its own HTTP server;
+// clients are real HTTP SSE streams read by the small parser below.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/redis/rueidis"
+	"github.com/stretchr/testify/require"
+)
+
+// rtWait is the generous deadline of anything the tests wait for: an event,
+// the end of a stream, a count that settles. Slow CI stays far below it.
+const rtWait = 10 * time.Second
+
+// ---------------------------------------------------------------------------
+// The SSE client
+
+// sseEvent is one dispatched SSE event.
+type sseEvent struct {
+	Name string // "message" when the frame had no event field
+	ID   string
+	Data string // the data lines joined by "\n"
+}
+
+// sseStream is an open SSE response read in the background.
+type sseStream struct {
+	Resp   *http.Response
+	events chan sseEvent
+	done   chan struct{} // closed when the body ended
+	err    error         // why it ended, valid after done
+	cancel context.CancelFunc
+
+	heartbeats atomic.Int64 // ": hb" comments seen
+	retry      atomic.Value // the last "retry:" value, a string
+	last       atomic.Value // the last event's id, a string
+}
+
+// readSSE parses the event stream of r until it ends, calling comment for
+// each comment line, field for "retry", and event for each dispatched
+// event. It follows the WHATWG parsing rules the tests need: "field: value"
+// with one optional space, blank line dispatches, CRLF, LF or CR endings.
+func readSSE(r *bufio.Reader, comment func(string), retry func(string), event func(sseEvent)) error {
+	var ev sseEvent
+	var data []string
+	seen := false
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return err
+		}
+		line = strings.TrimSuffix(strings.TrimSuffix(line, "\n"), "\r")
+		switch {
+		case line == "":
+			if seen {
+				if ev.Name == "" {
+					ev.Name = "message"
+				}
+				ev.Data = strings.Join(data, "\n")
+				event(ev)
+			}
+			ev, data, seen = sseEvent{}, nil, false
+		case line[0] == ':':
+			comment(strings.TrimPrefix(line[1:], " "))
+		default:
+			name, value, _ := strings.Cut(line, ":")
+			value = strings.TrimPrefix(value, " ")
+			switch name {
+			case "event":
+				ev.Name, seen = value, true
+			case "id":
+				ev.ID, seen = value, true
+			case "data":
+				data, seen = append(data, value), true
+			case "retry":
+				retry(value)
+			}
+		}
+	}
+}
+
+// openSSE opens url as an event stream with the given request headers,
+// requires a 200 text/event-stream answer and waits for the ": connected"
+// comment, so that the stream is live when it returns. It is closed when the
+// test ends.
+func openSSE(t *testing.T, url string, header http.Header) *sseStream {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	require.NoError(t, err)
+	for k, v := range header {
+		req.Header[k] = v
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		cancel()
+		require.NoError(t, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		_ = resp.Body.Close()
+		cancel()
+		require.Equal(t, http.StatusOK, resp.StatusCode, "GET %s: %s", url, body)
+	}
+	require.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
+	s := &sseStream{Resp: resp, events: make(chan sseEvent, 1<<16), done: make(chan struct{}), cancel: cancel}
+	s.last.Store("")
+	s.retry.Store("")
+	connected := make(chan struct{})
+	var once sync.Once
+	go func() {
+		defer close(s.done)
+		defer once.Do(func() {})
+		s.err = readSSE(bufio.NewReader(resp.Body), func(c string) {
+			switch c {
+			case "hb":
+				s.heartbeats.Add(1)
+			case "connected":
+				once.Do(func() { close(connected) })
+			}
+		}, func(r string) { s.retry.Store(r) }, func(ev sseEvent) {
+			if ev.ID != "" {
+				s.last.Store(ev.ID)
+			}
+			s.events <- ev
+		})
+	}()
+	t.Cleanup(s.Close)
+	select {
+	case <-connected:
+	case <-s.done:
+		t.Fatalf("GET %s: the stream ended before \": connected\": %v", url, s.err)
+	case <-time.After(rtWait):
+		t.Fatalf("GET %s: no \": connected\" within %v", url, rtWait)
+	}
+	return s
+}
+
+// Close ends the stream from the client's side and waits for its reader.
+func (s *sseStream) Close() {
+	s.cancel()
+	_ = s.Resp.Body.Close()
+	<-s.done
+}
+
+// LastID is the id of the last event read from the wire.
+func (s *sseStream) LastID() string { return s.last.Load().(string) }
+
+// Next returns the next event, failing the test when none comes within
+// rtWait or the stream ends first.
+func (s *sseStream) Next(t *testing.T) sseEvent {
+	t.Helper()
+	select {
+	case ev := <-s.events:
+		return ev
+	default:
+	}
+	select {
+	case ev := <-s.events:
+		return ev
+	case <-s.done:
+		select {
+		case ev := <-s.events:
+			return ev
+		default:
+		}
+		t.Fatalf("the stream ended while an event was expected: %v", s.err)
+	case <-time.After(rtWait):
+		t.Fatalf("no event within %v", rtWait)
+	}
+	return sseEvent{}
+}
+
+// Data reads the next n events and returns their data.
+func (s *sseStream) Data(t *testing.T, n int) []string {
+	t.Helper()
+	out := make([]string, 0, n)
+	for range n {
+		out = append(out, s.Next(t).Data)
+	}
+	return out
+}
+
+// Until reads events until one whose data is want, and returns the data of
+// all of them, want included.
+func (s *sseStream) Until(t *testing.T, want string) []string {
+	t.Helper()
+	var out []string
+	for {
+		ev := s.Next(t)
+		out = append(out, ev.Data)
+		if ev.Data == want {
+			return out
+		}
+	}
+}
+
+// End waits for the server to end the stream and returns the events it sent
+// before that.
+func (s *sseStream) End(t *testing.T) []sseEvent {
+	t.Helper()
+	select {
+	case <-s.done:
+	case <-time.After(rtWait):
+		t.Fatalf("the server did not end the stream within %v", rtWait)
+	}
+	var out []sseEvent
+	for {
+		select {
+		case ev := <-s.events:
+			out = append(out, ev)
+		default:
+			return out
+		}
+	}
+}
+
+// Quiet asserts that no event is waiting. It is used after a marker event
+// that must be the last one, so it needs no wait of its own.
+func (s *sseStream) Quiet(t *testing.T) {
+	t.Helper()
+	select {
+	case ev := <-s.events:
+		t.Fatalf("unexpected event %+v", ev)
+	default:
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Hubs and apps
+
+// newTestHub returns a hub on client under r's prefix with short intervals,
+// shut down when the test ends.
+func newTestHub(t *testing.T, r *testRedis, client rueidis.Client, mod func(*HubConfig)) *Hub {
+	t.Helper()
+	cfg := HubConfig{
+		Client:           client,
+		Options:          Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()},
+		Partitions:       4,
+		UnsubscribeGrace: 100 * time.Millisecond,
+		PresenceInterval: 200 * time.Millisecond,
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	h, err := NewHub(cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = h.Shutdown(ctx)
+	})
+	return h
+}
+
+// rtApp is one application instance: an Echo app serving GET /events with
+// SSEWithConfig on a real HTTP server.
+type rtApp struct {
+	*httptest.Server
+	Hub    *Hub
+	Starts chan StreamStart // what OnStart reported, in order
+	Active atomic.Int64     // /events handlers running now
+}
+
+// newRTApp serves hub at /events. The user of a request is its X-User
+// header. mod changes the SSE config, srv the http.Server before it starts.
+func newRTApp(t *testing.T, hub *Hub, mod func(*SSEConfig), srv func(*http.Server)) *rtApp {
+	t.Helper()
+	app := &rtApp{Hub: hub, Starts: make(chan StreamStart, 256)}
+	cfg := SSEConfig{
+		Hub:    hub,
+		UserID: func(c echo.Context) string { return c.Request().Header.Get("X-User") },
+		Retry:  time.Second,
+		OnStart: func(_ echo.Context, s StreamStart) {
+			select {
+			case app.Starts <- s:
+			default:
+			}
+		},
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	h, err := cfg.ToHandler()
+	require.NoError(t, err)
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.GET("/events", func(c echo.Context) error {
+		app.Active.Add(1)
+		defer app.Active.Add(-1)
+		return h(c)
+	})
+	app.Server = httptest.NewUnstartedServer(e)
+	if srv != nil {
+		srv(app.Server.Config)
+	}
+	app.Start()
+	t.Cleanup(func() {
+		app.CloseClientConnections()
+		app.Close()
+	})
+	return app
+}
+
+// events returns the URL of a stream of channels, with extra query pairs.
+func (a *rtApp) events(channels []string, extra ...string) string {
+	q := url.Values{"channels": {strings.Join(channels, ",")}}
+	for i := 0; i+1 < len(extra); i += 2 {
+		q.Set(extra[i], extra[i+1])
+	}
+	return a.URL + "/events?" + q.Encode()
+}
+
+// start returns what OnStart reported for the latest stream.
+func (a *rtApp) start(t *testing.T) StreamStart {
+	t.Helper()
+	select {
+	case s := <-a.Starts:
+		return s
+	case <-time.After(rtWait):
+		t.Fatal("OnStart was not called")
+	}
+	return StreamStart{}
+}
+
+// header builds request headers from name/value pairs.
+func header(kv ...string) http.Header {
+	h := http.Header{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		h.Set(kv[i], kv[i+1])
+	}
+	return h
+}
+
+// publish publishes data under name and returns its position.
+func publish(t *testing.T, h *Hub, channel, name, data string) Position {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	p, err := h.Publish(ctx, channel, Event{Name: name, Data: []byte(data)})
+	require.NoError(t, err, "publish %q to %q", data, channel)
+	return p
+}
+
+// publishSeq publishes "<tag>-<i>" for i in [from, to] and returns the data.
+func publishSeq(t *testing.T, h *Hub, channel, tag string, from, to int) []string {
+	t.Helper()
+	var out []string
+	for i := from; i <= to; i++ {
+		d := fmt.Sprintf("%s-%d", tag, i)
+		publish(t, h, channel, "", d)
+		out = append(out, d)
+	}
+	return out
+}
+
+// seq returns "<tag>-<i>" for i in [from, to].
+func seq(tag string, from, to int) []string {
+	var out []string
+	for i := from; i <= to; i++ {
+		out = append(out, fmt.Sprintf("%s-%d", tag, i))
+	}
+	return out
+}
+
+// streamData returns the data of every entry of channel's Redis stream, in
+// order: the ground truth a connected client must have received. The stream
+// key is found by SCAN under the test's prefix (the only stream there whose
+// key ends with the channel name), not by rebuilding the layout.
+func streamData(t *testing.T, r *testRedis, channel string) []string {
+	t.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: r.addrs, DisableCache: true})
+	require.NoError(t, err)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var keys []string
+	require.NoError(t, scanMasters(ctx, c, matchPattern(r.Keys.Prefix()), func(ctx context.Context, node rueidis.Client, batch []string) error {
+		for _, k := range batch {
+			if !strings.HasSuffix(k, ":"+channel) {
+				continue
+			}
+			typ, err := node.Do(ctx, node.B().Type().Key(k).Build()).ToString()
+			if err != nil {
+				return err
+			}
+			if typ == "stream" {
+				keys = append(keys, k)
+			}
+		}
+		return nil
+	}))
+	require.Len(t, keys, 1, "the stream of %q", channel)
+	entries, err := c.Do(ctx, c.B().Xrange().Key(keys[0]).Start("-").End("+").Build()).AsXRange()
+	require.NoError(t, err)
+	out := make([]string, 0, len(entries))
+	for _, e := range entries {
+		out = append(out, e.FieldValues["d"])
+	}
+	return out
+}
+
+// prefixKeys returns every key under the test's prefix.
+func prefixKeys(t *testing.T, r *testRedis) []string {
+	t.Helper()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: r.addrs, DisableCache: true})
+	require.NoError(t, err)
+	defer c.Close()
+	var keys []string
+	require.NoError(t, scanMasters(ctx5s(t), c, matchPattern(r.Keys.Prefix()), func(_ context.Context, _ rueidis.Client, batch []string) error {
+		keys = append(keys, batch...)
+		return nil
+	}))
+	return keys
+}
+
+// errorJSON requires a JSON error answer with the given status and returns
+// its fields.
+func errorJSON(t *testing.T, url string, hdr http.Header, status int) map[string]any {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	require.NoError(t, err)
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	require.Equal(t, status, resp.StatusCode, "GET %s: %s", url, body)
+	require.Contains(t, resp.Header.Get("Content-Type"), "application/json", string(body))
+	var out map[string]any
+	require.NoError(t, json.Unmarshal(body, &out), string(body))
+	require.IsType(t, "", out["error"], string(body))
+	require.NotEmpty(t, out["error"], string(body))
+	return out
+}
+
+// eventually waits for cond within rtWait.
+func eventually(t *testing.T, cond func() bool, msg string, args ...any) {
+	t.Helper()
+	require.Eventually(t, cond, rtWait, 10*time.Millisecond, append([]any{msg}, args...)...)
+}
+
+// ---------------------------------------------------------------------------
+// Fan-out, targeting, refusals
+
+func TestRealtimeFanOutAcrossInstances(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hubA := newTestHub(t, r, r.Client(), nil)
+		hubB := newTestHub(t, r, r.Client(), nil)
+		appA, appB := newRTApp(t, hubA, nil, nil), newRTApp(t, hubB, nil, nil)
+		const room = "room-fanout"
+
+		onA := openSSE(t, appA.events([]string{room}), nil)
+		onB := openSSE(t, appB.events([]string{room}), nil)
+		onB2 := openSSE(t, appB.events([]string{room}), nil)
+
+		// Publishes from either instance reach every client, in order, each
+		// with its position.
+		var epoch string
+		for i := 1; i <= 10; i++ {
+			from := hubA
+			if i%2 == 0 {
+				from = hubB
+			}
+			p := publish(t, from, room, "chat:message", fmt.Sprintf(`{"n":%d}`, i))
+			require.Equal(t, uint64(i), p.Offset, "the counter of a new channel starts at 1")
+			require.Len(t, p.Epoch, 6)
+			if epoch == "" {
+				epoch = p.Epoch
+			}
+			require.Equal(t, epoch, p.Epoch, "the epoch stays while the history lives")
+			require.Equal(t, fmt.Sprintf("%s-%d", epoch, i), p.String())
+		}
+		for _, s := range []*sseStream{onA, onB, onB2} {
+			ids := map[string]bool{}
+			for i := 1; i <= 10; i++ {
+				ev := s.Next(t)
+				require.Equal(t, "chat:message", ev.Name)
+				require.Equal(t, fmt.Sprintf(`{"n":%d}`, i), ev.Data)
+				require.NotEmpty(t, ev.ID, "every event carries its stream id")
+				require.False(t, ids[ev.ID], "ids are unique")
+				ids[ev.ID] = true
+			}
+		}
+
+		// The default event name, and data of several lines.
+		publish(t, hubB, room, "", "line one\nline two\n\nline four")
+		for _, s := range []*sseStream{onA, onB, onB2} {
+			ev := s.Next(t)
+			require.Equal(t, "message", ev.Name)
+			require.Equal(t, "line one\nline two\n\nline four", ev.Data)
+		}
+		require.EqualValues(t, 1, hubA.Stats().Connections)
+		require.EqualValues(t, 2, hubB.Stats().Connections)
+		require.GreaterOrEqual(t, hubB.Stats().Delivered, uint64(22))
+		require.EqualValues(t, 5, hubA.Stats().Published)
+	})
+}
+
+func TestRealtimePerUserTargeting(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		// The app streams the asked rooms plus the user's own channel.
+		withUser := func(cfg *SSEConfig) {
+			cfg.Channels = func(c echo.Context) ([]string, error) {
+				chs := strings.Split(c.QueryParam("channels"), ",")
+				if u := c.Request().Header.Get("X-User"); u != "" {
+					chs = append(chs, "user:"+u)
+				}
+				return chs, nil
+			}
+		}
+		hubA := newTestHub(t, r, r.Client(), nil)
+		hubB := newTestHub(t, r, r.Client(), nil)
+		appA, appB := newRTApp(t, hubA, withUser, nil), newRTApp(t, hubB, withUser, nil)
+		const room = "lobby"
+
+		alice := openSSE(t, appA.events([]string{room}), header("X-User", "alice"))
+		bob := openSSE(t, appB.events([]string{room}), header("X-User", "bob"))
+		anon := openSSE(t, appB.events([]string{room}), nil)
+
+		publish(t, hubA, "user:bob", "notification", "for bob")
+		publish(t, hubB, "user:alice", "notification", "for alice")
+		publish(t, hubA, room, "", "for all")
+
+		// Different channels may arrive in any order; each stream gets its
+		// own private event and the room's.
+		got := func(s *sseStream, n int) []string {
+			d := s.Data(t, n)
+			sort.Strings(d)
+			return d
+		}
+		require.Equal(t, []string{"for alice", "for all"}, got(alice, 2))
+		require.Equal(t, []string{"for all", "for bob"}, got(bob, 2))
+		require.Equal(t, []string{"for all"}, got(anon, 1))
+
+		// Nothing else was delivered: the next event everyone sees is the
+		// room's next one.
+		publish(t, hubB, room, "", "end")
+		for _, s := range []*sseStream{alice, bob, anon} {
+			require.Equal(t, "end", s.Next(t).Data)
+			s.Quiet(t)
+		}
+	})
+}
+
+func TestRealtimeRefusesBeforeStreaming(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		authorized := func(cfg *SSEConfig) {
+			cfg.Authorize = func(c echo.Context, channel string) error {
+				switch {
+				case channel == "admin" && c.Request().Header.Get("X-User") != "alice":
+					return errors.New("only alice")
+				case channel == "teapot":
+					return echo.NewHTTPError(http.StatusTeapot, "short and stout")
+				}
+				return nil
+			}
+		}
+		app := newRTApp(t, hub, authorized, nil)
+		many := func(n int) string {
+			var chs []string
+			for i := range n {
+				chs = append(chs, fmt.Sprintf("c%d", i))
+			}
+			return strings.Join(chs, ",")
+		}
+		for _, tc := range []struct {
+			name     string
+			channels string
+			user     string
+			status   int
+			channel  string // of a 403
+		}{
+			{name: "refused channel", channels: "room,admin", user: "bob", status: http.StatusForbidden, channel: "admin"},
+			{name: "refused when anonymous", channels: "admin", status: http.StatusForbidden, channel: "admin"},
+			{name: "allowed channel", channels: "room,admin", user: "alice", status: http.StatusOK},
+			{name: "an echo.HTTPError keeps its code", channels: "teapot", status: http.StatusTeapot},
+			{name: "no channels", channels: "", status: http.StatusBadRequest},
+			{name: "empty name", channels: "a,,b", status: http.StatusBadRequest},
+			{name: "duplicated name", channels: "a,b,a", status: http.StatusBadRequest},
+			{name: "control character", channels: "a\x01b", status: http.StatusBadRequest},
+			{name: "newline", channels: "a\nb", status: http.StatusBadRequest},
+			{name: "DEL character", channels: "a\x7fb", status: http.StatusBadRequest},
+			{name: "257 bytes", channels: strings.Repeat("x", 257), status: http.StatusBadRequest},
+			{name: "256 bytes", channels: strings.Repeat("x", 256), status: http.StatusOK},
+			{name: "17 channels", channels: many(17), status: http.StatusBadRequest},
+			{name: "16 channels", channels: many(16), status: http.StatusOK},
+			{name: "colons and braces are fine", channels: "chat:{x}:1", status: http.StatusOK},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				u := app.URL + "/events?" + url.Values{"channels": {tc.channels}}.Encode()
+				hdr := header("X-User", tc.user)
+				if tc.status == http.StatusOK {
+					openSSE(t, u, hdr).Close()
+					return
+				}
+				body := errorJSON(t, u, hdr, tc.status)
+				if tc.channel != "" {
+					require.Equal(t, map[string]any{"error": "forbidden", "channel": tc.channel}, body)
+				}
+			})
+		}
+		eventually(t, func() bool { return hub.Stats().Connections == 0 }, "refused streams hold nothing")
+
+		// MaxChannels raises the limit.
+		wide := newRTApp(t, hub, func(cfg *SSEConfig) { cfg.MaxChannels = 20 }, nil)
+		openSSE(t, wide.URL+"/events?channels="+many(20), nil).Close()
+		errorJSON(t, wide.URL+"/events?channels="+many(21), nil, http.StatusBadRequest)
+	})
+}
+
+func TestRealtimePublishRefusesBadEvents(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) { cfg.MaxEventSize = 1024 })
+		const ch = "refused"
+		for _, tc := range []struct {
+			name    string
+			channel string
+			ev      Event
+			want    error
+		}{
+			{"Name and Data over MaxEventSize", ch, Event{Name: "big", Data: make([]byte, 1022)}, ErrEventTooLarge},
+			{"Data over MaxEventSize", ch, Event{Data: []byte(strings.Repeat("x", 1025))}, ErrEventTooLarge},
+			{"name of 65 bytes", ch, Event{Name: strings.Repeat("n", 65), Data: []byte("{}")}, ErrInvalidEvent},
+			{"name with a newline", ch, Event{Name: "a\nb", Data: []byte("{}")}, ErrInvalidEvent},
+			{"name with a carriage return", ch, Event{Name: "a\rb", Data: []byte("{}")}, ErrInvalidEvent},
+			{"empty channel", "", Event{Data: []byte("{}")}, ErrInvalidChannel},
+			{"channel with a control character", "a\x00b", Event{Data: []byte("{}")}, ErrInvalidChannel},
+			{"channel of 257 bytes", strings.Repeat("c", 257), Event{Data: []byte("{}")}, ErrInvalidChannel},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				_, err := hub.Publish(ctx5s(t), tc.channel, tc.ev)
+				require.ErrorIs(t, err, tc.want)
+			})
+		}
+		require.Empty(t, prefixKeys(t, r), "a refused event writes nothing")
+		require.Zero(t, hub.Stats().Published)
+
+		// The limits themselves are fine.
+		_, err := hub.Publish(ctx5s(t), ch, Event{Name: "big", Data: make([]byte, 1021)})
+		require.NoError(t, err)
+		_, err = hub.Publish(ctx5s(t), ch, Event{Name: strings.Repeat("n", 64), Data: []byte("{}")})
+		require.NoError(t, err)
+		require.EqualValues(t, 2, hub.Stats().Published)
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Disconnect
+
+// requireDisconnected requires that the server ended s after a last
+// "disconnect" event with the given reason.
+func requireDisconnected(t *testing.T, s *sseStream, reason string) {
+	t.Helper()
+	evs := s.End(t)
+	require.NotEmpty(t, evs, "a last event says why the stream ended")
+	last := evs[len(evs)-1]
+	require.Equal(t, "disconnect", last.Name, "%+v", evs)
+	require.NotEmpty(t, last.ID, "the disconnect event carries a position")
+	require.JSONEq(t, fmt.Sprintf(`{"reason":%q}`, reason), last.Data)
+}
+
+func TestRealtimeDisconnectAcrossInstances(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hubA := newTestHub(t, r, r.Client(), nil)
+		hubB := newTestHub(t, r, r.Client(), nil)
+		appA, appB := newRTApp(t, hubA, nil, nil), newRTApp(t, hubB, nil, nil)
+		const room = "private"
+
+		bobA := openSSE(t, appA.events([]string{room}), header("X-User", "bob"))
+		bobB := openSSE(t, appB.events([]string{room, "other"}), header("X-User", "bob"))
+		carol := openSSE(t, appB.events([]string{room}), header("X-User", "carol"))
+
+		require.NoError(t, hubA.Disconnect(ctx5s(t), "bob"))
+		requireDisconnected(t, bobA, "disconnected")
+		requireDisconnected(t, bobB, "disconnected")
+		eventually(t, func() bool { return hubA.Stats().Connections == 0 && hubB.Stats().Connections == 1 }, "bob's streams are gone on both instances")
+		eventually(t, func() bool { return appA.Active.Load() == 0 && appB.Active.Load() == 1 }, "their handlers returned")
+
+		// Carol is untouched, and bob may reconnect (Disconnect is not a ban).
+		publish(t, hubA, room, "", "after")
+		require.Equal(t, "after", carol.Next(t).Data)
+		bob := openSSE(t, appA.events([]string{room}), header("X-User", "bob"))
+		publish(t, hubB, room, "", "again")
+		require.Equal(t, "again", bob.Next(t).Data)
+
+		// Disconnecting a user without streams, or anonymous streams, is a no-op.
+		require.NoError(t, hubB.Disconnect(ctx5s(t), "nobody"))
+		publish(t, hubB, room, "", "still")
+		require.Equal(t, []string{"again", "still"}, carol.Data(t, 2))
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Resume
+
+func TestRealtimeResumeIsExact(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hubA := newTestHub(t, r, r.Client(), nil)
+		hubB := newTestHub(t, r, r.Client(), nil)
+		app := newRTApp(t, hubA, nil, nil)
+		const ch = "resume"
+
+		s := openSSE(t, app.events([]string{ch}), nil)
+		first := app.start(t)
+		require.False(t, first.Resumed)
+		require.NotEmpty(t, first.ConnID)
+		publishSeq(t, hubB, ch, "e", 1, 3)
+		require.Equal(t, seq("e", 1, 3), s.Data(t, 3))
+		at3 := s.LastID()
+		s.Close()
+
+		// Missed while away: exactly those, in order, then live ones.
+		epoch := publish(t, hubB, ch, "", "e-4").Epoch
+		publishSeq(t, hubB, ch, "e", 5, 8)
+		resumes := hubA.Stats().Resumes
+		s = openSSE(t, app.events([]string{ch}), header("Last-Event-ID", at3))
+		st := app.start(t)
+		require.True(t, st.Resumed)
+		require.Len(t, st.Channels, 1)
+		require.Equal(t, ch, st.Channels[0].Channel)
+		require.True(t, st.Channels[0].Resumed)
+		require.False(t, st.Channels[0].Reset)
+		require.Equal(t, epoch, st.Channels[0].Position.Epoch)
+		require.Equal(t, resumes+1, hubA.Stats().Resumes)
+		publishSeq(t, hubB, ch, "e", 9, 10)
+		require.Equal(t, seq("e", 4, 10), s.Data(t, 7))
+		s.Quiet(t)
+		ids := map[string]string{}
+		s.Close()
+
+		// The query parameter, for a page that opens a new EventSource.
+		s = openSSE(t, app.events([]string{ch}), header("Last-Event-ID", at3))
+		for _, d := range s.Data(t, 7) {
+			ids[d] = s.LastID()
+		}
+		s.Close()
+		s = openSSE(t, app.events([]string{ch}, "lastEventId", ids["e-5"]), nil)
+		publishSeq(t, hubB, ch, "e", 11, 11)
+		require.Equal(t, seq("e", 6, 11), s.Data(t, 6))
+		s.Close()
+
+		// The header wins over the query parameter.
+		s = openSSE(t, app.events([]string{ch}, "lastEventId", at3), header("Last-Event-ID", ids["e-9"]))
+		publishSeq(t, hubB, ch, "e", 12, 12)
+		require.Equal(t, seq("e", 10, 12), s.Data(t, 3))
+
+		// Reconnects while another instance publishes without pause: no gap
+		// and no duplicate at any switch from replay to live.
+		const last = 160
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for i := 13; i <= last; i++ {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				_, err := hubB.Publish(ctx, ch, Event{Data: []byte(fmt.Sprintf("e-%d", i))})
+				cancel()
+				if err != nil {
+					t.Errorf("publish e-%d: %v", i, err)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}()
+		var got []string
+		for round := 0; ; round++ {
+			n := 9 + round%7
+			for range n {
+				got = append(got, s.Next(t).Data)
+			}
+			if got[len(got)-1] == fmt.Sprintf("e-%d", last) || len(got) >= last {
+				break
+			}
+			id := s.LastID()
+			s.Close()
+			s = openSSE(t, app.events([]string{ch}), header("Last-Event-ID", id))
+			if round%2 == 1 {
+				time.Sleep(5 * time.Millisecond) // let a few pile up
+			}
+		}
+		<-done
+		if tail := got[len(got)-1]; tail != fmt.Sprintf("e-%d", last) {
+			got = append(got, s.Until(t, fmt.Sprintf("e-%d", last))...)
+		}
+		require.Equal(t, seq("e", 13, last), got)
+	})
+}
+
+func TestRealtimeResumeSeveralChannels(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		pub := newTestHub(t, r, r.Client(), nil)
+		app := newRTApp(t, hub, nil, nil)
+
+		s := openSSE(t, app.events([]string{"a", "b"}), nil)
+		app.start(t)
+		publish(t, pub, "a", "", "a-1")
+		publish(t, pub, "b", "", "b-1")
+		got := s.Data(t, 2)
+		sort.Strings(got)
+		require.Equal(t, []string{"a-1", "b-1"}, got)
+		id := s.LastID()
+		require.Equal(t, 2, strings.Count(id, "."), "one position per channel in %q", id)
+		require.LessOrEqual(t, len(id), 2048)
+		s.Close()
+
+		publish(t, pub, "a", "", "a-2")
+		publish(t, pub, "b", "", "b-2")
+		publish(t, pub, "a", "", "a-3")
+		publish(t, pub, "c", "", "c-1") // c is new to the connection: not replayed
+
+		s = openSSE(t, app.events([]string{"a", "b", "c"}), header("Last-Event-ID", id))
+		st := app.start(t)
+		require.True(t, st.Resumed)
+		byName := map[string]ChannelStart{}
+		for _, c := range st.Channels {
+			byName[c.Channel] = c
+		}
+		require.True(t, byName["a"].Resumed)
+		require.True(t, byName["b"].Resumed)
+		require.False(t, byName["c"].Resumed, "a channel new to the connection starts live")
+		require.False(t, byName["c"].Reset)
+
+		got = s.Data(t, 3)
+		require.Equal(t, []string{"a-2", "a-3"}, filterPrefix(got, "a-"), "each channel in order")
+		require.Equal(t, []string{"b-2"}, filterPrefix(got, "b-"))
+		publish(t, pub, "c", "", "c-2")
+		require.Equal(t, "c-2", s.Next(t).Data)
+		id = s.LastID()
+		require.Equal(t, 3, strings.Count(id, "."), "the new channel joined the id %q", id)
+		s.Close()
+
+		// A channel no longer asked for is dropped from the id, and a
+		// resume of the others still works from that id.
+		publish(t, pub, "b", "", "b-3")
+		s = openSSE(t, app.events([]string{"b"}), header("Last-Event-ID", id))
+		require.Equal(t, "b-3", s.Next(t).Data)
+		require.Equal(t, 1, strings.Count(s.LastID(), "."), "only b is left in %q", s.LastID())
+	})
+}
+
+func filterPrefix(in []string, prefix string) []string {
+	var out []string
+	for _, s := range in {
+		if strings.HasPrefix(s, prefix) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// runPublisher publishes "<tag>-<i>" to channel every interval until stop is
+// closed, ignoring errors (a publish that failed may still have reached the
+// stream: the stream, not the publisher, is the ground truth). It returns
+// when the goroutine ended.
+func runPublisher(h *Hub, channel, tag string, interval time.Duration, stop <-chan struct{}) (wait func() int) {
+	var n atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 1; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(interval):
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_, _ = h.Publish(ctx, channel, Event{Data: []byte(fmt.Sprintf("%s-%d", tag, i))})
+			cancel()
+			n.Store(int64(i))
+		}
+	}()
+	return func() int { <-done; return int(n.Load()) }
+}
+
+// publishEventually publishes data, retrying while Redis recovers.
+func publishEventually(t *testing.T, h *Hub, channel, data string) {
+	t.Helper()
+	eventually(t, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, err := h.Publish(ctx, channel, Event{Data: []byte(data)})
+		return err == nil
+	}, "publish %q once Redis is back", data)
+}
+
+func TestRealtimeConnectedClientsLoseNothingAcrossBlips(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		fast := func(cfg *HubConfig) {
+			cfg.Timeout = 300 * time.Millisecond
+			cfg.Breaker = NewBreaker(BreakerConfig{Cooldown: 200 * time.Millisecond, Logger: discardLogger()})
+		}
+		hub := newTestHub(t, f.testRedis, f.Client(), fast)
+		pub := newTestHub(t, f.testRedis, f.Client(), fast)
+		app := newRTApp(t, hub, func(cfg *SSEConfig) { cfg.Heartbeat = 100 * time.Millisecond }, nil)
+		const ch = "blips"
+
+		stay := openSSE(t, app.events([]string{ch}), nil)    // connected all along
+		away := openSSE(t, app.events([]string{ch}), nil)    // leaves during the blip and resumes
+		stop := make(chan struct{})
+		wait := runPublisher(pub, ch, "p", 5*time.Millisecond, stop)
+		away.Data(t, 3)
+		stay.Data(t, 3)
+
+		f.KillConnections(t) // every connection, the subscriptions included
+		time.Sleep(300 * time.Millisecond)
+		awayID := away.LastID()
+		away.Close()
+		f.Pause(t)
+		time.Sleep(time.Second)
+		f.Resume(t)
+		time.Sleep(300 * time.Millisecond)
+		close(stop)
+		wait()
+		publishEventually(t, pub, ch, "final")
+
+		away = openSSE(t, app.events([]string{ch}), header("Last-Event-ID", awayID))
+		truth := streamData(t, f.testRedis, ch)
+		require.Equal(t, "final", truth[len(truth)-1])
+		require.Greater(t, len(truth), 100)
+		got := stay.Until(t, "final")
+		require.Equal(t, truth[3:], got, "the connected client got every event of the stream, once, in order")
+
+		// The one that left got exactly the rest.
+		at := slices.Index(truth, "")
+		require.Equal(t, -1, at)
+		resumed := away.Until(t, "final")
+		require.NotEmpty(t, resumed)
+		from := slices.Index(truth, resumed[0])
+		require.Positive(t, from)
+		require.Equal(t, truth[from:], resumed, "the resumed client continues right after its position")
+		require.GreaterOrEqual(t, hub.Stats().Rereads, uint64(1), "the hub re-read the stream after resubscribing")
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Reset
+
+// requireReset reads the next event of s and requires it to be the reset
+// event naming channels, with an id.
+func requireReset(t *testing.T, s *sseStream, channels ...string) sseEvent {
+	t.Helper()
+	ev := s.Next(t)
+	require.Equal(t, "reset", ev.Name, "%+v", ev)
+	require.NotEmpty(t, ev.ID, "a reset carries the new position")
+	var body struct {
+		Channels []string `json:"channels"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(ev.Data), &body), ev.Data)
+	require.ElementsMatch(t, channels, body.Channels)
+	return ev
+}
+
+// requireResetThenResume checks the reset protocol from an id that no
+// longer reaches back: a reset event, then live events only; and a
+// reconnect from the reset's id resumes without another reset.
+func requireResetThenResume(t *testing.T, app *rtApp, pub *Hub, ch, staleID string) {
+	t.Helper()
+	resets := app.Hub.Stats().Resets
+	s := openSSE(t, app.events([]string{ch}), header("Last-Event-ID", staleID))
+	st := app.start(t)
+	require.Len(t, st.Channels, 1)
+	require.True(t, st.Channels[0].Reset)
+	reset := requireReset(t, s, ch)
+	require.Equal(t, resets+1, app.Hub.Stats().Resets)
+	publish(t, pub, ch, "", "live-1")
+	require.Equal(t, "live-1", s.Next(t).Data, "after a reset come live events, no replay of what is left")
+	s.Close()
+
+	// The reset's id is a real position: from it, no second reset, and
+	// what was published since is replayed.
+	s = openSSE(t, app.events([]string{ch}), header("Last-Event-ID", reset.ID))
+	st = app.start(t)
+	require.False(t, st.Channels[0].Reset)
+	require.True(t, st.Channels[0].Resumed)
+	publish(t, pub, ch, "", "live-2")
+	require.Equal(t, []string{"live-1", "live-2"}, s.Data(t, 2))
+	s.Close()
+}
+
+func TestRealtimeResetAfterTrimmedHistory(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		small := func(cfg *HubConfig) { cfg.MaxLen = 10 }
+		hub := newTestHub(t, r, r.Client(), small)
+		pub := newTestHub(t, r, r.Client(), small)
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "trimmed"
+
+		s := openSSE(t, app.events([]string{ch}), nil)
+		publish(t, pub, ch, "", "old")
+		require.Equal(t, "old", s.Next(t).Data)
+		stale := s.LastID()
+		s.Close()
+		publishSeq(t, pub, ch, "x", 1, 300) // approximate trimming drops whole nodes of 100
+		history := streamData(t, r, ch)
+		require.GreaterOrEqual(t, len(history), 10, "at least MaxLen events are kept")
+		require.NotEqual(t, "old", history[0])
+		require.NotEqual(t, "x-1", history[0], "the test needs the history trimmed past its position")
+		requireResetThenResume(t, app, pub, ch, stale)
+	})
+}
+
+func TestRealtimeResetAfterDeletedHistory(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		pub := newTestHub(t, r, r.Client(), nil)
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "deleted"
+
+		s := openSSE(t, app.events([]string{ch}), nil)
+		old := publish(t, pub, ch, "", "old")
+		require.Equal(t, "old", s.Next(t).Data)
+		stale := s.LastID()
+		s.Close()
+		eventually(t, func() bool { return hub.Stats().Connections == 0 }, "the stream ended")
+
+		r.deleteKeys() // DEL of the stream, its meta hash and presence
+		fresh := publish(t, pub, ch, "", "lost")
+		require.NotEqual(t, old.Epoch, fresh.Epoch, "lost history starts a new epoch")
+		require.Equal(t, uint64(1), fresh.Offset)
+		requireResetThenResume(t, app, pub, ch, stale)
+	})
+}
+
+func TestRealtimeResetAfterRestartWithoutPersistence(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		fast := func(cfg *HubConfig) {
+			cfg.Timeout = 300 * time.Millisecond
+			cfg.Breaker = NewBreaker(BreakerConfig{Cooldown: 200 * time.Millisecond, Logger: discardLogger()})
+		}
+		hub := newTestHub(t, f.testRedis, f.Client(), fast)
+		pub := newTestHub(t, f.testRedis, f.Client(), fast)
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "restarted"
+
+		away := openSSE(t, app.events([]string{ch}), nil)
+		stay := openSSE(t, app.events([]string{ch}), nil)
+		app.start(t)
+		app.start(t)
+		publishSeq(t, pub, ch, "before", 1, 3)
+		require.Equal(t, seq("before", 1, 3), away.Data(t, 3))
+		require.Equal(t, seq("before", 1, 3), stay.Data(t, 3))
+		stale := away.LastID()
+		away.Close()
+
+		f.Stop(t)
+		f.Start(t)
+		publishEventually(t, pub, ch, "after")
+
+		// The connected client is told that history was lost before it gets
+		// the new epoch's events: never a silent gap.
+		requireReset(t, stay, ch)
+		require.Equal(t, "after", stay.Next(t).Data)
+
+		// A client that comes back with a position of the lost epoch too.
+		requireResetThenResume(t, app, pub, ch, stale)
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Replay pacing and slow clients
+
+func TestRealtimeFullMaxLenResume(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		const maxLen = 300
+		hub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) {
+			cfg.MaxLen = maxLen
+			cfg.ClientQueueEvents = 8 // far below what the replay sends
+			cfg.ReplayPage = 25
+		})
+		pub := newTestHub(t, r, r.Client(), nil)
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "replay"
+
+		s := openSSE(t, app.events([]string{ch}), nil)
+		publish(t, pub, ch, "", "r-0")
+		require.Equal(t, "r-0", s.Next(t).Data)
+		from := s.LastID()
+		s.Close()
+		publishSeq(t, pub, ch, "r", 1, maxLen)
+
+		// Live events keep coming while the client replays.
+		s = openSSE(t, app.events([]string{ch}), header("Last-Event-ID", from))
+		live := make(chan struct{})
+		go func() {
+			defer close(live)
+			for i := maxLen + 1; i <= maxLen+40; i++ {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				_, err := pub.Publish(ctx, ch, Event{Data: []byte(fmt.Sprintf("r-%d", i))})
+				cancel()
+				if err != nil {
+					t.Errorf("publish: %v", err)
+					return
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+		}()
+		require.Equal(t, seq("r", 1, maxLen+40), s.Data(t, maxLen+40))
+		<-live
+		st := app.start(t)
+		require.True(t, st.Channels[0].Resumed)
+		require.False(t, st.Channels[0].Reset)
+		require.Zero(t, hub.Stats().DroppedSlow, "replay does not count as falling behind")
+		require.Zero(t, hub.Stats().Resets)
+	})
+}
+
+// dialTinyReceiveBuffer opens a TCP connection to addr whose receive buffer
+// is set to the kernel's minimum before the handshake, so that the window it
+// advertises stays tiny and a peer writing to it blocks after a few KB
+// (loopback otherwise absorbs megabytes).
+func dialTinyReceiveBuffer(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	conn, err := d.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+func TestRealtimeSlowClientIsDroppedAndDelaysNoOne(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) {
+			cfg.MaxLen = 20
+			cfg.ClientQueueEvents = 32
+			cfg.ClientQueueBytes = 512 << 10
+		})
+		pub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) { cfg.MaxLen = 20 })
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "slow"
+
+		// The slow client reads the headers and the first bytes, then stops.
+		slow := dialTinyReceiveBuffer(t, app.Listener.Addr().String())
+		_, err := fmt.Fprintf(slow, "GET /events?channels=%s HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n", ch)
+		require.NoError(t, err)
+		require.NoError(t, slow.SetReadDeadline(time.Now().Add(rtWait)))
+		br := bufio.NewReaderSize(slow, 16)
+		for {
+			line, err := br.ReadString('\n')
+			require.NoError(t, err)
+			if strings.HasPrefix(line, ": connected") {
+				break
+			}
+		}
+		normal := openSSE(t, app.events([]string{ch}), nil)
+		eventually(t, func() bool { return hub.Stats().Connections == 2 }, "both streams are open")
+
+		// Publish large events until the slow client is dropped; the normal
+		// client receives each one before the next is published.
+		payload := strings.Repeat("x", 60_000)
+		var sent int
+		for sent = 1; sent <= 600 && hub.Stats().DroppedSlow == 0; sent++ {
+			d := fmt.Sprintf("%d %s", sent, payload)
+			publish(t, pub, ch, "big", d)
+			ev := normal.Next(t)
+			require.Equal(t, d, ev.Data, "event %d reached the normal client", sent)
+		}
+		require.EqualValues(t, 1, hub.Stats().DroppedSlow, "the slow client was dropped after %d events", sent)
+		for i := range 5 {
+			d := fmt.Sprintf("after %d", i)
+			publish(t, pub, ch, "", d)
+			require.Equal(t, d, normal.Next(t).Data)
+		}
+		eventually(t, func() bool { return hub.Stats().Connections == 1 && app.Active.Load() == 1 }, "the slow client's handler ended")
+
+		// The server closed the slow connection: reading it reaches the end.
+		require.NoError(t, slow.SetReadDeadline(time.Now().Add(rtWait)))
+		_, err = io.Copy(io.Discard, br)
+		require.NoError(t, err, "the server closed the slow client's connection")
+		require.EqualValues(t, 1, hub.Stats().DroppedSlow)
+	})
+}
+
+// ---------------------------------------------------------------------------
+// HTTP details
+
+func TestRealtimeHTTPDetails(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		const timeout = 300 * time.Millisecond
+		app := newRTApp(t, hub, func(cfg *SSEConfig) {
+			cfg.Heartbeat = 50 * time.Millisecond
+			cfg.Retry = 1500 * time.Millisecond
+		}, func(srv *http.Server) {
+			srv.WriteTimeout = timeout
+			srv.ReadTimeout = timeout
+		})
+		const ch = "details"
+
+		t.Run("first bytes and headers", func(t *testing.T) {
+			resp, err := http.Get(app.events([]string{ch}))
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			require.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
+			require.Equal(t, "no-cache", resp.Header.Get("Cache-Control"))
+			require.Equal(t, "no", resp.Header.Get("X-Accel-Buffering"))
+			require.Empty(t, resp.Header.Get("Content-Length"))
+			want := "retry: 1500\n: connected\n\n"
+			first := make([]byte, len(want))
+			_, err = io.ReadFull(resp.Body, first)
+			require.NoError(t, err)
+			require.Equal(t, want, string(first))
+		})
+
+		t.Run("heartbeats and server timeouts", func(t *testing.T) {
+			s := openSSE(t, app.events([]string{ch}), nil)
+			require.Equal(t, "1500", s.retry.Load())
+			eventually(t, func() bool { return s.heartbeats.Load() >= 3 }, "heartbeats arrive")
+			// The stream outlives the server's WriteTimeout and ReadTimeout.
+			time.Sleep(3 * timeout)
+			publish(t, hub, ch, "", "late")
+			require.Equal(t, "late", s.Next(t).Data)
+			hb := s.heartbeats.Load()
+			eventually(t, func() bool { return s.heartbeats.Load() > hb }, "heartbeats keep coming")
+		})
+
+		t.Run("a client disconnect ends the handler", func(t *testing.T) {
+			s := openSSE(t, app.events([]string{ch, "other"}), header("X-User", "u1"))
+			require.EqualValues(t, 1, hub.Stats().Connections)
+			require.EqualValues(t, 2, hub.Stats().Channels)
+			s.Close()
+			eventually(t, func() bool { return hub.Stats().Connections == 0 && app.Active.Load() == 0 }, "the handler returned")
+			eventually(t, func() bool { return hub.Stats().Channels == 0 }, "the hub unsubscribed after its grace")
+		})
+
+		t.Run("Serve over plain net/http", func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+				if err := hub.Serve(w, req, Stream{Channels: []string{ch}, Heartbeat: time.Hour}); err != nil {
+					http.Error(w, "refused", http.StatusServiceUnavailable)
+				}
+			}))
+			t.Cleanup(func() { srv.CloseClientConnections(); srv.Close() })
+			s := openSSE(t, srv.URL, nil)
+			publish(t, hub, ch, "", "plain")
+			require.Equal(t, "plain", s.Next(t).Data)
+			require.Equal(t, "3000", s.retry.Load(), "the default retry hint")
+		})
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown
+
+func TestRealtimeShutdown(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		app := newRTApp(t, hub, nil, nil)
+		a := openSSE(t, app.events([]string{"one"}), nil)
+		b := openSSE(t, app.events([]string{"one", "two"}), header("X-User", "u"))
+
+		require.NoError(t, hub.Shutdown(ctx5s(t)))
+		requireDisconnected(t, a, "shutdown")
+		requireDisconnected(t, b, "shutdown")
+		require.Zero(t, hub.Stats().Connections)
+		eventually(t, func() bool { return app.Active.Load() == 0 }, "the handlers returned")
+		require.Equal(t, map[string]any{"error": "realtime unavailable"}, errorJSON(t, app.events([]string{"one"}), nil, http.StatusServiceUnavailable))
+		require.NoError(t, hub.Shutdown(ctx5s(t)), "Shutdown twice is fine")
+
+		// Registered with http.Server.RegisterOnShutdown, it lets the
+		// server's own Shutdown finish instead of waiting for its deadline.
+		hub2 := newTestHub(t, r, r.Client(), nil)
+		app2 := newRTApp(t, hub2, nil, func(srv *http.Server) {
+			srv.RegisterOnShutdown(func() { _ = hub2.Shutdown(context.Background()) })
+		})
+		c := openSSE(t, app2.events([]string{"one"}), nil)
+		ctx, cancel := context.WithTimeout(context.Background(), rtWait)
+		defer cancel()
+		require.NoError(t, app2.Config.Shutdown(ctx))
+		requireDisconnected(t, c, "shutdown")
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Redis down
+
+func TestRealtimeRedisDown(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		const timeout = 300 * time.Millisecond
+		fast := func(cfg *HubConfig) {
+			cfg.Timeout = timeout
+			cfg.Breaker = NewBreaker(BreakerConfig{Failures: 2, Cooldown: 300 * time.Millisecond, Logger: discardLogger()})
+		}
+		hub := newTestHub(t, f.testRedis, f.Client(), fast)
+		app := newRTApp(t, hub, func(cfg *SSEConfig) { cfg.Heartbeat = 50 * time.Millisecond }, nil)
+		const ch = "down"
+
+		s := openSSE(t, app.events([]string{ch}), nil)
+		publishSeq(t, hub, ch, "d", 1, 2)
+		require.Equal(t, seq("d", 1, 2), s.Data(t, 2))
+
+		f.Pause(t)
+		// Publish fails within its deadline, long before the caller's.
+		for i := range 3 {
+			ctx, cancel := context.WithTimeout(context.Background(), rtWait)
+			_, err := hub.Publish(ctx, ch, Event{Data: []byte(fmt.Sprintf("during-%d", i))})
+			require.Error(t, err)
+			require.NoError(t, ctx.Err(), "Publish returned within its own deadline")
+			cancel()
+		}
+		// A new stream is refused with 503 JSON, no internal text.
+		body := errorJSON(t, app.events([]string{ch}), nil, http.StatusServiceUnavailable)
+		require.Equal(t, map[string]any{"error": "realtime unavailable"}, body)
+		// The open stream stays open and keeps its heartbeats.
+		hb := s.heartbeats.Load()
+		eventually(t, func() bool { return s.heartbeats.Load() >= hb+3 }, "heartbeats while Redis is down")
+		f.Resume(t)
+
+		// It catches up from the stream: every event Redis stored, once.
+		publishEventually(t, hub, ch, "back")
+		truth := streamData(t, f.testRedis, ch)
+		require.Equal(t, truth[2:], s.Until(t, "back"))
+		eventually(t, func() bool {
+			req, _ := http.NewRequest(http.MethodGet, app.events([]string{ch}), nil)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			return resp.StatusCode == http.StatusOK
+		}, "new streams are served again")
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Presence
+
+func TestRealtimePresence(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		short := func(name string) func(*HubConfig) {
+			return func(cfg *HubConfig) {
+				cfg.Instance = name
+				cfg.PresenceInterval = 100 * time.Millisecond
+				cfg.PresenceTTL = 400 * time.Millisecond
+			}
+		}
+		hubA := newTestHub(t, r, r.Client(), short("inst-a"))
+		hubB := newTestHub(t, r, r.Client(), short("inst-b"))
+		require.Equal(t, "inst-a", hubA.Instance())
+		appA, appB := newRTApp(t, hubA, nil, nil), newRTApp(t, hubB, nil, nil)
+		const room = "present"
+		before := time.Now().Add(-time.Minute)
+
+		alice := openSSE(t, appA.events([]string{room}), header("X-User", "alice"))
+		aliceConn := appA.start(t).ConnID
+		bob := openSSE(t, appB.events([]string{room, "elsewhere"}), header("X-User", "bob"))
+		bobConn := appB.start(t).ConnID
+		openSSE(t, appB.events([]string{room}), nil)
+		anonConn := appB.start(t).ConnID
+
+		type who struct{ conn, user, instance string }
+		members := func(p PresenceInfo) []who {
+			var out []who
+			for _, m := range p.Members {
+				require.True(t, m.Since.After(before) && m.Since.Before(time.Now().Add(time.Minute)), "since %v", m.Since)
+				out = append(out, who{m.ConnID, m.UserID, m.Instance})
+			}
+			return out
+		}
+		p, err := hubA.Presence(ctx5s(t), room, 0)
+		require.NoError(t, err)
+		require.Equal(t, room, p.Channel)
+		require.Equal(t, 3, p.Count)
+		require.ElementsMatch(t, []who{{aliceConn, "alice", "inst-a"}, {bobConn, "bob", "inst-b"}, {anonConn, "", "inst-b"}}, members(p))
+
+		p, err = hubB.Presence(ctx5s(t), room, 1)
+		require.NoError(t, err)
+		require.Equal(t, 3, p.Count, "the count is of every member")
+		require.Len(t, p.Members, 1, "the list stops at the limit")
+
+		p, err = hubB.Presence(ctx5s(t), "nobody-here", 0)
+		require.NoError(t, err)
+		require.Zero(t, p.Count)
+		require.Empty(t, p.Members)
+
+		// A stream that ends says goodbye.
+		bob.Close()
+		eventually(t, func() bool {
+			p, err := hubA.Presence(ctx5s(t), room, 0)
+			return err == nil && p.Count == 2
+		}, "bob left")
+		_ = alice
+
+		// An instance that dies without goodbye (no Shutdown, its client
+		// gone) disappears once its entries expire.
+		deadClient := r.Client()
+		hubC := newTestHub(t, r, deadClient, short("inst-c"))
+		appC := newRTApp(t, hubC, nil, nil)
+		openSSE(t, appC.events([]string{room}), header("X-User", "carol"))
+		eventually(t, func() bool {
+			p, err := hubA.Presence(ctx5s(t), room, 0)
+			return err == nil && p.Count == 3
+		}, "carol joined")
+		deadClient.Close()
+		eventually(t, func() bool {
+			p, err := hubA.Presence(ctx5s(t), room, 0)
+			if err != nil || p.Count != 2 {
+				return false
+			}
+			for _, m := range p.Members {
+				if m.Instance == "inst-c" {
+					return false
+				}
+			}
+			return true
+		}, "the dead instance's members expired")
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Hostile positions
+
+func TestRealtimeHostilePositions(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "hostile"
+
+		// A real id of this channel, and one of another channel.
+		s := openSSE(t, app.events([]string{ch}), nil)
+		publishSeq(t, hub, ch, "h", 1, 3)
+		s.Data(t, 3)
+		real := s.LastID()
+		s.Close()
+		o := openSSE(t, app.events([]string{"other"}), nil)
+		publish(t, hub, "other", "", "o")
+		o.Next(t)
+		foreign := o.LastID()
+		o.Close()
+		segs := strings.Split(real, ".")
+		require.Len(t, segs, 2, real)
+		seg := segs[1]
+		require.Greater(t, len(seg), 12, real)
+
+		for _, tc := range []struct {
+			name, id string
+		}{
+			{"garbage", "garbage"},
+			{"version only", "1"},
+			{"empty segment", "1."},
+			{"unknown version", "2." + seg},
+			{"foreign channel", foreign},
+			{"short segment", "1." + seg[:10]},
+			{"offset not base36", "1." + seg[:12] + "!!"},
+			{"offset overflows uint64", "1." + seg[:12] + strings.Repeat("z", 30)},
+			{"negative offset", "1." + seg[:12] + "-1"},
+			{"same channel twice", real + "." + seg},
+			{"2049 bytes", "1." + seg + strings.Repeat(".AAAAAAAAAAAA1", 146)},
+			{"64 KiB", strings.Repeat("1", 64<<10)},
+			{"non-UTF-8", "1.\xff\xfe" + seg[2:]},
+			{"NUL bytes", "1." + seg[:6] + "\x00\x00\x00\x00\x00\x001"},
+			{"many dots", strings.Repeat(".", 2000)},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				for _, via := range []string{"header", "query"} {
+					u, hdr := app.events([]string{ch}), http.Header{}
+					if via == "header" {
+						if strings.ContainsAny(tc.id, "\x00\r\n") || len(tc.id) > 8<<10 {
+							continue // not a valid header value; the query carries it
+						}
+						hdr.Set("Last-Event-ID", tc.id)
+					} else {
+						u = app.events([]string{ch}, "lastEventId", tc.id)
+					}
+					s := openSSE(t, u, hdr)
+					st := app.start(t)
+					require.False(t, st.Channels[0].Resumed, via)
+					require.False(t, st.Channels[0].Reset, via)
+					publish(t, hub, ch, "", "live "+tc.name)
+					require.Equal(t, "live "+tc.name, s.Next(t).Data, "%s: the stream starts live", via)
+					s.Close()
+				}
+			})
+		}
+
+		// Positions from the future of a live epoch, or of an epoch this
+		// channel never had, never break the stream either.
+		for _, id := range []string{
+			"1." + seg[:12] + "zzzzzz",
+			"1." + seg[:6] + "ZZZZZZ" + seg[12:],
+		} {
+			s := openSSE(t, app.events([]string{ch}), header("Last-Event-ID", id))
+			app.start(t)
+			publish(t, hub, ch, "", "live")
+			got := s.Until(t, "live")
+			require.NotContains(t, got[:len(got)-1], "h-1", "nothing is replayed from a position the channel never had")
+			s.Close()
+		}
+	})
+}
+
+func FuzzDecodeStreamID(f *testing.F) {
+	for _, s := range []string{"", "1", "1.", "1.k3F9aQXy3kQ916", "1.k3F9aQXy3kQ916.Zz01bcXy3kQ91", "1..", "2.k3F9aQXy3kQ916",
+		"1.k3F9aQXy3kQ9zzzzzzzzzzzzzzzzzzzz", strings.Repeat("1.k3F9aQXy3kQ91", 200)} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, id string) {
+		got, ok := decodeStreamID(id)
+		if len(id) > 2048 {
+			require.False(t, ok, "ids over 2048 bytes are refused")
+		}
+		if !ok {
+			return
+		}
+		require.True(t, strings.HasPrefix(id, "1."), id)
+		// Each position takes at least 14 bytes: ".", 6, 6 and one digit.
+		require.LessOrEqual(t, len(got), (len(id)-1)/14, "positions decoded from %q", id)
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Slot migration
+
+func TestRealtimeStreamStaysExactAcrossSlotMigration(t *testing.T) {
+	f := newFaultRedis(t, "cluster")
+	hub := newTestHub(t, f.testRedis, f.Client(), nil)
+	pub := newTestHub(t, f.testRedis, f.Client(), nil)
+	app := newRTApp(t, hub, nil, nil)
+	const ch = "migrating"
+
+	s := openSSE(t, app.events([]string{ch}), nil)
+	publish(t, pub, ch, "", "m-0")
+	require.Equal(t, "m-0", s.Next(t).Data)
+	key := streamKey(t, f.testRedis, ch)
+	slot := keySlot(key)
+
+	stop := make(chan struct{})
+	wait := runPublisher(pub, ch, "m", 3*time.Millisecond, stop)
+	time.Sleep(100 * time.Millisecond)
+	moveSlot(t, f, slot)
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	require.Positive(t, wait())
+	publishEventually(t, pub, ch, "final")
+
+	truth := streamData(t, f.testRedis, ch)
+	require.Equal(t, truth, append([]string{"m-0"}, s.Until(t, "final")...), "the stream stayed exact across the migration")
+	owner, err := slotOwner(f, slot)
+	require.NoError(t, err)
+	t.Logf("slot %d moved; %d events; now on %s", slot, len(truth), owner)
+}
+
+// streamKey returns the key of channel's stream (see streamData).
+func streamKey(t *testing.T, r *testRedis, channel string) string {
+	t.Helper()
+	for _, k := range prefixKeys(t, r) {
+		if strings.HasSuffix(k, ":s:"+channel) {
+			return k
+		}
+	}
+	t.Fatalf("no stream key for %q", channel)
+	return ""
+}

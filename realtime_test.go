@@ -920,8 +920,8 @@ func TestRealtimeConnectedClientsLoseNothingAcrossBlips(t *testing.T) {
 		app := newRTApp(t, hub, func(cfg *SSEConfig) { cfg.Heartbeat = 100 * time.Millisecond }, nil)
 		const ch = "blips"
 
-		stay := openSSE(t, app.events([]string{ch}), nil)    // connected all along
-		away := openSSE(t, app.events([]string{ch}), nil)    // leaves during the blip and resumes
+		stay := openSSE(t, app.events([]string{ch}), nil) // connected all along
+		away := openSSE(t, app.events([]string{ch}), nil) // leaves during the blip and resumes
 		stop := make(chan struct{})
 		wait := runPublisher(pub, ch, "p", 5*time.Millisecond, stop)
 		away.Data(t, 3)

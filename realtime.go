@@ -442,11 +442,14 @@ return {off, epoch}
 // epoch when there is none (a channel never published to, or whose history
 // was lost), so every stream position has one.
 //
-// KEYS[1] the meta hash. ARGV[1] the epoch to start, ARGV[2] MetaTTL ms.
+// KEYS[1] the meta hash, KEYS[2] the stream (deleted with a new epoch: an
+// evicted meta may leave it behind, and its IDs would refuse the new
+// epoch's offsets). ARGV[1] the epoch to start, ARGV[2] MetaTTL ms.
 // Returns {offset, epoch}.
 var positionScript = rueidis.NewLuaScript(`
 local m = redis.call('HMGET', KEYS[1], 'e', 's')
 if not m[1] then
+  redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {0, ARGV[1]}
@@ -879,6 +882,12 @@ func signal(c chan struct{}) {
 func (c *hubConn) want(ch *hubChannel) {
 	c.mu.Lock()
 	c.wanted[ch.keys.announce] = ch
+	if c.subscribed[ch.keys.announce] {
+		// Re-acquired before the unsubscribe of its previous life: the
+		// subscription stands, the new channel only needs its position.
+		ch.reread.Store(true)
+		signal(c.kick)
+	}
 	if !c.running {
 		c.running = true
 		c.h.loops.Add(2)
@@ -1119,21 +1128,16 @@ func (c *hubConn) worker() {
 func (c *hubConn) rereadMarked() bool {
 	c.mu.Lock()
 	var marked []*hubChannel
-	for _, ch := range c.wanted {
-		if ch.reread.Load() {
+	for name, ch := range c.wanted {
+		// A channel whose subscription is not confirmed yet waits: its
+		// confirmation marks it again.
+		if ch.reread.Load() && c.subscribed[name] {
 			marked = append(marked, ch)
 		}
 	}
-	subscribed := c.subscribed
 	c.mu.Unlock()
 	ok := true
 	for _, ch := range marked {
-		c.mu.Lock()
-		live := subscribed[ch.keys.announce] && c.subscribed[ch.keys.announce]
-		c.mu.Unlock()
-		if !live {
-			continue // the subscription is not confirmed yet: its confirmation marks it again
-		}
 		ch.reread.Store(false)
 		if err := c.h.reread(ch); err != nil {
 			ch.reread.Store(true)
@@ -1258,7 +1262,7 @@ func (h *Hub) reread(ch *hubChannel) error {
 // position returns ch's current position, starting an epoch if it has
 // none.
 func (h *Hub) position(ch *hubChannel) (Position, error) {
-	res := h.b.Exec(context.Background(), positionScript, []string{ch.keys.meta}, []string{
+	res := h.b.Exec(context.Background(), positionScript, []string{ch.keys.meta, ch.keys.stream}, []string{
 		newEpoch(), strconv.FormatInt(h.cfg.MetaTTL.Milliseconds(), 10),
 	})
 	pos, err := parsePosition(res)
@@ -1288,7 +1292,7 @@ func (h *Hub) readPage(ctx context.Context, ch *hubChannel, from Position) (stre
 	client := h.b.client
 	res := h.b.DoMulti(ctx, ch.keys.meta,
 		client.B().Hmget().Key(ch.keys.meta).Field("e", "s").Build(),
-		client.B().Xrange().Key(ch.keys.stream).Start("("+strconv.FormatUint(from.Offset, 10)+"-0").End("+").Count(int64(h.cfg.ReplayPage)).Build(),
+		client.B().Xrange().Key(ch.keys.stream).Start(strconv.FormatUint(from.Offset+1, 10)+"-0").End("+").Count(int64(h.cfg.ReplayPage)).Build(),
 	)
 	meta, err := res[0].ToArray()
 	if err != nil {
@@ -1717,8 +1721,14 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 		ch.mu.Lock()
 		cur := ch.pos
 		switch {
+		case ok && p.Epoch == cur.Epoch && p.Offset > cur.Offset && h.reached(r.Context(), ch, p):
+			// Ahead of this instance, which has not delivered what the
+			// client got elsewhere yet: live, past the client's position.
+			cur = p
+			ch.subs[c] = &chanSub{idx: i, cursor: p.Offset}
+			start.Channels[i].Resumed = true
 		case !ok || (p.Epoch == cur.Epoch && p.Offset > cur.Offset):
-			// Absent or foreign: live.
+			// Absent or foreign (beyond the channel's last event): live.
 			ch.subs[c] = &chanSub{idx: i, cursor: cur.Offset}
 		case p == cur:
 			ch.subs[c] = &chanSub{idx: i, cursor: cur.Offset}
@@ -1787,6 +1797,19 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 	}
 	h.stream(r.Context(), sw, &s)
 	return nil
+}
+
+// reached reports whether channel ch has published up to p (its epoch
+// and last offset in Redis): a position ahead of this instance is then
+// genuine, not foreign. Called with ch.mu held; one short Redis read.
+func (h *Hub) reached(ctx context.Context, ch *hubChannel, p Position) bool {
+	vals, err := h.b.Do(ctx, ch.keys.meta, h.b.client.B().Hmget().Key(ch.keys.meta).Field("e", "s").Build()).ToArray()
+	if err != nil || len(vals) != 2 {
+		return false
+	}
+	epoch, _ := vals[0].ToString()
+	last, err := vals[1].AsInt64()
+	return err == nil && epoch == p.Epoch && last >= 0 && uint64(last) >= p.Offset
 }
 
 func (c *sseClient) all() []*hubChannel {
@@ -2020,7 +2043,7 @@ func (p *presenceState) join(h *Hub, c *sseClient) {
 
 // leave queues c's entries for removal by the presence loop.
 func (p *presenceState) leave(h *Hub, c *sseClient) {
-	if len(c.chans) == 0 || !h.started {
+	if len(c.chans) == 0 {
 		return
 	}
 	m := c.presenceMember()

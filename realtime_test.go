@@ -804,9 +804,14 @@ func TestRealtimeResumeIsExact(t *testing.T) {
 		publishSeq(t, hubB, ch, "e", 12, 12)
 		require.Equal(t, seq("e", 10, 12), s.Data(t, 3))
 
-		// Reconnects while another instance publishes without pause: no gap
-		// and no duplicate at any switch from replay to live.
-		const last = 160
+		// Reconnects while an instance publishes without pause, each to the
+		// next of three instances (one of them the publisher, one that
+		// subscribes only when the client comes): no gap and no duplicate
+		// at any switch from replay to live, nor when the new instance is
+		// behind or ahead of the old one.
+		hubC := newTestHub(t, r, r.Client(), nil)
+		apps := []*rtApp{app, newRTApp(t, hubB, nil, nil), newRTApp(t, hubC, nil, nil)}
+		const last = 200
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
@@ -831,7 +836,7 @@ func TestRealtimeResumeIsExact(t *testing.T) {
 			}
 			id := s.LastID()
 			s.Close()
-			s = openSSE(t, app.events([]string{ch}), header("Last-Event-ID", id))
+			s = openSSE(t, apps[round%len(apps)].events([]string{ch}), header("Last-Event-ID", id))
 			if round%2 == 1 {
 				time.Sleep(5 * time.Millisecond) // let a few pile up
 			}

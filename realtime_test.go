@@ -108,13 +108,19 @@ func readSSE(r *bufio.Reader, comment func(string), retry func(string), event fu
 // test ends.
 func openSSE(t *testing.T, url string, header http.Header) *sseStream {
 	t.Helper()
+	return openSSEWith(t, http.DefaultClient, url, header)
+}
+
+// openSSEWith is openSSE through hc (a client with a cookie jar, say).
+func openSSEWith(t *testing.T, hc *http.Client, url string, header http.Header) *sseStream {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	require.NoError(t, err)
 	for k, v := range header {
 		req.Header[k] = v
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		cancel()
 		require.NoError(t, err)
@@ -750,6 +756,113 @@ func TestRealtimeDisconnectAcrossInstances(t *testing.T) {
 }
 
 // ---------------------------------------------------------------------------
+// Streams bound to a session
+
+func TestRealtimeSessionBoundStreams(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		store, err := NewSessionStore(SessionConfig{Client: client, Keys: []string{testKey}, IdleTimeout: time.Second,
+			Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()}})
+		require.NoError(t, err)
+		hub := newTestHub(t, r, client, nil)
+		e := echo.New()
+		e.Use(store.Middleware())
+		e.POST("/login", func(c echo.Context) error {
+			s, err := GetSession(c)
+			if err != nil {
+				return err
+			}
+			if err := s.SetUserID(c.QueryParam("user")); err != nil {
+				return err
+			}
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.POST("/logout", func(c echo.Context) error {
+			s, err := GetSession(c)
+			if err != nil {
+				return err
+			}
+			if err := s.Destroy(); err != nil {
+				return err
+			}
+			return c.NoContent(http.StatusNoContent)
+		})
+		e.GET("/events", SSEWithConfig(SSEConfig{Hub: hub, AliveInterval: 50 * time.Millisecond}))
+		srv := httptest.NewServer(e)
+		t.Cleanup(func() { srv.CloseClientConnections(); srv.Close() })
+		login := func(user string) *browser {
+			b := newBrowser(t)
+			require.Equal(t, http.StatusNoContent, b.do(http.MethodPost, srv.URL+"/login?user="+user).code)
+			return b
+		}
+		stream := func(b *browser) *sseStream {
+			return openSSEWith(t, b.hc, srv.URL+"/events?channels=room", nil)
+		}
+
+		// Logging out ends the session's streams at the next check.
+		alice := login("alice")
+		s := stream(alice)
+		require.Equal(t, http.StatusNoContent, alice.do(http.MethodPost, srv.URL+"/logout").code)
+		requireDisconnected(t, s, "session")
+
+		// The user of a stream is the session's: Disconnect reaches it.
+		carol := login("carol")
+		s = stream(carol)
+		require.NoError(t, hub.Disconnect(ctx5s(t), "carol"))
+		requireDisconnected(t, s, "disconnected")
+
+		// An open stream does not keep its session alive: with no other
+		// request, the session expires after IdleTimeout, and so does the
+		// stream.
+		bob := login("bob")
+		s = stream(bob)
+		requireDisconnected(t, s, "session")
+		require.Equal(t, http.StatusNoContent, bob.do(http.MethodPost, srv.URL+"/logout").code)
+
+		// An anonymous stream has no session check.
+		anon := openSSE(t, srv.URL+"/events?channels=room", nil)
+		time.Sleep(200 * time.Millisecond)
+		publish(t, hub, "room", "", "still here")
+		require.Equal(t, "still here", anon.Next(t).Data)
+	})
+}
+
+func TestRealtimeAliveCheck(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		var verdict atomic.Value // "alive", "error" or "gone"
+		verdict.Store("error")
+		var checks atomic.Int64
+		app := newRTApp(t, hub, func(cfg *SSEConfig) {
+			cfg.AliveInterval = 20 * time.Millisecond
+			cfg.Alive = func(echo.Context) func(context.Context) (bool, error) {
+				return func(context.Context) (bool, error) {
+					checks.Add(1)
+					switch verdict.Load() {
+					case "error":
+						return false, errors.New("redis is busy")
+					case "gone":
+						return false, nil
+					}
+					return true, nil
+				}
+			}
+		}, nil)
+		s := openSSE(t, app.events([]string{"room"}), nil)
+		// A failing check keeps the stream: Redis trouble is not a logout.
+		eventually(t, func() bool { return checks.Load() >= 5 }, "the check runs")
+		publish(t, hub, "room", "", "kept")
+		require.Equal(t, "kept", s.Next(t).Data)
+		verdict.Store("alive")
+		n := checks.Load()
+		eventually(t, func() bool { return checks.Load() >= n+3 }, "the check keeps running")
+		verdict.Store("gone")
+		requireDisconnected(t, s, "session")
+		eventually(t, func() bool { return hub.Stats().Connections == 0 }, "the stream is gone")
+	})
+}
+
+// ---------------------------------------------------------------------------
 // Resume
 
 func TestRealtimeResumeIsExact(t *testing.T) {
@@ -1289,6 +1402,7 @@ func TestRealtimeHTTPDetails(t *testing.T) {
 		})
 
 		t.Run("a client disconnect ends the handler", func(t *testing.T) {
+			eventually(t, func() bool { return hub.Stats().Connections == 0 }, "the earlier streams ended")
 			s := openSSE(t, app.events([]string{ch, "other"}), header("X-User", "u1"))
 			require.EqualValues(t, 1, hub.Stats().Connections)
 			require.EqualValues(t, 3, hub.Stats().Channels, "two channels and the user's channel of Disconnect")
@@ -1630,4 +1744,104 @@ func streamKey(t *testing.T, r *testRedis, channel string) string {
 	}
 	t.Fatalf("no stream key for %q", channel)
 	return ""
+}
+
+// ---------------------------------------------------------------------------
+// Configuration and limits
+
+func TestRealtimeConfigValidation(t *testing.T) {
+	c := standaloneClient(t)
+	for _, tc := range []struct {
+		name string
+		mod  func(*HubConfig)
+	}{
+		{"no client", func(cfg *HubConfig) { cfg.Client = nil }},
+		{"braces in the prefix", func(cfg *HubConfig) { cfg.Prefix = "a{b}:" }},
+		{"negative MaxLen", func(cfg *HubConfig) { cfg.MaxLen = -1 }},
+		{"negative Partitions", func(cfg *HubConfig) { cfg.Partitions = -1 }},
+		{"too many Partitions", func(cfg *HubConfig) { cfg.Partitions = 1025 }},
+		{"negative HistoryTTL", func(cfg *HubConfig) { cfg.HistoryTTL = -time.Second }},
+		{"MetaTTL below HistoryTTL", func(cfg *HubConfig) { cfg.HistoryTTL, cfg.MetaTTL = time.Hour, time.Minute }},
+		{"negative MaxEventSize", func(cfg *HubConfig) { cfg.MaxEventSize = -1 }},
+		{"negative ClientQueueEvents", func(cfg *HubConfig) { cfg.ClientQueueEvents = -1 }},
+		{"negative ClientQueueBytes", func(cfg *HubConfig) { cfg.ClientQueueBytes = -1 }},
+		{"negative ReplayPage", func(cfg *HubConfig) { cfg.ReplayPage = -1 }},
+		{"PresenceTTL not above PresenceInterval", func(cfg *HubConfig) { cfg.PresenceInterval, cfg.PresenceTTL = time.Second, time.Second }},
+		{"negative MaxConnections", func(cfg *HubConfig) { cfg.MaxConnections = -1 }},
+		{"Instance with a bar", func(cfg *HubConfig) { cfg.Instance = "a|b" }},
+		{"Instance with a newline", func(cfg *HubConfig) { cfg.Instance = "a\nb" }},
+		{"Instance of 129 bytes", func(cfg *HubConfig) { cfg.Instance = strings.Repeat("i", 129) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := HubConfig{Client: c}
+			tc.mod(&cfg)
+			_, err := NewHub(cfg)
+			require.Error(t, err)
+		})
+	}
+
+	hub, err := NewHub(HubConfig{Client: c, Options: Options{Logger: discardLogger()}})
+	require.NoError(t, err, "the zero config with a client is valid")
+	require.NotEmpty(t, hub.Instance(), "an instance name by default")
+	require.NoError(t, hub.Shutdown(ctx5s(t)), "a hub that never streamed shuts down")
+	other, err := NewHub(HubConfig{Client: c, Options: Options{Logger: discardLogger()}})
+	require.NoError(t, err)
+	require.NotEqual(t, hub.Instance(), other.Instance(), "instance names differ by default")
+	t.Cleanup(func() { _ = other.Shutdown(context.Background()) })
+
+	for _, tc := range []struct {
+		name string
+		cfg  SSEConfig
+	}{
+		{"no hub", SSEConfig{}},
+		{"negative MaxChannels", SSEConfig{Hub: other, MaxChannels: -1}},
+		{"negative Heartbeat", SSEConfig{Hub: other, Heartbeat: -time.Second}},
+		{"negative Retry", SSEConfig{Hub: other, Retry: -time.Second}},
+		{"negative AliveInterval", SSEConfig{Hub: other, AliveInterval: -time.Second}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tc.cfg.ToHandler()
+			require.Error(t, err)
+			require.Panics(t, func() { SSEWithConfig(tc.cfg) })
+		})
+	}
+	_, err = SSEConfig{Hub: other}.ToHandler()
+	require.NoError(t, err)
+	require.NotNil(t, SSE(other, "fixed"))
+}
+
+func TestRealtimeHubFull(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) { cfg.MaxConnections = 2 })
+		app := newRTApp(t, hub, nil, nil)
+		a := openSSE(t, app.events([]string{"one"}), nil)
+		openSSE(t, app.events([]string{"two"}), nil)
+		require.Equal(t, map[string]any{"error": "realtime unavailable"},
+			errorJSON(t, app.events([]string{"three"}), nil, http.StatusServiceUnavailable))
+		a.Close()
+		eventually(t, func() bool { return hub.Stats().Connections == 1 }, "a slot is free again")
+		openSSE(t, app.events([]string{"three"}), nil)
+	})
+}
+
+func TestRealtimeFixedChannels(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		e := echo.New()
+		e.GET("/news", SSE(hub, "news", "alerts"))
+		e.GET("/any", SSE(hub))
+		srv := httptest.NewServer(e)
+		t.Cleanup(func() { srv.CloseClientConnections(); srv.Close() })
+
+		// The query cannot change fixed channels.
+		s := openSSE(t, srv.URL+"/news?channels=secret", nil)
+		publish(t, hub, "secret", "", "not for you")
+		publish(t, hub, "alerts", "", "alert")
+		require.Equal(t, "alert", s.Next(t).Data)
+		// Without fixed channels, the query decides.
+		q := openSSE(t, srv.URL+"/any?channels=secret", nil)
+		publish(t, hub, "secret", "", "for the query")
+		require.Equal(t, "for the query", q.Next(t).Data)
+		s.Quiet(t)
+	})
 }

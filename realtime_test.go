@@ -20,6 +20,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1843,5 +1844,250 @@ func TestRealtimeFixedChannels(t *testing.T) {
 		publish(t, hub, "secret", "", "for the query")
 		require.Equal(t, "for the query", q.Next(t).Data)
 		s.Quiet(t)
+	})
+}
+
+// openStuck opens a stream over a connection with a tiny receive buffer,
+// reads its headers and first bytes, and then never reads again.
+func openStuck(t *testing.T, app *rtApp, channel string, hdr ...string) net.Conn {
+	t.Helper()
+	conn := dialTinyReceiveBuffer(t, app.Listener.Addr().String())
+	req := fmt.Sprintf("GET /events?channels=%s HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n", channel)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req += hdr[i] + ": " + hdr[i+1] + "\r\n"
+	}
+	_, err := io.WriteString(conn, req+"\r\n")
+	require.NoError(t, err)
+	require.NoError(t, conn.SetReadDeadline(time.Now().Add(rtWait)))
+	br := bufio.NewReaderSize(conn, 16)
+	for {
+		line, err := br.ReadString('\n')
+		require.NoError(t, err, "the stream starts")
+		if strings.HasPrefix(line, "HTTP/1.1 ") {
+			require.Contains(t, line, "200", "the stream starts")
+		}
+		if strings.HasPrefix(line, ": connected") {
+			return conn
+		}
+	}
+}
+
+func TestRealtimeStuckClientsCannotHoldTheServer(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) { cfg.MaxLen = 200 })
+		pub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) { cfg.MaxLen = 200 })
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "stuck"
+		payload := strings.Repeat("y", 40_000)
+
+		s := openSSE(t, app.events([]string{ch}), nil)
+		publish(t, pub, ch, "", "first")
+		require.Equal(t, "first", s.Next(t).Data)
+		from := s.LastID()
+		s.Close()
+		for i := range 200 {
+			publish(t, pub, ch, "", fmt.Sprintf("%d %s", i, payload))
+		}
+
+		// A client that stops reading in the middle of its replay (8 MB
+		// behind, more than loopback buffers) is ended by Disconnect at
+		// once, not after the write timeout.
+		openStuck(t, app, ch, "Last-Event-ID", from, "X-User", "stuck")
+		eventually(t, func() bool { return hub.Stats().Connections == 1 }, "the replaying stream is open")
+		time.Sleep(200 * time.Millisecond) // let the replay fill the socket
+		require.EqualValues(t, 1, app.Active.Load(), "the replay is stuck writing")
+		require.NoError(t, hub.Disconnect(ctx5s(t), "stuck"))
+		eventually(t, func() bool { return app.Active.Load() == 0 && hub.Stats().Connections == 0 }, "the stuck replay ended")
+
+		// Live clients that stopped reading (their queues are not full
+		// yet) do not hold Shutdown either.
+		for range 3 {
+			openStuck(t, app, ch)
+		}
+		normal := openSSE(t, app.events([]string{ch}), nil)
+		for i := range 60 {
+			d := fmt.Sprintf("live %d %s", i, payload)
+			publish(t, pub, ch, "", d)
+			require.Equal(t, d, normal.Next(t).Data)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), rtWait)
+		defer cancel()
+		require.NoError(t, hub.Shutdown(ctx), "Shutdown returns before its deadline")
+		requireDisconnected(t, normal, "shutdown")
+		eventually(t, func() bool { return app.Active.Load() == 0 }, "every handler returned")
+		require.Zero(t, hub.Stats().Connections)
+	})
+}
+
+func TestRealtimeUnusualChannelNames(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		pub := newTestHub(t, r, r.Client(), nil)
+		app := newRTApp(t, hub, nil, nil)
+		// Names that must not move keys between slots or break the
+		// escaping, and the longest allowed, 16 of them in one stream.
+		names := []string{"{x}", "a}b{c", "{}", "100%", "ü-ñ-中文", "a:b:c", "with space", "*?[]\\",
+			strings.Repeat("L", 256), strings.Repeat("{", 256), strings.Repeat("é", 128)}
+		for i := len(names); i < 16; i++ {
+			names = append(names, fmt.Sprintf("%s%03d", strings.Repeat("n", 253), i))
+		}
+		s := openSSE(t, app.events(names), nil)
+		for i, n := range names {
+			publish(t, pub, n, "", fmt.Sprintf("one %d", i))
+		}
+		got := s.Data(t, len(names))
+		sort.Strings(got)
+		want := make([]string, len(names))
+		for i := range names {
+			want[i] = fmt.Sprintf("one %d", i)
+		}
+		sort.Strings(want)
+		require.Equal(t, want, got)
+		id := s.LastID()
+		require.Equal(t, 16, strings.Count(id, "."))
+		require.LessOrEqual(t, len(id), 16*26+1, "at most 26 bytes per channel")
+		s.Close()
+
+		// Every channel resumes from the one id.
+		for i, n := range names {
+			publish(t, pub, n, "", fmt.Sprintf("two %d", i))
+		}
+		s = openSSE(t, app.events(names), header("Last-Event-ID", id))
+		got = s.Data(t, len(names))
+		for i := range want {
+			want[i] = strings.Replace(want[i], "one", "two", 1)
+		}
+		sort.Strings(got)
+		sort.Strings(want)
+		require.Equal(t, want, got)
+	})
+}
+
+// subscribedChannels returns the pub/sub channels under the test's prefix
+// that some node has subscribers for (PUBSUB CHANNELS and SHARDCHANNELS).
+func subscribedChannels(t *testing.T, r *testRedis) []string {
+	t.Helper()
+	var out []string
+	pattern := matchPattern(r.Keys.Prefix()) + "*"
+	for _, addr := range r.addrs {
+		for _, sub := range []string{"CHANNELS", "SHARDCHANNELS"} {
+			v, err := respDo(addr, 2*time.Second, "PUBSUB", sub, pattern)
+			require.NoError(t, err)
+			for _, c := range v.([]any) {
+				out = append(out, c.(string))
+			}
+		}
+	}
+	sort.Strings(out)
+	return slices.Compact(out)
+}
+
+func TestRealtimeSubscriptionsFollowLocalInterest(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) { cfg.UnsubscribeGrace = 300 * time.Millisecond })
+		app := newRTApp(t, hub, nil, nil)
+		require.Empty(t, subscribedChannels(t, r), "a hub without streams subscribes to nothing")
+
+		s := openSSE(t, app.events([]string{"wanted"}), nil)
+		subs := subscribedChannels(t, r)
+		require.Len(t, subs, 1, "%v", subs)
+		require.True(t, strings.HasSuffix(subs[0], ":wanted"), subs[0])
+		publishSeq(t, hub, "unwanted", "u", 1, 20)
+		publish(t, hub, "wanted", "", "w")
+		require.Equal(t, "w", s.Next(t).Data)
+		require.EqualValues(t, 1, hub.Stats().Delivered, "the instance got only what its clients listen to")
+
+		// A reconnect within the grace keeps the subscription; the last
+		// client leaving drops it after the grace.
+		s.Close()
+		s = openSSE(t, app.events([]string{"wanted"}), nil)
+		require.Len(t, subscribedChannels(t, r), 1)
+		require.EqualValues(t, 1, hub.Stats().Channels)
+		s.Close()
+		eventually(t, func() bool { return len(subscribedChannels(t, r)) == 0 && hub.Stats().Channels == 0 }, "unsubscribed after the grace")
+	})
+}
+
+func TestRealtimeConcurrentStreams(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hubs := []*Hub{newTestHub(t, r, r.Client(), nil), newTestHub(t, r, r.Client(), nil)}
+		apps := []*rtApp{newRTApp(t, hubs[0], nil, nil), newRTApp(t, hubs[1], nil, nil)}
+		stop := make(chan struct{})
+		var pubs sync.WaitGroup
+		for i := range 4 {
+			pubs.Add(1)
+			go func() {
+				defer pubs.Done()
+				for n := 0; ; n++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					_, err := hubs[n%2].Publish(ctx, fmt.Sprintf("c%d", (i+n)%6), Event{Data: []byte(strconv.Itoa(n))})
+					cancel()
+					if err != nil {
+						t.Errorf("publish: %v", err)
+						return
+					}
+				}
+			}()
+		}
+		// Clients come and go on random instances and channel sets, some
+		// resuming, some disconnected by user, while events flow.
+		var clients sync.WaitGroup
+		for i := range 16 {
+			clients.Add(1)
+			go func() {
+				defer clients.Done()
+				id := ""
+				for round := range 6 {
+					app := apps[(i+round)%2]
+					chs := []string{fmt.Sprintf("c%d", i%6), fmt.Sprintf("c%d", (i+round)%6+6)}
+					if chs[0] == chs[1] {
+						chs = chs[:1]
+					}
+					req, _ := http.NewRequest(http.MethodGet, app.events(chs), nil)
+					req.Header.Set("X-User", fmt.Sprintf("u%d", i%3))
+					if id != "" {
+						req.Header.Set("Last-Event-ID", id)
+					}
+					ctx, cancel := context.WithTimeout(context.Background(), rtWait)
+					resp, err := http.DefaultClient.Do(req.WithContext(ctx))
+					if err != nil {
+						cancel()
+						t.Errorf("stream: %v", err)
+						return
+					}
+					if resp.StatusCode != http.StatusOK {
+						t.Errorf("stream: %d", resp.StatusCode)
+					}
+					n := 0
+					_ = readSSE(bufio.NewReader(resp.Body), func(string) {}, func(string) {}, func(ev sseEvent) {
+						if ev.ID != "" && ev.Name != "disconnect" {
+							id = ev.ID
+						}
+						if n++; n == 5+round*3 {
+							cancel()
+						}
+					})
+					cancel()
+					_ = resp.Body.Close()
+				}
+			}()
+		}
+		for range 5 {
+			time.Sleep(50 * time.Millisecond)
+			_ = hubs[0].Disconnect(ctx5s(t), "u0")
+		}
+		clients.Wait()
+		close(stop)
+		pubs.Wait()
+		for i, h := range hubs {
+			eventually(t, func() bool { return h.Stats().Connections == 0 && apps[i].Active.Load() == 0 }, "hub %d has no streams left", i)
+			eventually(t, func() bool { return h.Stats().Channels == 0 }, "hub %d unsubscribed everything", i)
+		}
+		eventually(t, func() bool { return len(subscribedChannels(t, r)) == 0 }, "Redis holds no subscription")
 	})
 }

@@ -1569,7 +1569,18 @@ func TestRealtimePresence(t *testing.T) {
 			p, err := hubA.Presence(ctx5s(t), room, 0)
 			return err == nil && p.Count == 2
 		}, "bob left")
+		p, err = hubA.Presence(ctx5s(t), room, 0)
+		require.NoError(t, err)
+		require.ElementsMatch(t, []who{{aliceConn, "alice", "inst-a"}, {anonConn, "", "inst-b"}}, members(p))
 		_ = alice
+		_, err = hubA.Presence(ctx5s(t), "", 0)
+		require.ErrorIs(t, err, ErrInvalidChannel)
+
+		// Shutdown says goodbye at once, not after PresenceTTL.
+		require.NoError(t, hubB.Shutdown(ctx5s(t)))
+		p, err = hubA.Presence(ctx5s(t), room, 0)
+		require.NoError(t, err)
+		require.Equal(t, []who{{aliceConn, "alice", "inst-a"}}, members(p), "inst-b's members left with it")
 
 		// An instance that dies without goodbye (no Shutdown, its client
 		// gone) disappears once its entries expire.
@@ -1579,12 +1590,12 @@ func TestRealtimePresence(t *testing.T) {
 		openSSE(t, appC.events([]string{room}), header("X-User", "carol"))
 		eventually(t, func() bool {
 			p, err := hubA.Presence(ctx5s(t), room, 0)
-			return err == nil && p.Count == 3
+			return err == nil && p.Count == 2
 		}, "carol joined")
 		deadClient.Close()
 		eventually(t, func() bool {
 			p, err := hubA.Presence(ctx5s(t), room, 0)
-			if err != nil || p.Count != 2 {
+			if err != nil || p.Count != 1 {
 				return false
 			}
 			for _, m := range p.Members {

@@ -715,7 +715,7 @@ func TestRealtimePublishRefusesBadEvents(t *testing.T) {
 
 // requireDisconnected requires that the server ended s after a last
 // "disconnect" event with the given reason.
-func requireDisconnected(t *testing.T, s *sseStream, reason string) {
+func requireDisconnected(t *testing.T, s *sseStream, reason string) sseEvent {
 	t.Helper()
 	evs := s.End(t)
 	require.NotEmpty(t, evs, "a last event says why the stream ended")
@@ -723,6 +723,7 @@ func requireDisconnected(t *testing.T, s *sseStream, reason string) {
 	require.Equal(t, "disconnect", last.Name, "%+v", evs)
 	require.NotEmpty(t, last.ID, "the disconnect event carries a position")
 	require.JSONEq(t, fmt.Sprintf(`{"reason":%q}`, reason), last.Data)
+	return last
 }
 
 func TestRealtimeDisconnectAcrossInstances(t *testing.T) {
@@ -1172,6 +1173,48 @@ func TestRealtimeResetAfterTrimmedHistory(t *testing.T) {
 		require.NotEqual(t, "old", history[0])
 		require.NotEqual(t, "x-1", history[0], "the test needs the history trimmed past its position")
 		requireResetThenResume(t, app, pub, ch, stale)
+
+		// The reset event's name and the position parameter are the
+		// app's to choose.
+		custom := newRTApp(t, hub, func(cfg *SSEConfig) {
+			cfg.ResetEvent = "history-lost"
+			cfg.PositionParam = "pos"
+		}, nil)
+		s = openSSE(t, custom.events([]string{ch}, "pos", stale), nil)
+		ev := s.Next(t)
+		require.Equal(t, "history-lost", ev.Name)
+		require.JSONEq(t, fmt.Sprintf(`{"channels":[%q]}`, ch), ev.Data)
+	})
+}
+
+// TestRealtimeResumeWithManyChannels: with MaxChannels raised, a stream's
+// id must still carry every channel back, or the config must be refused;
+// a stream that silently restarts live would lose events.
+func TestRealtimeResumeWithManyChannels(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		for _, n := range []int{64, 100, 200} {
+			t.Run(strconv.Itoa(n), func(t *testing.T) {
+				if _, err := (SSEConfig{Hub: hub, MaxChannels: n}).ToHandler(); err != nil {
+					return // a limit the ids cannot carry is refused
+				}
+				app := newRTApp(t, hub, func(cfg *SSEConfig) { cfg.MaxChannels = n }, nil)
+				var names []string
+				for i := range n {
+					names = append(names, fmt.Sprintf("many-%d-%d", n, i))
+				}
+				s := openSSE(t, app.events(names), nil)
+				publish(t, hub, names[0], "", "first")
+				require.Equal(t, "first", s.Next(t).Data)
+				id := s.LastID()
+				s.Close()
+				publish(t, hub, names[n-1], "", "missed")
+				s = openSSE(t, app.events(names), header("Last-Event-ID", id))
+				publish(t, hub, names[0], "", "live")
+				require.Equal(t, "missed", s.Next(t).Data, "a stream of %d channels resumes (its id is %d bytes)", n, len(id))
+				require.Equal(t, "live", s.Next(t).Data)
+			})
+		}
 	})
 }
 
@@ -1434,12 +1477,26 @@ func TestRealtimeShutdown(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		hub := newTestHub(t, r, r.Client(), nil)
 		app := newRTApp(t, hub, nil, nil)
+		other := newTestHub(t, r, r.Client(), nil)
+		otherApp := newRTApp(t, other, nil, nil)
 		a := openSSE(t, app.events([]string{"one"}), nil)
 		b := openSSE(t, app.events([]string{"one", "two"}), header("X-User", "u"))
+		publish(t, other, "one", "", "one-1")
+		publish(t, other, "two", "", "two-1")
+		require.Equal(t, "one-1", a.Next(t).Data)
+		require.ElementsMatch(t, []string{"one-1", "two-1"}, b.Data(t, 2))
 
 		require.NoError(t, hub.Shutdown(ctx5s(t)))
 		requireDisconnected(t, a, "shutdown")
-		requireDisconnected(t, b, "shutdown")
+		last := requireDisconnected(t, b, "shutdown")
+
+		// As in a rolling deploy, the client reconnects to another
+		// instance with the disconnect event's id and misses nothing.
+		publish(t, other, "one", "", "one-2")
+		publish(t, other, "two", "", "two-2")
+		moved := openSSE(t, otherApp.events([]string{"one", "two"}), header("Last-Event-ID", last.ID))
+		require.ElementsMatch(t, []string{"one-2", "two-2"}, moved.Data(t, 2))
+		moved.Quiet(t)
 		require.Zero(t, hub.Stats().Connections)
 		eventually(t, func() bool { return app.Active.Load() == 0 }, "the handlers returned")
 		require.Equal(t, map[string]any{"error": "realtime unavailable"}, errorJSON(t, app.events([]string{"one"}), nil, http.StatusServiceUnavailable))

@@ -2159,3 +2159,108 @@ func TestRealtimeConcurrentStreams(t *testing.T) {
 		eventually(t, func() bool { return len(subscribedChannels(t, r)) == 0 }, "Redis holds no subscription")
 	})
 }
+
+func TestRealtimeBurstsArriveExactlyOnceInOrder(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		roomy := func(cfg *HubConfig) {
+			cfg.MaxLen = 20_000
+			cfg.ClientQueueEvents = 50_000 // the test's reader may lag; this is not the slow-client test
+			cfg.ClientQueueBytes = 64 << 20
+		}
+		hubs := []*Hub{newTestHub(t, r, r.Client(), roomy), newTestHub(t, r, r.Client(), roomy)}
+		apps := []*rtApp{newRTApp(t, hubs[0], nil, nil), newRTApp(t, hubs[1], nil, nil)}
+		const ch = "burst"
+		streams := []*sseStream{openSSE(t, apps[0].events([]string{ch}), nil), openSSE(t, apps[1].events([]string{ch}), nil)}
+
+		// Eight publishers at once, from both instances, as fast as Redis
+		// takes them: the hubs' hand-off may overflow, and then re-reads
+		// the stream instead of dropping.
+		const publishers, each = 8, 800
+		var wg sync.WaitGroup
+		for p := range publishers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range each {
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					_, err := hubs[p%2].Publish(ctx, ch, Event{Data: []byte(fmt.Sprintf("%d/%d", p, i))})
+					cancel()
+					if err != nil {
+						t.Errorf("publish: %v", err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		publish(t, hubs[0], ch, "", "end")
+		truth := streamData(t, r, ch)
+		require.Len(t, truth, publishers*each+1)
+		for i, s := range streams {
+			require.Equal(t, truth, s.Until(t, "end"), "stream %d got the stream's events, once, in its order", i)
+		}
+		t.Logf("rereads: %d, %d", hubs[0].Stats().Rereads, hubs[1].Stats().Rereads)
+	})
+}
+
+// TestRealtimeOverflowingHandOffRereads stalls the hub's delivery (the
+// test holds the channel's lock, as a stuck worker would) while more
+// events arrive than its hand-off queue holds: the reader must not block,
+// and once delivery resumes the client gets every event from the stream.
+func TestRealtimeOverflowingHandOffRereads(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) {
+			cfg.Partitions = 1
+			cfg.MaxLen = 20_000
+			cfg.ClientQueueEvents = 50_000
+			cfg.ClientQueueBytes = 64 << 20
+		})
+		pub := newTestHub(t, r, r.Client(), func(cfg *HubConfig) {
+			cfg.Partitions = 1 // instances must agree on it
+			cfg.MaxLen = 20_000
+		})
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "overflow"
+		s := openSSE(t, app.events([]string{ch}), nil)
+		publish(t, pub, ch, "", "warm")
+		require.Equal(t, "warm", s.Next(t).Data)
+
+		hub.mu.Lock()
+		hc := hub.chans[ch]
+		hub.mu.Unlock()
+		require.NotNil(t, hc)
+		rereads := hub.Stats().Rereads
+		hc.mu.Lock()
+		locked := true
+		defer func() {
+			if locked {
+				hc.mu.Unlock()
+			}
+		}()
+		var wg sync.WaitGroup
+		for p := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range (inboxSize + 1000) / 4 {
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					_, err := pub.Publish(ctx, ch, Event{Data: []byte(fmt.Sprintf("%d/%d", p, i))})
+					cancel()
+					if err != nil {
+						t.Errorf("publish: %v", err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		eventually(t, hc.reread.Load, "the overflowing announcement marked the channel for a re-read")
+		hc.mu.Unlock()
+		locked = false
+
+		publish(t, pub, ch, "", "end")
+		truth := streamData(t, r, ch)
+		require.Equal(t, truth[1:], s.Until(t, "end"), "every event, once, in the stream's order")
+		require.Greater(t, hub.Stats().Rereads, rereads)
+	})
+}

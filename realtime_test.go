@@ -752,6 +752,7 @@ func TestRealtimeDisconnectAcrossInstances(t *testing.T) {
 
 		// Disconnecting a user without streams, or anonymous streams, is a no-op.
 		require.NoError(t, hubB.Disconnect(ctx5s(t), "nobody"))
+		require.Error(t, hubB.Disconnect(ctx5s(t), ""), "the empty user ID is nobody's")
 		publish(t, hubB, room, "", "still")
 		require.Equal(t, []string{"again", "still"}, carol.Data(t, 2))
 	})
@@ -1240,6 +1241,38 @@ func TestRealtimeResetAfterDeletedHistory(t *testing.T) {
 	})
 }
 
+func TestRealtimeResetAfterExpiredHistory(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		// The stream expires quickly; the epoch and counter outlive it.
+		brief := func(cfg *HubConfig) { cfg.HistoryTTL = 300 * time.Millisecond }
+		hub := newTestHub(t, r, r.Client(), brief)
+		pub := newTestHub(t, r, r.Client(), brief)
+		app := newRTApp(t, hub, nil, nil)
+		const ch = "expiring"
+
+		s := openSSE(t, app.events([]string{ch}), nil)
+		before := publish(t, pub, ch, "", "old")
+		require.Equal(t, "old", s.Next(t).Data)
+		stale := s.LastID()
+		s.Close()
+		publish(t, pub, ch, "", "expires unseen")
+		eventually(t, func() bool {
+			for _, k := range prefixKeys(t, r) {
+				if strings.HasSuffix(k, ":s:"+ch) {
+					return false
+				}
+			}
+			return true
+		}, "the stream expired")
+		requireResetThenResume(t, app, pub, ch, stale)
+
+		// The counter went on: positions stay unique within the epoch.
+		p := publish(t, pub, ch, "", "later")
+		require.Equal(t, before.Epoch, p.Epoch)
+		require.Greater(t, p.Offset, before.Offset+1)
+	})
+}
+
 func TestRealtimeResetAfterRestartWithoutPersistence(t *testing.T) {
 	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
 		fast := func(cfg *HubConfig) {
@@ -1467,6 +1500,39 @@ func TestRealtimeHTTPDetails(t *testing.T) {
 			require.Equal(t, "plain", s.Next(t).Data)
 			require.Equal(t, "3000", s.retry.Load(), "the default retry hint")
 		})
+	})
+}
+
+func TestRealtimeOverHTTP2(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		hub := newTestHub(t, r, r.Client(), nil)
+		e := echo.New()
+		e.GET("/events", SSEWithConfig(SSEConfig{Hub: hub}))
+		srv := httptest.NewUnstartedServer(e)
+		srv.EnableHTTP2 = true
+		srv.StartTLS()
+		t.Cleanup(func() { srv.CloseClientConnections(); srv.Close() })
+		hc := srv.Client()
+
+		// Several streams share one HTTP/2 connection.
+		var streams []*sseStream
+		for i := range 8 {
+			s := openSSEWith(t, hc, srv.URL+"/events?channels=h2", nil)
+			require.Equal(t, 2, s.Resp.ProtoMajor, "stream %d", i)
+			require.Empty(t, s.Resp.Header.Get("Connection"), "no connection-specific header in HTTP/2")
+			streams = append(streams, s)
+		}
+		publishSeq(t, hub, "h2", "h", 1, 5)
+		for _, s := range streams {
+			require.Equal(t, seq("h", 1, 5), s.Data(t, 5))
+		}
+		// Closing one stream (an HTTP/2 stream reset) ends its handler only.
+		streams[0].Close()
+		eventually(t, func() bool { return hub.Stats().Connections == 7 }, "one stream ended")
+		publish(t, hub, "h2", "", "after")
+		for _, s := range streams[1:] {
+			require.Equal(t, "after", s.Next(t).Data)
+		}
 	})
 }
 

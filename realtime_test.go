@@ -1229,6 +1229,49 @@ func TestRealtimeResumeWithManyChannels(t *testing.T) {
 	})
 }
 
+func TestRealtimeResetNamesOnlyTheChannelsThatLostEvents(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		small := func(cfg *HubConfig) { cfg.MaxLen = 10 }
+		hub := newTestHub(t, r, r.Client(), small)
+		pub := newTestHub(t, r, r.Client(), small)
+		app := newRTApp(t, hub, nil, nil)
+		chs := []string{"keep", "trim"}
+
+		s := openSSE(t, app.events(chs), nil)
+		publish(t, pub, "keep", "", "k-0")
+		publish(t, pub, "trim", "", "t-0")
+		require.ElementsMatch(t, []string{"k-0", "t-0"}, s.Data(t, 2))
+		id := s.LastID()
+		s.Close()
+		publishSeq(t, pub, "trim", "t", 1, 300)
+		publishSeq(t, pub, "keep", "k", 1, 2)
+
+		s, st := app.open(t, app.events(chs), header("Last-Event-ID", id))
+		var resets, replayed []string
+		for range 3 {
+			ev := s.Next(t)
+			if ev.Name == "reset" {
+				resets = append(resets, ev.Data)
+				continue
+			}
+			replayed = append(replayed, ev.Data)
+		}
+		require.Equal(t, []string{`{"channels":["trim"]}`}, resets, "only the trimmed channel lost events")
+		require.Equal(t, []string{"k-1", "k-2"}, replayed, "the other channel resumes")
+		for _, c := range st.Channels {
+			require.True(t, c.Resumed, c.Channel)
+		}
+		id = s.LastID()
+		s.Close()
+
+		// From the id after the reset, both channels resume quietly.
+		s = openSSE(t, app.events(chs), header("Last-Event-ID", id))
+		publish(t, pub, "trim", "", "t-live")
+		require.Equal(t, "t-live", s.Next(t).Data)
+		s.Quiet(t)
+	})
+}
+
 func TestRealtimeResetAfterDeletedHistory(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		hub := newTestHub(t, r, r.Client(), nil)

@@ -1905,6 +1905,7 @@ func TestRealtimeStreamStaysExactAcrossSlotMigration(t *testing.T) {
 	key := streamKey(t, f.testRedis, ch)
 	slot := keySlot(key)
 
+	rereads := hub.Stats().Rereads
 	stop := make(chan struct{})
 	wait := runPublisher(pub, ch, "m", 3*time.Millisecond, stop)
 	time.Sleep(100 * time.Millisecond)
@@ -1915,6 +1916,7 @@ func TestRealtimeStreamStaysExactAcrossSlotMigration(t *testing.T) {
 	publishEventually(t, pub, ch, "final")
 
 	requireStreamed(t, s, f.testRedis, ch, 1, "the stream stayed exact across the migration")
+	require.Greater(t, hub.Stats().Rereads, rereads, "the sunsubscribe made the hub resubscribe and re-read")
 	truth := streamData(t, f.testRedis, ch)
 	owner, err := slotOwner(f, slot)
 	require.NoError(t, err)

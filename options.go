@@ -3,7 +3,9 @@ package redisecho
 import (
 	"bytes"
 	"context"
+	"crypto/sha1"
 	"encoding/gob"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -514,13 +516,47 @@ func (b *backend) Exec(ctx context.Context, script *rueidis.Lua, keys, args []st
 	return res
 }
 
-// ExecMulti runs script once per exec, pipelined (rueidis sends one
-// pipeline per node), under one deadline and the breaker of key's node:
-// callers group execs by node (see scope) so that one failing node does
-// not open another's breaker.
-func (b *backend) ExecMulti(ctx context.Context, key string, script *rueidis.Lua, execs ...rueidis.LuaExec) (res []rueidis.RedisResult) {
+// pipelinedScript is a Lua script that backend.ExecMulti can pipeline:
+// its source and SHA-1. rueidis's own Lua.ExecMulti first sends SCRIPT LOAD
+// to every node (replicas included) on every call, so one stalled node
+// holds every batch, on every node, until the deadline.
+type pipelinedScript struct {
+	src, sha string
+}
+
+func newPipelinedScript(src string) *pipelinedScript {
+	sum := sha1.Sum([]byte(src))
+	return &pipelinedScript{src: src, sha: hex.EncodeToString(sum[:])}
+}
+
+// ExecMulti runs script once per exec in one pipeline (per node: rueidis
+// splits it by slot), as EVALSHA, and as EVAL for the ones a node answers
+// NOSCRIPT, under one deadline and the breaker of key's node: callers
+// group execs by node (see scope) so that one failing node does not open
+// another's breaker.
+func (b *backend) ExecMulti(ctx context.Context, key string, script *pipelinedScript, execs ...rueidis.LuaExec) (res []rueidis.RedisResult) {
 	err := b.call(ctx, key, false, func(ctx context.Context) error {
-		res = script.ExecMulti(ctx, b.client, execs...)
+		cmds := make([]rueidis.Completed, len(execs))
+		for i, e := range execs {
+			cmds[i] = b.client.B().Evalsha().Sha1(script.sha).Numkeys(int64(len(e.Keys))).Key(e.Keys...).Arg(e.Args...).Build()
+		}
+		res = b.client.DoMulti(ctx, cmds...)
+		var missing []int
+		for i, r := range res {
+			if re, ok := rueidis.IsRedisErr(r.Error()); ok && re.IsNoScript() {
+				missing = append(missing, i)
+			}
+		}
+		if len(missing) > 0 {
+			evals := make([]rueidis.Completed, len(missing))
+			for j, i := range missing {
+				e := execs[i]
+				evals[j] = b.client.B().Eval().Script(script.src).Numkeys(int64(len(e.Keys))).Key(e.Keys...).Arg(e.Args...).Build()
+			}
+			for j, r := range b.client.DoMulti(ctx, evals...) {
+				res[missing[j]] = r
+			}
+		}
 		_, err := multiErr(res)
 		return err
 	})

@@ -325,6 +325,10 @@ func NewHub(cfg HubConfig) (*Hub, error) {
 	if cfg.MetaTTL < cfg.HistoryTTL {
 		return nil, errors.New("realtime: MetaTTL must be at least HistoryTTL")
 	}
+	if cfg.ClientQueueBytes < cfg.MaxEventSize+64 {
+		// Else one large event drops every client as slow.
+		return nil, errors.New("realtime: ClientQueueBytes must hold at least one event of MaxEventSize")
+	}
 	if cfg.PresenceTTL <= cfg.PresenceInterval {
 		return nil, errors.New("realtime: PresenceTTL must be longer than PresenceInterval")
 	}
@@ -1619,7 +1623,7 @@ func (s *Stream) fill() error {
 		s.MaxChannels = DefaultMaxChannels
 	}
 	if s.MaxChannels > maxStreamIDEntries {
-		// Its stream IDs would not decode: the stream could never resume.
+		// A stream ID holds at most that many positions.
 		return fmt.Errorf("realtime: MaxChannels must be at most %d", maxStreamIDEntries)
 	}
 	if s.Heartbeat == 0 {
@@ -1749,10 +1753,19 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 	for i, ch := range c.chans {
 		p, ok := from[c.hashes[i]]
 		ok = ok && hashCount[c.hashes[i]] == 1
+		// A position ahead of this instance is asked about before taking
+		// the channel's lock: a Redis read must not hold deliveries.
+		ahead := false
+		if ok {
+			ch.mu.Lock()
+			cur := ch.pos
+			ch.mu.Unlock()
+			ahead = (p.Epoch == cur.Epoch || cur == Position{Epoch: noEpoch}) && p.Offset > cur.Offset && h.reached(r.Context(), ch, p)
+		}
 		ch.mu.Lock()
 		cur := ch.pos
 		switch {
-		case ok && (p.Epoch == cur.Epoch || cur == Position{Epoch: noEpoch}) && p.Offset > cur.Offset && h.reached(r.Context(), ch, p):
+		case ahead && (p.Epoch == cur.Epoch || cur == Position{Epoch: noEpoch}) && p.Offset >= cur.Offset:
 			// Ahead of this instance, which has not delivered what the
 			// client got elsewhere yet (maybe not even the first events
 			// of the channel's history): live, past the client's position.
@@ -1840,7 +1853,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 
 // reached reports whether channel ch has published up to p (its epoch
 // and last offset in Redis): a position ahead of this instance is then
-// genuine, not foreign. Called with ch.mu held; one short Redis read.
+// genuine, not foreign. One short Redis read.
 func (h *Hub) reached(ctx context.Context, ch *hubChannel, p Position) bool {
 	vals, err := h.b.Do(ctx, ch.keys.meta, h.b.client.B().Hmget().Key(ch.keys.meta).Field("e", "s").Build()).ToArray()
 	if err != nil || len(vals) != 2 {
@@ -2036,7 +2049,7 @@ func (h *Hub) leave(c *sseClient) {
 // KEYS[1] the channel's presence sorted set (member "<instance>|<conn
 // ID>|<since ms>|<user ID>", score its expiry in Redis TIME ms). ARGV[1]
 // PresenceTTL ms, ARGV[2..] the members. Expired members are pruned.
-var presenceAddScript = rueidis.NewLuaScript(`
+var presenceAddScript = newPipelinedScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local exp = now + tonumber(ARGV[1])
@@ -2255,7 +2268,8 @@ func sortMembers(ms []Member) {
 // Shutdown ends every stream with a last "disconnect" event of reason
 // "shutdown", waits for their handlers, removes their presence entries,
 // unsubscribes and stops the hub's goroutines. New streams get
-// ErrHubClosed. It returns ctx's error if that ends first. Call it before
+// ErrHubClosed. It returns ctx's error if that ends first (the goroutines
+// are stopped all the same). Call it before
 // the HTTP server's Shutdown, or register it with
 // http.Server.RegisterOnShutdown: open streams otherwise hold the server's
 // shutdown until its deadline.
@@ -2280,10 +2294,13 @@ func (h *Hub) Shutdown(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
-	if err := wait(&h.streams); err != nil {
+	// The loops stop even when ctx ends first: streams that have not ended
+	// by then are cut off from Redis, as the server is about to cut them.
+	err := wait(&h.streams)
+	h.stopOnce.Do(func() { close(h.stop) })
+	if err != nil {
 		return err
 	}
-	h.stopOnce.Do(func() { close(h.stop) })
 	return wait(&h.loops)
 }
 

@@ -1248,10 +1248,11 @@ func (h *Hub) reread(ch *hubChannel) error {
 			ch.mu.Unlock()
 			continue
 		}
-		if page.reset && page.newEpoch {
-			// A new epoch: what the old one still had is lost, but the
-			// new one's events all came after it, so deliver them from
-			// its start (a Disconnect among them must still end streams).
+		if page.reset && page.newEpoch && ch.internal {
+			// A user channel's new epoch: its events all came after what
+			// was lost, and a Disconnect among them must still end
+			// streams, so read it from its start. (A room's streams get
+			// the reset, then live events.)
 			h.resetLocked(ch, Position{Epoch: page.top.Epoch})
 			ch.mu.Unlock()
 			continue

@@ -134,31 +134,25 @@ func waitSynced(t *testing.T, h *Hub, channel string, off uint64) {
 	}, 10*time.Second, 5*time.Millisecond)
 }
 
-// An open stream loses nothing when its channel's history is lost (the
-// meta hash evicted or expired after MetaTTL without a publish, or Redis
-// restarted without persistence) and the channel then gets a new epoch:
-// the first events of the new epoch are delivered (after a reset), and a
-// Disconnect published as the first event of a user channel's new epoch
-// still ends the user's streams. Before the fix the hub reset straight to
-// the new epoch's top, skipping them: the room lost the event, and a
-// logged-out user's stream stayed open.
-func TestReviewNewEpochKeepsItsFirstEvents(t *testing.T) {
+// A Disconnect that starts a user channel's new epoch (its meta hash
+// evicted, or expired after MetaTTL without a publish, or Redis restarted
+// without persistence) still ends the user's streams. Before the fix the
+// hub reset the user channel straight to the new epoch's top, skipping
+// the Disconnect: the logged-out user's stream stayed open.
+func TestReviewDisconnectStartingANewEpochEndsStreams(t *testing.T) {
 	forEachTopology(t, func(t *testing.T, r *testRedis) {
 		ctx := context.Background()
 		h, srv := newReviewHub(t, r, HubConfig{})
+		// An earlier logout gave u1's channel a history (epoch E1).
+		require.NoError(t, h.Disconnect(ctx, "u1"))
 		s := openReviewStream(t, srv.URL+"/events?channels=room&user=u1", nil)
+		waitSynced(t, h, userChannel("u1"), 1)
 		_, err := h.Publish(ctx, "room", Event{Name: "m", Data: []byte("one")})
 		require.NoError(t, err)
-		require.Equal(t, "one", s.nextEvent(t).data)
+		require.Equal(t, "one", s.nextEvent(t).data, "the stream is open")
 
-		// The room's history is lost; its next publish starts an epoch.
+		// The history is lost; the next Disconnect starts epoch E2.
 		admin := r.Client()
-		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf("room").meta).Build()).Error())
-		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("two")})
-		require.NoError(t, err)
-		require.Equal(t, "two", s.nextEvent(t).data, "the new epoch's first event reaches the open stream")
-
-		// The same for the user channel: Disconnect is its new epoch's first event.
 		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf(userChannel("u1")).meta).Build()).Error())
 		require.NoError(t, h.Disconnect(ctx, "u1"))
 		f := s.nextEvent(t)
@@ -212,6 +206,25 @@ func (g *gateWriter) release()                         { g.mu.Lock(); close(g.op
 func (g *gateWriter) text() string                     { g.mu.Lock(); defer g.mu.Unlock(); return g.buf.String() }
 func (g *gateWriter) has(s string) func() bool {
 	return func() bool { return strings.Contains(g.text(), s) }
+}
+
+// oldEpoch returns the epoch of hub h's last position on channel.
+func oldEpoch(t *testing.T, h *Hub, channel string) string {
+	t.Helper()
+	h.mu.Lock()
+	ch := h.chans[channel]
+	h.mu.Unlock()
+	require.NotNil(t, ch)
+	ch.mu.Lock()
+	defer ch.mu.Unlock()
+	return ch.pos.Epoch
+}
+
+// waitNewEpoch waits until hub h moved channel to an epoch other than old
+// (it queued the reset).
+func waitNewEpoch(t *testing.T, h *Hub, channel, old string) {
+	t.Helper()
+	require.Eventually(t, func() bool { return oldEpoch(t, h, channel) != old }, 10*time.Second, 5*time.Millisecond)
 }
 
 // parseFrames splits SSE text into its events.
@@ -271,7 +284,11 @@ func TestReviewEndWritesQueuedReset(t *testing.T) {
 		// Meanwhile the room's history is lost and restarts: a reset, then
 		// "three" of the new epoch, are queued; then the user is logged out.
 		admin := r.Client()
+		old := oldEpoch(t, h, "room")
 		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf("room").meta).Build()).Error())
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("lost")})
+		require.NoError(t, err)
+		waitNewEpoch(t, h, "room", old)
 		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("three")})
 		require.NoError(t, err)
 		require.Eventually(t, func() bool { return h.Stats().Delivered >= 3 }, 10*time.Second, 5*time.Millisecond)
@@ -328,7 +345,11 @@ func TestReviewQueuedResetPrecedesItsEvents(t *testing.T) {
 			t.Fatal("the handler did not write")
 		}
 		admin := r.Client()
+		old := oldEpoch(t, h, "room")
 		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf("room").meta).Build()).Error())
+		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("lost")})
+		require.NoError(t, err)
+		waitNewEpoch(t, h, "room", old)
 		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("two")})
 		require.NoError(t, err)
 		require.Eventually(t, func() bool { return h.Stats().Delivered >= 2 }, 10*time.Second, 5*time.Millisecond)

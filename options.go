@@ -514,6 +514,25 @@ func (b *backend) Exec(ctx context.Context, script *rueidis.Lua, keys, args []st
 	return res
 }
 
+// ExecMulti runs script once per exec, pipelined (rueidis sends one
+// pipeline per node), under one deadline and the breaker of key's node:
+// callers group execs by node (see scope) so that one failing node does
+// not open another's breaker.
+func (b *backend) ExecMulti(ctx context.Context, key string, script *rueidis.Lua, execs ...rueidis.LuaExec) (res []rueidis.RedisResult) {
+	err := b.call(ctx, key, false, func(ctx context.Context) error {
+		res = script.ExecMulti(ctx, b.client, execs...)
+		_, err := multiErr(res)
+		return err
+	})
+	if errors.Is(err, ErrBreakerOpen) {
+		res = make([]rueidis.RedisResult, len(execs))
+		for i := range res {
+			res[i] = rueidis.NewErrorResult(err)
+		}
+	}
+	return res
+}
+
 // outcome is what a call tells the breaker about Redis's health.
 type outcome uint8
 

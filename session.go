@@ -1470,6 +1470,33 @@ func (s *SessionState) Handle() string {
 	return s.tok.handle()
 }
 
+// Alive reports whether the session with handle (SessionState.Handle)
+// still exists and has not expired: one uncached Redis read (so a session
+// destroyed on another instance is seen at once) that does not extend the
+// session's idle timeout. The SSE glue calls it to end a stream whose
+// session is gone. An unknown or malformed handle is not alive.
+func (st *SessionStore) Alive(ctx context.Context, handle string) (bool, error) {
+	key, ok := st.keyOf(handle)
+	if !ok {
+		return false, nil
+	}
+	fields := []string{fVersion, fAbsolute, fSeen, fIdle}
+	vals, err := st.b.Do(ctx, key, st.b.client.B().Hmget().Key(key).Field(fields...).Build()).ToArray()
+	if err != nil {
+		return false, err
+	}
+	m := make(map[string]string, len(fields))
+	for i, f := range fields {
+		if i < len(vals) {
+			if v, err := vals[i].ToString(); err == nil {
+				m[f] = v
+			}
+		}
+	}
+	_, found := st.parse(m)
+	return found, nil
+}
+
 // Store returns the session's store, for ListUserSessions and
 // DestroyUserSessions.
 func (s *SessionState) Store() *SessionStore { return s.st }

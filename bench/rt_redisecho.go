@@ -1,5 +1,3 @@
-//go:build realtime
-
 package main
 
 // The system under test: the example app's realtime endpoint (Echo,

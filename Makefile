@@ -60,3 +60,10 @@ build:
 ## interleaved rounds, medians as ratios to a baseline route).
 bench: redis-server wrk
 	cd bench && go run .
+
+## bench-realtime: the realtime table of the README (issue 11's Performance
+## section: servers, publisher and load tool in separate processes; about
+## 7 minutes). `cd bench && go run . realtime -quick` is a smoke run.
+.PHONY: bench-realtime
+bench-realtime: redis-server
+	cd bench && go run . realtime

@@ -50,6 +50,7 @@ type loadMark struct {
 	Measured    uint64 `json:"measured"` // events of the measured window
 	Disconnects uint64 `json:"disconnects"`
 	BadEvents   uint64 `json:"badEvents"` // payloads without a timestamp
+	Retries     uint64 `json:"retries"`   // SSE connects answered 503 and tried again
 	Conns       int    `json:"conns"`
 }
 
@@ -68,6 +69,7 @@ type loadTool struct {
 	measured    atomic.Uint64
 	disconnects atomic.Uint64
 	badEvents   atomic.Uint64
+	retries     atomic.Uint64 // SSE connects answered 503 and tried again
 
 	mu     sync.Mutex
 	closes []func()
@@ -120,6 +122,7 @@ func (lt *loadTool) mark() loadMark {
 		Measured:    lt.measured.Load(),
 		Disconnects: lt.disconnects.Load(),
 		BadEvents:   lt.badEvents.Load(),
+		Retries:     lt.retries.Load(),
 		Conns:       n,
 	}
 }
@@ -148,7 +151,7 @@ func (lt *loadTool) connect(a connectArgs) error {
 	var dial func(ctx context.Context, addr, channel string) (func(), error)
 	switch a.Kind {
 	case "sse":
-		dial = lt.dialSSE
+		dial = lt.dialSSERetry
 	case "centrifuge":
 		dial = lt.dialCentrifuge
 	default:
@@ -197,6 +200,29 @@ dials:
 	return firstErr
 }
 
+// errUnavailable is a 503 answer to a stream request.
+var errUnavailable = errors.New("503")
+
+// dialSSERetry is dialSSE that tries again after a 503 (the hub refuses a
+// stream whose channels Redis did not confirm in time), with backoff, as
+// the example page does: up to 8 times.
+func (lt *loadTool) dialSSERetry(ctx context.Context, addr, channel string) (func(), error) {
+	backoff := 50 * time.Millisecond
+	for try := 1; ; try++ {
+		stop, err := lt.dialSSE(ctx, addr, channel)
+		if !errors.Is(err, errUnavailable) || try == 8 {
+			return stop, err
+		}
+		lt.retries.Add(1)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
 // dialSSE opens GET /events?channels=<channel> over HTTP/1.1 and waits for
 // the stream's first comment; a goroutine then reads the stream until it
 // is closed.
@@ -223,7 +249,11 @@ func (lt *loadTool) dialSSE(ctx context.Context, addr, channel string) (func(), 
 	if resp.StatusCode != http.StatusOK || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 		conn.Close()
-		return nil, fmt.Errorf("%s %s: %s", resp.Status, resp.Header.Get("Content-Type"), bytes.TrimSpace(b))
+		err := fmt.Errorf("%s %s: %s", resp.Status, resp.Header.Get("Content-Type"), bytes.TrimSpace(b))
+		if resp.StatusCode == http.StatusServiceUnavailable {
+			err = fmt.Errorf("%w: %w", errUnavailable, err)
+		}
+		return nil, err
 	}
 	// resp.Body undoes the chunked transfer coding; lines are read in place.
 	lines := bufio.NewReaderSize(resp.Body, 4096)

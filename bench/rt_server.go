@@ -66,7 +66,8 @@ type memReport struct {
 	StackInuse  uint64           `json:"stackInuse"`
 	HeapObjects uint64           `json:"heapObjects"`
 	Goroutines  int              `json:"goroutines"`
-	Sites       map[string]int64 `json:"sites,omitempty"` // in-use bytes by allocation site (estimated from the sampled profile)
+	Sites       map[string]int64 `json:"sites,omitempty"`  // in-use bytes by allocation site (estimated from the sampled profile)
+	Parked      map[string]int   `json:"parked,omitempty"` // goroutines by where they wait (their innermost non-runtime frame)
 }
 
 func serverMain(args []string) error {
@@ -185,8 +186,51 @@ func readMem(sites bool, rate int) memReport {
 	r := memReport{HeapInuse: ms.HeapInuse, StackInuse: ms.StackInuse, HeapObjects: ms.HeapObjects, Goroutines: runtime.NumGoroutine()}
 	if sites {
 		r.Sites = heapSites(rate)
+		r.Parked = parkedGoroutines()
 	}
 	return r
+}
+
+// parkedGoroutines counts goroutines by their innermost frame outside the
+// runtime and the packages that only wait (sync, time, internal/poll...).
+func parkedGoroutines() map[string]int {
+	var recs []runtime.StackRecord
+	n, _ := runtime.GoroutineProfile(nil)
+	for {
+		recs = make([]runtime.StackRecord, n+64)
+		var ok bool
+		n, ok = runtime.GoroutineProfile(recs)
+		if ok {
+			recs = recs[:n]
+			break
+		}
+	}
+	parked := map[string]int{}
+	for i := range recs {
+		name := "runtime"
+		frames := runtime.CallersFrames(recs[i].Stack())
+		for {
+			f, more := frames.Next()
+			if !waitFrame(f.Function) {
+				name = shortFunc(f.Function)
+				break
+			}
+			if !more {
+				break
+			}
+		}
+		parked[name]++
+	}
+	return parked
+}
+
+func waitFrame(fn string) bool {
+	for _, p := range []string{"runtime.", "internal/", "sync.", "time.", "net.", "bufio.", "io.", "crypto/tls."} {
+		if strings.HasPrefix(fn, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // heapSites sums the in-use bytes of the heap profile (as of the last GC)

@@ -51,6 +51,7 @@ type loadMark struct {
 	Disconnects uint64 `json:"disconnects"`
 	BadEvents   uint64 `json:"badEvents"` // payloads without a timestamp
 	Retries     uint64 `json:"retries"`   // SSE connects answered 503 and tried again
+	LastNano    int64  `json:"lastNano"`  // when the last measured event arrived (unix ns)
 	Conns       int    `json:"conns"`
 }
 
@@ -70,6 +71,7 @@ type loadTool struct {
 	disconnects atomic.Uint64
 	badEvents   atomic.Uint64
 	retries     atomic.Uint64 // SSE connects answered 503 and tried again
+	lastNano    atomic.Int64  // when the last measured event arrived (unix ns)
 
 	mu     sync.Mutex
 	closes []func()
@@ -123,6 +125,7 @@ func (lt *loadTool) mark() loadMark {
 		Disconnects: lt.disconnects.Load(),
 		BadEvents:   lt.badEvents.Load(),
 		Retries:     lt.retries.Load(),
+		LastNano:    lt.lastNano.Load(),
 		Conns:       n,
 	}
 }
@@ -361,6 +364,7 @@ func (lt *loadTool) receive(data []byte) {
 	if measured {
 		lt.measured.Add(1)
 		lt.hist.record(now - ts)
+		lt.lastNano.Store(now)
 	}
 }
 

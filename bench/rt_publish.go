@@ -37,7 +37,7 @@ type publishArgs struct {
 	Rate     float64  `json:"rate"`     // publishes per second
 	Warmup   float64  `json:"warmup"`   // seconds, not measured
 	Duration float64  `json:"duration"` // seconds, measured
-	Workers  int      `json:"workers"`  // concurrent publish calls; default 16
+	Workers  int      `json:"workers"`  // concurrent publish calls; default 128
 }
 
 // publishResult is the reply to "run".
@@ -47,6 +47,8 @@ type publishResult struct {
 	Errors    uint64  `json:"errors"`
 	FirstErr  string  `json:"firstErr,omitempty"`
 	Achieved  float64 `json:"achieved"` // measured publishes per second of the window as it really lasted
+	// WindowStart is when the measured window began (unix ns).
+	WindowStart int64 `json:"windowStart"`
 }
 
 func publishMain(args []string) error {
@@ -92,7 +94,7 @@ func runPublisher(publish publishFunc, a publishArgs) (publishResult, error) {
 		return publishResult{}, errors.New("run: channels, rate > 0 and duration > 0 are required")
 	}
 	if a.Workers <= 0 {
-		a.Workers = 16
+		a.Workers = 128
 	}
 	var (
 		res                  publishResult
@@ -148,6 +150,9 @@ func runPublisher(publish publishFunc, a publishArgs) (publishResult, error) {
 	close(jobs)
 	wg.Wait()
 	res.Published, res.Measured, res.Errors = published.Load(), measured.Load(), failed.Load()
+	if !windowStart.IsZero() {
+		res.WindowStart = windowStart.UnixNano()
+	}
 	if last := lastMeasuredDoneNano.Load(); last > 0 && !windowStart.IsZero() {
 		// The window as it really lasted: from its first due publish to the
 		// last measured one done, at least its planned length.

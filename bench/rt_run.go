@@ -423,7 +423,15 @@ func measure(p rtPlan, c rtCase, s *rtSystem, load *child, info *redisConn, rate
 		Disconnects: m1.Disconnects - m0.Disconnects, BadEvents: m1.BadEvents - m0.BadEvents,
 		PubErrors: pub.Errors, PubErr: pub.FirstErr, Lat: lat, Profile: profile,
 	}
-	r.Delivered = float64(r.Received) / duration
+	// Delivered per second of the window as the subscribers saw it: from
+	// its start to the last measured event's arrival, at least its planned
+	// length (a backlog that drains after the publisher stopped does not
+	// count as throughput).
+	window := duration
+	if pub.WindowStart > 0 && m1.LastNano > pub.WindowStart {
+		window = max(window, float64(m1.LastNano-pub.WindowStart)/1e9)
+	}
+	r.Delivered = float64(r.Received) / window
 	if ev := m1.Events - m0.Events; ev > 0 {
 		r.CPUPerEvent = float64(m1.CPUNanos-m0.CPUNanos) / 1000 / float64(ev)
 	}

@@ -23,6 +23,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -297,13 +298,22 @@ func siteOf(stack []uintptr) string {
 }
 
 // shortFunc drops a function's module path: "net/http.(*conn).serve",
-// "redisecho.(*Hub).Serve".
+// "redisecho.(*Hub).Serve", "echo/v4.(*context).QueryParam".
 func shortFunc(fn string) string {
-	if i := strings.LastIndex(fn, "/"); i >= 0 && !strings.HasPrefix(fn, "net/http.") {
-		return fn[i+1:]
+	if strings.HasPrefix(fn, "net/http.") {
+		return fn
 	}
-	return fn
+	i := strings.LastIndex(fn, "/")
+	if i < 0 {
+		return fn
+	}
+	if j := strings.LastIndex(fn[:i], "/"); j >= 0 && majorVersion.MatchString(fn[i+1:]) {
+		return fn[j+1:]
+	}
+	return fn[i+1:]
 }
+
+var majorVersion = regexp.MustCompile(`^v[0-9]+\.`)
 
 // newBareServer: Echo with one SSE handler that writes the headers and the
 // first bytes redisecho writes, flushes, clears the server's deadlines and

@@ -165,3 +165,18 @@ func TestRealtimeSmoke(t *testing.T) {
 		}
 	}
 }
+
+func TestShortFunc(t *testing.T) {
+	for in, want := range map[string]string{
+		"net/http.(*conn).serve":                                    "net/http.(*conn).serve",
+		"github.com/redisecho/redisecho.(*Hub).Serve":               "redisecho.(*Hub).Serve",
+		"github.com/labstack/echo/v4.(*context).QueryParam":         "echo/v4.(*context).QueryParam",
+		"github.com/redis/rueidis.(*pipe)._backgroundRead":          "rueidis.(*pipe)._backgroundRead",
+		"main.newBareServer.func1":                                  "main.newBareServer.func1",
+		"github.com/centrifugal/centrifuge.(*Client).handleCommand": "centrifuge.(*Client).handleCommand",
+	} {
+		if got := shortFunc(in); got != want {
+			t.Errorf("shortFunc(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -59,6 +59,9 @@ func publishMain(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if err := raiseFileLimit(); err != nil {
+		return fmt.Errorf("RLIMIT_NOFILE: %w", err)
+	}
 	build := publisherKinds[*kind]
 	if build == nil {
 		return fmt.Errorf("unknown -kind %q", *kind)

@@ -11,10 +11,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZTIME ?= 10000x
 FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON FuzzLimiterKeys
 
-.PHONY: test redis-server wrk fmt vet staticcheck unit fuzz build bench
+.PHONY: test redis-server wrk fmt vet staticcheck unit fuzz build bench e2e
 
 ## test: everything CI runs (installs redis-server when missing).
-test: redis-server fmt vet staticcheck unit fuzz build
+test: redis-server fmt vet staticcheck unit fuzz build e2e
 
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -26,18 +26,20 @@ wrk:
 fmt:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 
-# The example and the benchmarks are modules of their own (example/,
-# bench/), so that users of redisecho never download what only they need:
-# each target runs in all three.
+# The example, the benchmarks and the browser test are modules of their own
+# (example/, bench/, e2e/), so that users of redisecho never download what
+# only they need: each target runs in all four.
 vet:
 	go vet ./...
 	cd example && go vet ./...
 	cd bench && go vet ./...
+	cd e2e && go vet ./...
 
 staticcheck:
 	go run $(STATICCHECK) ./...
 	cd example && go run $(STATICCHECK) ./...
 	cd bench && go run $(STATICCHECK) ./...
+	cd e2e && go run $(STATICCHECK) ./...
 
 ## unit: the whole suite with the race detector, on a standalone server and a
 ## 3-master cluster that the tests start themselves: the library's (with the
@@ -55,11 +57,19 @@ fuzz:
 build:
 	cd example && go build -o /dev/null .
 	cd bench && go build -o /dev/null .
+	cd e2e && go test -c -o /dev/null .
 
 ## bench: the performance table of the README (wrk -t1 -c32 -d5s, two
 ## interleaved rounds, medians as ratios to a baseline route).
 bench: redis-server wrk
 	cd bench && go run .
+
+## e2e: the example's demo page in headless Chromium (Debian's chromium,
+## installed when missing) against two instances of the example sharing one
+## redis-server, which the test starts and stops itself.
+e2e: redis-server
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	cd e2e && go test -count=1 ./...
 
 ## bench-realtime: the realtime table of the README (issue 11's Performance
 ## section: servers, publisher and load tool in separate processes; about

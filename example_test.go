@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -124,4 +125,51 @@ func ExampleReadiness() {
 	e := echo.New()
 	e.GET("/health", redisecho.ReadinessWithConfig(redisecho.ReadinessConfig{Holder: holder}))
 	e.GET("/livez", redisecho.Liveness())
+}
+
+func ExampleSSEWithConfig() {
+	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{"127.0.0.1:6379"}})
+	if err != nil {
+		panic(err)
+	}
+	defer client.Close()
+	hub, err := redisecho.NewHub(redisecho.HubConfig{Client: client})
+	if err != nil {
+		panic(err)
+	}
+
+	e := echo.New()
+	e.Use(redisecho.Session(client, os.Getenv("SESSION_KEY")))
+	// GET /events?channels=room:a,room:b streams those rooms, plus the
+	// logged-in user's own channel.
+	e.GET("/events", redisecho.SSEWithConfig(redisecho.SSEConfig{
+		Hub: hub,
+		Channels: func(c echo.Context) ([]string, error) {
+			rooms := strings.Split(c.QueryParam("rooms"), ",")
+			if s, err := redisecho.GetSession(c); err == nil && s.UserID() != "" {
+				rooms = append(rooms, "user:"+s.UserID())
+			}
+			return rooms, nil
+		},
+		Authorize: func(c echo.Context, channel string) error {
+			if channel == "admin" {
+				return echo.ErrForbidden
+			}
+			return nil
+		},
+	}))
+	// Publish from anywhere: a handler, a job, another service.
+	e.POST("/rooms/:room/messages", func(c echo.Context) error {
+		pos, err := hub.Publish(c.Request().Context(), c.Param("room"), redisecho.Event{
+			Name: "chat:message", Data: []byte(`{"text":"hello"}`),
+		})
+		if err != nil {
+			return err
+		}
+		return c.JSON(http.StatusAccepted, map[string]string{"id": pos.String()})
+	})
+
+	srv := &http.Server{Addr: ":8080", Handler: e}
+	srv.RegisterOnShutdown(func() { _ = hub.Shutdown(context.Background()) }) // ends the streams, so Shutdown does not wait for them
+	_ = srv.ListenAndServe()
 }

@@ -882,6 +882,12 @@ func signal(c chan struct{}) {
 func (c *hubConn) want(ch *hubChannel) {
 	c.mu.Lock()
 	c.wanted[ch.keys.announce] = ch
+	if c.subscribed[ch.keys.announce] {
+		// Re-acquired before the unsubscribe of its previous life: the
+		// subscription stands, the new channel only needs its position.
+		ch.reread.Store(true)
+		signal(c.kick)
+	}
 	if !c.running {
 		c.running = true
 		c.h.loops.Add(2)

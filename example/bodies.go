@@ -31,6 +31,10 @@ var bodyLimits = map[string]int64{
 	"POST /api/auth/login":  maxLoginBody,
 	"PUT /preferences":      maxPreferencesBody,
 	"PUT /api/products/:id": maxProductBody,
+	// The realtime routes (realtime.go).
+	"POST /rooms/:room/messages": maxMessageBody,
+	"POST /notifications":        maxMessageBody,
+	"PUT /orders/:id/status":     maxOrderBody,
 }
 
 // limitBodies is the app's first middleware (after routing, so c.Path() is

@@ -2,7 +2,9 @@
 // (shared/reference/redis-with-express.md), in Echo with redisecho: health
 // endpoints, the guide's session routes (routes.go), its cached product and
 // user API (api.go, with the demo catalogue in Redis and product writes for
-// alice, the demo admin, only) and its rate limiters (ratelimit.go). Run it
+// alice, the demo admin, only), its rate limiters (ratelimit.go), and its
+// real-time chat, notifications and order updates over Server-Sent Events
+// (realtime.go), with a demo page at /. Run it
 // with `go run .` in this directory (`go -C example run .` from the
 // repository's root): it is a module of its own, so that what only the demo
 // needs stays out of the library's go.mod.
@@ -286,6 +288,13 @@ func probe(e *echo.Echo, path string, h echo.HandlerFunc) {
 // newApp builds the full app on a connected client. It does no I/O: the
 // catalogue is seeded before (seedCatalogue).
 func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, error) {
+	e, _, err := newAppWithRealtime(client, cfg, logger)
+	return e, err
+}
+
+// newAppWithRealtime is newApp, with the realtime part (realtime.go),
+// whose hub's shutdown the server must run when it shuts down.
+func newAppWithRealtime(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, *realtime, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.IPExtractor = cfg.ipExtractor()
@@ -302,14 +311,18 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 		RecordUserAgent: true,
 	}.ToMiddleware()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	// The guide's rate limiters (ratelimit.go). The /api limiter is the
 	// group's middleware, so it runs first on every /api route, before the
 	// route's own limiter and before the cache: cache hits count too.
 	limits, err := newRateLimits(client, cfg, opts)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	rt, err := newRealtime(client, opts)
+	if err != nil {
+		return nil, nil, err
 	}
 	auth := e.Group("", sessions)
 	// The guide limits only /api/auth/login; POST /login shares its
@@ -319,9 +332,10 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 	// public.
 	auth.POST("/login", login, limits.login, limits.newLoginSession)
 	auth.GET("/profile", profile)
-	auth.POST("/logout", logout)
+	// Logging out ends the user's open streams (realtime.endStreams).
+	auth.POST("/logout", logout, rt.endStreams)
 	auth.GET("/sessions", listSessions)
-	auth.POST("/logout-all", logoutAll)
+	auth.POST("/logout-all", logoutAll, rt.endStreams)
 	// The one route that creates anonymous sessions: each creation is
 	// counted per client address (with the logins that create one); a
 	// visitor with a session is not.
@@ -335,9 +349,14 @@ func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo,
 	// The session runs first: the limiter keys logged-in users by their ID.
 	api.GET("/expensive-operation", expensiveOperation, sessions, limits.expensive)
 	if err := mountAPI(api, client, opts, sessions); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return e, nil
+	// The guide's chat, notifications and orders over SSE, and the demo
+	// page.
+	if err := rt.mount(e, auth); err != nil {
+		return nil, nil, err
+	}
+	return e, rt, nil
 }
 
 // seedCatalogue writes the demo products that are missing, retrying every
@@ -407,6 +426,22 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 	var handler atomic.Pointer[http.Handler]
 	var boot http.Handler = newBootApp(holder)
 	handler.Store(&boot)
+	tm := cfg.timeouts
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { (*handler.Load()).ServeHTTP(w, r) }),
+		// ReadTimeout bounds the whole request, body included (a client
+		// sending a byte every few seconds is cut off), and WriteTimeout
+		// the response. Long-lived responses (the SSE streams of
+		// realtime.go) clear both deadlines on their connection
+		// (http.ResponseController's SetReadDeadline and SetWriteDeadline
+		// with a zero time), or the server would cut them after these.
+		ReadHeaderTimeout: tm.readHeader,
+		ReadTimeout:       tm.read,
+		WriteTimeout:      tm.write,
+		IdleTimeout:       tm.idle,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
 	appErr := make(chan error, 1)
 	go func() {
 		select {
@@ -417,34 +452,27 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 		if seedCatalogue(ctx, holder.Client(), logger) != nil {
 			return // shutting down
 		}
-		app, err := newApp(holder.Client(), cfg, logger)
+		app, rt, err := newAppWithRealtime(holder.Client(), cfg, logger)
 		if err != nil {
 			appErr <- err
 			return
 		}
+		// The server's shutdown waits for the requests in flight, and an
+		// SSE stream never ends by itself: the hub ends them all (each
+		// with a last "disconnect" event) as soon as the shutdown starts.
+		srv.RegisterOnShutdown(func() { rt.shutdown(tm.shutdown) })
 		var h http.Handler = app
 		handler.Store(&h)
+		if ctx.Err() != nil {
+			// The shutdown may have started before the hook was
+			// registered: end the streams anyway (twice is harmless).
+			go rt.shutdown(tm.shutdown)
+		}
 	}()
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
 		return err
-	}
-	tm := cfg.timeouts
-	srv := &http.Server{
-		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { (*handler.Load()).ServeHTTP(w, r) }),
-		// ReadTimeout bounds the whole request, body included (a client
-		// sending a byte every few seconds is cut off), and WriteTimeout
-		// the response. Long-lived responses (the SSE streams of realtime
-		// fan-out) must clear both deadlines on their connection
-		// (http.ResponseController's SetReadDeadline and SetWriteDeadline
-		// with a zero time), or the server cuts them after these.
-		ReadHeaderTimeout: tm.readHeader,
-		ReadTimeout:       tm.read,
-		WriteTimeout:      tm.write,
-		IdleTimeout:       tm.idle,
-		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

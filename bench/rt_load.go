@@ -26,7 +26,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	cfgo "github.com/centrifugal/centrifuge-go"
@@ -113,13 +112,11 @@ func loadMain(args []string) error {
 }
 
 func (lt *loadTool) mark() loadMark {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	lt.mu.Lock()
 	n := len(lt.closes)
 	lt.mu.Unlock()
 	return loadMark{
-		CPUNanos:    ru.Utime.Nano() + ru.Stime.Nano(),
+		CPUNanos:    processCPU(),
 		Events:      lt.events.Load(),
 		Measured:    lt.measured.Load(),
 		Disconnects: lt.disconnects.Load(),

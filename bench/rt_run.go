@@ -90,6 +90,7 @@ type rtResult struct {
 	PubErr      string
 	Lat         latencyReport
 	CPUPerEvent float64 // load tool CPU µs per event received
+	SrvPerEvent float64 // both servers' CPU µs per event received
 	CmdsPerPub  float64
 	ByCommand   map[string]float64 // Redis calls per publish, by command
 	Profile     string
@@ -303,8 +304,8 @@ func runRealtime(ctx context.Context, o rtOptions, w io.Writer) (int, error) {
 					return 0, fmt.Errorf("%s, %s: %w", c.Name, s.Name, err)
 				}
 				results[key(c, s)] = append(results[key(c, s)], r)
-				logf("round %d/%d %-40s %-10s %8.0f pub/s %9.0f ev/s  p50 %6.2f  p99 %6.2f  max %7.2f ms  %5.1f µs CPU/ev  %5.2f cmds/pub %s",
-					round, p.Rounds, c.Name, s.Name, r.Rate, r.Delivered, r.Lat.P50/1000, r.Lat.P99/1000, r.Lat.Max/1000, r.CPUPerEvent, r.CmdsPerPub, strings.Join(r.problems(), "; "))
+				logf("round %d/%d %-40s %-10s %8.0f pub/s %9.0f ev/s  p50 %6.2f  p99 %6.2f  max %7.2f ms  CPU/ev %5.1f µs servers %5.1f µs load tool  %5.2f cmds/pub %s",
+					round, p.Rounds, c.Name, s.Name, r.Rate, r.Delivered, r.Lat.P50/1000, r.Lat.P99/1000, r.Lat.Max/1000, r.SrvPerEvent, r.CPUPerEvent, r.CmdsPerPub, strings.Join(r.problems(), "; "))
 			}
 		}
 	}
@@ -383,6 +384,21 @@ func measure(p rtPlan, c rtCase, s *rtSystem, load *child, info *redisConn, rate
 			return rtResult{}, err
 		}
 	}
+	srvCPU := func() (int64, error) {
+		var total int64
+		for _, srv := range s.servers {
+			var c struct{ CPUNanos int64 }
+			if err := srv.Call("cpu", nil, &c); err != nil {
+				return 0, err
+			}
+			total += c.CPUNanos
+		}
+		return total, nil
+	}
+	srv0, err := srvCPU()
+	if err != nil {
+		return rtResult{}, err
+	}
 	var pub publishResult
 	err = s.publisher.Call("run", publishArgs{Channels: c.Channels, Rate: rate, Warmup: warmup, Duration: duration}, &pub)
 	if err != nil {
@@ -410,6 +426,10 @@ func measure(p rtPlan, c rtCase, s *rtSystem, load *child, info *redisConn, rate
 	if err != nil {
 		return rtResult{}, err
 	}
+	srv1, err := srvCPU()
+	if err != nil {
+		return rtResult{}, err
+	}
 	if err := load.Call("mark", nil, &m1); err != nil {
 		return rtResult{}, err
 	}
@@ -434,6 +454,7 @@ func measure(p rtPlan, c rtCase, s *rtSystem, load *child, info *redisConn, rate
 	r.Delivered = float64(r.Received) / window
 	if ev := m1.Events - m0.Events; ev > 0 {
 		r.CPUPerEvent = float64(m1.CPUNanos-m0.CPUNanos) / 1000 / float64(ev)
+		r.SrvPerEvent = float64(srv1-srv0) / 1000 / float64(ev)
 	}
 	if pub.Published > 0 {
 		calls1["info"]-- // the first snapshot
@@ -601,7 +622,7 @@ func reportRealtime(w io.Writer, h rtHeader, cases []rtCase, systems []*rtSystem
 	fmt.Fprintf(w, "Method: servers, publisher and load tool in separate processes on one machine; two servers per system on one Redis, "+
 		"every room's subscribers split over both; %s-byte payloads published at a fixed rate with their send time; "+
 		"%gs warm-up, %gs measured per run (ceiling steps: %gs + %gs); cases interleaved over %d round(s), median per figure%s. "+
-		"Latency = publish call → event parsed by the load tool. Load tool CPU = its getrusage user+system time / events it received. "+
+		"Latency = publish call → event parsed by the load tool. Servers CPU, load tool CPU = getrusage user+system time of both servers, of the load tool, over the run / events received. "+
 		"Redis cmds/publish = Δ of summed `INFO commandstats` calls during the run (minus the INFO itself; all clients: servers, publisher, presence) / publishes. "+
 		"Go %s, %d CPUs (shared by every process); load average (1, 5, 15 min) %s; Redis %s; %s.\n",
 		thousands(payloadSize), p.Warmup, p.Duration, p.CeilingWarmup, p.CeilingDur, p.Rounds, mean,
@@ -613,8 +634,8 @@ func reportRealtime(w io.Writer, h rtHeader, cases []rtCase, systems []*rtSystem
 	var notes []string
 	if len(cases) > 0 {
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| case | system (transport) | publishes/s | delivered events/s | p50 ms | p99 ms | max ms | load tool CPU µs/event | Redis cmds/publish |")
-		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "| case | system (transport) | publishes/s | delivered events/s | p50 ms | p99 ms | max ms | servers CPU µs/event | load tool CPU µs/event | Redis cmds/publish |")
+		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, c := range cases {
 			for _, s := range systems {
 				runs := results[c.Name+"\x00"+s.Name]
@@ -640,13 +661,14 @@ func reportRealtime(w io.Writer, h rtHeader, cases []rtCase, systems []*rtSystem
 					notes = append(notes, fmt.Sprintf("%s, %s: %s", c.Name, s.Name, strings.Join(probs, "; ")))
 					name += fmt.Sprintf(" ⚠ [%d]", len(notes))
 				}
-				fmt.Fprintf(w, "| %s | %s (%s) | %s | %s | %.2f | %.2f | %.2f | %.1f | %.2f |\n",
+				fmt.Fprintf(w, "| %s | %s (%s) | %s | %s | %.2f | %.2f | %.2f | %.1f | %.1f | %.2f |\n",
 					name, s.Name, s.Transport,
 					thousands(med(func(r rtResult) float64 { return r.Rate })),
 					thousands(med(func(r rtResult) float64 { return r.Delivered })),
 					med(func(r rtResult) float64 { return r.Lat.P50 / 1000 }),
 					med(func(r rtResult) float64 { return r.Lat.P99 / 1000 }),
 					med(func(r rtResult) float64 { return r.Lat.Max / 1000 }),
+					med(func(r rtResult) float64 { return r.SrvPerEvent }),
 					med(func(r rtResult) float64 { return r.CPUPerEvent }),
 					med(func(r rtResult) float64 { return r.CmdsPerPub }))
 			}

@@ -8,8 +8,9 @@ package main
 // /connection/websocket; rt_centrifuge.go).
 //
 // Requests: "mem" (runtime.MemStats after a GC, the goroutine count and,
-// with -memprofilerate, the in-use heap by allocation site), "stats" (the
-// hub's Stats, when it has one), "cpuprofile-start"/"cpuprofile-stop".
+// with -memprofilerate, the in-use heap by allocation site), "cpu" (its
+// getrusage user + system time), "stats" (the hub's Stats, when it has
+// one), "cpuprofile-start"/"cpuprofile-stop".
 
 import (
 	"context"
@@ -26,6 +27,7 @@ import (
 	"runtime/pprof"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -132,6 +134,8 @@ func serverMain(args []string) error {
 		switch op {
 		case "mem":
 			return readMem(*memRate > 0, rate), nil
+		case "cpu":
+			return struct{ CPUNanos int64 }{processCPU()}, nil
 		case "stats":
 			if app.Stats == nil {
 				return nil, nil
@@ -166,6 +170,13 @@ func serverMain(args []string) error {
 		}
 		return nil, fmt.Errorf("unknown op %q", op)
 	})
+}
+
+// processCPU is this process's user + system CPU time, in nanoseconds.
+func processCPU() int64 {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return ru.Utime.Nano() + ru.Stime.Nano()
 }
 
 func serverKindNames() []string {

@@ -387,11 +387,11 @@ func measure(p rtPlan, c rtCase, s *rtSystem, load *child, info *redisConn, rate
 	srvCPU := func() (int64, error) {
 		var total int64
 		for _, srv := range s.servers {
-			var c struct{ CPUNanos int64 }
-			if err := srv.Call("cpu", nil, &c); err != nil {
+			var cpu struct{ CPUNanos int64 }
+			if err := srv.Call("cpu", nil, &cpu); err != nil {
 				return 0, err
 			}
-			total += c.CPUNanos
+			total += cpu.CPUNanos
 		}
 		return total, nil
 	}

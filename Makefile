@@ -70,3 +70,10 @@ bench: redis-server wrk
 e2e: redis-server
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	cd e2e && go test -count=1 ./...
+
+## bench-realtime: the realtime table of the README (issue 11's Performance
+## section: servers, publisher and load tool in separate processes; about
+## 7 minutes). `cd bench && go run . realtime -quick` is a smoke run.
+.PHONY: bench-realtime
+bench-realtime: redis-server
+	cd bench && go run . realtime

@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # that found nothing with "context deadline exceeded" at the end of its time
 # (golang/go#75804, seen here on FuzzLimiterKeys under load).
 FUZZTIME ?= 10000x
-FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON FuzzLimiterKeys
+FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON FuzzLimiterKeys FuzzDecodeStreamID
 
 .PHONY: test redis-server wrk fmt vet staticcheck unit fuzz build bench e2e
 
@@ -43,14 +43,16 @@ staticcheck:
 
 ## unit: the whole suite with the race detector, on a standalone server and a
 ## 3-master cluster that the tests start themselves: the library's (with the
-## fuzz seed corpus), then the example's, which runs the app on both.
+## fuzz seed corpus), then the example's, which runs the app on both, then
+## the benchmarks' own tests (a tiny smoke run of the realtime benchmark).
 unit:
 	go test -race -count=1 ./...
 	cd example && go test -race -count=1 ./...
+	cd bench && go test -count=1 ./...
 
 ## fuzz: a short run of each fuzzer beyond its seed corpus (which `unit`
 ## already runs): key slots, cookies, stored cache entries, the JSON codec,
-## rate-limit keys.
+## rate-limit keys, stream IDs.
 fuzz:
 	@for f in $(FUZZERS); do echo "fuzz $$f"; go test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) . || exit 1; done
 
@@ -70,3 +72,10 @@ bench: redis-server wrk
 e2e: redis-server
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	cd e2e && go test -count=1 ./...
+
+## bench-realtime: the realtime table of the README (issue 11's Performance
+## section: servers, publisher and load tool in separate processes; about
+## 7 minutes). `cd bench && go run . realtime -quick` is a smoke run.
+.PHONY: bench-realtime
+bench-realtime: redis-server
+	cd bench && go run . realtime

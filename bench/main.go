@@ -67,6 +67,9 @@ type options struct {
 }
 
 func main() {
+	if runSubcommand(os.Args[1:]) { // realtime, and the processes it starts (rt_proc.go)
+		return
+	}
 	var (
 		o       options
 		pattern string

@@ -686,9 +686,10 @@ func encodeEvent(name string, data []byte) *encodedEvent {
 
 // liveMsg is an announcement as received: the event and its position.
 type liveMsg struct {
-	ch  *hubChannel
-	pos Position
-	ev  *encodedEvent
+	ch   *hubChannel
+	pos  Position
+	ev   *encodedEvent
+	size int64 // the announcement's bytes, for the inbox's bound
 }
 
 // parseAnnouncement splits "<offset>:<epoch>:<name>\n<data>".
@@ -848,14 +849,20 @@ type hubConn struct {
 	leaving    map[string]int         // unsubscribes not yet confirmed
 	running    bool
 
-	inbox   chan liveMsg
-	changed chan struct{} // the wanted set changed
-	kick    chan struct{} // some channel needs a re-read
-	moved   chan struct{} // an unsolicited sunsubscribe: the slot moved
+	inbox      chan liveMsg
+	inboxBytes atomic.Int64  // announcement bytes in inbox
+	changed    chan struct{} // the wanted set changed
+	kick       chan struct{} // some channel needs a re-read
+	moved      chan struct{} // an unsolicited sunsubscribe: the slot moved
 }
 
 // inboxSize is the capacity of a connection's hand-off queue.
 const inboxSize = 4096
+
+// maxInboxBytes bounds the announcement bytes a connection's hand-off
+// queue holds (each is also bounded by MaxEventSize): beyond it, as beyond
+// inboxSize, the channel is marked for a stream re-read instead.
+const maxInboxBytes = 16 << 20
 
 func newHubConn(h *Hub, idx int) *hubConn {
 	return &hubConn{
@@ -921,12 +928,17 @@ func (c *hubConn) onMessage(m rueidis.PubSubMessage) {
 	if !ch.internal {
 		ev = encodeEvent(name, []byte(data))
 	}
-	select {
-	case c.inbox <- liveMsg{ch: ch, pos: pos, ev: ev}:
-	default:
-		ch.reread.Store(true)
-		signal(c.kick)
+	size := int64(len(m.Message))
+	if c.inboxBytes.Add(size) <= maxInboxBytes {
+		select {
+		case c.inbox <- liveMsg{ch: ch, pos: pos, ev: ev, size: size}:
+			return
+		default:
+		}
 	}
+	c.inboxBytes.Add(-size)
+	ch.reread.Store(true)
+	signal(c.kick)
 }
 
 // onSubscription runs on the rueidis reader. An unsubscribe that this
@@ -1110,6 +1122,7 @@ func (c *hubConn) worker() {
 		case <-c.h.stop:
 			return
 		case m := <-c.inbox:
+			c.inboxBytes.Add(-m.size)
 			c.h.live(m)
 		case <-c.kick:
 			if !c.rereadMarked() {
@@ -1137,9 +1150,22 @@ func (c *hubConn) rereadMarked() bool {
 		}
 	}
 	c.mu.Unlock()
-	ok := true
+	// Channels without a position yet are synced together first.
+	var fresh []*hubChannel
+	rest := marked[:0]
 	for _, ch := range marked {
+		ch.mu.Lock()
+		synced := ch.synced
+		ch.mu.Unlock()
 		ch.reread.Store(false)
+		if synced {
+			rest = append(rest, ch)
+		} else {
+			fresh = append(fresh, ch)
+		}
+	}
+	ok := c.h.syncAll(fresh)
+	for _, ch := range rest {
 		if err := c.h.reread(ch); err != nil {
 			ch.reread.Store(true)
 			ok = false
@@ -1222,16 +1248,7 @@ func (h *Hub) reread(ch *hubChannel) error {
 		if err != nil {
 			return err
 		}
-		ch.mu.Lock()
-		ch.synced = true
-		ch.pos = pos
-		early := ch.early
-		ch.early = nil
-		for _, m := range early {
-			h.liveLocked(ch, m)
-		}
-		ch.mu.Unlock()
-		close(ch.ready)
+		h.sync(ch, pos)
 		return nil
 	}
 	h.rereads.Add(1)
@@ -1277,7 +1294,61 @@ func (h *Hub) reread(ch *hubChannel) error {
 // has no history (never published to, or lost). It writes nothing, so
 // streams to channels nobody publishes to leave no key behind.
 func (h *Hub) position(ch *hubChannel) (Position, error) {
-	vals, err := h.b.Do(context.Background(), ch.keys.meta, h.b.client.B().Hmget().Key(ch.keys.meta).Field("e", "s").Build()).ToArray()
+	return parseMeta(h.b.Do(context.Background(), ch.keys.meta, h.metaCmd(ch)))
+}
+
+func (h *Hub) metaCmd(ch *hubChannel) rueidis.Completed {
+	return h.b.client.B().Hmget().Key(ch.keys.meta).Field("e", "s").Build()
+}
+
+// sync gives ch its first position, delivers what arrived before it, and
+// lets the streams waiting for it start.
+func (h *Hub) sync(ch *hubChannel, pos Position) {
+	ch.mu.Lock()
+	ch.synced = true
+	ch.pos = pos
+	early := ch.early
+	ch.early = nil
+	for _, m := range early {
+		h.liveLocked(ch, m)
+	}
+	ch.mu.Unlock()
+	close(ch.ready)
+}
+
+// syncBatch bounds the positions one pipelined read fetches.
+const syncBatch = 256
+
+// syncAll gives channels that have none their first position, a pipeline
+// per syncBatch channels (a connection's channels share a node), so a
+// reconnect storm over many new channels does not queue them one round
+// trip each. false when some read failed (those stay marked).
+func (h *Hub) syncAll(chans []*hubChannel) bool {
+	ok := true
+	for len(chans) > 0 {
+		batch := chans[:min(syncBatch, len(chans))]
+		chans = chans[len(batch):]
+		cmds := make([]rueidis.Completed, len(batch))
+		for i, ch := range batch {
+			cmds[i] = h.metaCmd(ch)
+		}
+		for i, res := range h.b.DoMulti(context.Background(), batch[0].keys.meta, cmds...) {
+			pos, err := parseMeta(res)
+			if err != nil {
+				batch[i].reread.Store(true)
+				ok = false
+				continue
+			}
+			h.sync(batch[i], pos)
+		}
+	}
+	return ok
+}
+
+// parseMeta reads a channel's HMGET e s: its position, or noEpoch when it
+// has no history.
+func parseMeta(res rueidis.RedisResult) (Position, error) {
+	vals, err := res.ToArray()
 	if err == nil && len(vals) != 2 {
 		err = errors.New("unexpected reply")
 	}
@@ -1673,15 +1744,34 @@ func (s *Stream) fill() error {
 // its writes by itself instead. It replays what the client's position says
 // it missed, paced by the client's writes, then goes live.
 func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
-	if err := s.fill(); err != nil {
+	// The set-up runs in its own call, whose deep frames are gone once the
+	// stream is live: the GC can then shrink an idle stream's goroutine
+	// stack back to its minimum.
+	c, sw, err := h.open(w, r, &s)
+	if c != nil {
+		defer h.leave(c)
+	}
+	if err != nil || sw == nil {
 		return err
+	}
+	h.stream(r.Context(), sw, &s)
+	return nil
+}
+
+// open registers the stream, joins its channels, writes its headers and
+// replays what the client missed. c is non-nil once the stream is
+// registered (Serve then unregisters it); sw is nil when the stream ended
+// during its start.
+func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseClient, sw *sseWriter, err error) {
+	if err := s.fill(); err != nil {
+		return nil, nil, err
 	}
 	for _, name := range s.Channels {
 		if h.b.breaker.State(h.b.scope(h.keysOf(name).stream)) == BreakerOpen {
-			return ErrRealtimeUnavailable
+			return nil, nil, ErrRealtimeUnavailable
 		}
 	}
-	c := &sseClient{
+	cl := &sseClient{
 		h: h, id: randomBase62(16), user: s.UserID, since: h.b.clock.Now(),
 		rc:     http.NewResponseController(w),
 		notify: make(chan struct{}, 1),
@@ -1691,23 +1781,23 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 	switch {
 	case h.closed:
 		h.mu.Unlock()
-		return ErrHubClosed
+		return nil, nil, ErrHubClosed
 	case len(h.clients) >= h.cfg.MaxConnections:
 		h.mu.Unlock()
-		return ErrHubFull
+		return nil, nil, ErrHubFull
 	}
+	c = cl
 	h.clients[c] = struct{}{}
 	h.connections.Add(1)
 	h.streams.Add(1)
 	h.mu.Unlock()
-	defer h.leave(c)
 
 	// Join every channel (subscribing where this instance is new to it)
 	// and wait for their positions.
 	for _, name := range s.Channels {
 		ch, err := h.acquire(name, false)
 		if err != nil {
-			return err
+			return c, nil, err
 		}
 		c.chans = append(c.chans, ch)
 		c.hashes = append(c.hashes, channelHash(name))
@@ -1715,7 +1805,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 	if s.UserID != "" {
 		ch, err := h.acquire(userChannel(s.UserID), true)
 		if err != nil {
-			return err
+			return c, nil, err
 		}
 		c.ctl = ch
 	}
@@ -1731,12 +1821,12 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 		select {
 		case <-ch.ready:
 		default:
-			return ErrRealtimeUnavailable
+			return c, nil, ErrRealtimeUnavailable
 		}
 	}
 
 	// Plan each channel from the client's position.
-	sw := &sseWriter{c: c, w: w, pos: make([]Position, len(c.chans)), resetName: s.ResetEvent}
+	sw = &sseWriter{c: c, w: w, pos: make([]Position, len(c.chans)), resetName: s.ResetEvent}
 	from := map[string]Position{}
 	if entries, ok := decodeStreamID(s.LastEventID); ok {
 		for _, e := range entries {
@@ -1828,7 +1918,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 		sw.reset(s.ResetEvent, resets...)
 	}
 	if sw.flush() != nil {
-		return nil
+		return c, nil, nil
 	}
 	for _, i := range replay {
 		reset, ok := h.replay(r.Context(), sw, i)
@@ -1838,7 +1928,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 				sw.writeLast()
 			default:
 			}
-			return nil
+			return c, nil, nil
 		}
 		start.Channels[i].Reset = start.Channels[i].Reset || reset
 	}
@@ -1848,8 +1938,7 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 	if s.OnStart != nil {
 		s.OnStart(start)
 	}
-	h.stream(r.Context(), sw, &s)
-	return nil
+	return c, sw, nil
 }
 
 // reached reports whether channel ch has published up to p (its epoch

@@ -65,10 +65,10 @@ const (
 	publishesPerMinute = 30
 	// streamsPerMinute is how many streams one client (a logged-in user,
 	// or an anonymous client address) may start per minute, resumed or
-	// not: each start may create a Redis record of up to maxRooms rooms
-	// (their epoch and counter, kept for the hub's MetaTTL), so this
-	// bounds what a client can make Redis hold. A page reconnects far less
-	// often (with backoff).
+	// not. Opening a stream writes nothing to Redis but its presence
+	// entries (gone when it ends, or PresenceTTL after its instance dies),
+	// so this bounds the work and the presence churn a reconnect loop can
+	// cause; a page reconnects far less often (with backoff).
 	streamsPerMinute = 60
 	// joinsPerMinute is how many fresh connections (no position) per
 	// minute and client announce themselves with user:joined; more connect

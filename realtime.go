@@ -1747,10 +1747,15 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 	// The set-up runs in its own call, whose deep frames are gone once the
 	// stream is live: the GC can then shrink an idle stream's goroutine
 	// stack back to its minimum.
-	c, sw, err := h.open(w, r, &s)
-	if c != nil {
-		defer h.leave(c)
-	}
+	// open sets c as soon as the stream is registered: a panic after
+	// that (in OnStart, say) still unregisters it.
+	var c *sseClient
+	defer func() {
+		if c != nil {
+			h.leave(c)
+		}
+	}()
+	sw, err := h.open(w, r, &s, &c)
 	if err != nil || sw == nil {
 		return err
 	}
@@ -1759,19 +1764,19 @@ func (h *Hub) Serve(w http.ResponseWriter, r *http.Request, s Stream) error {
 }
 
 // open registers the stream, joins its channels, writes its headers and
-// replays what the client missed. c is non-nil once the stream is
-// registered (Serve then unregisters it); sw is nil when the stream ended
-// during its start.
-func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseClient, sw *sseWriter, err error) {
+// replays what the client missed. It sets *reg once the stream is
+// registered (Serve then unregisters it, even after a panic); sw is nil
+// when the stream ended during its start.
+func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream, reg **sseClient) (sw *sseWriter, err error) {
 	if err := s.fill(); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	for _, name := range s.Channels {
 		if h.b.breaker.State(h.b.scope(h.keysOf(name).stream)) == BreakerOpen {
-			return nil, nil, ErrRealtimeUnavailable
+			return nil, ErrRealtimeUnavailable
 		}
 	}
-	cl := &sseClient{
+	c := &sseClient{
 		h: h, id: randomBase62(16), user: s.UserID, since: h.b.clock.Now(),
 		rc:     http.NewResponseController(w),
 		notify: make(chan struct{}, 1),
@@ -1781,12 +1786,12 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseCli
 	switch {
 	case h.closed:
 		h.mu.Unlock()
-		return nil, nil, ErrHubClosed
+		return nil, ErrHubClosed
 	case len(h.clients) >= h.cfg.MaxConnections:
 		h.mu.Unlock()
-		return nil, nil, ErrHubFull
+		return nil, ErrHubFull
 	}
-	c = cl
+	*reg = c
 	h.clients[c] = struct{}{}
 	h.connections.Add(1)
 	h.streams.Add(1)
@@ -1797,7 +1802,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseCli
 	for _, name := range s.Channels {
 		ch, err := h.acquire(name, false)
 		if err != nil {
-			return c, nil, err
+			return nil, err
 		}
 		c.chans = append(c.chans, ch)
 		c.hashes = append(c.hashes, channelHash(name))
@@ -1805,7 +1810,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseCli
 	if s.UserID != "" {
 		ch, err := h.acquire(userChannel(s.UserID), true)
 		if err != nil {
-			return c, nil, err
+			return nil, err
 		}
 		c.ctl = ch
 	}
@@ -1821,7 +1826,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseCli
 		select {
 		case <-ch.ready:
 		default:
-			return c, nil, ErrRealtimeUnavailable
+			return nil, ErrRealtimeUnavailable
 		}
 	}
 
@@ -1918,7 +1923,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseCli
 		sw.reset(s.ResetEvent, resets...)
 	}
 	if sw.flush() != nil {
-		return c, nil, nil
+		return nil, nil
 	}
 	for _, i := range replay {
 		reset, ok := h.replay(r.Context(), sw, i)
@@ -1928,7 +1933,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseCli
 				sw.writeLast()
 			default:
 			}
-			return c, nil, nil
+			return nil, nil
 		}
 		start.Channels[i].Reset = start.Channels[i].Reset || reset
 	}
@@ -1938,7 +1943,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream) (c *sseCli
 	if s.OnStart != nil {
 		s.OnStart(start)
 	}
-	return c, sw, nil
+	return sw, nil
 }
 
 // reached reports whether channel ch has published up to p (its epoch

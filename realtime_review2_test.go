@@ -1,0 +1,67 @@
+package redisecho
+
+// Second review of realtime.go: each test proves one bug found in review
+// (it failed before its fix) and stays as its regression test.
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+	"github.com/stretchr/testify/require"
+)
+
+// A stream whose OnStart panics (user code, recovered by Echo's Recover
+// middleware) is unregistered all the same. Since Serve was split into
+// open + stream, the unregistering defer was set only once open returned:
+// the panicking stream stayed in the hub for good (Connections stuck at
+// 1, its channel subscribed, its presence refreshed by a ghost), and
+// Shutdown waited for its handler until its ctx ended.
+func TestReview2PanickingOnStartLeavesNoGhostStream(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		h, err := NewHub(HubConfig{
+			Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix(), Logger: discardLogger()},
+			Partitions: 4, UnsubscribeGrace: 50 * time.Millisecond,
+			PresenceInterval: 100 * time.Millisecond,
+		})
+		require.NoError(t, err)
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_ = h.Shutdown(ctx)
+		})
+		e := echo.New()
+		e.Logger.SetOutput(io.Discard)
+		e.Use(middleware.RecoverWithConfig(middleware.RecoverConfig{DisablePrintStack: true}))
+		e.GET("/events", SSEWithConfig(SSEConfig{
+			Hub:     h,
+			UserID:  func(echo.Context) string { return "u1" },
+			OnStart: func(echo.Context, StreamStart) { panic("boom") },
+		}))
+		srv := httptest.NewServer(e)
+		defer srv.Close()
+
+		resp, err := http.Get(srv.URL + "/events?channels=room")
+		require.NoError(t, err)
+		_, _ = io.Copy(io.Discard, resp.Body) // the handler ended: the body ends
+		resp.Body.Close()
+
+		require.Eventually(t, func() bool { return h.Stats().Connections == 0 }, 5*time.Second, 10*time.Millisecond,
+			"the panicking stream is still registered")
+		require.Eventually(t, func() bool { return h.Stats().Channels == 0 }, 5*time.Second, 10*time.Millisecond,
+			"its channels are still subscribed")
+		require.Eventually(t, func() bool {
+			info, err := h.Presence(context.Background(), "room", 0)
+			return err == nil && info.Count == 0
+		}, 5*time.Second, 20*time.Millisecond, "a ghost stays in presence")
+
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		require.NoError(t, h.Shutdown(ctx), "Shutdown waits for a handler that is gone")
+	})
+}

@@ -177,7 +177,8 @@ type HubConfig struct {
 	// written. A client beyond it is disconnected as slow, with its
 	// position, to resume. Default: DefaultClientQueueEvents (1024).
 	ClientQueueEvents int
-	// ClientQueueBytes bounds the same queue in bytes of event data.
+	// ClientQueueBytes bounds the same queue in bytes of the events as
+	// sent (an empty queue still takes one event, whatever its size).
 	// Default: DefaultClientQueueBytes (4 MiB).
 	ClientQueueBytes int
 	// ReplayPage is how many events one stream read fetches, on resume and
@@ -1565,7 +1566,10 @@ func (c *sseClient) enqueue(it queued) {
 		c.mu.Unlock()
 		return
 	}
-	if len(c.q) >= c.h.cfg.ClientQueueEvents || c.qbytes+size > c.h.cfg.ClientQueueBytes {
+	// An empty queue takes any one event: its SSE encoding ("data: " per
+	// line) can be several times MaxEventSize, which ClientQueueBytes
+	// need only hold once.
+	if len(c.q) >= c.h.cfg.ClientQueueEvents || (len(c.q) > 0 && c.qbytes+size > c.h.cfg.ClientQueueBytes) {
 		c.mu.Unlock()
 		c.h.droppedSlow.Add(1)
 		c.end(endSlow)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -63,5 +64,33 @@ func TestReview2PanickingOnStartLeavesNoGhostStream(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
 		require.NoError(t, h.Shutdown(ctx), "Shutdown waits for a handler that is gone")
+	})
+}
+
+// NewHub accepts ClientQueueBytes down to MaxEventSize+64 so that "one
+// large event" cannot drop every client as slow. But a queued event is
+// counted encoded, and SSE encoding writes "data: " for every line: an
+// event of MaxEventSize with many line breaks is several times larger
+// encoded. Before the fix such an event, published once, dropped every
+// stream of the channel as slow (a chat message with blank lines kicks
+// the room), though the configuration was accepted.
+func TestReview2QueueHoldsOneEventOfAnyShape(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		h, srv := newReviewHub(t, r, HubConfig{
+			Options:          Options{Logger: discardLogger()},
+			Partitions:       4,
+			MaxEventSize:     1024,
+			ClientQueueBytes: 1024 + 64, // the least NewHub accepts
+		})
+		s := openReviewStream(t, srv.URL+"/events?channels=room", nil)
+		waitSynced(t, h, "room", 0)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := h.Publish(ctx, "room", Event{Name: "msg", Data: []byte(strings.Repeat("a\n", 510))})
+		require.NoError(t, err)
+		f := s.nextEvent(t)
+		require.Equal(t, "msg", f.event, "the event, not %q %s", f.event, f.data)
+		require.Equal(t, strings.Repeat("a", 510), f.data)
+		require.Zero(t, h.Stats().DroppedSlow)
 	})
 }

@@ -690,7 +690,7 @@ type liveMsg struct {
 	ch   *hubChannel
 	pos  Position
 	ev   *encodedEvent
-	size int64 // the announcement's bytes, for the inbox's bound
+	size int64 // the bytes it holds, for the inbox's bound
 }
 
 // parseAnnouncement splits "<offset>:<epoch>:<name>\n<data>".
@@ -851,7 +851,7 @@ type hubConn struct {
 	running    bool
 
 	inbox      chan liveMsg
-	inboxBytes atomic.Int64  // announcement bytes in inbox
+	inboxBytes atomic.Int64  // bytes held by inbox
 	changed    chan struct{} // the wanted set changed
 	kick       chan struct{} // some channel needs a re-read
 	moved      chan struct{} // an unsolicited sunsubscribe: the slot moved
@@ -860,8 +860,8 @@ type hubConn struct {
 // inboxSize is the capacity of a connection's hand-off queue.
 const inboxSize = 4096
 
-// maxInboxBytes bounds the announcement bytes a connection's hand-off
-// queue holds (each is also bounded by MaxEventSize): beyond it, as beyond
+// maxInboxBytes bounds the bytes a connection's hand-off queue holds (the
+// events' SSE encoding; a user channel's announcements): beyond it, as beyond
 // inboxSize, the channel is marked for a stream re-read instead.
 const maxInboxBytes = 16 << 20
 
@@ -930,6 +930,9 @@ func (c *hubConn) onMessage(m rueidis.PubSubMessage) {
 		ev = encodeEvent(name, []byte(data))
 	}
 	size := int64(len(m.Message))
+	if ev != nil {
+		size = int64(ev.size()) // what the queue holds: up to 7 times more
+	}
 	if c.inboxBytes.Add(size) <= maxInboxBytes {
 		select {
 		case c.inbox <- liveMsg{ch: ch, pos: pos, ev: ev, size: size}:

@@ -94,3 +94,46 @@ func TestReview2QueueHoldsOneEventOfAnyShape(t *testing.T) {
 		require.Zero(t, h.Stats().DroppedSlow)
 	})
 }
+
+// The hand-off queue's byte bound (maxInboxBytes, 16 MiB) counted the
+// announcements' bytes, but the queue holds their SSE encoding, which is
+// up to 7 times larger ("data: " per line): 64 KiB events of line breaks
+// held about 117 MB per subscription connection (one per partition on a
+// cluster) before the bound applied.
+func TestReview2HandOffByteBoundCountsWhatItHolds(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		h, srv := newReviewHub(t, r, HubConfig{Options: Options{Logger: discardLogger()}, Partitions: 1})
+		pub, err := NewHub(HubConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}, Partitions: 1})
+		require.NoError(t, err)
+		const ch = "lines"
+		s := openReviewStream(t, srv.URL+"/events?channels="+ch, nil)
+		waitSynced(t, h, ch, 0)
+		h.mu.Lock()
+		hc := h.chans[ch]
+		h.mu.Unlock()
+
+		data := []byte(strings.Repeat("\n", DefaultMaxEventSize-1))
+		encoded := int64(encodeEvent("n", data).size())
+		hc.mu.Lock() // the worker stops at this channel's first announcement
+		locked := true
+		defer func() {
+			if locked {
+				hc.mu.Unlock()
+			}
+		}()
+		const n = 300
+		for range n {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_, err := pub.Publish(ctx, ch, Event{Name: "n", Data: data})
+			cancel()
+			require.NoError(t, err)
+		}
+		require.Eventually(t, hc.reread.Load, 10*time.Second, 10*time.Millisecond, "the bound was reached")
+		held := int64(len(hc.conn.inbox)) * encoded
+		hc.mu.Unlock()
+		locked = false
+		require.LessOrEqual(t, held, int64(maxInboxBytes)+encoded,
+			"the hand-off queue holds %d events, %d MB", held/encoded, held>>20)
+		_ = s
+	})
+}

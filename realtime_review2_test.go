@@ -1,14 +1,18 @@
 package redisecho
 
 // Second review of realtime.go: each test proves one bug found in review
-// (it failed before its fix) and stays as its regression test.
+// (it failed before its fix) and stays as its regression test, or covers
+// what changed since the first review (TestReview2ReconnectStorm...).
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -135,5 +139,74 @@ func TestReview2HandOffByteBoundCountsWhatItHolds(t *testing.T) {
 		require.LessOrEqual(t, held, int64(maxInboxBytes)+encoded,
 			"the hand-off queue holds %d events, %d MB", held/encoded, held>>20)
 		_ = s
+	})
+}
+
+// A reconnect storm: streams resuming on an instance new to their
+// channels, more channels on one subscription connection than one batched
+// first sync reads (syncBatch), all at once. Each stream gets exactly what
+// it missed, then live events, on every channel.
+func TestReview2ReconnectStormResumesExactly(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		const streams, perStream = 20, 16 // 320 channels > syncBatch
+		h, srv := newReviewHub(t, r, HubConfig{Options: Options{Logger: discardLogger()}, Partitions: 1})
+		pub, err := NewHub(HubConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}, Partitions: 1})
+		require.NoError(t, err)
+		publish := func(name, data string) Position {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			p, err := pub.Publish(ctx, name, Event{Data: []byte(data)})
+			require.NoError(t, err)
+			return p
+		}
+		names := make([][]string, streams)
+		ids := make([]string, streams)
+		for i := range streams {
+			id := "1"
+			for j := range perStream {
+				name := fmt.Sprintf("storm-%d-%d", i, j)
+				names[i] = append(names[i], name)
+				p := publish(name, name+"/1")
+				publish(name, name+"/2")
+				publish(name, name+"/3")
+				id += "." + channelHash(name) + p.Epoch + strconv.FormatUint(p.Offset, 36)
+			}
+			ids[i] = id
+		}
+		opened := make([]*reviewStream, streams)
+		var wg sync.WaitGroup
+		for i := range streams {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				opened[i] = openReviewStream(t, srv.URL+"/events?channels="+strings.Join(names[i], ","), map[string]string{"Last-Event-ID": ids[i]})
+			}()
+		}
+		wg.Wait()
+		for i, s := range opened {
+			var got []string
+			for range 2 * perStream {
+				got = append(got, s.next(t).data)
+			}
+			var want []string
+			for _, name := range names[i] {
+				want = append(want, name+"/2", name+"/3")
+			}
+			require.ElementsMatch(t, want, got, "stream %d: the missed events, once, no reset", i)
+		}
+		for i := range streams {
+			for _, name := range names[i] {
+				publish(name, name+"/4")
+			}
+		}
+		for i, s := range opened {
+			var got, want []string
+			for _, name := range names[i] {
+				got = append(got, s.next(t).data)
+				want = append(want, name+"/4")
+			}
+			require.Equal(t, want, got, "stream %d: live, in order", i)
+		}
+		require.Zero(t, h.Stats().Resets)
 	})
 }

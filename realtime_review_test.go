@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
+	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/require"
 )
 
@@ -220,6 +221,29 @@ func oldEpoch(t *testing.T, h *Hub, channel string) string {
 	return ch.pos.Epoch
 }
 
+// loseHistory deletes channel's meta hash (its epoch and counter), publishes
+// into the new epoch that starts, and waits until hub h moved to it (it
+// queued the reset).
+func loseHistory(t *testing.T, h *Hub, admin rueidis.Client, channel string) {
+	t.Helper()
+	ctx := context.Background()
+	old := oldEpoch(t, h, channel)
+	require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf(channel).meta).Build()).Error())
+	_, err := h.Publish(ctx, channel, Event{Name: "m", Data: []byte("lost")})
+	require.NoError(t, err)
+	waitNewEpoch(t, h, channel, old)
+}
+
+// waitBlocked waits until the handler blocks writing to w.
+func (w *gateWriter) waitBlocked(t *testing.T) {
+	t.Helper()
+	select {
+	case <-w.blocked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the handler did not write")
+	}
+}
+
 // waitNewEpoch waits until hub h moved channel to an epoch other than old
 // (it queued the reset).
 func waitNewEpoch(t *testing.T, h *Hub, channel, old string) {
@@ -276,19 +300,11 @@ func TestReviewEndWritesQueuedReset(t *testing.T) {
 		w.close()
 		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("two")})
 		require.NoError(t, err)
-		select {
-		case <-w.blocked:
-		case <-time.After(10 * time.Second):
-			t.Fatal("the handler did not write")
-		}
+		w.waitBlocked(t)
 		// Meanwhile the room's history is lost and restarts: a reset, then
 		// "three" of the new epoch, are queued; then the user is logged out.
 		admin := r.Client()
-		old := oldEpoch(t, h, "room")
-		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf("room").meta).Build()).Error())
-		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("lost")})
-		require.NoError(t, err)
-		waitNewEpoch(t, h, "room", old)
+		loseHistory(t, h, admin, "room")
 		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("three")})
 		require.NoError(t, err)
 		require.Eventually(t, func() bool { return h.Stats().Delivered >= 3 }, 10*time.Second, 5*time.Millisecond)
@@ -339,17 +355,9 @@ func TestReviewQueuedResetPrecedesItsEvents(t *testing.T) {
 		w.close()
 		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("one")})
 		require.NoError(t, err)
-		select {
-		case <-w.blocked:
-		case <-time.After(10 * time.Second):
-			t.Fatal("the handler did not write")
-		}
+		w.waitBlocked(t)
 		admin := r.Client()
-		old := oldEpoch(t, h, "room")
-		require.NoError(t, admin.Do(ctx, admin.B().Del().Key(h.keysOf("room").meta).Build()).Error())
-		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("lost")})
-		require.NoError(t, err)
-		waitNewEpoch(t, h, "room", old)
+		loseHistory(t, h, admin, "room")
 		_, err = h.Publish(ctx, "room", Event{Name: "m", Data: []byte("two")})
 		require.NoError(t, err)
 		require.Eventually(t, func() bool { return h.Stats().Delivered >= 2 }, 10*time.Second, 5*time.Millisecond)
@@ -388,11 +396,7 @@ func TestReviewEndDuringReplayWritesLastEvent(t *testing.T) {
 		req := httptest.NewRequest(http.MethodGet, "/events", nil)
 		served := make(chan error, 1)
 		go func() { served <- h.Serve(w, req, Stream{Channels: []string{"room"}, LastEventID: id}) }()
-		select {
-		case <-w.blocked:
-		case <-time.After(10 * time.Second):
-			t.Fatal("the handler did not write")
-		}
+		w.waitBlocked(t)
 		shut := make(chan error, 1)
 		go func() { shut <- h.Shutdown(ctx) }()
 		require.Eventually(t, func() bool {

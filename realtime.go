@@ -854,7 +854,6 @@ type hubConn struct {
 	inboxBytes atomic.Int64  // bytes held by inbox
 	changed    chan struct{} // the wanted set changed
 	kick       chan struct{} // some channel needs a re-read
-	moved      chan struct{} // an unsolicited sunsubscribe: the slot moved
 }
 
 // inboxSize is the capacity of a connection's hand-off queue.
@@ -874,7 +873,6 @@ func newHubConn(h *Hub, idx int) *hubConn {
 		inbox:      make(chan liveMsg, inboxSize),
 		changed:    make(chan struct{}, 1),
 		kick:       make(chan struct{}, 1),
-		moved:      make(chan struct{}, 1),
 	}
 }
 
@@ -947,8 +945,10 @@ func (c *hubConn) onMessage(m rueidis.PubSubMessage) {
 
 // onSubscription runs on the rueidis reader. An unsubscribe that this
 // instance did not ask for is Redis moving the slot (or the server
-// dropping the subscription): subscribe again, from scratch.
-func (c *hubConn) onSubscription(s rueidis.PubSubSubscription) {
+// dropping the subscription): it signals moved, the connection's, so
+// subscribe again, from scratch. (A slot move sends one per channel: the
+// ones after the first are about a connection already given up.)
+func (c *hubConn) onSubscription(moved chan struct{}, s rueidis.PubSubSubscription) {
 	if s.Kind != "sunsubscribe" && s.Kind != "unsubscribe" {
 		return
 	}
@@ -962,7 +962,7 @@ func (c *hubConn) onSubscription(s rueidis.PubSubSubscription) {
 		return
 	}
 	if c.subscribed[s.Channel] {
-		signal(c.moved)
+		signal(moved)
 	}
 }
 
@@ -980,7 +980,11 @@ func (c *hubConn) subscriber() {
 		default:
 		}
 		conn, _ := c.h.b.client.Dedicate() // closed, never released
-		wait := conn.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: c.onMessage, OnSubscription: c.onSubscription})
+		moved := make(chan struct{}, 1)
+		wait := conn.SetPubSubHooks(rueidis.PubSubHooks{
+			OnMessage:      c.onMessage,
+			OnSubscription: func(s rueidis.PubSubSubscription) { c.onSubscription(moved, s) },
+		})
 		c.mu.Lock()
 		c.subscribed = map[string]bool{}
 		c.leaving = map[string]int{}
@@ -988,7 +992,7 @@ func (c *hubConn) subscriber() {
 		err := c.reconcile(conn, true)
 		if err == nil {
 			backoff = 50 * time.Millisecond
-			err = c.serve(conn, wait)
+			err = c.serve(conn, wait, moved)
 		}
 		// The connection is closed, not released: the pool would clean it
 		// up with an UNSUBSCRIBE that waits, without a deadline, for a
@@ -1009,7 +1013,7 @@ func (c *hubConn) subscriber() {
 
 // serve runs a subscribed connection until it drops (an error) or the hub
 // stops (nil).
-func (c *hubConn) serve(conn rueidis.DedicatedClient, wait <-chan error) error {
+func (c *hubConn) serve(conn rueidis.DedicatedClient, wait <-chan error, moved <-chan struct{}) error {
 	for {
 		select {
 		case err, ok := <-wait:
@@ -1017,7 +1021,7 @@ func (c *hubConn) serve(conn rueidis.DedicatedClient, wait <-chan error) error {
 				err = errors.New("subscription connection closed")
 			}
 			return err
-		case <-c.moved:
+		case <-moved:
 			return errors.New("slot moved (sunsubscribe)")
 		case <-c.changed:
 			if err := c.reconcile(conn, false); err != nil {

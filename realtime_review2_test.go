@@ -210,3 +210,45 @@ func TestReview2ReconnectStormResumesExactly(t *testing.T) {
 		require.Zero(t, h.Stats().Resets)
 	})
 }
+
+// A slot migration sends a sunsubscribe for every channel of the slot the
+// connection holds; each signalled "moved". The first made the hub
+// resubscribe; the second stayed buffered and made the new connection,
+// once subscribed, drop and resubscribe again at once: every slot move
+// cost each channel of the partition two resubscribes and two re-reads
+// (a storm of XRANGEs with many channels).
+func TestReview2SlotMoveResubscribesOnce(t *testing.T) {
+	f := newFaultRedis(t, "cluster")
+	h, srv := newReviewHub(t, f.testRedis, HubConfig{Options: Options{Logger: discardLogger()}, Partitions: 4})
+	var names []string
+	part := h.keysOf("moving-0").part
+	for i := 0; len(names) < 3; i++ {
+		if n := fmt.Sprintf("moving-%d", i); h.keysOf(n).part == part {
+			names = append(names, n)
+		}
+	}
+	pub, err := NewHub(HubConfig{Client: f.Client(), Options: Options{Prefix: f.Keys.Prefix()}, Partitions: 4})
+	require.NoError(t, err)
+	for _, n := range names {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := pub.Publish(ctx, n, Event{Data: []byte("x")})
+		cancel()
+		require.NoError(t, err)
+	}
+	s := openReviewStream(t, srv.URL+"/events?channels="+strings.Join(names, ","), nil)
+	for _, n := range names {
+		waitSynced(t, h, n, 1)
+	}
+	before := h.Stats().Rereads
+	moveSlot(t, f, keySlot(h.keysOf(names[0]).meta))
+	require.Eventually(t, func() bool { return h.Stats().Rereads >= before+uint64(len(names)) }, 10*time.Second, 10*time.Millisecond,
+		"the hub resubscribed after the move")
+	time.Sleep(time.Second) // a second resubscribe would come within its 100 ms backoff
+	require.Equal(t, before+uint64(len(names)), h.Stats().Rereads, "one resubscribe (one re-read per channel) per slot move")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = pub.Publish(ctx, names[1], Event{Data: []byte("after")})
+	require.NoError(t, err)
+	require.Equal(t, "after", s.next(t).data)
+}

@@ -881,3 +881,52 @@ func singlePosition(t *testing.T, id string) (epoch string, offset int) {
 	require.NoError(t, err, "stream ID %q", id)
 	return rest[6:12], int(n)
 }
+
+// TestRealtimeJoinsBoundRoomCreation: user:joined is published in each
+// room of a fresh connection, and a publish creates the room's history, so
+// the joins are counted per room: one client's fresh connections announce
+// at most joinsPerMinute joins a minute in all, however many rooms each
+// names, and a connection beyond that budget creates no room.
+func TestRealtimeJoinsBoundRoomCreation(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, redisURL string) {
+		base := startReady(t, realtimeEnv(redisURL))
+		ips := newClientIPs()
+		prefix := "j" + strconv.Itoa(int(time.Now().UnixNano()%1e9))
+		rooms := func(set string) []string {
+			r := make([]string, maxRooms)
+			for i := range r {
+				r[i] = prefix + set + strconv.Itoa(i)
+			}
+			return r
+		}
+		c := visitor(t, base, ips)
+		clearOfMinuteEnd(t) // a sliding window: exact within one minute
+
+		// The first fresh connection to maxRooms rooms announces in each.
+		first := rooms("a")
+		s := c.stream("rooms="+strings.Join(first, ","), "")
+		var joined []string
+		for range first {
+			joined = append(joined, s.expect("user:joined")["room"].(string))
+		}
+		require.ElementsMatch(t, first, joined)
+		s.close()
+
+		// The client's budget is spent: fresh connections to new rooms
+		// connect silently and create none of them.
+		for _, set := range []string{"b", "c"} {
+			more := rooms(set)
+			s := c.stream("rooms="+strings.Join(more, ","), "")
+			poster := visitor(t, base, ips)
+			for _, room := range more {
+				_, offset := poster.say(room, "first")
+				require.Equal(t, 1, offset, "room %s had no event before: no user:joined created it", room)
+			}
+			for range more {
+				ev := s.next()
+				require.Equal(t, "chat:message", ev.Name, "%s: %s", ev.Name, ev.Data)
+			}
+			s.close()
+		}
+	})
+}

@@ -1857,6 +1857,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream, reg **sseC
 	}
 	start := StreamStart{ConnID: c.id, Channels: make([]ChannelStart, len(c.chans))}
 	var replay, resets []int
+	var resetFrom []Position // the client's positions of the resets channels
 	for i, ch := range c.chans {
 		p, ok := from[c.hashes[i]]
 		ok = ok && hashCount[c.hashes[i]] == 1
@@ -1894,6 +1895,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream, reg **sseC
 		default:
 			ch.subs[c] = &chanSub{idx: i, cursor: cur.Offset}
 			resets = append(resets, i)
+			resetFrom = append(resetFrom, p)
 			start.Channels[i].Resumed, start.Channels[i].Reset = true, true
 		}
 		ch.mu.Unlock()
@@ -1927,9 +1929,22 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream, reg **sseC
 		_ = c.rc.SetWriteDeadline(time.Now().Add(kickGrace))
 	}
 	c.mu.Unlock()
+	// The first block carries the stream's start position as its id (a
+	// browser records an id even without data), so a client that loses
+	// the stream before its first event still resumes from where it
+	// started. A channel about to be reset keeps the client's own
+	// position there: were the reset lost, the next start resets again.
 	sw.buf = append(sw.buf, "retry: "...)
 	sw.buf = strconv.AppendInt(sw.buf, s.Retry.Milliseconds(), 10)
-	sw.buf = append(sw.buf, "\n: connected\n\n"...)
+	sw.buf = append(sw.buf, '\n')
+	for j, i := range resets {
+		sw.pos[i], resetFrom[j] = resetFrom[j], sw.pos[i]
+	}
+	sw.buf = sw.idLine(sw.buf)
+	for j, i := range resets {
+		sw.pos[i], resetFrom[j] = resetFrom[j], sw.pos[i]
+	}
+	sw.buf = append(sw.buf, ": connected\n\n"...)
 	if len(resets) > 0 {
 		sw.reset(s.ResetEvent, resets...)
 	}

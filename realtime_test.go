@@ -58,12 +58,16 @@ type sseStream struct {
 	heartbeats atomic.Int64 // ": hb" comments seen
 	retry      atomic.Value // the last "retry:" value, a string
 	last       string       // the id of the last event Next returned
+	start      atomic.Value // the id of the stream's first block, a string
 }
 
 // readSSE parses the event stream of r until it ends, calling comment for
 // each comment line, field for "retry", and event for each dispatched
 // event. It follows the WHATWG parsing rules the tests need: "field: value"
-// with one optional space, blank line dispatches, CRLF, LF or CR endings.
+// with one optional space, a blank line dispatches an event that has data
+// (a block with only an id, like a stream's first one, sets no event but
+// does set the id a browser resumes from: event gets it as an event
+// without a Name, which Next keeps from the tests), CRLF, LF or CR endings.
 func readSSE(r *bufio.Reader, comment func(string), retry func(string), event func(sseEvent)) error {
 	var ev sseEvent
 	var data []string
@@ -76,12 +80,15 @@ func readSSE(r *bufio.Reader, comment func(string), retry func(string), event fu
 		line = strings.TrimSuffix(strings.TrimSuffix(line, "\n"), "\r")
 		switch {
 		case line == "":
-			if seen {
+			switch {
+			case data != nil:
 				if ev.Name == "" {
 					ev.Name = "message"
 				}
 				ev.Data = strings.Join(data, "\n")
 				event(ev)
+			case seen && ev.ID != "":
+				event(sseEvent{ID: ev.ID}) // an id alone: no event, a position
 			}
 			ev, data, seen = sseEvent{}, nil, false
 		case line[0] == ':':
@@ -147,7 +154,13 @@ func openSSEWith(t *testing.T, hc *http.Client, url string, header http.Header) 
 			case "connected":
 				once.Do(func() { close(connected) })
 			}
-		}, func(r string) { s.retry.Store(r) }, func(ev sseEvent) { s.events <- ev })
+		}, func(r string) { s.retry.Store(r) }, func(ev sseEvent) {
+			if ev.Name == "" { // an id alone: the stream's start position
+				s.start.Store(ev.ID)
+				return
+			}
+			s.events <- ev
+		})
 	}()
 	t.Cleanup(s.Close)
 	select {
@@ -167,9 +180,16 @@ func (s *sseStream) Close() {
 	<-s.done
 }
 
-// LastID is the id of the last event Next returned: where a client that
-// processed the events so far resumes.
-func (s *sseStream) LastID() string { return s.last }
+// LastID is the id of the last event Next returned, or before any the
+// stream's start position: where a browser that processed the events so
+// far resumes.
+func (s *sseStream) LastID() string {
+	if s.last == "" {
+		id, _ := s.start.Load().(string)
+		return id
+	}
+	return s.last
+}
 
 // Next returns the next event, failing the test when none comes within
 // rtWait or the stream ends first.
@@ -1512,7 +1532,10 @@ func TestRealtimeHTTPDetails(t *testing.T) {
 			require.Equal(t, "no-cache", resp.Header.Get("Cache-Control"))
 			require.Equal(t, "no", resp.Header.Get("X-Accel-Buffering"))
 			require.Empty(t, resp.Header.Get("Content-Length"))
-			want := "retry: 1500\n: connected\n\n"
+			// The first block: the retry hint, the start position as the
+			// id (a channel without history: epoch 000000, offset 0), and
+			// the comment that says the stream is live.
+			want := "retry: 1500\nid: 1." + channelHash(ch) + noEpoch + "0\n: connected\n\n"
 			first := make([]byte, len(want))
 			_, err = io.ReadFull(resp.Body, first)
 			require.NoError(t, err)
@@ -2255,6 +2278,9 @@ func TestRealtimeConcurrentStreams(t *testing.T) {
 					_ = readSSE(bufio.NewReader(resp.Body), func(string) {}, func(string) {}, func(ev sseEvent) {
 						if ev.ID != "" && ev.Name != "disconnect" {
 							id = ev.ID
+						}
+						if ev.Name == "" {
+							return // the start position: not an event
 						}
 						if n++; n == 5+round*3 {
 							cancel()

@@ -70,11 +70,15 @@ const (
 	// so this bounds the work and the presence churn a reconnect loop can
 	// cause; a page reconnects far less often (with backoff).
 	streamsPerMinute = 60
-	// joinsPerMinute is how many fresh connections (no position) per
-	// minute and client announce themselves with user:joined; more connect
-	// all the same, silently, so a reconnect loop cannot flood a room's
-	// history.
-	joinsPerMinute = 10
+	// joinsPerMinute is how many user:joined events one client's fresh
+	// connections (no position) may publish per minute, one per room: a
+	// publish creates the room's history, so this bounds the rooms a
+	// client creates by joining as publishesPerMinute does by posting. A
+	// connection whose rooms exceed what is left connects all the same,
+	// silently, so a reconnect loop cannot flood a room's history. It is
+	// maxRooms, so that one fresh connection to every room it may name is
+	// announced.
+	joinsPerMinute = maxRooms
 	// adminRoom is the room of the admins: alice's only.
 	adminRoom = "admin"
 	// anonymous is the username of a visitor who is not logged in.
@@ -324,8 +328,8 @@ func (rt *realtime) unavailable(c echo.Context, err error) error {
 
 // announce is the stream's OnStart: a fresh connection to a room (not
 // resumed from a position, and not reset) publishes user:joined there, at
-// most joinsPerMinute times per minute and client. A resumed connection
-// does not: its user never left.
+// most joinsPerMinute times per minute and client, each room counted. A
+// resumed connection does not: its user never left.
 func (rt *realtime) announce(c echo.Context, s redisecho.StreamStart) {
 	var rooms []string
 	for _, ch := range s.Channels {
@@ -341,7 +345,7 @@ func (rt *realtime) announce(c echo.Context, s redisecho.StreamStart) {
 	if err != nil {
 		return
 	}
-	if d, err := rt.joins.Allow(ctx, key); err != nil || !d.Allowed {
+	if d, err := rt.joins.AllowN(ctx, key, int64(len(rooms))); err != nil || !d.Allowed {
 		return // limited, or Redis down: the stream goes on unannounced
 	}
 	name := username(c)

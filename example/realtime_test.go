@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -45,6 +46,20 @@ type sseStream struct {
 	events chan sseEvent // closed when the stream ends
 	cancel context.CancelFunc
 	done   chan struct{}
+	// opened is closed once the stream's first block (up to its first
+	// blank line) was read.
+	opened chan struct{}
+	// mu guards lastID: EventSource's lastEventId, the last id: field
+	// the stream sent, with an event or without.
+	mu     sync.Mutex
+	lastID string
+}
+
+// lastEventID is the position a browser's EventSource would resume from.
+func (s *sseStream) lastEventID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastID
 }
 
 // eventWait bounds how long a test waits for an event that must come: a
@@ -88,7 +103,7 @@ func (c *client) tryStream(query, lastID string) (int, *sseStream, string) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, nil, string(b)
 	}
-	s := &sseStream{t: c.t, header: resp.Header, events: make(chan sseEvent, 1024), cancel: cancel, done: make(chan struct{})}
+	s := &sseStream{t: c.t, header: resp.Header, events: make(chan sseEvent, 1024), cancel: cancel, done: make(chan struct{}), opened: make(chan struct{})}
 	go s.read(resp.Body)
 	c.t.Cleanup(s.close)
 	return resp.StatusCode, s, ""
@@ -104,9 +119,20 @@ func (s *sseStream) read(body io.ReadCloser) {
 	var ev sseEvent
 	var data []string
 	hasData := false
+	var idBuf string
+	opened := false
 	for sc.Scan() {
 		line := sc.Text()
 		if line == "" {
+			// As EventSource: a block sets the last event ID, even one
+			// without data (which dispatches no event).
+			s.mu.Lock()
+			s.lastID = idBuf
+			s.mu.Unlock()
+			if !opened {
+				opened = true
+				close(s.opened)
+			}
 			if hasData {
 				if ev.Name == "" {
 					ev.Name = "message"
@@ -124,7 +150,7 @@ func (s *sseStream) read(body io.ReadCloser) {
 		case "event":
 			ev.Name = value
 		case "id":
-			ev.ID = value
+			ev.ID, idBuf = value, value
 		case "data":
 			data, hasData = append(data, value), true
 		}
@@ -880,4 +906,111 @@ func singlePosition(t *testing.T, id string) (epoch string, offset int) {
 	n, err := strconv.ParseInt(rest[12:], 36, 64)
 	require.NoError(t, err, "stream ID %q", id)
 	return rest[6:12], int(n)
+}
+
+// TestRealtimeJoinsBoundRoomCreation: user:joined is published in each
+// room of a fresh connection, and a publish creates the room's history, so
+// the joins are counted per room: one client's fresh connections announce
+// at most joinsPerMinute joins a minute in all, however many rooms each
+// names, and a connection beyond that budget creates no room.
+func TestRealtimeJoinsBoundRoomCreation(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, redisURL string) {
+		base := startReady(t, realtimeEnv(redisURL))
+		ips := newClientIPs()
+		prefix := "j" + strconv.Itoa(int(time.Now().UnixNano()%1e9))
+		rooms := func(set string) []string {
+			r := make([]string, maxRooms)
+			for i := range r {
+				r[i] = prefix + set + strconv.Itoa(i)
+			}
+			return r
+		}
+		c := visitor(t, base, ips)
+		clearOfMinuteEnd(t) // a sliding window: exact within one minute
+
+		// The first fresh connection to maxRooms rooms announces in each.
+		first := rooms("a")
+		s := c.stream("rooms="+strings.Join(first, ","), "")
+		var joined []string
+		for range first {
+			joined = append(joined, s.expect("user:joined")["room"].(string))
+		}
+		require.ElementsMatch(t, first, joined)
+		s.close()
+
+		// The client's budget is spent: fresh connections to new rooms
+		// connect silently and create none of them.
+		for _, set := range []string{"b", "c"} {
+			more := rooms(set)
+			s := c.stream("rooms="+strings.Join(more, ","), "")
+			poster := visitor(t, base, ips)
+			for _, room := range more {
+				_, offset := poster.say(room, "first")
+				require.Equal(t, 1, offset, "room %s had no event before: no user:joined created it", room)
+			}
+			for range more {
+				ev := s.next()
+				require.Equal(t, "chat:message", ev.Name, "%s: %s", ev.Name, ev.Data)
+			}
+			s.close()
+		}
+	})
+}
+
+// TestRealtimeResumeBeforeAnyEvent: a browser resumes from what its
+// EventSource knows (its lastEventId), so a stream that has delivered no
+// event yet must still have told it where it starts, or what is published
+// while it reconnects is lost: a logged-in user's stream of their own
+// channel before their first notification, and a page in a quiet room
+// whose join the client's budget no longer announces. FAILING (the
+// library): the stream sends no id: before its first event, so the
+// reconnect starts live and skips what it missed.
+func TestRealtimeResumeBeforeAnyEvent(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, redisURL string) {
+		base := startReady(t, realtimeEnv(redisURL))
+		ips := newClientIPs()
+		// quiet opens a stream that delivers nothing, and returns the
+		// position its EventSource would resume from.
+		quiet := func(t *testing.T, c *client, query string) string {
+			s := c.stream(query, "")
+			select {
+			case <-s.opened:
+			case <-time.After(eventWait):
+				t.Fatalf("the stream sent nothing within %v", eventWait)
+			}
+			s.close()
+			return s.lastEventID()
+		}
+		t.Run("a user's own channel", func(t *testing.T) {
+			bob := member(t, base, "bob", ips)
+			bob.t = t
+			last := quiet(t, bob, "")
+			alice := member(t, base, "alice", ips)
+			code, _ := alice.call(http.MethodPost, "/notifications", `{"userId":2,"message":"while reconnecting"}`)
+			require.Equal(t, http.StatusAccepted, code)
+			s := bob.stream("lastEventId="+last, "")
+			code, _ = alice.call(http.MethodPost, "/notifications", `{"userId":2,"message":"live"}`)
+			require.Equal(t, http.StatusAccepted, code)
+			require.Equal(t, "while reconnecting", s.expect("notification")["message"])
+			require.Equal(t, "live", s.expect("notification")["message"])
+		})
+		t.Run("a quiet room, joins spent", func(t *testing.T) {
+			room := "quiet" + strconv.Itoa(int(time.Now().UnixNano()%1e9))
+			c := visitor(t, base, ips)
+			c.t = t
+			clearOfMinuteEnd(t) // a sliding window: exact within one minute
+			for range joinsPerMinute {
+				s := c.stream("rooms="+room, "")
+				s.expectJoined(room, "anonymous")
+				s.close()
+			}
+			last := quiet(t, c, "rooms="+room)
+			poster := visitor(t, base, ips)
+			poster.say(room, "while reconnecting")
+			s := c.stream("rooms="+room+"&lastEventId="+last, "")
+			poster.say(room, "live")
+			s.expectChat(room, "while reconnecting", "anonymous")
+			s.expectChat(room, "live", "anonymous")
+		})
+	})
 }

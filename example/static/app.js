@@ -96,7 +96,10 @@
     });
     es.onerror = () => {
       // Closed by the server, refused, or a non-200 answer: reconnect
-      // ourselves, from the last position.
+      // ourselves, from the last position. EventSource's own lastEventId
+      // also counts an id: sent without an event, and events the page
+      // does not listen to.
+      if (es.lastEventId) lastEventId = es.lastEventId;
       es.close();
       if (source !== es) return;
       source = null;

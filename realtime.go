@@ -182,7 +182,9 @@ type HubConfig struct {
 	// Default: DefaultClientQueueBytes (4 MiB).
 	ClientQueueBytes int
 	// ReplayPage is how many events one stream read fetches, on resume and
-	// on re-reads. Default: DefaultReplayPage (100).
+	// on re-reads, at most: a page is also held to about 1 MiB of events
+	// of MaxEventSize (16 at the default 64 KiB), so a resuming client
+	// holds a bounded page. Default: DefaultReplayPage (100).
 	ReplayPage int
 	// UnsubscribeGrace is how long an instance stays subscribed to a
 	// channel after its last local client left, so reconnect storms do not
@@ -259,6 +261,7 @@ type Hub struct {
 	b     *backend
 	cfg   HubConfig
 	keys  []KeyGroup // one per partition
+	page  int        // events per stream read: ReplayPage, bounded in bytes
 	conns []*hubConn // created lazily, one per connection partition
 
 	mu       sync.Mutex
@@ -354,6 +357,7 @@ func NewHub(cfg HubConfig) (*Hub, error) {
 	for p := range h.keys {
 		h.keys[p] = b.keys.Group("rt", strconv.Itoa(p))
 	}
+	h.page = min(cfg.ReplayPage, max(1, replayPageBytes/cfg.MaxEventSize))
 	h.presence.init()
 	return h, nil
 }
@@ -748,6 +752,14 @@ type chanSub struct {
 	idx    int
 	cursor uint64
 }
+
+// replayPageBytes bounds a stream read in events of MaxEventSize (see
+// HubConfig.ReplayPage); replayFlush is how much SSE text a replay buffers
+// before it writes.
+const (
+	replayPageBytes = 1 << 20
+	replayFlush     = 256 << 10
+)
 
 // maxEarly bounds the announcements a channel keeps before its first sync;
 // beyond it the sync re-reads the stream instead.
@@ -1394,7 +1406,7 @@ func (h *Hub) readPage(ctx context.Context, ch *hubChannel, from Position) (stre
 	client := h.b.client
 	res := h.b.DoMulti(ctx, ch.keys.meta,
 		client.B().Hmget().Key(ch.keys.meta).Field("e", "s").Build(),
-		client.B().Xrange().Key(ch.keys.stream).Start(strconv.FormatUint(from.Offset+1, 10)+"-0").End("+").Count(int64(h.cfg.ReplayPage)).Build(),
+		client.B().Xrange().Key(ch.keys.stream).Start(strconv.FormatUint(from.Offset+1, 10)+"-0").End("+").Count(int64(h.page)).Build(),
 	)
 	meta, err := res[0].ToArray()
 	if err != nil {
@@ -1425,7 +1437,7 @@ func (h *Hub) readPage(ctx context.Context, ch *hubChannel, from Position) (stre
 	if err != nil && !rueidis.IsRedisNil(err) {
 		return streamPage{}, fmt.Errorf("realtime: read: %w", err)
 	}
-	page := streamPage{top: top, more: len(entries) == h.cfg.ReplayPage}
+	page := streamPage{top: top, more: len(entries) == h.page}
 	next := from.Offset + 1
 	for _, e := range entries {
 		off, ok := entryOffset(e.ID)
@@ -2012,6 +2024,9 @@ func (h *Hub) replay(ctx context.Context, sw *sseWriter, i int) (reset, ok bool)
 		for _, e := range page.events {
 			sw.event(i, e.pos, e.ev)
 			h.delivered.Add(1)
+			if len(sw.buf) >= replayFlush && sw.flush() != nil {
+				return reset, false
+			}
 		}
 		if !h.writeQueued(sw) || sw.flush() != nil {
 			return reset, false

@@ -2488,3 +2488,30 @@ func TestRealtimeOneMasterDown(t *testing.T) {
 	publishEventually(t, pub, down, "d-back")
 	requireStreamed(t, sDown, f.testRedis, down, 1, "the paused channel's stream caught up")
 }
+
+// TestRealtimeReplayPageBoundedInBytes: a stream read fetches at most about
+// 1 MiB of events of MaxEventSize, whatever ReplayPage says, so a resuming
+// client holds a bounded page.
+func TestRealtimeReplayPageBoundedInBytes(t *testing.T) {
+	client := newTestRedis(t, "standalone", standaloneRedis.addrs).Client()
+	for _, tt := range []struct {
+		name      string
+		page, max int
+		want      int
+	}{
+		{name: "defaults", want: 16},
+		{name: "small events", max: 1 << 10, want: DefaultReplayPage},
+		{name: "small page", page: 7, want: 7},
+		{name: "huge events", max: 4 << 20, want: 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := HubConfig{Client: client, ReplayPage: tt.page, MaxEventSize: tt.max}
+			if tt.max > DefaultClientQueueBytes {
+				cfg.ClientQueueBytes = 2 * tt.max
+			}
+			h, err := NewHub(cfg)
+			require.NoError(t, err)
+			require.Equal(t, tt.want, h.page)
+		})
+	}
+}

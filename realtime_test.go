@@ -2506,7 +2506,7 @@ func TestRealtimeReplayPageBoundedInBytes(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := HubConfig{Client: client, ReplayPage: tt.page, MaxEventSize: tt.max}
-			if tt.max > DefaultClientQueueBytes {
+			if tt.max >= DefaultClientQueueBytes {
 				cfg.ClientQueueBytes = 2 * tt.max
 			}
 			h, err := NewHub(cfg)

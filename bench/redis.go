@@ -192,3 +192,17 @@ func (rc *redisConn) serverVersion() (string, error) {
 	}
 	return "unknown", nil
 }
+
+// useRedis returns the Redis a run measures against: addr when given, else
+// a throwaway redis-server that stop ends. kind says which, for the
+// report's header.
+func useRedis(ctx context.Context, addr string) (_, kind string, stop func(), err error) {
+	if addr != "" {
+		return addr, "existing, -redis " + addr, func() {}, nil
+	}
+	srv, err := startRedis(ctx)
+	if err != nil {
+		return "", "", nil, err
+	}
+	return srv.Addr, "throwaway redis-server", srv.Stop, nil
+}

@@ -183,15 +183,11 @@ func runRealtime(ctx context.Context, o rtOptions, w io.Writer) (int, error) {
 		return 0, fmt.Errorf("RLIMIT_NOFILE: %w", err)
 	}
 	p := o.plan
-	redisAddr, redisKind := o.redis, "existing, -redis "+o.redis
-	if redisAddr == "" {
-		srv, err := startRedis(ctx)
-		if err != nil {
-			return 0, err
-		}
-		defer srv.Stop()
-		redisAddr, redisKind = srv.Addr, "throwaway redis-server"
+	redisAddr, redisKind, stopRedis, err := useRedis(ctx, o.redis)
+	if err != nil {
+		return 0, err
 	}
+	defer stopRedis()
 	info, err := dialRedis(redisAddr)
 	if err != nil {
 		return 0, fmt.Errorf("redis %s: %w", redisAddr, err)

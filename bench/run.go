@@ -42,15 +42,11 @@ func run(ctx context.Context, o options) (broken int, err error) {
 	}
 
 	// Redis.
-	redisAddr, redisKind := o.redis, "existing, -redis "+o.redis
-	if redisAddr == "" {
-		srv, err := startRedis(ctx)
-		if err != nil {
-			return 0, err
-		}
-		defer srv.Stop()
-		redisAddr, redisKind = srv.Addr, "throwaway redis-server"
+	redisAddr, redisKind, stopRedis, err := useRedis(ctx, o.redis)
+	if err != nil {
+		return 0, err
 	}
+	defer stopRedis()
 	probe, err := dialRedis(redisAddr)
 	if err != nil {
 		return 0, fmt.Errorf("redis %s: %w", redisAddr, err)

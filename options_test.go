@@ -41,24 +41,6 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.mu.Unlock()
 }
 
-// syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 func TestBreakerStateMachine(t *testing.T) {
@@ -423,7 +405,7 @@ func TestCacheCheckWarnsWhenClientSideCachingIsOff(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			forEachTopology(t, func(t *testing.T, r *testRedis) {
 				c := r.Client(tt.opt)
-				var logs syncBuffer
+				var logs redistest.SyncBuffer
 				b, err := newBackend("test", c, Options{Prefix: r.Keys.Prefix(), Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 				require.NoError(t, err)
 				key := b.keys.Key("x")
@@ -442,7 +424,7 @@ func TestCacheCheckWarnsWhenClientSideCachingIsOff(t *testing.T) {
 }
 
 func TestRateLogSuppressesRepeats(t *testing.T) {
-	var logs syncBuffer
+	var logs redistest.SyncBuffer
 	clock := newFakeClock()
 	l := &rateLog{logger: slog.New(slog.NewTextHandler(&logs, nil)), clock: clock}
 	for range 5 {

@@ -133,7 +133,7 @@ func buildExample(t *testing.T) string {
 type instance struct {
 	base   string
 	cmd    *exec.Cmd
-	log    *syncBuffer
+	log    *redistest.SyncBuffer
 	exited chan struct{} // closed once the process has exited
 	err    error         // its exit, once exited is closed
 }
@@ -146,7 +146,7 @@ func startInstance(t *testing.T, bin, addr, redisURL string) *instance {
 	cmd := exec.Command(bin)
 	cmd.Env = append(os.Environ(),
 		"ADDR="+addr, "REDIS_URL="+redisURL, "SESSION_SECRET="+sessionSecret, "COOKIE_INSECURE=1")
-	in := &instance{base: "http://" + addr, cmd: cmd, log: &syncBuffer{}, exited: make(chan struct{})}
+	in := &instance{base: "http://" + addr, cmd: cmd, log: &redistest.SyncBuffer{}, exited: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = in.log, in.log
 	require.NoError(t, cmd.Start())
 	go func() {
@@ -290,22 +290,4 @@ func waitStatus(t *testing.T, page context.Context, state string) {
 	ctx, cancel := context.WithTimeout(page, wait)
 	defer cancel()
 	require.NoError(t, chromedp.Do(ctx, chromedp.WaitVisible(chromedp.CSS(`#status[data-state="`+state+`"]`))), "status %s", state)
-}
-
-// syncBuffer is a bytes.Buffer for a process's output, read while written.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

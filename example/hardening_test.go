@@ -548,24 +548,6 @@ func TestSessionSecretConfig(t *testing.T) {
 	}
 }
 
-// syncBuffer is a log destination the app and the test share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // health is GET /health's status and JSON body.
 func health(t *testing.T, base string) (int, string, map[string]any) {
 	t.Helper()
@@ -584,7 +566,7 @@ func health(t *testing.T, base string) (int, string, map[string]any) {
 // nothing more.
 func requireDialFailure(t *testing.T, redisURL, code string, within time.Duration) {
 	t.Helper()
-	var log syncBuffer
+	var log redistest.SyncBuffer
 	base := startExampleLogging(t, map[string]string{"REDIS_URL": redisURL, "COOKIE_INSECURE": "1", "SESSION_SECRET": strings.Repeat("d", 32)}, &log)
 	require.Eventually(t, func() bool {
 		return strings.Contains(log.String(), "reason="+code)
@@ -680,7 +662,7 @@ func TestSIGTERMDrains(t *testing.T) {
 		require.NoError(t, err)
 		addr := ln.Addr().String()
 		require.NoError(t, ln.Close())
-		var log syncBuffer
+		var log redistest.SyncBuffer
 		cmd := exec.Command(bin)
 		cmd.Env = append(os.Environ(), "REDIS_URL="+redisURL, "ADDR="+addr, "COOKIE_INSECURE=1",
 			"SESSION_SECRET="+strings.Repeat("t", 32), "SHUTDOWN_TIMEOUT=10s")

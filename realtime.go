@@ -21,6 +21,7 @@ import (
 	"hash/fnv"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -2389,16 +2390,8 @@ func (h *Hub) Presence(ctx context.Context, channel string, limit int) (Presence
 		since, _ := strconv.ParseInt(parts[2], 10, 64)
 		info.Members = append(info.Members, Member{ConnID: parts[1], UserID: parts[3], Instance: parts[0], Since: time.UnixMilli(since).UTC()})
 	}
-	sortMembers(info.Members)
+	slices.SortStableFunc(info.Members, func(a, b Member) int { return a.Since.Compare(b.Since) })
 	return info, nil
-}
-
-func sortMembers(ms []Member) {
-	for i := 1; i < len(ms); i++ {
-		for j := i; j > 0 && ms[j].Since.Before(ms[j-1].Since); j-- {
-			ms[j], ms[j-1] = ms[j-1], ms[j]
-		}
-	}
 }
 
 // Shutdown ends every stream with a last "disconnect" event of reason

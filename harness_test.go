@@ -47,6 +47,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if cfg := os.Getenv(jobChildEnv); cfg != "" {
+		os.Exit(runJobChild(cfg)) // a worker process of TestJobsSurviveSIGKILL
+	}
 	os.Exit(redistest.Run(m, func(standalone, cluster *redistest.Topology) {
 		standaloneRedis = &topology{name: standalone.Name, addrs: standalone.Addrs}
 		clusterRedis = &topology{name: cluster.Name, addrs: cluster.Addrs}

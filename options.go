@@ -516,6 +516,44 @@ func (b *backend) Exec(ctx context.Context, script *rueidis.Lua, keys, args []st
 	return res
 }
 
+// blockingMargin is what a blocking call's own deadline adds to its server
+// timeout, beyond Timeout: Redis fires blocking timeouts at 1/hz (about
+// every 100 ms), late by up to that.
+const blockingMargin = 250 * time.Millisecond
+
+// errNotBlocking: DoBlocking of a command that does not block.
+var errNotBlocking = errors.New("redisecho: DoBlocking needs a blocking command with a server timeout")
+
+// DoBlocking sends a blocking command (BZPOPMIN and the like), whose
+// server-side timeout is serverTimeout (> 0), on rueidis's blocking pool,
+// never the shared pipeline. It marks the command UnblockOnCancel, so a
+// cancelled ctx sends CLIENT UNBLOCK and keeps the connection.
+//
+// For the breaker a blocking call is not a plain call: waiting is its job.
+// Its own deadline is serverTimeout + blockingMargin + Timeout, so Redis's
+// nil reply at the server timeout arrives first, and counts as a success;
+// a caller that cancels (a worker that woke itself or shuts down) is not
+// recorded at all; only a call that outlives its own deadline (a stalled or
+// paused Redis), a network error or an error reply of a server that cannot
+// serve counts as a failure. An idle worker never opens the breaker that
+// sessions and caches rely on.
+func (b *backend) DoBlocking(ctx context.Context, key string, cmd rueidis.Completed, serverTimeout time.Duration) rueidis.RedisResult {
+	if serverTimeout <= 0 || !cmd.IsBlock() {
+		return rueidis.NewErrorResult(errNotBlocking)
+	}
+	b.shared.checkCache(b.client, b.log, b.timeout)
+	n := b.breaker.node(b.scope(key))
+	if !b.breaker.allow(n) {
+		n.rejected.Add(1)
+		return rueidis.NewErrorResult(ErrBreakerOpen)
+	}
+	cctx, cancel := context.WithTimeout(ctx, serverTimeout+blockingMargin+b.timeout)
+	res := b.client.Do(cctx, cmd.UnblockOnCancel().ToPipe())
+	cancel()
+	b.record(n, ctx, res.Error(), false)
+	return res
+}
+
 // pipelinedScript is a Lua script that backend.ExecMulti can pipeline:
 // its source and SHA-1. rueidis's own Lua.ExecMulti first sends SCRIPT LOAD
 // to every node (replicas included) on every call, so one stalled node

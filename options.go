@@ -265,13 +265,18 @@ func (b *backend) scope(key string) string {
 // tells whether the call sends a command that Redis refuses when full (see
 // refusedWhenFull): its success proves the node has memory again.
 func (b *backend) call(ctx context.Context, key string, grows bool, fn func(ctx context.Context) error) error {
+	return b.callWithin(ctx, key, b.timeout, grows, fn)
+}
+
+// callWithin is call with a deadline of its own instead of Timeout.
+func (b *backend) callWithin(ctx context.Context, key string, timeout time.Duration, grows bool, fn func(ctx context.Context) error) error {
 	b.shared.checkCache(b.client, b.log, b.timeout)
 	n := b.breaker.node(b.scope(key))
 	if !b.breaker.allow(n) {
 		n.rejected.Add(1)
 		return ErrBreakerOpen
 	}
-	cctx, cancel := context.WithTimeout(ctx, b.timeout)
+	cctx, cancel := context.WithTimeout(ctx, timeout)
 	err := fn(cctx)
 	cancel()
 	b.record(n, ctx, err, grows)
@@ -350,6 +355,125 @@ func (b *backend) Do(ctx context.Context, key string, cmd rueidis.Completed) (re
 		return rueidis.NewErrorResult(err)
 	}
 	return res
+}
+
+// blockingGrace is how long DoBlocking waits past the server timeout of its
+// command (on top of Timeout) before it gives up on the reply.
+const blockingGrace = 250 * time.Millisecond
+
+// DoBlocking sends cmd, a blocking command whose key (or first key) is key,
+// and waits for its reply: an element, or a nil reply when the command's
+// own server timeout passes with nothing to pop. The job worker blocks this
+// way (BZPOPMIN on a queue's marker key) instead of polling.
+//
+// cmd must be one of BZPOPMIN, BZPOPMAX, BLPOP, BRPOP, BLMOVE, BRPOPLPUSH,
+// BZMPOP, BLMPOP, or XREAD/XREADGROUP with BLOCK, built with the rueidis
+// builder (or Arbitrary(...).Blocking()), so that rueidis marks it as
+// blocking; and its timeout argument must equal serverTimeout (seconds as a
+// float, or BLOCK milliseconds for XREAD), which must be at least 1 ms
+// (Redis reads 0 as "block forever"). Any other command is refused: an
+// error result, nothing sent.
+//
+// DoBlocking marks cmd UnblockOnCancel and ToPipe, whatever the caller
+// built. rueidis then sends it on a connection of the node's blocking pool
+// (BlockingPoolSize), never on the shared auto-pipelined connections, and
+// when ctx ends before the reply it sends CLIENT UNBLOCK and keeps the
+// connection instead of closing it. ToPipe is what keeps both true under
+// ClientOption.DisableAutoPipelining: without it such a client sends a
+// blocking command on a connection that cannot be unblocked, and closes it
+// on cancel. (CLIENT UNBLOCK needs Redis 6 and the ACL right to run it;
+// without them a cancel closes the connection, which rueidis redials.)
+//
+// The call's deadline is serverTimeout + 250 ms + Timeout, so a reply that
+// the server sends at its timeout always arrives in time. Outcomes, for the
+// breaker of key's node:
+//   - a reply, the nil reply of the server timeout included: success, so an
+//     idle worker blocked for hours keeps the breaker closed;
+//   - ctx cancelled or past its own deadline (the worker stops waiting):
+//     not counted, it says nothing about Redis;
+//   - DoBlocking's own deadline passing (a hung server or network): a
+//     failure, like any other network error;
+//   - breaker open: an ErrBreakerOpen result, nothing sent.
+func (b *backend) DoBlocking(ctx context.Context, key string, cmd rueidis.Completed, serverTimeout time.Duration) (res rueidis.RedisResult) {
+	if err := checkBlocking(cmd, serverTimeout); err != nil {
+		return rueidis.NewErrorResult(err)
+	}
+	cmd = cmd.ToPipe().UnblockOnCancel()
+	err := b.callWithin(ctx, key, serverTimeout+blockingGrace+b.timeout, false, func(ctx context.Context) error {
+		res = b.client.Do(ctx, cmd)
+		return res.Error()
+	})
+	if errors.Is(err, ErrBreakerOpen) {
+		return rueidis.NewErrorResult(err)
+	}
+	return res
+}
+
+// errNotBlocking is DoBlocking's refusal of a command it cannot send.
+var errNotBlocking = errors.New("redisecho: DoBlocking")
+
+// checkBlocking reports why DoBlocking must not send cmd with serverTimeout,
+// or nil.
+func checkBlocking(cmd rueidis.Completed, serverTimeout time.Duration) error {
+	if serverTimeout < time.Millisecond {
+		return fmt.Errorf("%w: server timeout %v is below 1 ms (Redis reads 0 as forever)", errNotBlocking, serverTimeout)
+	}
+	cs := cmd.Commands()
+	if len(cs) == 0 {
+		return fmt.Errorf("%w: empty command", errNotBlocking)
+	}
+	name := strings.ToUpper(cs[0])
+	arg, unit, err := blockingTimeoutArg(name, cs)
+	if err != nil {
+		return err
+	}
+	if !cmd.IsBlock() {
+		return fmt.Errorf("%w: %s is not marked blocking (build it with the rueidis builder or Arbitrary(...).Blocking())", errNotBlocking, name)
+	}
+	f, err := strconv.ParseFloat(arg, 64)
+	if err != nil || f <= 0 {
+		return fmt.Errorf("%w: %s timeout %q is not a positive number", errNotBlocking, name, arg)
+	}
+	got := time.Duration(f * float64(unit))
+	if d := got - serverTimeout; d <= -time.Millisecond || d >= time.Millisecond {
+		return fmt.Errorf("%w: %s timeout %s (%v) does not match the server timeout %v", errNotBlocking, name, arg, got, serverTimeout)
+	}
+	return nil
+}
+
+// blockingTimeoutArg returns the timeout argument of the blocking command
+// cs (named name) and its unit.
+func blockingTimeoutArg(name string, cs []string) (string, time.Duration, error) {
+	switch name {
+	case "BZPOPMIN", "BZPOPMAX", "BLPOP", "BRPOP", "BLMOVE", "BRPOPLPUSH": // ... timeout
+		if len(cs) >= 3 {
+			return cs[len(cs)-1], time.Second, nil
+		}
+	case "BZMPOP", "BLMPOP": // timeout numkeys key ... MIN|MAX|LEFT|RIGHT [COUNT n]
+		if len(cs) >= 4 {
+			return cs[1], time.Second, nil
+		}
+	case "XREAD", "XREADGROUP": // [GROUP g c] [COUNT n] [BLOCK ms] [NOACK] STREAMS ...
+		i := 1
+		if name == "XREADGROUP" {
+			i = 4 // GROUP group consumer
+		}
+		for ; i < len(cs); i++ {
+			switch strings.ToUpper(cs[i]) {
+			case "COUNT":
+				i++
+			case "BLOCK":
+				if i+1 < len(cs) {
+					return cs[i+1], time.Millisecond, nil
+				}
+			case "STREAMS":
+				return "", 0, fmt.Errorf("%w: %s without BLOCK does not block", errNotBlocking, name)
+			}
+		}
+	default:
+		return "", 0, fmt.Errorf("%w: %s is not a blocking command", errNotBlocking, name)
+	}
+	return "", 0, fmt.Errorf("%w: %s has too few arguments", errNotBlocking, name)
 }
 
 // DoCache sends cmd through client-side caching, whose key is key. cmd must
@@ -513,44 +637,6 @@ func (b *backend) Exec(ctx context.Context, script *rueidis.Lua, keys, args []st
 	if errors.Is(err, ErrBreakerOpen) {
 		return rueidis.NewErrorResult(err)
 	}
-	return res
-}
-
-// blockingMargin is what a blocking call's own deadline adds to its server
-// timeout, beyond Timeout: Redis fires blocking timeouts at 1/hz (about
-// every 100 ms), late by up to that.
-const blockingMargin = 250 * time.Millisecond
-
-// errNotBlocking: DoBlocking of a command that does not block.
-var errNotBlocking = errors.New("redisecho: DoBlocking needs a blocking command with a server timeout")
-
-// DoBlocking sends a blocking command (BZPOPMIN and the like), whose
-// server-side timeout is serverTimeout (> 0), on rueidis's blocking pool,
-// never the shared pipeline. It marks the command UnblockOnCancel, so a
-// cancelled ctx sends CLIENT UNBLOCK and keeps the connection.
-//
-// For the breaker a blocking call is not a plain call: waiting is its job.
-// Its own deadline is serverTimeout + blockingMargin + Timeout, so Redis's
-// nil reply at the server timeout arrives first, and counts as a success;
-// a caller that cancels (a worker that woke itself or shuts down) is not
-// recorded at all; only a call that outlives its own deadline (a stalled or
-// paused Redis), a network error or an error reply of a server that cannot
-// serve counts as a failure. An idle worker never opens the breaker that
-// sessions and caches rely on.
-func (b *backend) DoBlocking(ctx context.Context, key string, cmd rueidis.Completed, serverTimeout time.Duration) rueidis.RedisResult {
-	if serverTimeout <= 0 || !cmd.IsBlock() {
-		return rueidis.NewErrorResult(errNotBlocking)
-	}
-	b.shared.checkCache(b.client, b.log, b.timeout)
-	n := b.breaker.node(b.scope(key))
-	if !b.breaker.allow(n) {
-		n.rejected.Add(1)
-		return rueidis.NewErrorResult(ErrBreakerOpen)
-	}
-	cctx, cancel := context.WithTimeout(ctx, serverTimeout+blockingMargin+b.timeout)
-	res := b.client.Do(cctx, cmd.UnblockOnCancel().ToPipe())
-	cancel()
-	b.record(n, ctx, res.Error(), false)
 	return res
 }
 

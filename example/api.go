@@ -293,16 +293,22 @@ const adminUserID = 1
 // requireAdmin answers 401 without a login and 403 for any user but the
 // admin, before anything else looks at the request. The Session middleware
 // must run before it.
-func requireAdmin(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
-		_, id, ok := current(c)
-		switch {
-		case !ok:
-			return jsonError(c, http.StatusUnauthorized, "Not authenticated")
-		case id != adminUserID:
-			return jsonError(c, http.StatusForbidden, "Only an admin may change products")
+var requireAdmin = requireAdminTo("change products")
+
+// requireAdminTo is requireAdmin, whose 403 says what only an admin may do.
+func requireAdminTo(what string) echo.MiddlewareFunc {
+	msg := "Only an admin may " + what
+	return func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			_, id, ok := current(c)
+			switch {
+			case !ok:
+				return jsonError(c, http.StatusUnauthorized, "Not authenticated")
+			case id != adminUserID:
+				return jsonError(c, http.StatusForbidden, msg)
+			}
+			return next(c)
 		}
-		return next(c)
 	}
 }
 

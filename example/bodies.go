@@ -35,6 +35,7 @@ var bodyLimits = map[string]int64{
 	"POST /rooms/:room/messages": maxMessageBody,
 	"POST /notifications":        maxMessageBody,
 	"PUT /orders/:id/status":     maxOrderBody,
+	"POST /api/emails":           maxEmailBody,
 }
 
 // limitBodies is the app's first middleware (after routing, so c.Path() is

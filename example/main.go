@@ -51,6 +51,12 @@
 //	SHUTDOWN_TIMEOUT
 //	                how long SIGTERM waits for requests in flight before
 //	                closing their connections. Default: 10s.
+//	JOB_WORKERS     the email worker's concurrency (jobs.go). Default: 5.
+//	                0 runs the web app without a worker, so that another
+//	                process on the same REDIS_URL works the queue.
+//	JOB_LEASE       how long a worker holds a job without a heartbeat
+//	                before another may take it over (a Go duration).
+//	                Default: redisecho.DefaultJobLease (30s).
 //
 // The app starts even when Redis is down: it dials in the background,
 // logging why each failed dial failed, answers /health with 503 (and the
@@ -76,6 +82,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -114,6 +121,8 @@ type config struct {
 	trustedProxies []*net.IPNet
 	fallbackShare  float64
 	timeouts       timeouts
+	jobWorkers     int
+	jobLease       time.Duration
 }
 
 // timeouts are the HTTP server's.
@@ -130,9 +139,9 @@ var defaultTimeouts = timeouts{readHeader: 5 * time.Second, read: 15 * time.Seco
 // tells a variable that is set but empty from one that is unset.
 type lookupEnv func(string) (string, bool)
 
-func loadConfig(lookup lookupEnv, logger *slog.Logger) (config, error) {
+func loadConfig(lookup lookupEnv, logger *slog.Logger) (cfg config, err error) {
 	getenv := func(k string) string { v, _ := lookup(k); return v }
-	cfg := config{addr: getenv("ADDR"), redisURL: getenv("REDIS_URL"), insecureCookie: getenv("COOKIE_INSECURE") == "1"}
+	cfg = config{addr: getenv("ADDR"), redisURL: getenv("REDIS_URL"), insecureCookie: getenv("COOKIE_INSECURE") == "1"}
 	if cfg.addr == "" {
 		cfg.addr = ":8080"
 	}
@@ -196,6 +205,16 @@ func loadConfig(lookup lookupEnv, logger *slog.Logger) (config, error) {
 		}
 		p = p.Masked()
 		cfg.trustedProxies = append(cfg.trustedProxies, &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())})
+	}
+	if cfg.jobWorkers, err = parseJobWorkers(lookup("JOB_WORKERS")); err != nil {
+		return cfg, err
+	}
+	if v, ok := lookup("JOB_LEASE"); ok {
+		d, err := time.ParseDuration(strings.TrimSpace(v))
+		if err != nil || d < time.Second {
+			return cfg, fmt.Errorf("JOB_LEASE: want a Go duration of at least 1s such as 30s; got %q", v)
+		}
+		cfg.jobLease = d
 	}
 	cfg.fallbackShare = 1
 	if v := getenv("RATE_LIMIT_FALLBACK_SHARE"); v != "" {
@@ -288,13 +307,31 @@ func probe(e *echo.Echo, path string, h echo.HandlerFunc) {
 // newApp builds the full app on a connected client. It does no I/O: the
 // catalogue is seeded before (seedCatalogue).
 func newApp(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, error) {
-	e, _, err := newAppWithRealtime(client, cfg, logger)
-	return e, err
+	a, err := newFullApp(client, cfg, logger)
+	if err != nil {
+		return nil, err
+	}
+	return a.e, nil
 }
 
-// newAppWithRealtime is newApp, with the realtime part (realtime.go),
-// whose hub's shutdown the server must run when it shuts down.
-func newAppWithRealtime(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, *realtime, error) {
+// app is the full app and the parts whose shutdown the server runs when it
+// shuts down: the realtime hub (realtime.go) and the job worker (jobs.go).
+type app struct {
+	e    *echo.Echo
+	rt   *realtime
+	jobs *jobs
+}
+
+// newFullApp is newApp, with the parts to start and shut down.
+func newFullApp(client rueidis.Client, cfg config, logger *slog.Logger) (*app, error) {
+	e, rt, jobs, err := newAppParts(client, cfg, logger)
+	if err != nil {
+		return nil, err
+	}
+	return &app{e: e, rt: rt, jobs: jobs}, nil
+}
+
+func newAppParts(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.Echo, *realtime, *jobs, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.IPExtractor = cfg.ipExtractor()
@@ -311,18 +348,18 @@ func newAppWithRealtime(client rueidis.Client, cfg config, logger *slog.Logger) 
 		RecordUserAgent: true,
 	}.ToMiddleware()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	// The guide's rate limiters (ratelimit.go). The /api limiter is the
 	// group's middleware, so it runs first on every /api route, before the
 	// route's own limiter and before the cache: cache hits count too.
 	limits, err := newRateLimits(client, cfg, opts)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	rt, err := newRealtime(client, opts)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	auth := e.Group("", sessions)
 	// The guide limits only /api/auth/login; POST /login shares its
@@ -349,14 +386,21 @@ func newAppWithRealtime(client rueidis.Client, cfg config, logger *slog.Logger) 
 	// The session runs first: the limiter keys logged-in users by their ID.
 	api.GET("/expensive-operation", expensiveOperation, sessions, limits.expensive)
 	if err := mountAPI(api, client, opts, sessions); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
+	// The guide's email queue, behind the same /api limiter; its events
+	// reach the user's stream through the hub.
+	jobs, err := newJobs(client, opts, rt.hub, cfg.jobWorkers, cfg.jobLease, logger)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	jobs.mount(api, sessions)
 	// The guide's chat, notifications and orders over SSE, and the demo
 	// page.
 	if err := rt.mount(e, auth); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return e, rt, nil
+	return e, rt, jobs, nil
 }
 
 // seedCatalogue writes the demo products that are missing, retrying every
@@ -443,6 +487,10 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	appErr := make(chan error, 1)
+	// partsStopped is closed once the full app's hub and worker stopped;
+	// run waits for it after the server's shutdown, when they started.
+	partsStopped := make(chan struct{})
+	var partsStarted atomic.Bool
 	go func() {
 		select {
 		case <-holder.Ready():
@@ -452,7 +500,10 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 		if seedCatalogue(ctx, holder.Client(), logger) != nil {
 			return // shutting down
 		}
-		app, rt, err := newAppWithRealtime(holder.Client(), cfg, logger)
+		a, err := newFullApp(holder.Client(), cfg, logger)
+		if err == nil {
+			err = a.jobs.start()
+		}
 		if err != nil {
 			appErr <- err
 			return
@@ -460,13 +511,26 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 		// The server's shutdown waits for the requests in flight, and an
 		// SSE stream never ends by itself: the hub ends them all (each
 		// with a last "disconnect" event) as soon as the shutdown starts.
-		srv.RegisterOnShutdown(func() { rt.shutdown(tm.shutdown) })
-		var h http.Handler = app
+		// The worker stops with the server too: running emails finish
+		// within the shutdown timeout or go back to the queue.
+		var once sync.Once
+		stopParts := func() {
+			once.Do(func() {
+				done := make(chan struct{})
+				go func() { a.jobs.shutdown(tm.shutdown); close(done) }()
+				a.rt.shutdown(tm.shutdown)
+				<-done
+				close(partsStopped)
+			})
+		}
+		srv.RegisterOnShutdown(stopParts)
+		partsStarted.Store(true)
+		var h http.Handler = a.e
 		handler.Store(&h)
 		if ctx.Err() != nil {
 			// The shutdown may have started before the hook was
-			// registered: end the streams anyway (twice is harmless).
-			go rt.shutdown(tm.shutdown)
+			// registered: stop them anyway (twice is harmless).
+			go stopParts()
 		}
 	}()
 
@@ -497,6 +561,15 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 		// and stop anyway.
 		_ = srv.Close()
 		return fmt.Errorf("shutdown: requests still running after %v were cut off: %w", tm.shutdown, err)
+	}
+	if partsStarted.Load() {
+		// The worker's jobs finish, or go back to the queue, before the
+		// process exits.
+		select {
+		case <-partsStopped:
+		case <-time.After(tm.shutdown + time.Second):
+			logger.Warn("shutdown: the hub or the job worker did not stop in time")
+		}
 	}
 	logger.Info("stopped")
 	return nil

@@ -693,3 +693,76 @@ func TestEventsReachHub(t *testing.T) {
 		require.JSONEq(t, fmt.Sprintf(`{"id":%q,"queue":"events","type":"t","attempt":1,"result":{"sent":true}}`, e.ID), ev.Data)
 	})
 }
+
+// TestIdleWorkerKeepsBreakerClosed: a worker idle for more than 10 s,
+// blocked in Redis, records no failure and never changes the breaker that
+// the client's other features share.
+func TestIdleWorkerKeepsBreakerClosed(t *testing.T) {
+	t.Parallel()
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		t.Parallel()
+		client := r.Client()
+		q := newTestQueue(t, r, client, "idle")
+		startWorker(t, JobHandlerFunc(func(context.Context, *Job) (any, error) { return nil, nil }), nil, q)
+		time.Sleep(11 * time.Second)
+		for _, s := range BreakerFor(client).Stats() {
+			require.Equal(t, BreakerClosed, s.State, s.Scope)
+			require.Zero(t, s.Failures, s.Scope)
+			require.Zero(t, s.Opened, s.Scope)
+			require.Zero(t, s.Rejected, s.Scope)
+		}
+		e, err := q.Enqueue(context.Background(), "t", nil)
+		require.NoError(t, err)
+		waitState(t, q, e.ID, JobCompleted, 2*time.Second)
+	})
+}
+
+// TestWorkerSurvivesPausedRedis: while Redis is paused, Enqueue fails
+// within its deadline and workers back off; once it resumes, every job
+// that Enqueue acknowledged completes, without a restart.
+func TestWorkerSurvivesPausedRedis(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ctx := context.Background()
+		client := f.Client()
+		q := newTestQueue(t, f.testRedis, client, "paused", func(c *QueueConfig) {
+			c.Timeout = 300 * time.Millisecond
+			c.Breaker = NewBreaker(BreakerConfig{Failures: 3, Cooldown: 500 * time.Millisecond})
+		})
+		startWorker(t, JobHandlerFunc(func(context.Context, *Job) (any, error) {
+			time.Sleep(5 * time.Millisecond)
+			return nil, nil
+		}), func(c *WorkerConfig) { c.Lease = 3 * time.Second }, q)
+		var acked []string
+		for range 20 {
+			e, err := q.Enqueue(ctx, "t", nil)
+			require.NoError(t, err)
+			acked = append(acked, e.ID)
+		}
+		f.Pause(t)
+		t0 := time.Now()
+		_, err := q.Enqueue(ctx, "t", nil)
+		require.Error(t, err)
+		require.Less(t, time.Since(t0), 2*time.Second, "Enqueue returns within its deadline")
+		time.Sleep(1500 * time.Millisecond)
+		f.Resume(t)
+		for range 20 {
+			require.Eventually(t, func() bool {
+				e, err := q.Enqueue(ctx, "t", nil)
+				if err == nil {
+					acked = append(acked, e.ID)
+				}
+				return err == nil
+			}, 10*time.Second, 50*time.Millisecond)
+		}
+		for _, id := range acked {
+			waitState(t, q, id, JobCompleted, 15*time.Second)
+		}
+		f.KillConnections(t)
+		e, err := q.Enqueue(ctx, "t", nil)
+		for err != nil {
+			time.Sleep(50 * time.Millisecond)
+			e, err = q.Enqueue(ctx, "t", nil)
+		}
+		waitState(t, q, e.ID, JobCompleted, 10*time.Second)
+	})
+}

@@ -152,9 +152,9 @@ func (p *workerProc) kill() {
 // that the suite stays fast; REDISECHO_TEST_JOBS_LONG=1 runs ten times as
 // many jobs.
 func TestJobsSurviveSIGKILL(t *testing.T) {
-	n := 2000
+	n := 3000
 	if os.Getenv("REDISECHO_TEST_JOBS_LONG") == "1" {
-		n = 20000
+		n = 30000
 	}
 	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
 		ctx := context.Background()
@@ -218,7 +218,7 @@ func TestJobsSurviveSIGKILL(t *testing.T) {
 				select {
 				case <-stop:
 					return
-				case <-time.After(time.Duration(150+rand.IntN(350)) * time.Millisecond):
+				case <-time.After(time.Duration(100+rand.IntN(200)) * time.Millisecond):
 				}
 				i := rand.IntN(procs)
 				mu.Lock()

@@ -91,8 +91,6 @@ const (
 	MaxJobIDLength = 128
 	// MaxJobTypeLength bounds a job type: 128 bytes.
 	MaxJobTypeLength = 128
-	// jobHistory is how many attempts a job's history keeps.
-	jobHistory = 10
 	// jobBatch bounds what one script call handles: due jobs promoted,
 	// expired leases reaped, old jobs trimmed, jobs purged.
 	jobBatch = 100

@@ -1115,13 +1115,18 @@ return 'OK'
 // unique key. ErrJobNotFound when there is no such job,
 // ErrJobNotCancellable when it is active or finished.
 func (q *Queue) Cancel(ctx context.Context, id string) error {
+	return q.execByID(ctx, id, cancelScript, ErrJobNotCancellable, q.keys.pending, q.keys.scheduled, q.keys.retry)
+}
+
+// execByID runs script on the job id, whose hash is its last key after
+// keys, with the ID as its one argument, and reads its status (statusErr).
+// A malformed ID is ErrJobNotFound before it reaches a key.
+func (q *Queue) execByID(ctx context.Context, id string, script *pipelinedScript, busy error, keys ...string) error {
 	if !ValidJobID(id) {
 		return ErrJobNotFound
 	}
-	res := q.b.ExecMulti(ctx, q.keys.pending, cancelScript, rueidis.LuaExec{
-		Keys: []string{q.keys.pending, q.keys.scheduled, q.keys.retry, q.keys.job + id}, Args: []string{id},
-	})[0]
-	return statusErr(res, ErrJobNotCancellable)
+	res := q.b.ExecMulti(ctx, q.keys.pending, script, rueidis.LuaExec{Keys: append(keys, q.keys.job+id), Args: []string{id}})[0]
+	return statusErr(res, busy)
 }
 
 // statusErr reads "OK", "GONE" (ErrJobNotFound) and "BUSY" (busy).
@@ -1365,13 +1370,7 @@ return 'OK'
 // ErrJobNotFound when there is no dead job with id. A unique key it held
 // was released when it died and is not taken again.
 func (q *Queue) RetryDead(ctx context.Context, id string) error {
-	if !ValidJobID(id) {
-		return ErrJobNotFound
-	}
-	res := q.b.ExecMulti(ctx, q.keys.pending, retryDeadScript, rueidis.LuaExec{
-		Keys: []string{q.keys.dead, q.keys.pending, q.keys.marker, q.keys.job + id}, Args: []string{id},
-	})[0]
-	return statusErr(res, nil)
+	return q.execByID(ctx, id, retryDeadScript, nil, q.keys.dead, q.keys.pending, q.keys.marker)
 }
 
 // deleteFinishedScript deletes a completed or dead job.
@@ -1391,13 +1390,7 @@ return 'OK'
 // DeleteJob deletes a completed or dead job: ErrJobNotFound when there is
 // none, ErrJobNotCancellable when it has not finished (Cancel it).
 func (q *Queue) DeleteJob(ctx context.Context, id string) error {
-	if !ValidJobID(id) {
-		return ErrJobNotFound
-	}
-	res := q.b.ExecMulti(ctx, q.keys.pending, deleteFinishedScript, rueidis.LuaExec{
-		Keys: []string{q.keys.done, q.keys.dead, q.keys.job + id}, Args: []string{id},
-	})[0]
-	return statusErr(res, ErrJobNotCancellable)
+	return q.execByID(ctx, id, deleteFinishedScript, ErrJobNotCancellable, q.keys.done, q.keys.dead)
 }
 
 // purgeScript deletes up to 100 jobs of one state's sorted set.

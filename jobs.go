@@ -35,6 +35,7 @@ import (
 	"log/slog"
 	"math"
 	mrand "math/rand/v2"
+	"net/http"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -42,6 +43,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 )
 
@@ -2087,5 +2089,190 @@ func (w *Worker) emit(j *Job, ev JobEvent) {
 	}
 	if _, err := j.q.hub.Publish(context.Background(), j.channel, Event{Name: "job:" + ev.Kind, Data: data}); err != nil {
 		w.log.Warn("redisecho: job worker: could not publish a job event (the job's state in Redis is the truth)", "queue", j.Queue, "job", j.ID, "event", ev.Kind, "error", err)
+	}
+}
+
+// JobInspectorConfig configures the read side of the inspector as a JSON
+// HTTP handler. Mount it behind the app's own authorization, on a path
+// ending in a wildcard: e.GET("/admin/jobs/*", redisecho.JobInspector(q)).
+//
+//	GET <mount>/                         {"queues":[{"name","counts","paused"}]}
+//	GET <mount>/<queue>                  {"name","counts","paused"}
+//	GET <mount>/<queue>/<state>?offset=&limit=
+//	                                     {"jobs":[JobInfo...]} (limit default 50, at most MaxJobsPage)
+//	GET <mount>/<queue>/jobs/<id>        JobInfo, with "payload", "progress" and "result"
+//
+// Unknown queues, states and jobs are 404, bad paging 400, Redis trouble
+// 503 with no internal text. The write side (RetryDead, DeleteJob, Purge,
+// Cancel, Pause, Resume) stays in Go, for the app to expose with its own
+// checks (see the example's POST /api/jobs/:id/retry).
+type JobInspectorConfig struct {
+	// Queues are the queues shown. Required.
+	Queues []*Queue
+	// Param is the Echo path parameter holding the path below the mount.
+	// Default: "*".
+	Param string
+}
+
+// JobInspector returns the inspector's handler for queues.
+func JobInspector(queues ...*Queue) echo.HandlerFunc {
+	return JobInspectorWithConfig(JobInspectorConfig{Queues: queues})
+}
+
+// JobInspectorWithConfig is JobInspector with a config; it panics on a bad
+// one (ToHandler returns the error).
+func JobInspectorWithConfig(cfg JobInspectorConfig) echo.HandlerFunc {
+	return must(cfg.ToHandler())
+}
+
+// ToHandler validates cfg and returns the handler.
+func (cfg JobInspectorConfig) ToHandler() (echo.HandlerFunc, error) {
+	if len(cfg.Queues) == 0 {
+		return nil, errors.New("redisecho: JobInspectorConfig.Queues is required")
+	}
+	if cfg.Param == "" {
+		cfg.Param = "*"
+	}
+	ins := &jobInspector{byName: map[string]*Queue{}}
+	for _, q := range cfg.Queues {
+		if q == nil {
+			return nil, errors.New("redisecho: JobInspectorConfig: nil queue")
+		}
+		ins.order = append(ins.order, q)
+		ins.byName[q.Name()] = q
+	}
+	return func(c echo.Context) error {
+		ins.serve(c.Response(), c.Request(), c.Param(cfg.Param))
+		return nil
+	}, nil
+}
+
+// jobInspector serves the inspector over net/http types; the Echo handler
+// only hands it the path below its mount.
+type jobInspector struct {
+	order  []*Queue
+	byName map[string]*Queue
+}
+
+// jobInfoJSON is JobInfo with its stored values: JSON as it is, anything
+// else as a string.
+type jobInfoJSON struct {
+	JobInfo
+	Payload  json.RawMessage `json:"payload,omitempty"`
+	Progress json.RawMessage `json:"progress,omitempty"`
+	Result   json.RawMessage `json:"result,omitempty"`
+}
+
+func rawJSON(b []byte) json.RawMessage {
+	if len(b) == 0 {
+		return nil
+	}
+	if json.Valid(b) {
+		return b
+	}
+	s, _ := json.Marshal(string(b))
+	return s
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func (ins *jobInspector) serve(w http.ResponseWriter, r *http.Request, path string) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "method not allowed"})
+		return
+	}
+	ctx := r.Context()
+	unavailable := func() {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "job queue unavailable"})
+	}
+	notFound := func(what string) { writeJSON(w, http.StatusNotFound, map[string]string{"error": what + " not found"}) }
+	type queueView struct {
+		Name   string    `json:"name"`
+		Counts JobCounts `json:"counts"`
+		Paused bool      `json:"paused"`
+	}
+	view := func(q *Queue) (queueView, error) {
+		counts, err := q.Counts(ctx)
+		if err != nil {
+			return queueView{}, err
+		}
+		paused, err := q.Paused(ctx)
+		return queueView{Name: q.Name(), Counts: counts, Paused: paused}, err
+	}
+	parts := strings.Split(strings.Trim(path, "/"), "/")
+	if parts[0] == "" {
+		out := make([]queueView, 0, len(ins.order))
+		for _, q := range ins.order {
+			v, err := view(q)
+			if err != nil {
+				unavailable()
+				return
+			}
+			out = append(out, v)
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"queues": out})
+		return
+	}
+	q, ok := ins.byName[parts[0]]
+	if !ok {
+		notFound("queue")
+		return
+	}
+	switch {
+	case len(parts) == 1:
+		v, err := view(q)
+		if err != nil {
+			unavailable()
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+	case len(parts) == 3 && parts[1] == "jobs":
+		info, err := q.Job(ctx, parts[2])
+		switch {
+		case errors.Is(err, ErrJobNotFound):
+			notFound("job")
+		case err != nil:
+			unavailable()
+		default:
+			writeJSON(w, http.StatusOK, jobInfoJSON{JobInfo: info, Payload: rawJSON(info.Payload), Progress: rawJSON(info.Progress), Result: rawJSON(info.Result)})
+		}
+	case len(parts) == 2:
+		if _, ok := q.stateKey(JobState(parts[1])); !ok {
+			notFound("state")
+			return
+		}
+		offset, limit := 0, 50
+		for _, p := range []struct {
+			name string
+			dst  *int
+			max  int
+		}{{"offset", &offset, math.MaxInt32}, {"limit", &limit, MaxJobsPage}} {
+			if v := r.URL.Query().Get(p.name); v != "" {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 0 || n > p.max {
+					writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("%s must be a number from 0 to %d", p.name, p.max)})
+					return
+				}
+				*p.dst = n
+			}
+		}
+		jobs, err := q.Jobs(ctx, JobState(parts[1]), offset, limit)
+		if err != nil {
+			unavailable()
+			return
+		}
+		out := make([]jobInfoJSON, len(jobs))
+		for i, j := range jobs {
+			out[i] = jobInfoJSON{JobInfo: j, Progress: rawJSON(j.Progress), Result: rawJSON(j.Result)}
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"jobs": out})
+	default:
+		notFound("page")
 	}
 }

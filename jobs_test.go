@@ -2,14 +2,18 @@ package redisecho
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/labstack/echo/v4"
 	"github.com/redis/rueidis"
 	"github.com/stretchr/testify/require"
 )
@@ -762,5 +766,61 @@ func TestWorkerSurvivesPausedRedis(t *testing.T) {
 			e, err = q.Enqueue(ctx, "t", nil)
 		}
 		waitState(t, q, e.ID, JobCompleted, 10*time.Second)
+	})
+}
+
+// TestJobInspectorHandler: the inspector's JSON read side, mounted under
+// a wildcard, on both topologies.
+func TestJobInspectorHandler(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		client := r.Client()
+		q := newTestQueue(t, r, client, "mail")
+		other := newTestQueue(t, r, client, "other")
+		e, err := q.Enqueue(ctx, "send", map[string]string{"to": "a@b"}, JobID("job-1"))
+		require.NoError(t, err)
+		_, err = q.Enqueue(ctx, "send", []byte("not json"), JobDelay(time.Hour))
+		require.NoError(t, err)
+		ec := echo.New()
+		ec.GET("/admin/jobs/*", JobInspector(q, other))
+		srv := httptest.NewServer(ec)
+		defer srv.Close()
+		get := func(path string) (int, map[string]any) {
+			resp, err := http.Get(srv.URL + path)
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			var out map[string]any
+			_ = json.NewDecoder(resp.Body).Decode(&out)
+			return resp.StatusCode, out
+		}
+		for _, tt := range []struct {
+			path string
+			code int
+			want string
+		}{
+			{"/admin/jobs/", 200, `"queues"`},
+			{"/admin/jobs/mail", 200, `"pending":1`},
+			{"/admin/jobs/mail/pending", 200, `"job-1"`},
+			{"/admin/jobs/mail/scheduled?limit=1", 200, `"state":"scheduled"`},
+			{"/admin/jobs/mail/jobs/" + e.ID, 200, `"to":"a@b"`},
+			{"/admin/jobs/mail/jobs/nope", 404, `job not found`},
+			{"/admin/jobs/mail/jobs/x%7B%7D", 404, `job not found`},
+			{"/admin/jobs/nope", 404, `queue not found`},
+			{"/admin/jobs/mail/frozen", 404, `state not found`},
+			{"/admin/jobs/mail/pending?limit=100000", 400, `limit`},
+			{"/admin/jobs/mail/pending?offset=-1", 400, `offset`},
+		} {
+			code, out := get(tt.path)
+			b, _ := json.Marshal(out)
+			require.Equal(t, tt.code, code, tt.path)
+			require.Contains(t, string(b), tt.want, tt.path)
+		}
+		_, out := get("/admin/jobs/mail/scheduled")
+		jobs := out["jobs"].([]any)
+		require.Len(t, jobs, 1)
+		_, hasPayload := jobs[0].(map[string]any)["payload"]
+		require.False(t, hasPayload, "lists leave payloads out")
+		_, err = JobInspectorConfig{}.ToHandler()
+		require.Error(t, err)
 	})
 }

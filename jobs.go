@@ -359,7 +359,7 @@ func NewQueue(cfg QueueConfig) (*Queue, error) {
 	if cfg.Codec == nil {
 		cfg.Codec = JSONCodec{}
 	}
-	g := b.keys.Group("jq:" + cfg.Name)
+	g := b.keys.Group("jq", cfg.Name)
 	q := &Queue{cfg: cfg, b: b, codec: cfg.Codec, hub: cfg.Hub, keys: queueKeys{
 		pending: g.Key("pending"), scheduled: g.Key("scheduled"), retry: g.Key("retry"), active: g.Key("active"),
 		done: g.Key("done"), dead: g.Key("dead"), marker: g.Key("marker"), meta: g.Key("meta"), reaper: g.Key("reaper"),

@@ -267,7 +267,7 @@ func TestJobsSurviveSIGKILL(t *testing.T) {
 		require.Equal(t, int64(n), enqueued.Load())
 
 		// Exactly once in the queue's record, each job completed.
-		doneKey := f.Keys.Group("jq:" + cfg.Queue).Key("done")
+		doneKey := f.Keys.Group("jq", cfg.Queue).Key("done")
 		done, err := producer.Do(ctx, producer.B().Zrange().Key(doneKey).Min("0").Max("-1").Build()).AsStrSlice()
 		require.NoError(t, err)
 		require.Len(t, done, n)

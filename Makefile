@@ -79,3 +79,10 @@ e2e: redis-server
 .PHONY: bench-realtime
 bench-realtime: redis-server
 	cd bench && go run . realtime
+
+## bench-jobs: the queue table of the README (issue 12: drain, enqueue and
+## pickup latency against asynq v0.26; a few minutes). `cd bench && go run
+## . jobs -quick` is a smoke run.
+.PHONY: bench-jobs
+bench-jobs: redis-server
+	cd bench && go run . jobs

@@ -440,4 +440,3 @@ func (quietAsynq) Fatal(args ...any) {
 	fmt.Fprintln(os.Stderr, append([]any{"asynq:"}, args...)...)
 	os.Exit(1)
 }
-

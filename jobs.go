@@ -1674,6 +1674,9 @@ var (
 	errWorkerShutdown  = errors.New("redisecho: worker shutting down")
 	blockTimeout       = 5 * time.Second
 	maxFetchErrBackoff = 2 * time.Second
+	// giveBackGrace is how long Shutdown keeps trying to give jobs back
+	// once its ctx has ended.
+	giveBackGrace = time.Second
 )
 
 // NewWorker validates cfg and fills its defaults. It does no I/O.
@@ -1771,6 +1774,9 @@ func (w *Worker) Shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = ctx.Err()
+		// Past ctx, a give-back gets a moment (giveBackGrace), not the
+		// rest of the lease: a job not given back is reaped instead.
+		until := time.Now().Add(giveBackGrace)
 		var give sync.WaitGroup
 		for _, wq := range w.queues {
 			wq.mu.Lock()
@@ -1782,7 +1788,7 @@ func (w *Worker) Shutdown(ctx context.Context) error {
 				give.Add(1)
 				go func() {
 					defer give.Done()
-					wq.transition(r, func(ctx context.Context) error { return wq.q.giveBack(ctx, r.job.ID, r.job.tok) })
+					wq.transitionBy(r, until, func(ctx context.Context) error { return wq.q.giveBack(ctx, r.job.ID, r.job.tok) })
 				}()
 			}
 			wq.mu.Unlock()
@@ -1996,6 +2002,11 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 // scripts are idempotent per token, so a retry after a lost reply applies
 // once. ErrLeaseLost ends it (counted); so does the lease's end.
 func (wq *workerQueue) transition(r *runningJob, fn func(ctx context.Context) error) error {
+	return wq.transitionBy(r, time.Time{}, fn)
+}
+
+// transitionBy is transition that also gives up at until (zero: never).
+func (wq *workerQueue) transitionBy(r *runningJob, until time.Time, fn func(ctx context.Context) error) error {
 	wait := 10 * time.Millisecond
 	for {
 		err := fn(context.Background())
@@ -2006,7 +2017,8 @@ func (wq *workerQueue) transition(r *runningJob, fn func(ctx context.Context) er
 			wq.q.stats.leasesLost.Add(1)
 			return err
 		}
-		if time.Now().Add(wait).UnixNano() > r.deadline.Load() {
+		next := time.Now().Add(wait)
+		if next.UnixNano() > r.deadline.Load() || !until.IsZero() && next.After(until) {
 			wq.w.log.Warn("redisecho: job worker: could not record a job's outcome before its lease ended; it will be reaped and run again",
 				"queue", wq.q.Name(), "job", r.job.ID, "error", err)
 			return err

@@ -116,3 +116,32 @@ func TestWorkerShutdownReturnsWhenJobsEnd(t *testing.T) {
 		waitState(t, q, e.ID, JobCompleted, time.Second)
 	})
 }
+
+// TestWorkerShutdownBoundedWhenRedisHangs: a Shutdown whose ctx ends while
+// Redis is frozen tries to give its jobs back for a moment, not for the
+// rest of their lease; the jobs come back through the reaper instead.
+func TestWorkerShutdownBoundedWhenRedisHangs(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, f.testRedis, f.Client(), "hang", func(c *QueueConfig) { c.Timeout = 200 * time.Millisecond })
+		started := make(chan struct{}, 1)
+		w, err := NewWorker(WorkerConfig{Queues: []WorkerQueue{{Queue: q, Concurrency: 1}}, Lease: 10 * time.Second,
+			Handler: JobHandlerFunc(func(ctx context.Context, j *Job) (any, error) {
+				started <- struct{}{}
+				<-ctx.Done()
+				return nil, ctx.Err()
+			})})
+		require.NoError(t, err)
+		require.NoError(t, w.Start())
+		_, err = q.Enqueue(ctx, "t", nil)
+		require.NoError(t, err)
+		<-started
+		f.Pause(t)
+		sctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		begin := time.Now()
+		require.ErrorIs(t, w.Shutdown(sctx), context.DeadlineExceeded)
+		require.Less(t, time.Since(begin), 4*time.Second, "Shutdown kept giving back for the job's lease (10 s)")
+		f.Resume(t)
+	})
+}

@@ -18,7 +18,7 @@ package redisecho
 //	P{jq:q}:j:<id>     hash  the job
 //	P{jq:q}:u:<digest> str   the holder of a unique key (its ID); PX = UniqueTTL
 //	P{jq:q}:marker     zset  wake-ups for blocked workers (BZPOPMIN)
-//	P{jq:q}:meta       hash  seq (the sequence), paused
+//	P{jq:q}:meta       hash  seq (the sequence), tok (the fencing tokens), paused
 //	P{jq:q}:reaper     str   the reaper's lock, PX = ReapInterval
 //	Pjq:queues         set   the queue names (another slot: written apart)
 //
@@ -707,12 +707,21 @@ if redis.call('HEXISTS', KEYS[6], 'paused') == 0 then
     local id = popped[i]
     local jk = ARGV[3] .. id
     if redis.call('EXISTS', jk) == 1 then
-      local tok = redis.call('HINCRBY', jk, 'tok', 1)
+      -- Tokens come from the queue's counter, not the job's, so that a
+      -- job ID used again never hands out a token an earlier job's stale
+      -- worker holds; and never below the job's own (a reap's +1).
+      local tok = redis.call('HINCRBY', KEYS[6], 'tok', 1)
+      local own = tonumber(redis.call('HGET', jk, 'tok')) or 0
+      if tok <= own then
+        tok = own + 1
+        redis.call('HSET', KEYS[6], 'tok', n(tok))
+      end
+      redis.call('HSET', jk, 'tok', n(tok))
       local att = redis.call('HINCRBY', jk, 'attempts', 1)
       redis.call('HSET', jk, 'state', 'active', 'started', n(now))
       redis.call('ZADD', KEYS[4], n(now + tonumber(ARGV[2])), id)
       local f = redis.call('HMGET', jk, 'type', 'payload', 'max', 'timeout', 'backoff', 'chan')
-      out[#out + 1] = {id, tostring(tok), tostring(att), f[1] or '', f[2] or '', f[3] or '1', f[4] or '0', f[5] or '', f[6] or ''}
+      out[#out + 1] = {id, n(tok), tostring(att), f[1] or '', f[2] or '', f[3] or '1', f[4] or '0', f[5] or '', f[6] or ''}
     end
   end
   if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('ZADD', KEYS[5], 0, 'w') end
@@ -783,8 +792,8 @@ type jobLease struct {
 // heartbeatScript renews leases whose token still matches.
 //
 // KEYS[1] active. ARGV[1] lease ms, ARGV[2] the prefix of job hashes (+ ID:
-// the script's tag), then ID and token pairs. Returns the IDs whose lease
-// was lost.
+// the script's tag), then ID and token pairs. Returns the ID and token
+// pairs whose lease was lost.
 var heartbeatScript = newPipelinedScript(luaPrelude + `
 local lost = {}
 for i = 3, #ARGV, 2 do
@@ -793,13 +802,14 @@ for i = 3, #ARGV, 2 do
     redis.call('ZADD', KEYS[1], 'XX', n(now + tonumber(ARGV[1])), ARGV[i])
   else
     lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = ARGV[i + 1]
   end
 end
 return lost
 `)
 
-// heartbeat renews leases and returns the IDs of those that were lost.
-func (q *Queue) heartbeat(ctx context.Context, lease time.Duration, leases []jobLease) ([]string, error) {
+// heartbeat renews leases and returns those that were lost.
+func (q *Queue) heartbeat(ctx context.Context, lease time.Duration, leases []jobLease) ([]jobLease, error) {
 	if len(leases) == 0 {
 		return nil, nil
 	}
@@ -809,7 +819,16 @@ func (q *Queue) heartbeat(ctx context.Context, lease time.Duration, leases []job
 		args = append(args, l.id, strconv.FormatInt(l.tok, 10))
 	}
 	res := q.b.ExecMulti(ctx, q.keys.pending, heartbeatScript, rueidis.LuaExec{Keys: []string{q.keys.active}, Args: args})[0]
-	return res.AsStrSlice()
+	vals, err := res.AsStrSlice()
+	if err != nil {
+		return nil, err
+	}
+	lost := make([]jobLease, 0, len(vals)/2)
+	for i := 0; i+1 < len(vals); i += 2 {
+		tok, _ := strconv.ParseInt(vals[i+1], 10, 64)
+		lost = append(lost, jobLease{id: vals[i], tok: tok})
+	}
+	return lost, nil
 }
 
 // luaFence checks a transition against the job's token: 'OK' when the job
@@ -1613,7 +1632,8 @@ type Worker struct {
 	stopNow  context.CancelFunc
 	hard     context.Context // ends when Shutdown gives up: handlers cancelled
 	hardStop context.CancelCauseFunc
-	loops    sync.WaitGroup // fetchers, heartbeats, reapers
+	fetchers sync.WaitGroup // fetchers: the only ones that start jobs
+	loops    sync.WaitGroup // heartbeats, reapers
 	jobs     sync.WaitGroup // running jobs
 }
 
@@ -1624,8 +1644,11 @@ type workerQueue struct {
 	conc int
 	wake chan struct{} // a slot freed
 
-	mu      sync.Mutex
-	running map[string]*runningJob
+	mu sync.Mutex
+	// running is keyed by lease, not ID: the same job can be claimed
+	// again (retried at once, or reaped) while the goroutine of its last
+	// run still winds down.
+	running map[jobLease]*runningJob
 }
 
 // runningJob is a job a worker runs.
@@ -1633,7 +1656,10 @@ type runningJob struct {
 	job      *Job
 	cancel   context.CancelCauseFunc
 	deadline atomic.Int64 // unix nanos: when the lease ends, as far as this process knows
-	given    atomic.Bool  // given back by Shutdown: its outcome is not reported
+	// settled: whoever sets it first owns the job's outcome: Shutdown
+	// (it gives the job back) or the run whose handler returned (it
+	// records the outcome), never both.
+	settled atomic.Bool
 }
 
 var (
@@ -1641,6 +1667,9 @@ var (
 	errWorkerShutdown  = errors.New("redisecho: worker shutting down")
 	blockTimeout       = 5 * time.Second
 	maxFetchErrBackoff = 2 * time.Second
+	// giveBackGrace is how long Shutdown keeps trying to give jobs back
+	// once its ctx has ended.
+	giveBackGrace = time.Second
 )
 
 // NewWorker validates cfg and fills its defaults. It does no I/O.
@@ -1682,7 +1711,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		if wq.Concurrency <= 0 {
 			wq.Concurrency = DefaultWorkerConcurrency
 		}
-		w.queues = append(w.queues, &workerQueue{w: w, q: wq.Queue, conc: wq.Concurrency, wake: make(chan struct{}, 1), running: map[string]*runningJob{}})
+		w.queues = append(w.queues, &workerQueue{w: w, q: wq.Queue, conc: wq.Concurrency, wake: make(chan struct{}, 1), running: map[jobLease]*runningJob{}})
 	}
 	if w.log == nil {
 		w.log = cfg.Queues[0].Queue.b.log.logger
@@ -1702,7 +1731,8 @@ func (w *Worker) Start() error {
 	}
 	w.started = true
 	for _, wq := range w.queues {
-		w.loops.Add(3)
+		w.fetchers.Add(1)
+		w.loops.Add(2)
 		go wq.fetch()
 		go wq.heartbeats()
 		go wq.reaper()
@@ -1725,6 +1755,11 @@ func (w *Worker) Stats() JobStats {
 // once.
 func (w *Worker) Shutdown(ctx context.Context) error {
 	w.stopNow()
+	// The fetchers end promptly (a claim in flight is bounded by Timeout;
+	// a wait is cancelled); once they have, no job starts, so the jobs'
+	// WaitGroup is not added to while it is waited on, and the jobs they
+	// claimed meanwhile (given back at once) are waited for too.
+	w.fetchers.Wait()
 	done := make(chan struct{})
 	go func() { w.jobs.Wait(); close(done) }()
 	var err error
@@ -1732,25 +1767,30 @@ func (w *Worker) Shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = ctx.Err()
+		// Past ctx, a give-back gets a moment (giveBackGrace), not the
+		// rest of the lease: a job not given back is reaped instead.
+		until := time.Now().Add(giveBackGrace)
 		var give sync.WaitGroup
 		for _, wq := range w.queues {
 			wq.mu.Lock()
 			for _, r := range wq.running {
-				if r.given.Swap(true) {
+				if r.settled.Swap(true) {
 					continue
 				}
 				r.cancel(errWorkerShutdown)
 				give.Add(1)
 				go func() {
 					defer give.Done()
-					wq.transition(r, func(ctx context.Context) error { return wq.q.giveBack(ctx, r.job.ID, r.job.tok) })
+					wq.transitionBy(r, until, func(ctx context.Context) error { return wq.q.giveBack(ctx, r.job.ID, r.job.tok) })
 				}()
 			}
 			wq.mu.Unlock()
 		}
 		give.Wait()
-		w.hardStop(errWorkerShutdown)
 	}
+	// Handlers are cancelled (those still running past ctx), and the
+	// heartbeats stop now rather than at their next tick.
+	w.hardStop(errWorkerShutdown)
 	w.loops.Wait()
 	return err
 }
@@ -1778,7 +1818,7 @@ func (wq *workerQueue) idle() int {
 // on the marker) when there are none, with a Go timer armed at the next
 // due time it knows: no polling.
 func (wq *workerQueue) fetch() {
-	defer wq.w.loops.Done()
+	defer wq.w.fetchers.Done()
 	w := wq.w
 	errWait := 50 * time.Millisecond
 	fail := func(what string, err error) bool {
@@ -1846,12 +1886,12 @@ func (wq *workerQueue) start(j *Job, claimedAt time.Time) {
 	r := &runningJob{job: j, cancel: cancel}
 	r.deadline.Store(claimedAt.Add(w.cfg.Lease).UnixNano())
 	wq.mu.Lock()
-	wq.running[j.ID] = r
+	wq.running[jobLease{j.ID, j.tok}] = r
 	wq.mu.Unlock()
 	w.jobs.Add(1)
 	if w.stop.Err() != nil {
 		// Claimed while Shutdown started: back at once, no attempt.
-		r.given.Store(true)
+		r.settled.Store(true)
 		go func() {
 			defer wq.done(r)
 			wq.transition(r, func(ctx context.Context) error { return wq.q.giveBack(ctx, j.ID, j.tok) })
@@ -1868,7 +1908,7 @@ func (wq *workerQueue) start(j *Job, claimedAt time.Time) {
 func (wq *workerQueue) done(r *runningJob) {
 	r.cancel(nil)
 	wq.mu.Lock()
-	delete(wq.running, r.job.ID)
+	delete(wq.running, jobLease{r.job.ID, r.job.tok})
 	wq.mu.Unlock()
 	select {
 	case wq.wake <- struct{}{}:
@@ -1898,7 +1938,7 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 		defer cancel()
 	}
 	res, err := wq.call(hctx, j)
-	if r.given.Load() {
+	if r.settled.Swap(true) {
 		return // Shutdown gave it back
 	}
 	if errors.Is(context.Cause(ctx), ErrLeaseLost) {
@@ -1955,6 +1995,11 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 // scripts are idempotent per token, so a retry after a lost reply applies
 // once. ErrLeaseLost ends it (counted); so does the lease's end.
 func (wq *workerQueue) transition(r *runningJob, fn func(ctx context.Context) error) error {
+	return wq.transitionBy(r, time.Time{}, fn)
+}
+
+// transitionBy is transition that also gives up at until (zero: never).
+func (wq *workerQueue) transitionBy(r *runningJob, until time.Time, fn func(ctx context.Context) error) error {
 	wait := 10 * time.Millisecond
 	for {
 		err := fn(context.Background())
@@ -1965,7 +2010,8 @@ func (wq *workerQueue) transition(r *runningJob, fn func(ctx context.Context) er
 			wq.q.stats.leasesLost.Add(1)
 			return err
 		}
-		if time.Now().Add(wait).UnixNano() > r.deadline.Load() {
+		next := time.Now().Add(wait)
+		if next.UnixNano() > r.deadline.Load() || !until.IsZero() && next.After(until) {
 			wq.w.log.Warn("redisecho: job worker: could not record a job's outcome before its lease ended; it will be reaped and run again",
 				"queue", wq.q.Name(), "job", r.job.ID, "error", err)
 			return err
@@ -1999,10 +2045,10 @@ func (wq *workerQueue) heartbeats() {
 		}
 		wq.mu.Lock()
 		leases := make([]jobLease, 0, len(wq.running))
-		byID := make(map[string]*runningJob, len(wq.running))
-		for id, r := range wq.running {
-			leases = append(leases, jobLease{id: id, tok: r.job.tok})
-			byID[id] = r
+		byLease := make(map[jobLease]*runningJob, len(wq.running))
+		for l, r := range wq.running {
+			leases = append(leases, l)
+			byLease[l] = r
 		}
 		wq.mu.Unlock()
 		if len(leases) == 0 {
@@ -2013,16 +2059,16 @@ func (wq *workerQueue) heartbeats() {
 		if err != nil {
 			continue // the next beat tries again; the lease has two more
 		}
-		gone := make(map[string]bool, len(lost))
-		for _, id := range lost {
-			gone[id] = true
-			if r := byID[id]; r != nil && !r.given.Load() {
+		gone := make(map[jobLease]bool, len(lost))
+		for _, l := range lost {
+			gone[l] = true
+			if r := byLease[l]; r != nil && !r.settled.Load() { // a settled run counts its own loss
 				wq.q.stats.leasesLost.Add(1)
 				r.cancel(ErrLeaseLost)
 			}
 		}
-		for id, r := range byID {
-			if !gone[id] {
+		for l, r := range byLease {
+			if !gone[l] {
 				r.deadline.Store(sent.Add(w.cfg.Lease).UnixNano())
 			}
 		}

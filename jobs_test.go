@@ -455,7 +455,7 @@ func TestFencing(t *testing.T) {
 		require.ErrorIs(t, q.giveBack(ctx, e.ID, old.tok), ErrLeaseLost)
 		lost, err := q.heartbeat(ctx, time.Minute, []jobLease{{e.ID, old.tok}, {e.ID, cur.tok}})
 		require.NoError(t, err)
-		require.Equal(t, []string{e.ID}, lost)
+		require.Equal(t, []jobLease{{e.ID, old.tok}}, lost)
 
 		require.NoError(t, q.progress(ctx, e.ID, cur.tok, []byte(`{"p":1}`)))
 		require.NoError(t, q.complete(ctx, e.ID, cur.tok, []byte("done")))

@@ -1,0 +1,147 @@
+package redisecho
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// Tests from the release review of the job queue: each one failed before
+// its fix.
+
+// TestFencingAcrossIncarnations: a job ID used again (the first job was
+// cancelled after its worker lost the lease) gets tokens the stale worker
+// never held, so that worker's late outcome is refused.
+func TestFencingAcrossIncarnations(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, r, r.Client(), "reuse")
+		_, err := q.Enqueue(ctx, "t", nil, JobID("welcome-42"))
+		require.NoError(t, err)
+		stale, err := q.claim(ctx, 1, 50*time.Millisecond)
+		require.NoError(t, err)
+		require.Len(t, stale.jobs, 1)
+		time.Sleep(80 * time.Millisecond)
+		n, _, err := q.reap(ctx, time.Second, 10)
+		require.NoError(t, err)
+		require.Equal(t, 1, n)
+		require.NoError(t, q.Cancel(ctx, "welcome-42"))
+
+		_, err = q.Enqueue(ctx, "t", []byte("second"), JobID("welcome-42"))
+		require.NoError(t, err)
+		cur, err := q.claim(ctx, 1, time.Minute)
+		require.NoError(t, err)
+		require.Len(t, cur.jobs, 1)
+		require.NotEqual(t, stale.jobs[0].tok, cur.jobs[0].tok, "a token of the first job")
+
+		require.ErrorIs(t, q.complete(ctx, "welcome-42", stale.jobs[0].tok, []byte("stale")), ErrLeaseLost)
+		info, err := q.Job(ctx, "welcome-42")
+		require.NoError(t, err)
+		require.Equal(t, JobActive, info.State)
+		require.NoError(t, q.complete(ctx, "welcome-42", cur.jobs[0].tok, []byte("fresh")))
+	})
+}
+
+// TestWorkerRerunsJobWhileLastRunWinds: a job retried at once can be
+// claimed again by the same worker while the goroutine of its failed
+// attempt still reports it (a slow OnEvent, a hub publish). The new run
+// keeps its lease renewed: it is neither reaped nor run twice at once.
+func TestWorkerRerunsJobWhileLastRunWinds(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, r, r.Client(), "rerun")
+		var running, overlap, runs atomic.Int32
+		startWorker(t, JobHandlerFunc(func(ctx context.Context, j *Job) (any, error) {
+			runs.Add(1)
+			if running.Add(1) > 1 {
+				overlap.Add(1)
+			}
+			defer running.Add(-1)
+			if j.Attempt == 1 {
+				return nil, errors.New("first attempt fails")
+			}
+			select { // outlive two leases: only heartbeats keep it
+			case <-time.After(1200 * time.Millisecond):
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			return "ok", nil
+		}), func(c *WorkerConfig) {
+			c.Lease = 500 * time.Millisecond
+			c.ReapInterval = 100 * time.Millisecond
+			c.RetryDelay = func(*Job, error) time.Duration { return 0 }
+			c.OnEvent = func(ev JobEvent) {
+				if ev.Kind == "failed" {
+					time.Sleep(300 * time.Millisecond) // the failed run winds down slowly
+				}
+			}
+		}, q)
+		e, err := q.Enqueue(ctx, "t", nil, JobMaxAttempts(5))
+		require.NoError(t, err)
+		info := waitState(t, q, e.ID, JobCompleted, 10*time.Second)
+		require.Equal(t, 2, info.Attempts, "the second run was reaped: %+v", info.History)
+		require.Equal(t, int32(2), runs.Load())
+		require.Zero(t, overlap.Load(), "runs of one job overlapped")
+	})
+}
+
+// TestWorkerShutdownReturnsWhenJobsEnd: Shutdown returns as soon as the
+// running jobs end, not at the next heartbeat (a third of the lease).
+func TestWorkerShutdownReturnsWhenJobsEnd(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, r, r.Client(), "prompt")
+		started, release := make(chan struct{}), make(chan struct{})
+		w, err := NewWorker(WorkerConfig{Queues: []WorkerQueue{{Queue: q, Concurrency: 1}}, Lease: 30 * time.Second,
+			Handler: JobHandlerFunc(func(ctx context.Context, j *Job) (any, error) {
+				close(started)
+				<-release
+				return nil, nil
+			})})
+		require.NoError(t, err)
+		require.NoError(t, w.Start())
+		e, err := q.Enqueue(ctx, "t", nil)
+		require.NoError(t, err)
+		<-started
+		go func() { time.Sleep(100 * time.Millisecond); close(release) }()
+		sctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
+		begin := time.Now()
+		require.NoError(t, w.Shutdown(sctx))
+		require.Less(t, time.Since(begin), 3*time.Second, "Shutdown waited for a heartbeat tick")
+		waitState(t, q, e.ID, JobCompleted, time.Second)
+	})
+}
+
+// TestWorkerShutdownBoundedWhenRedisHangs: a Shutdown whose ctx ends while
+// Redis is frozen tries to give its jobs back for a moment, not for the
+// rest of their lease; the jobs come back through the reaper instead.
+func TestWorkerShutdownBoundedWhenRedisHangs(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, f.testRedis, f.Client(), "hang", func(c *QueueConfig) { c.Timeout = 200 * time.Millisecond })
+		started := make(chan struct{}, 1)
+		w, err := NewWorker(WorkerConfig{Queues: []WorkerQueue{{Queue: q, Concurrency: 1}}, Lease: 10 * time.Second,
+			Handler: JobHandlerFunc(func(ctx context.Context, j *Job) (any, error) {
+				started <- struct{}{}
+				<-ctx.Done()
+				return nil, ctx.Err()
+			})})
+		require.NoError(t, err)
+		require.NoError(t, w.Start())
+		_, err = q.Enqueue(ctx, "t", nil)
+		require.NoError(t, err)
+		<-started
+		f.Pause(t)
+		sctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		begin := time.Now()
+		require.ErrorIs(t, w.Shutdown(sctx), context.DeadlineExceeded)
+		require.Less(t, time.Since(begin), 4*time.Second, "Shutdown kept giving back for the job's lease (10 s)")
+		f.Resume(t)
+	})
+}

@@ -283,12 +283,13 @@ func newBootApp(holder *redisecho.ClientHolder) *echo.Echo {
 	e.HideBanner, e.HidePort = true, true
 	ready := redisecho.ReadinessWithConfig(redisecho.ReadinessConfig{Holder: holder})
 	health := func(c echo.Context) error {
-		select {
-		case <-holder.Ready():
+		// Once the client exists the full app is on its way: "starting",
+		// never the readiness check, which could answer 200 before the
+		// full app serves (the holder stores the client before Ready).
+		if holder.Client() != nil {
 			return c.JSON(http.StatusServiceUnavailable, map[string]string{"status": "starting"})
-		default:
-			return ready(c)
 		}
+		return ready(c)
 	}
 	probe(e, "/health", health)
 	probe(e, "/livez", redisecho.Liveness())

@@ -1593,11 +1593,12 @@ type WorkerConfig struct {
 	UnknownTypeDelay time.Duration
 	UnknownTypeLimit int
 	// RetryDelay, when set, computes the delay before a failed job's next
-	// attempt instead of the job's Backoff. Default: nil.
+	// attempt instead of the job's Backoff. If it panics, the panic is
+	// logged and the job's Backoff decides. Default: nil.
 	RetryDelay func(job *Job, err error) time.Duration
 	// OnEvent, when set, gets every event of the jobs this worker runs
 	// (progress, completed, failed, dead), in the job's goroutine: keep it
-	// short. Default: nil.
+	// short. A panic in it is logged and recovered. Default: nil.
 	OnEvent func(JobEvent)
 	// Logger logs panics and Redis trouble. Default: the first queue's.
 	Logger *slog.Logger
@@ -1660,6 +1661,18 @@ type runningJob struct {
 	// (it gives the job back) or the run whose handler returned (it
 	// records the outcome), never both.
 	settled atomic.Bool
+	// lost: the lease was found lost (counted once, however many
+	// places notice it).
+	lost atomic.Bool
+}
+
+// loseLease cancels r's handler with ErrLeaseLost and counts the loss,
+// once per run.
+func (wq *workerQueue) loseLease(r *runningJob) {
+	if r.lost.CompareAndSwap(false, true) {
+		wq.q.stats.leasesLost.Add(1)
+	}
+	r.cancel(ErrLeaseLost)
 }
 
 var (
@@ -1963,11 +1976,7 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 	unknown := errors.Is(err, ErrNoJobHandler)
 	delay := w.cfg.UnknownTypeDelay
 	if !unknown {
-		if w.cfg.RetryDelay != nil {
-			delay = w.cfg.RetryDelay(j, err)
-		} else {
-			delay = j.backoff.Delay(j.Attempt, mrand.Float64())
-		}
+		delay = wq.retryDelay(j, err)
 	}
 	var retry bool
 	var at time.Time
@@ -1991,6 +2000,26 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 	w.emit(j, JobEvent{Kind: "dead", Error: err.Error()})
 }
 
+// retryDelay is WorkerConfig.RetryDelay's answer for j's failure err, or
+// j's Backoff when there is no RetryDelay or it panics.
+func (wq *workerQueue) retryDelay(j *Job, err error) (d time.Duration) {
+	if wq.w.cfg.RetryDelay != nil {
+		ok := false
+		func() {
+			defer func() {
+				if p := recover(); p != nil {
+					wq.w.log.Error("redisecho: job worker: RetryDelay panicked; using the job's backoff", "queue", j.Queue, "type", j.Type, "job", j.ID, "panic", p, "stack", string(debug.Stack()))
+				}
+			}()
+			d, ok = wq.w.cfg.RetryDelay(j, err), true
+		}()
+		if ok {
+			return d
+		}
+	}
+	return j.backoff.Delay(j.Attempt, mrand.Float64())
+}
+
 // transition applies fn, retrying while Redis fails and the lease lasts: the
 // scripts are idempotent per token, so a retry after a lost reply applies
 // once. ErrLeaseLost ends it (counted); so does the lease's end.
@@ -2007,7 +2036,7 @@ func (wq *workerQueue) transitionBy(r *runningJob, until time.Time, fn func(ctx 
 		case err == nil:
 			return nil
 		case errors.Is(err, ErrLeaseLost):
-			wq.q.stats.leasesLost.Add(1)
+			wq.loseLease(r)
 			return err
 		}
 		next := time.Now().Add(wait)
@@ -2057,14 +2086,23 @@ func (wq *workerQueue) heartbeats() {
 		sent := time.Now()
 		lost, err := wq.q.heartbeat(context.Background(), w.cfg.Lease, leases)
 		if err != nil {
-			continue // the next beat tries again; the lease has two more
+			// The next beat tries again; a lease has two more. But a
+			// job whose lease ran out by this process's own reckoning
+			// may have been reaped and be running elsewhere already:
+			// stop it rather than wait for Redis to say so.
+			now := time.Now().UnixNano()
+			for _, r := range byLease {
+				if now > r.deadline.Load() {
+					wq.loseLease(r)
+				}
+			}
+			continue
 		}
 		gone := make(map[jobLease]bool, len(lost))
 		for _, l := range lost {
 			gone[l] = true
-			if r := byLease[l]; r != nil && !r.settled.Load() { // a settled run counts its own loss
-				wq.q.stats.leasesLost.Add(1)
-				r.cancel(ErrLeaseLost)
+			if r := byLease[l]; r != nil {
+				wq.loseLease(r)
 			}
 		}
 		for l, r := range byLease {
@@ -2103,7 +2141,14 @@ func (wq *workerQueue) reaper() {
 func (w *Worker) emit(j *Job, ev JobEvent) {
 	ev.Queue, ev.JobID, ev.Type, ev.Attempt = j.Queue, j.ID, j.Type, j.Attempt
 	if w.cfg.OnEvent != nil {
-		w.cfg.OnEvent(ev)
+		func() {
+			defer func() {
+				if p := recover(); p != nil {
+					w.log.Error("redisecho: job worker: OnEvent panicked", "queue", ev.Queue, "event", ev.Kind, "job", ev.JobID, "panic", p, "stack", string(debug.Stack()))
+				}
+			}()
+			w.cfg.OnEvent(ev)
+		}()
 	}
 	if j.q.hub == nil || j.channel == "" {
 		return

@@ -145,3 +145,74 @@ func TestWorkerShutdownBoundedWhenRedisHangs(t *testing.T) {
 		f.Resume(t)
 	})
 }
+
+// TestLeaseRunsOutWhileRedisFrozen: a worker that cannot reach Redis to
+// renew a lease stops the job once the lease has run out by its own clock
+// (it may have been reaped and run elsewhere), without waiting for Redis
+// to say so; the job runs again once Redis is back.
+func TestLeaseRunsOutWhileRedisFrozen(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, f.testRedis, f.Client(), "frozen", func(c *QueueConfig) {
+			c.Timeout = 200 * time.Millisecond
+			c.Breaker = NewBreaker(BreakerConfig{Failures: 3, Cooldown: 200 * time.Millisecond})
+		})
+		started := make(chan struct{}, 2)
+		causes := make(chan error, 2)
+		var runs atomic.Int32
+		startWorker(t, JobHandlerFunc(func(ctx context.Context, j *Job) (any, error) {
+			if runs.Add(1) > 1 {
+				return "second", nil
+			}
+			started <- struct{}{}
+			<-ctx.Done()
+			causes <- context.Cause(ctx)
+			return nil, ctx.Err()
+		}), func(c *WorkerConfig) { c.Lease = 900 * time.Millisecond }, q)
+		e, err := q.Enqueue(ctx, "t", nil)
+		require.NoError(t, err)
+		<-started
+		f.Pause(t)
+		frozen := time.Now()
+		select {
+		case cause := <-causes:
+			require.ErrorIs(t, cause, ErrLeaseLost)
+			// The lease (0.9 s) plus a beat (0.3 s) and a timeout (0.2 s).
+			require.Less(t, time.Since(frozen), 3*time.Second)
+		case <-time.After(5 * time.Second):
+			t.Fatal("the handler still runs 5 s after its lease ran out with Redis frozen")
+		}
+		f.Resume(t)
+		info := waitState(t, q, e.ID, JobCompleted, 10*time.Second)
+		require.Equal(t, `"second"`, string(info.Result))
+		require.Equal(t, uint64(1), q.Stats().LeasesLost, "the loss is counted once")
+	})
+}
+
+// TestPanickingHooks: an OnEvent or RetryDelay that panics is logged and
+// recovered; the process lives, the job's outcome is recorded, and a
+// panicking RetryDelay falls back to the job's own Backoff.
+func TestPanickingHooks(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, r, r.Client(), "hooks")
+		var events atomic.Int32
+		startWorker(t, JobHandlerFunc(func(ctx context.Context, j *Job) (any, error) {
+			if j.Type == "fail" && j.Attempt == 1 {
+				return nil, errors.New("first attempt fails")
+			}
+			return "ok", nil
+		}), func(c *WorkerConfig) {
+			c.OnEvent = func(JobEvent) { events.Add(1); panic("OnEvent boom") }
+			c.RetryDelay = func(*Job, error) time.Duration { panic("RetryDelay boom") }
+		}, q)
+		ok, err := q.Enqueue(ctx, "ok", nil)
+		require.NoError(t, err)
+		fail, err := q.Enqueue(ctx, "fail", nil, JobBackoff(FixedBackoff(50*time.Millisecond)))
+		require.NoError(t, err)
+		waitState(t, q, ok.ID, JobCompleted, 5*time.Second)
+		info := waitState(t, q, fail.ID, JobCompleted, 5*time.Second)
+		require.Equal(t, 2, info.Attempts, "retried after the job's own 50 ms backoff")
+		require.GreaterOrEqual(t, events.Load(), int32(3), "completed, failed, completed")
+	})
+}

@@ -557,20 +557,25 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 	logger.Info("shutting down: draining requests", "within", tm.shutdown)
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), tm.shutdown)
 	defer cancel()
+	var shutdownErr error
 	if err := srv.Shutdown(shutdownCtx); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		// Requests still running at the deadline are cut off: say so,
 		// and stop anyway.
 		_ = srv.Close()
-		return fmt.Errorf("shutdown: requests still running after %v were cut off: %w", tm.shutdown, err)
+		shutdownErr = fmt.Errorf("shutdown: requests still running after %v were cut off: %w", tm.shutdown, err)
 	}
 	if partsStarted.Load() {
 		// The worker's jobs finish, or go back to the queue, before the
-		// process exits.
+		// process exits (and before the caller closes the client they
+		// use), even when requests had to be cut off.
 		select {
 		case <-partsStopped:
 		case <-time.After(tm.shutdown + time.Second):
 			logger.Warn("shutdown: the hub or the job worker did not stop in time")
 		}
+	}
+	if shutdownErr != nil {
+		return shutdownErr
 	}
 	logger.Info("stopped")
 	return nil

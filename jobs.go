@@ -480,11 +480,16 @@ local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
 // when there is none); all under the queue's tag.
 // ARGV[1] id, [2] type, [3] payload, [4] max attempts, [5] priority,
 // [6] delay ms, [7] run-at ms (-1: none), [8] timeout ms, [9] backoff,
-// [10] channel, [11] "1" with a unique key, [12] unique TTL ms.
+// [10] channel, [11] "1" with a unique key, [12] unique TTL ms, [13] "1"
+// when the caller chose the ID (a generated one, 128 random bits, is
+// never checked for).
 // Returns {"OK", state}, {"EXISTS", state} or {"DUP", holder}.
+// A job's hash leaves out what is empty or zero: attempts, tok, timeout,
+// chan and uniq are written when they are not.
 var enqueueScript = newPipelinedScript(luaPrelude + `
-if redis.call('EXISTS', KEYS[5]) == 1 then
-  return {'EXISTS', redis.call('HGET', KEYS[5], 'state')}
+if ARGV[13] == '1' then
+  local st = redis.call('HGET', KEYS[5], 'state')
+  if st then return {'EXISTS', st} end
 end
 if ARGV[11] == '1' then
   local holder = redis.call('GET', KEYS[6])
@@ -496,13 +501,15 @@ local seq = redis.call('HINCRBY', KEYS[4], 'seq', 1) % 1099511627776
 local score = (100 - tonumber(ARGV[5])) * 1099511627776 + seq
 local state = 'pending'
 if due > now then state = 'scheduled' end
-redis.call('HSET', KEYS[5], 'type', ARGV[2], 'payload', ARGV[3], 'state', state, 'attempts', 0, 'max', ARGV[4],
-  'prio', ARGV[5], 'score', n(score), 'tok', 0, 'timeout', ARGV[8], 'backoff', ARGV[9], 'chan', ARGV[10],
-  'created', n(now), 'due', n(due))
+local h = {'type', ARGV[2], 'payload', ARGV[3], 'state', state, 'max', ARGV[4], 'prio', ARGV[5],
+  'score', n(score), 'backoff', ARGV[9], 'created', n(now), 'due', n(due)}
+if ARGV[8] ~= '0' then h[#h + 1] = 'timeout'; h[#h + 1] = ARGV[8] end
+if ARGV[10] ~= '' then h[#h + 1] = 'chan'; h[#h + 1] = ARGV[10] end
 if ARGV[11] == '1' then
   redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[12])
-  redis.call('HSET', KEYS[5], 'uniq', KEYS[6])
+  h[#h + 1] = 'uniq'; h[#h + 1] = KEYS[6]
 end
+redis.call('HSET', KEYS[5], unpack(h))
 if state == 'pending' then
   redis.call('ZADD', KEYS[1], n(score), ARGV[1])
   redis.call('ZADD', KEYS[3], 0, 'w')
@@ -546,8 +553,9 @@ func (q *Queue) enqueueExec(jobType string, payload any, opts []JobOption) (ruei
 	if jobType == "" || len(jobType) > MaxJobTypeLength {
 		return rueidis.LuaExec{}, "", nil, ErrInvalidJobType
 	}
+	chosen := "1"
 	if o.id == "" {
-		o.id = newJobID()
+		o.id, chosen = newJobID(), "0"
 	} else if !ValidJobID(o.id) {
 		return rueidis.LuaExec{}, "", nil, ErrInvalidJobID
 	}
@@ -589,7 +597,7 @@ func (q *Queue) enqueueExec(jobType string, payload any, opts []JobOption) (ruei
 		Args: []string{o.id, jobType, string(data), strconv.Itoa(o.maxAttempts), strconv.Itoa(o.priority),
 			strconv.FormatInt(max(o.delay.Milliseconds(), 0), 10), strconv.FormatInt(runAt, 10),
 			strconv.FormatInt(max(o.timeout.Milliseconds(), 0), 10), bo.String(), o.channel, hasUnique,
-			strconv.FormatInt(q.cfg.UniqueTTL.Milliseconds(), 10)},
+			strconv.FormatInt(q.cfg.UniqueTTL.Milliseconds(), 10), chosen},
 	}, o.id, &o, nil
 }
 
@@ -680,56 +688,79 @@ func (q *Queue) EnqueueBatch(ctx context.Context, jobs []BatchJob) ([]BatchResul
 	return out, first
 }
 
+// luaTake holds the claim's two steps, shared by claimScript and
+// completeScript (which claims the finishing slot's next job). Both run
+// under the queue's tag: the job hashes they compute (prefix + a popped
+// ID) carry it.
+//
+// promote moves the due jobs of scheduled and retry (100 of each at most)
+// to pending. take claims one popped job under a new lease and token and
+// returns its fields ({id, token, attempt, type, payload, max, timeout,
+// backoff, channel}), or nil when its hash is gone.
+const luaTake = `
+local function promote(pending, sched, retry, prefix)
+  for _, z in ipairs({sched, retry}) do
+    local due = redis.call('ZRANGEBYSCORE', z, '-inf', n(now), 'LIMIT', 0, 100)
+    if #due > 0 then
+      redis.call('ZREM', z, unpack(due))
+      for _, id in ipairs(due) do
+        local jk = prefix .. id
+        local sc = redis.call('HGET', jk, 'score')
+        if sc then
+          redis.call('HSET', jk, 'state', 'pending')
+          redis.call('ZADD', pending, sc, id)
+        end
+      end
+    end
+  end
+end
+local function take(id, prefix, meta, active, leaseMs)
+  local jk = prefix .. id
+  local f = redis.call('HMGET', jk, 'tok', 'attempts', 'type', 'payload', 'max', 'timeout', 'backoff', 'chan')
+  if not f[3] then return nil end
+  -- Tokens come from the queue's counter, not the job's, so that a job
+  -- ID used again never hands out a token an earlier job's stale worker
+  -- holds; and never below the job's own (a reap's +1).
+  local tok = redis.call('HINCRBY', meta, 'tok', 1)
+  local own = tonumber(f[1]) or 0
+  if tok <= own then
+    tok = own + 1
+    redis.call('HSET', meta, 'tok', n(tok))
+  end
+  local att = (tonumber(f[2]) or 0) + 1
+  redis.call('HSET', jk, 'tok', n(tok), 'attempts', att, 'state', 'active', 'started', n(now))
+  redis.call('ZADD', active, n(now + leaseMs), id)
+  return {id, n(tok), tostring(att), f[3], f[4] or '', f[5] or '1', f[6] or '0', f[7] or '', f[8] or ''}
+end
+`
+
 // claimScript takes up to n ready jobs, after promoting the due ones.
 //
 // KEYS[1] pending, KEYS[2] scheduled, KEYS[3] retry, KEYS[4] active,
 // KEYS[5] marker, KEYS[6] meta. ARGV[1] n, ARGV[2] lease ms, ARGV[3] the
 // prefix of job hashes (+ ID: the script's tag).
-// Returns {now, next due or -1, {id, token, attempt, type, payload, max,
-// timeout, backoff, channel}...}.
-var claimScript = newPipelinedScript(luaPrelude + `
-for _, z in ipairs({KEYS[2], KEYS[3]}) do
-  local due = redis.call('ZRANGEBYSCORE', z, '-inf', n(now), 'LIMIT', 0, 100)
-  for _, id in ipairs(due) do
-    redis.call('ZREM', z, id)
-    local jk = ARGV[3] .. id
-    local sc = redis.call('HGET', jk, 'score')
-    if sc then
-      redis.call('HSET', jk, 'state', 'pending')
-      redis.call('ZADD', KEYS[1], sc, id)
-    end
-  end
-end
+// Returns {now, next due or -1, {job fields (luaTake)}...}; the next due
+// time only when fewer than n were taken (the worker will wait), else -1.
+var claimScript = newPipelinedScript(luaPrelude + luaTake + `
+promote(KEYS[1], KEYS[2], KEYS[3], ARGV[3])
 local out = {}
-if redis.call('HEXISTS', KEYS[6], 'paused') == 0 then
-  local popped = redis.call('ZPOPMIN', KEYS[1], tonumber(ARGV[1]))
+local want = tonumber(ARGV[1])
+local paused = redis.call('HEXISTS', KEYS[6], 'paused') == 1
+if not paused then
+  local popped = redis.call('ZPOPMIN', KEYS[1], want)
   for i = 1, #popped, 2 do
-    local id = popped[i]
-    local jk = ARGV[3] .. id
-    if redis.call('EXISTS', jk) == 1 then
-      -- Tokens come from the queue's counter, not the job's, so that a
-      -- job ID used again never hands out a token an earlier job's stale
-      -- worker holds; and never below the job's own (a reap's +1).
-      local tok = redis.call('HINCRBY', KEYS[6], 'tok', 1)
-      local own = tonumber(redis.call('HGET', jk, 'tok')) or 0
-      if tok <= own then
-        tok = own + 1
-        redis.call('HSET', KEYS[6], 'tok', n(tok))
-      end
-      redis.call('HSET', jk, 'tok', n(tok))
-      local att = redis.call('HINCRBY', jk, 'attempts', 1)
-      redis.call('HSET', jk, 'state', 'active', 'started', n(now))
-      redis.call('ZADD', KEYS[4], n(now + tonumber(ARGV[2])), id)
-      local f = redis.call('HMGET', jk, 'type', 'payload', 'max', 'timeout', 'backoff', 'chan')
-      out[#out + 1] = {id, n(tok), tostring(att), f[1] or '', f[2] or '', f[3] or '1', f[4] or '0', f[5] or '', f[6] or ''}
-    end
+    local j = take(popped[i], ARGV[3], KEYS[6], KEYS[4], tonumber(ARGV[2]))
+    if j then out[#out + 1] = j end
   end
-  if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('ZADD', KEYS[5], 0, 'w') end
+  -- More left: keep the marker up for the other workers.
+  if #popped == 2 * want and redis.call('ZCARD', KEYS[1]) > 0 then redis.call('ZADD', KEYS[5], 0, 'w') end
 end
 local nd = -1
-for _, z in ipairs({KEYS[2], KEYS[3]}) do
-  local h = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-  if h[2] and (nd < 0 or tonumber(h[2]) < nd) then nd = tonumber(h[2]) end
+if #out < want then
+  for _, z in ipairs({KEYS[2], KEYS[3]}) do
+    local h = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+    if h[2] and (nd < 0 or tonumber(h[2]) < nd) then nd = tonumber(h[2]) end
+  end
 end
 return {n(now), n(nd), out}
 `)
@@ -762,25 +793,32 @@ func (q *Queue) claim(ctx context.Context, n int, lease time.Duration) (claimed,
 	}
 	list, _ := vals[2].ToArray()
 	for _, v := range list {
-		f, err := v.AsStrSlice()
-		if err != nil || len(f) != 9 {
-			continue
+		if j := q.takenJob(v); j != nil {
+			c.jobs = append(c.jobs, j)
 		}
-		tok, _ := strconv.ParseInt(f[1], 10, 64)
-		att, _ := strconv.Atoi(f[2])
-		maxAtt, _ := strconv.Atoi(f[5])
-		tmo, _ := strconv.ParseInt(f[6], 10, 64)
-		bo, ok := parseBackoff(f[7])
-		if !ok {
-			bo = q.cfg.Backoff
-		}
-		c.jobs = append(c.jobs, &Job{
-			ID: f[0], Queue: q.cfg.Name, Type: f[3], Payload: []byte(f[4]), Attempt: att, MaxAttempts: maxAtt,
-			tok: tok, q: q, timeout: time.Duration(tmo) * time.Millisecond, backoff: bo, channel: f[8],
-		})
 	}
 	q.stats.started.Add(uint64(len(c.jobs)))
 	return c, nil
+}
+
+// takenJob reads the fields of a job luaTake claimed; nil if malformed.
+func (q *Queue) takenJob(v rueidis.RedisMessage) *Job {
+	f, err := v.AsStrSlice()
+	if err != nil || len(f) != 9 {
+		return nil
+	}
+	tok, _ := strconv.ParseInt(f[1], 10, 64)
+	att, _ := strconv.Atoi(f[2])
+	maxAtt, _ := strconv.Atoi(f[5])
+	tmo, _ := strconv.ParseInt(f[6], 10, 64)
+	bo, ok := parseBackoff(f[7])
+	if !ok {
+		bo = q.cfg.Backoff
+	}
+	return &Job{
+		ID: f[0], Queue: q.cfg.Name, Type: f[3], Payload: []byte(f[4]), Attempt: att, MaxAttempts: maxAtt,
+		tok: tok, q: q, timeout: time.Duration(tmo) * time.Millisecond, backoff: bo, channel: f[8],
+	}
 }
 
 // jobLease names one lease: a job and its fencing token.
@@ -834,64 +872,110 @@ func (q *Queue) heartbeat(ctx context.Context, lease time.Duration, leases []job
 // luaFence checks a transition against the job's token: 'OK' when the job
 // is active under tok, 'REPEAT' when this very transition (kind) was the
 // last one applied under tok (a retry after a lost reply), 'GONE' when the
-// job is no more, 'LOST' otherwise.
+// job is no more, 'LOST' otherwise. fenced does the same on fields already
+// read: state, tok, lt, lk.
+//
+// finish adds a finished job to z (done or dead), scored by Redis's µs
+// clock, and trims z: by count once it holds more than keep + keep/32
+// (at most keep + 32), down to keep, 100 at most per call; else by age
+// when its oldest is older than ageMs. The jobs it trims are deleted
+// (prefix + ID: the script's tag).
+//
+// histJSON appends an attempt to a job's history (raw: its JSON, maybe
+// empty), keeping the last 10; history does it in the job's hash.
 const luaFence = `
-local function fence(jk, tok, kind)
-  local f = redis.call('HMGET', jk, 'state', 'tok', 'lt', 'lk')
+local function fenced(f, tok, kind)
   if not f[1] then return 'GONE' end
   if f[1] == 'active' and f[2] == tok then return 'OK' end
   if f[3] == tok and f[4] == kind then return 'REPEAT' end
   return 'LOST'
 end
-local function release(jk, id)
-  local u = redis.call('HGET', jk, 'uniq')
+local function fence(jk, tok, kind)
+  return fenced(redis.call('HMGET', jk, 'state', 'tok', 'lt', 'lk'), tok, kind)
+end
+local function releaseKey(u, id)
   if u and redis.call('GET', u) == id then redis.call('DEL', u) end
 end
+local function release(jk, id)
+  releaseKey(redis.call('HGET', jk, 'uniq'), id)
+end
 local function finish(z, jk, id, keep, ageMs, prefix)
-  local us = nowus
-  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
-  if last[2] and tonumber(last[2]) >= us then us = tonumber(last[2]) + 1 end
-  redis.call('ZADD', z, n(us), id)
+  redis.call('ZADD', z, n(nowus), id)
   local over = redis.call('ZCARD', z) - keep
-  local trimmed = {}
-  if over > 0 then trimmed = redis.call('ZRANGE', z, 0, math.min(over, 100) - 1) end
-  if #trimmed < 100 then
-    local old = redis.call('ZRANGEBYSCORE', z, '-inf', n(nowus - ageMs * 1000), 'LIMIT', 0, 100 - #trimmed)
-    for _, x in ipairs(old) do trimmed[#trimmed + 1] = x end
+  local trimmed
+  if over > math.min(32, math.floor(keep / 32)) then
+    trimmed = redis.call('ZRANGE', z, 0, math.min(over, 100) - 1)
+  else
+    local cut = nowus - ageMs * 1000
+    local oldest = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+    if oldest[2] and tonumber(oldest[2]) < cut then
+      trimmed = redis.call('ZRANGEBYSCORE', z, '-inf', n(cut), 'LIMIT', 0, 100)
+    end
   end
-  for _, x in ipairs(trimmed) do
-    redis.call('ZREM', z, x)
-    redis.call('DEL', prefix .. x)
+  if trimmed and #trimmed > 0 then
+    redis.call('ZREM', z, unpack(trimmed))
+    local ks = {}
+    for i, x in ipairs(trimmed) do ks[i] = prefix .. x end
+    redis.call('DEL', unpack(ks))
   end
 end
-local function history(jk, att, started, err)
-  local h = {}
-  local raw = redis.call('HGET', jk, 'hist')
-  if raw and raw ~= '' and raw ~= '{}' then h = cjson.decode(raw) end
+local function histJSON(raw, att, started, err)
+  if not raw or raw == '' or raw == '{}' or raw == '[]' then
+    return '[{"a":' .. n(tonumber(att) or 0) .. ',"s":' .. n(tonumber(started) or 0) .. ',"e":' .. n(now) .. ',"err":' .. cjson.encode(err) .. '}]'
+  end
+  local h = cjson.decode(raw)
   h[#h + 1] = {a = tonumber(att) or 0, s = tonumber(started) or 0, e = now, err = err}
   while #h > 10 do table.remove(h, 1) end
-  redis.call('HSET', jk, 'hist', cjson.encode(h))
+  return cjson.encode(h)
+end
+local function history(jk, att, started, err)
+  redis.call('HSET', jk, 'hist', histJSON(redis.call('HGET', jk, 'hist'), att, started, err))
 end
 `
 
-// completeScript completes a job.
+// completeScript completes a job and, when asked, claims the next ready
+// job for the slot it frees (promoting due ones first, as claimScript).
 //
-// KEYS[1] active, KEYS[2] done, KEYS[3] the job's hash. ARGV[1] id,
-// [2] token, [3] result, [4] keep count, [5] keep ms, [6] the prefix of
-// job hashes (+ ID of a trimmed job: the script's tag). The unique key it
-// releases is read from the job (the script's tag). Returns "OK", "LOST"
-// or "GONE".
-var completeScript = newPipelinedScript(luaPrelude + luaFence + `
-local st = fence(KEYS[3], ARGV[2], 'complete')
-if st == 'REPEAT' then return 'OK' end
-if st ~= 'OK' then return st end
+// KEYS[1] active, KEYS[2] done, KEYS[3] the job's hash, KEYS[4] pending,
+// KEYS[5] scheduled, KEYS[6] retry, KEYS[7] meta. ARGV[1] id, [2] token,
+// [3] result, [4] keep count, [5] keep ms, [6] the prefix of job hashes
+// (+ ID of a trimmed or claimed job: the script's tag), [7] "1" to claim
+// the next job, [8] its lease ms. The unique key it releases is read from
+// the job (the script's tag). Returns {"OK"}, {"OK", next job's fields
+// (luaTake)}, {"LOST"} or {"GONE"}. A repeat (the reply was lost) hands
+// back the job the first call claimed, if it is still under that lease
+// (its ID and token are kept in the completed job's "nx").
+var completeScript = newPipelinedScript(luaPrelude + luaFence + luaTake + `
+local f = redis.call('HMGET', KEYS[3], 'state', 'tok', 'lt', 'lk', 'attempts', 'started', 'uniq', 'hist', 'nx')
+local st = fenced(f, ARGV[2], 'complete')
+if st == 'REPEAT' then
+  if not f[9] or f[9] == '' then return {'OK'} end
+  local id, tok = string.match(f[9], '^(.*):(%d+)$')
+  local nk = ARGV[6] .. id
+  local g = redis.call('HMGET', nk, 'state', 'tok', 'attempts', 'type', 'payload', 'max', 'timeout', 'backoff', 'chan')
+  if g[1] ~= 'active' or g[2] ~= tok then return {'OK'} end
+  redis.call('ZADD', KEYS[1], 'XX', n(now + tonumber(ARGV[8])), id)
+  return {'OK', {id, tok, g[3], g[4], g[5] or '', g[6] or '1', g[7] or '0', g[8] or '', g[9] or ''}}
+end
+if st ~= 'OK' then return {st} end
 redis.call('ZREM', KEYS[1], ARGV[1])
-local f = redis.call('HMGET', KEYS[3], 'attempts', 'started')
-history(KEYS[3], f[1], f[2], '')
-redis.call('HSET', KEYS[3], 'state', 'completed', 'finished', n(now), 'lt', ARGV[2], 'lk', 'complete', 'result', ARGV[3], 'error', '')
-release(KEYS[3], ARGV[1])
+local nx, nf = '', nil
+if ARGV[7] == '1' then
+  promote(KEYS[4], KEYS[5], KEYS[6], ARGV[6])
+  if redis.call('HEXISTS', KEYS[7], 'paused') == 0 then
+    local p = redis.call('ZPOPMIN', KEYS[4], 1)
+    if p[1] then
+      nf = take(p[1], ARGV[6], KEYS[7], KEYS[1], tonumber(ARGV[8]))
+      if nf then nx = nf[1] .. ':' .. nf[2] end
+    end
+  end
+end
+redis.call('HSET', KEYS[3], 'state', 'completed', 'finished', n(now), 'lt', ARGV[2], 'lk', 'complete', 'result', ARGV[3],
+  'error', '', 'hist', histJSON(f[8], f[5], f[6], ''), 'nx', nx)
+releaseKey(f[7], ARGV[1])
 finish(KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6])
-return 'OK'
+if nf then return {'OK', nf} end
+return {'OK'}
 `)
 
 // fenceErr turns a fenced script's status into an error.
@@ -909,14 +993,39 @@ func fenceErr(res rueidis.RedisResult) error {
 	return fmt.Errorf("redisecho: unexpected reply %q", s)
 }
 
-// complete applies a completion under tok.
-func (q *Queue) complete(ctx context.Context, id string, tok int64, result []byte) error {
+// complete applies a completion under tok; with next, it also claims the
+// next ready job (under lease) for the slot, returned (else nil).
+func (q *Queue) complete(ctx context.Context, id string, tok int64, result []byte, next bool, lease time.Duration) (*Job, error) {
+	claim := "0"
+	if next {
+		claim = "1"
+	}
 	res := q.b.ExecMulti(ctx, q.keys.pending, completeScript, rueidis.LuaExec{
-		Keys: []string{q.keys.active, q.keys.done, q.keys.job + id},
+		Keys: []string{q.keys.active, q.keys.done, q.keys.job + id, q.keys.pending, q.keys.scheduled, q.keys.retry, q.keys.meta},
 		Args: []string{id, strconv.FormatInt(tok, 10), string(result), strconv.Itoa(q.cfg.KeepCompleted),
-			strconv.FormatInt(q.cfg.KeepCompletedFor.Milliseconds(), 10), q.keys.job},
+			strconv.FormatInt(q.cfg.KeepCompletedFor.Milliseconds(), 10), q.keys.job, claim, strconv.FormatInt(lease.Milliseconds(), 10)},
 	})[0]
-	return fenceErr(res)
+	vals, err := res.ToArray()
+	if err != nil {
+		return nil, err
+	}
+	st := ""
+	if len(vals) > 0 {
+		st, _ = vals[0].ToString()
+	}
+	switch {
+	case st == "OK" && len(vals) == 2:
+		j := q.takenJob(vals[1])
+		if j != nil {
+			q.stats.started.Add(1)
+		}
+		return j, nil
+	case st == "OK":
+		return nil, nil
+	case st == "LOST" || st == "GONE":
+		return nil, ErrLeaseLost
+	}
+	return nil, fmt.Errorf("redisecho: complete: unexpected reply %v", vals)
 }
 
 // failScript records a failed attempt: a retry after delay, or death.
@@ -1964,8 +2073,21 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 		}
 	}
 	if err == nil {
-		if wq.transition(r, func(ctx context.Context) error { return q.complete(ctx, j.ID, j.tok, data) }) == nil {
+		// The completion also claims this slot's next job, unless the
+		// worker is stopping: one round trip per job while the queue is
+		// busy, and no claim script's fixed cost.
+		var next *Job
+		var sent time.Time
+		if wq.transition(r, func(ctx context.Context) error {
+			var e error
+			sent = time.Now()
+			next, e = q.complete(ctx, j.ID, j.tok, data, w.stop.Err() == nil, w.cfg.Lease)
+			return e
+		}) == nil {
 			q.stats.completed.Add(1)
+			if next != nil {
+				wq.start(next, sent) // before this run's done: the slot passes on
+			}
 			w.emit(j, JobEvent{Kind: "completed", Data: data})
 		}
 		return

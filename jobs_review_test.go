@@ -3,6 +3,7 @@ package redisecho
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -38,11 +39,11 @@ func TestFencingAcrossIncarnations(t *testing.T) {
 		require.Len(t, cur.jobs, 1)
 		require.NotEqual(t, stale.jobs[0].tok, cur.jobs[0].tok, "a token of the first job")
 
-		require.ErrorIs(t, q.complete(ctx, "welcome-42", stale.jobs[0].tok, []byte("stale")), ErrLeaseLost)
+		require.ErrorIs(t, completeJob(q, ctx, "welcome-42", stale.jobs[0].tok, []byte("stale")), ErrLeaseLost)
 		info, err := q.Job(ctx, "welcome-42")
 		require.NoError(t, err)
 		require.Equal(t, JobActive, info.State)
-		require.NoError(t, q.complete(ctx, "welcome-42", cur.jobs[0].tok, []byte("fresh")))
+		require.NoError(t, completeJob(q, ctx, "welcome-42", cur.jobs[0].tok, []byte("fresh")))
 	})
 }
 
@@ -214,5 +215,114 @@ func TestPanickingHooks(t *testing.T) {
 		info := waitState(t, q, fail.ID, JobCompleted, 5*time.Second)
 		require.Equal(t, 2, info.Attempts, "retried after the job's own 50 ms backoff")
 		require.GreaterOrEqual(t, events.Load(), int32(3), "completed, failed, completed")
+	})
+}
+
+// TestCompleteHandsOverNextJob: a completion claims the slot's next job in
+// the same call; a repeat of it (its reply was lost) hands back the same
+// job under the same lease, never a second one; a paused queue or a
+// worker that asks for none gets none.
+func TestCompleteHandsOverNextJob(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		q := newTestQueue(t, r, r.Client(), "handover")
+		var ids []string
+		for range 3 {
+			e, err := q.Enqueue(ctx, "t", nil)
+			require.NoError(t, err)
+			ids = append(ids, e.ID)
+		}
+		c, err := q.claim(ctx, 1, time.Minute)
+		require.NoError(t, err)
+		require.Len(t, c.jobs, 1)
+		a := c.jobs[0]
+		require.Equal(t, ids[0], a.ID)
+
+		next, err := q.complete(ctx, a.ID, a.tok, []byte(`1`), true, time.Minute)
+		require.NoError(t, err)
+		require.NotNil(t, next)
+		require.Equal(t, ids[1], next.ID, "FIFO")
+		require.Equal(t, 1, next.Attempt)
+		info, err := q.Job(ctx, next.ID)
+		require.NoError(t, err)
+		require.Equal(t, JobActive, info.State)
+
+		again, err := q.complete(ctx, a.ID, a.tok, []byte(`1`), true, time.Minute)
+		require.NoError(t, err, "a repeat")
+		require.NotNil(t, again)
+		require.Equal(t, next.ID, again.ID)
+		require.Equal(t, next.tok, again.tok, "the same lease")
+		counts, err := q.Counts(ctx)
+		require.NoError(t, err)
+		require.Equal(t, JobCounts{Pending: 1, Active: 1, Completed: 1}, counts)
+
+		require.NoError(t, q.Pause(ctx))
+		none, err := q.complete(ctx, next.ID, next.tok, nil, true, time.Minute)
+		require.NoError(t, err)
+		require.Nil(t, none, "paused")
+		require.NoError(t, q.Resume(ctx))
+		c, err = q.claim(ctx, 1, time.Minute)
+		require.NoError(t, err)
+		require.Len(t, c.jobs, 1)
+		none, err = q.complete(ctx, c.jobs[0].ID, c.jobs[0].tok, nil, false, time.Minute)
+		require.NoError(t, err)
+		require.Nil(t, none, "not asked")
+		counts, err = q.Counts(ctx)
+		require.NoError(t, err)
+		require.Equal(t, JobCounts{Completed: 3}, counts)
+	})
+}
+
+// TestRetentionBounds: the done set is trimmed in batches, so it holds at
+// most KeepCompleted + KeepCompleted/32 (and never more than +32), and
+// jobs older than KeepCompletedFor go on the next completion.
+func TestRetentionBounds(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ctx := context.Background()
+		cases := []struct {
+			keep  int
+			bound int64
+		}{{5, 5}, {64, 66}, {2048, 2048 + 32}}
+		for _, tc := range cases {
+			q := newTestQueue(t, r, r.Client(), fmt.Sprintf("keep%d", tc.keep), func(c *QueueConfig) { c.KeepCompleted = tc.keep })
+			total := tc.keep + 200
+			jobs := make([]BatchJob, total)
+			for i := range jobs {
+				jobs[i] = BatchJob{Type: "t"}
+			}
+			_, err := q.EnqueueBatch(ctx, jobs)
+			require.NoError(t, err)
+			var peak int64
+			for done := 0; done < total; {
+				c, err := q.claim(ctx, 16, time.Minute)
+				require.NoError(t, err)
+				for _, j := range c.jobs {
+					require.NoError(t, completeJob(q, ctx, j.ID, j.tok, nil))
+					done++
+					counts, err := q.Counts(ctx)
+					require.NoError(t, err)
+					peak = max(peak, counts.Completed)
+				}
+			}
+			require.LessOrEqual(t, peak, tc.bound, "keep %d", tc.keep)
+			require.GreaterOrEqual(t, peak, int64(tc.keep))
+		}
+
+		q := newTestQueue(t, r, r.Client(), "age", func(c *QueueConfig) { c.KeepCompletedFor = 200 * time.Millisecond })
+		finish := func(n int) {
+			for range n {
+				_, err := q.Enqueue(ctx, "t", nil)
+				require.NoError(t, err)
+				c, err := q.claim(ctx, 1, time.Minute)
+				require.NoError(t, err)
+				require.NoError(t, completeJob(q, ctx, c.jobs[0].ID, c.jobs[0].tok, nil))
+			}
+		}
+		finish(10)
+		time.Sleep(300 * time.Millisecond)
+		finish(1)
+		counts, err := q.Counts(ctx)
+		require.NoError(t, err)
+		require.Equal(t, int64(1), counts.Completed, "the old ten went with the next completion")
 	})
 }

@@ -448,7 +448,7 @@ func TestFencing(t *testing.T) {
 		require.Greater(t, cur.tok, old.tok)
 		require.Equal(t, 2, cur.Attempt, "the expired lease counted an attempt")
 
-		require.ErrorIs(t, q.complete(ctx, e.ID, old.tok, []byte("late")), ErrLeaseLost)
+		require.ErrorIs(t, completeJob(q, ctx, e.ID, old.tok, []byte("late")), ErrLeaseLost)
 		_, _, err = q.fail(ctx, e.ID, old.tok, "late", 0, false, false, 0)
 		require.ErrorIs(t, err, ErrLeaseLost)
 		require.ErrorIs(t, q.progress(ctx, e.ID, old.tok, []byte("1")), ErrLeaseLost)
@@ -458,8 +458,8 @@ func TestFencing(t *testing.T) {
 		require.Equal(t, []jobLease{{e.ID, old.tok}}, lost)
 
 		require.NoError(t, q.progress(ctx, e.ID, cur.tok, []byte(`{"p":1}`)))
-		require.NoError(t, q.complete(ctx, e.ID, cur.tok, []byte("done")))
-		require.NoError(t, q.complete(ctx, e.ID, cur.tok, []byte("done")), "a repeat after a lost reply")
+		require.NoError(t, completeJob(q, ctx, e.ID, cur.tok, []byte("done")))
+		require.NoError(t, completeJob(q, ctx, e.ID, cur.tok, []byte("done")), "a repeat after a lost reply")
 		_, _, err = q.fail(ctx, e.ID, cur.tok, "x", 0, false, false, 0)
 		require.ErrorIs(t, err, ErrLeaseLost, "another transition after completion")
 		info, err := q.Job(ctx, e.ID)
@@ -584,7 +584,7 @@ func TestInspector(t *testing.T) {
 		c, err := q.claim(ctx, 8, time.Minute)
 		require.NoError(t, err)
 		for _, j := range c.jobs {
-			require.NoError(t, q.complete(ctx, j.ID, j.tok, nil))
+			require.NoError(t, completeJob(q, ctx, j.ID, j.tok, nil))
 		}
 		counts, err := q.Counts(ctx)
 		require.NoError(t, err)
@@ -662,7 +662,7 @@ func TestLeaseLostCancelsHandler(t *testing.T) {
 		}, newTestQueue(t, r, r.Client(), "lease"))
 		info := waitState(t, q, e.ID, JobCompleted, 5*time.Second)
 		require.Equal(t, 2, info.Attempts)
-		require.ErrorIs(t, q.complete(ctx, e.ID, old.jobs[0].tok, []byte("first")), ErrLeaseLost)
+		require.ErrorIs(t, completeJob(q, ctx, e.ID, old.jobs[0].tok, []byte("first")), ErrLeaseLost)
 		info, err = q.Job(ctx, e.ID)
 		require.NoError(t, err)
 		require.Equal(t, `"second"`, string(info.Result))
@@ -823,4 +823,31 @@ func TestJobInspectorHandler(t *testing.T) {
 		_, err = JobInspectorConfig{}.ToHandler()
 		require.Error(t, err)
 	})
+}
+
+// completeJob completes a job under tok without claiming a next one.
+func completeJob(q *Queue, ctx context.Context, id string, tok int64, result []byte) error {
+	_, err := q.complete(ctx, id, tok, result, false, 0)
+	return err
+}
+
+// BenchmarkEnqueue measures Enqueue's own cost (allocations, CPU) on the
+// standalone server. Throughput against asynq comes from the bench/
+// harness (go run . jobs).
+func BenchmarkEnqueue(b *testing.B) {
+	r := newTestRedis(b, standaloneRedis.name, standaloneRedis.addrs)
+	q, err := NewQueue(QueueConfig{Client: r.Client(), Options: Options{Prefix: r.Keys.Prefix()}, Name: "bench"})
+	require.NoError(b, err)
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.SetParallelism(4)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := q.Enqueue(ctx, "t", nil); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	_, _ = q.Purge(ctx, JobPending)
 }

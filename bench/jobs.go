@@ -53,6 +53,7 @@ type jobRow struct {
 	p50     time.Duration
 	p99     time.Duration
 	cmdsJob float64
+	cpuJob  time.Duration // Redis server CPU per job
 }
 
 func jobsMain(args []string) error {
@@ -125,16 +126,25 @@ func runJobs(ctx context.Context, o jobsOpts) error {
 		if err != nil {
 			return jobRow{}, err
 		}
+		cpu0, err := rc.cpuSeconds()
+		if err != nil {
+			return jobRow{}, err
+		}
 		t0 := time.Now()
 		if err := fn(); err != nil {
 			return jobRow{}, err
 		}
 		d := time.Since(t0)
+		cpu1, err := rc.cpuSeconds()
+		if err != nil {
+			return jobRow{}, err
+		}
 		after, err := rc.totalCalls()
 		if err != nil {
 			return jobRow{}, err
 		}
-		return jobRow{perSec: float64(jobs) / d.Seconds(), cmdsJob: float64(after-before-1) / float64(jobs)}, nil
+		return jobRow{perSec: float64(jobs) / d.Seconds(), cmdsJob: float64(after-before-3) / float64(jobs),
+			cpuJob: time.Duration((cpu1 - cpu0) / float64(jobs) * float64(time.Second))}, nil
 	}
 	drain := func(c int) func(lib jobLib, queue string) (jobRow, error) {
 		return func(lib jobLib, queue string) (jobRow, error) {
@@ -227,8 +237,8 @@ func runJobs(ctx context.Context, o jobsOpts) error {
 					results[c.name] = map[string][]jobRow{}
 				}
 				results[c.name][lib.name()] = append(results[c.name][lib.name()], row)
-				fmt.Fprintf(os.Stderr, "round %d  %-42s %-10s %10.0f jobs/s  p50 %-10v p99 %-10v %5.2f cmds/job\n",
-					round+1, c.name, lib.name(), row.perSec, row.p50, row.p99, row.cmdsJob)
+				fmt.Fprintf(os.Stderr, "round %d  %-42s %-10s %10.0f jobs/s  p50 %-10v p99 %-10v %5.2f cmds/job  Redis CPU %v/job\n",
+					round+1, c.name, lib.name(), row.perSec, row.p50, row.p99, row.cmdsJob, row.cpuJob)
 			}
 		}
 	}
@@ -236,8 +246,8 @@ func runJobs(ctx context.Context, o jobsOpts) error {
 	w := o.out
 	fmt.Fprintf(w, "Queue benchmark (`go run . jobs`): %d jobs per case, %d pickups, %d interleaved round(s), medians; Redis %s (%s), %s.\n\n",
 		o.n, o.pickups, o.rounds, version, kind, time.Now().UTC().Format("2006-01-02 15:04 MST"))
-	fmt.Fprintln(w, "| case | redisecho | asynq v0.26 | redisecho / asynq | Redis cmds/job (redisecho, asynq) |")
-	fmt.Fprintln(w, "|---|---:|---:|---:|---:|")
+	fmt.Fprintln(w, "| case | redisecho | asynq v0.26 | redisecho / asynq | Redis cmds/job (redisecho, asynq) | Redis CPU/job (redisecho, asynq) |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|")
 	for _, c := range cases {
 		re, as := results[c.name]["redisecho"], results[c.name]["asynq"]
 		cmds := func(rows []jobRow) string {
@@ -259,7 +269,7 @@ func runJobs(ctx context.Context, o jobsOpts) error {
 			if len(re) > 0 && len(as) > 0 {
 				ratio = fmt.Sprintf("%.0f× faster (p99)", jobMedian(as, func(r jobRow) float64 { return float64(r.p99) })/jobMedian(re, func(r jobRow) float64 { return float64(r.p99) }))
 			}
-			fmt.Fprintf(w, "| %s | %s | %s | %s | – |\n", c.name, lat(re), lat(as), ratio)
+			fmt.Fprintf(w, "| %s | %s | %s | %s | – | – |\n", c.name, lat(re), lat(as), ratio)
 			continue
 		}
 		rate := func(rows []jobRow) string {
@@ -272,7 +282,13 @@ func runJobs(ctx context.Context, o jobsOpts) error {
 		if len(re) > 0 && len(as) > 0 {
 			ratio = fmt.Sprintf("%.2f×", jobMedian(re, func(r jobRow) float64 { return r.perSec })/jobMedian(as, func(r jobRow) float64 { return r.perSec }))
 		}
-		fmt.Fprintf(w, "| %s | %s | %s | %s | %s, %s |\n", c.name, rate(re), rate(as), ratio, cmds(re), cmds(as))
+		cpu := func(rows []jobRow) string {
+			if len(rows) == 0 {
+				return "n/a"
+			}
+			return time.Duration(jobMedian(rows, func(r jobRow) float64 { return float64(r.cpuJob) })).Round(100 * time.Nanosecond).String()
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s, %s | %s, %s |\n", c.name, rate(re), rate(as), ratio, cmds(re), cmds(as), cpu(re), cpu(as))
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "asynq runs with its defaults (its idle workers poll every TaskCheckInterval, 1 s); it has no batch enqueue. "+

@@ -179,6 +179,29 @@ func (rc *redisConn) totalCalls() (int64, error) {
 	return total, nil
 }
 
+// cpuSeconds is used_cpu_user + used_cpu_sys from INFO cpu: the CPU time
+// the Redis server has spent.
+func (rc *redisConn) cpuSeconds() (float64, error) {
+	info, err := rc.do("INFO", "cpu")
+	if err != nil {
+		return 0, err
+	}
+	var total float64
+	for _, line := range strings.Split(info, "\n") {
+		line = strings.TrimSpace(line)
+		for _, f := range []string{"used_cpu_user:", "used_cpu_sys:"} {
+			if v, ok := strings.CutPrefix(line, f); ok {
+				x, err := strconv.ParseFloat(v, 64)
+				if err != nil {
+					return 0, fmt.Errorf("redis: unexpected cpu line %q", line)
+				}
+				total += x
+			}
+		}
+	}
+	return total, nil
+}
+
 // serverVersion returns redis_version from INFO server.
 func (rc *redisConn) serverVersion() (string, error) {
 	info, err := rc.do("INFO", "server")

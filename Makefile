@@ -44,7 +44,7 @@ staticcheck:
 ## unit: the whole suite with the race detector, on a standalone server and a
 ## 3-master cluster that the tests start themselves: the library's (with the
 ## fuzz seed corpus), then the example's, which runs the app on both, then
-## the benchmarks' own tests (a tiny smoke run of the realtime benchmark).
+## the benchmarks' own tests (tiny smoke runs of the realtime and queue benchmarks).
 unit:
 	go test -race -count=1 ./...
 	cd example && go test -race -count=1 ./...

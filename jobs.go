@@ -466,8 +466,16 @@ func newJobID() string {
 
 // lua's numbers are doubles: scripts format the numbers they store with
 // n(), as integers with every digit (Lua 5.1's default keeps 14).
+//
+// soonest(meta, due) lowers the meta hash's "nd" (no scheduled or retrying
+// job is due before it; absent: unknown) to due, when it is known: claims
+// skip promotion until then.
 const luaPrelude = `
 local function n(x) return string.format('%.0f', x) end
+local function soonest(meta, due)
+  local cur = redis.call('HGET', meta, 'nd')
+  if cur and due < tonumber(cur) then redis.call('HSET', meta, 'nd', n(due)) end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -515,6 +523,7 @@ if state == 'pending' then
   redis.call('ZADD', KEYS[3], 0, 'w')
 else
   redis.call('ZADD', KEYS[2], n(due), ARGV[1])
+  soonest(KEYS[4], due)
   local cur = redis.call('ZSCORE', KEYS[3], 'd')
   if not cur or due < tonumber(cur) then redis.call('ZADD', KEYS[3], n(due), 'd') end
 end
@@ -694,11 +703,14 @@ func (q *Queue) EnqueueBatch(ctx context.Context, jobs []BatchJob) ([]BatchResul
 // ID) carry it.
 //
 // promote moves the due jobs of scheduled and retry (100 of each at most)
-// to pending. take claims one popped job under a new lease and token and
+// to pending, unless meta's "nd" (nd: its value) says none is due yet,
+// and then records the earliest due time left (9e15: none); it returns
+// that time. take claims one popped job under a new lease and token and
 // returns its fields ({id, token, attempt, type, payload, max, timeout,
 // backoff, channel}), or nil when its hash is gone.
 const luaTake = `
-local function promote(pending, sched, retry, prefix)
+local function promote(pending, sched, retry, prefix, meta, nd)
+  if nd and tonumber(nd) > now then return tonumber(nd) end
   for _, z in ipairs({sched, retry}) do
     local due = redis.call('ZRANGEBYSCORE', z, '-inf', n(now), 'LIMIT', 0, 100)
     if #due > 0 then
@@ -713,6 +725,13 @@ local function promote(pending, sched, retry, prefix)
       end
     end
   end
+  local m = 9e15
+  for _, z in ipairs({sched, retry}) do
+    local h = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+    if h[2] and tonumber(h[2]) < m then m = tonumber(h[2]) end
+  end
+  redis.call('HSET', meta, 'nd', n(m))
+  return m
 end
 local function take(id, prefix, meta, active, leaseMs)
   local jk = prefix .. id
@@ -739,14 +758,13 @@ end
 // KEYS[1] pending, KEYS[2] scheduled, KEYS[3] retry, KEYS[4] active,
 // KEYS[5] marker, KEYS[6] meta. ARGV[1] n, ARGV[2] lease ms, ARGV[3] the
 // prefix of job hashes (+ ID: the script's tag).
-// Returns {now, next due or -1, {job fields (luaTake)}...}; the next due
-// time only when fewer than n were taken (the worker will wait), else -1.
+// Returns {now, next due or -1, {job fields (luaTake)}...}.
 var claimScript = newPipelinedScript(luaPrelude + luaTake + `
-promote(KEYS[1], KEYS[2], KEYS[3], ARGV[3])
+local m = redis.call('HMGET', KEYS[6], 'paused', 'nd')
+local due = promote(KEYS[1], KEYS[2], KEYS[3], ARGV[3], KEYS[6], m[2])
 local out = {}
 local want = tonumber(ARGV[1])
-local paused = redis.call('HEXISTS', KEYS[6], 'paused') == 1
-if not paused then
+if not m[1] then
   local popped = redis.call('ZPOPMIN', KEYS[1], want)
   for i = 1, #popped, 2 do
     local j = take(popped[i], ARGV[3], KEYS[6], KEYS[4], tonumber(ARGV[2]))
@@ -756,12 +774,7 @@ if not paused then
   if #popped == 2 * want and redis.call('ZCARD', KEYS[1]) > 0 then redis.call('ZADD', KEYS[5], 0, 'w') end
 end
 local nd = -1
-if #out < want then
-  for _, z in ipairs({KEYS[2], KEYS[3]}) do
-    local h = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-    if h[2] and (nd < 0 or tonumber(h[2]) < nd) then nd = tonumber(h[2]) end
-  end
-end
+if due < 9e15 then nd = due end
 return {n(now), n(nd), out}
 `)
 
@@ -876,7 +889,7 @@ func (q *Queue) heartbeat(ctx context.Context, lease time.Duration, leases []job
 // read: state, tok, lt, lk.
 //
 // finish adds a finished job to z (done or dead), scored by Redis's µs
-// clock, and trims z: by count once it holds more than keep + keep/32
+// clock (strictly increasing), and trims z: by count once it holds more than keep + keep/32
 // (at most keep + 32), down to keep, 100 at most per call; else by age
 // when its oldest is older than ageMs. The jobs it trims are deleted
 // (prefix + ID: the script's tag).
@@ -900,7 +913,13 @@ local function release(jk, id)
   releaseKey(redis.call('HGET', jk, 'uniq'), id)
 end
 local function finish(z, jk, id, keep, ageMs, prefix)
-  redis.call('ZADD', z, n(nowus), id)
+  -- Strictly increasing scores, even if Redis's clock steps back (a
+  -- failover to a host behind): else the count trim could take the job
+  -- just finished.
+  local us = nowus
+  local last = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+  if last[2] and tonumber(last[2]) >= us then us = tonumber(last[2]) + 1 end
+  redis.call('ZADD', z, n(us), id)
   local over = redis.call('ZCARD', z) - keep
   local trimmed
   if over > math.min(32, math.floor(keep / 32)) then
@@ -961,8 +980,9 @@ if st ~= 'OK' then return {st} end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local nx, nf = '', nil
 if ARGV[7] == '1' then
-  promote(KEYS[4], KEYS[5], KEYS[6], ARGV[6])
-  if redis.call('HEXISTS', KEYS[7], 'paused') == 0 then
+  local m = redis.call('HMGET', KEYS[7], 'paused', 'nd')
+  promote(KEYS[4], KEYS[5], KEYS[6], ARGV[6], KEYS[7], m[2])
+  if not m[1] then
     local p = redis.call('ZPOPMIN', KEYS[4], 1)
     if p[1] then
       nf = take(p[1], ARGV[6], KEYS[7], KEYS[1], tonumber(ARGV[8]))
@@ -978,17 +998,19 @@ if nf then return {'OK', nf} end
 return {'OK'}
 `)
 
-// fenceErr turns a fenced script's status into an error.
-func fenceErr(res rueidis.RedisResult) error {
+// fenceStatuses reads the status of a fenced transition: a job that is
+// gone or under another token means the lease was lost.
+var fenceStatuses = map[string]error{"OK": nil, "LOST": ErrLeaseLost, "GONE": ErrLeaseLost}
+
+// scriptStatus reads a script's status reply through statuses (a status
+// that maps to nil is success); a reply not in it is an error.
+func scriptStatus(res rueidis.RedisResult, statuses map[string]error) error {
 	s, err := res.ToString()
 	if err != nil {
 		return err
 	}
-	switch s {
-	case "OK":
-		return nil
-	case "LOST", "GONE":
-		return ErrLeaseLost
+	if e, ok := statuses[s]; ok {
+		return e
 	}
 	return fmt.Errorf("redisecho: unexpected reply %q", s)
 }
@@ -1013,25 +1035,26 @@ func (q *Queue) complete(ctx context.Context, id string, tok int64, result []byt
 	if len(vals) > 0 {
 		st, _ = vals[0].ToString()
 	}
-	switch {
-	case st == "OK" && len(vals) == 2:
-		j := q.takenJob(vals[1])
-		if j != nil {
-			q.stats.started.Add(1)
+	if e, ok := fenceStatuses[st]; !ok || e != nil || len(vals) > 2 {
+		if ok && e != nil {
+			return nil, e
 		}
-		return j, nil
-	case st == "OK":
-		return nil, nil
-	case st == "LOST" || st == "GONE":
-		return nil, ErrLeaseLost
+		return nil, fmt.Errorf("redisecho: complete: unexpected reply %v", vals)
 	}
-	return nil, fmt.Errorf("redisecho: complete: unexpected reply %v", vals)
+	if len(vals) < 2 {
+		return nil, nil
+	}
+	j := q.takenJob(vals[1])
+	if j != nil {
+		q.stats.started.Add(1)
+	}
+	return j, nil
 }
 
 // failScript records a failed attempt: a retry after delay, or death.
 //
 // KEYS[1] active, KEYS[2] retry, KEYS[3] dead, KEYS[4] marker, KEYS[5] the
-// job's hash. ARGV[1] id, [2] token, [3] error, [4] delay ms, [5] "1" to
+// job's hash, KEYS[6] meta. ARGV[1] id, [2] token, [3] error, [4] delay ms, [5] "1" to
 // skip retries, [6] keep dead count, [7] keep dead ms, [8] the prefix of
 // job hashes (trimmed jobs: the script's tag), [9] "unknown" when no
 // handler knew the type (the attempt does not count; death after ARGV[10]
@@ -1066,6 +1089,7 @@ end
 local due = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[5], 'state', 'retrying', 'due', n(due))
 redis.call('ZADD', KEYS[2], n(due), ARGV[1])
+soonest(KEYS[6], due)
 local cur = redis.call('ZSCORE', KEYS[4], 'd')
 if not cur or due < tonumber(cur) then redis.call('ZADD', KEYS[4], n(due), 'd') end
 return {'retry', n(due)}
@@ -1086,7 +1110,7 @@ func (q *Queue) fail(ctx context.Context, id string, tok int64, msg string, dela
 		msg = msg[:4096]
 	}
 	res := q.b.ExecMulti(ctx, q.keys.pending, failScript, rueidis.LuaExec{
-		Keys: []string{q.keys.active, q.keys.retry, q.keys.dead, q.keys.marker, q.keys.job + id},
+		Keys: []string{q.keys.active, q.keys.retry, q.keys.dead, q.keys.marker, q.keys.job + id, q.keys.meta},
 		Args: []string{id, strconv.FormatInt(tok, 10), msg, strconv.FormatInt(max(delay.Milliseconds(), 0), 10), skip,
 			strconv.Itoa(q.cfg.KeepDead), strconv.FormatInt(q.cfg.KeepDeadFor.Milliseconds(), 10), q.keys.job, kind, strconv.Itoa(limit)},
 	})[0]
@@ -1100,8 +1124,8 @@ func (q *Queue) fail(ctx context.Context, id string, tok int64, msg string, dela
 		return true, time.UnixMilli(ms), nil
 	case len(vals) == 1 && vals[0] == "dead":
 		return false, time.Time{}, nil
-	case len(vals) == 1 && (vals[0] == "LOST" || vals[0] == "GONE"):
-		return false, time.Time{}, ErrLeaseLost
+	case len(vals) == 1 && fenceStatuses[vals[0]] != nil:
+		return false, time.Time{}, fenceStatuses[vals[0]]
 	}
 	return false, time.Time{}, fmt.Errorf("redisecho: fail: unexpected reply %q", vals)
 }
@@ -1127,7 +1151,7 @@ func (q *Queue) progress(ctx context.Context, id string, tok int64, value []byte
 	res := q.b.ExecMulti(ctx, q.keys.pending, progressScript, rueidis.LuaExec{
 		Keys: []string{q.keys.job + id}, Args: []string{strconv.FormatInt(tok, 10), string(value)},
 	})[0]
-	return fenceErr(res)
+	return scriptStatus(res, fenceStatuses)
 }
 
 // giveBackScript returns a job at shutdown, without counting the attempt.
@@ -1151,7 +1175,7 @@ func (q *Queue) giveBack(ctx context.Context, id string, tok int64) error {
 		Keys: []string{q.keys.active, q.keys.pending, q.keys.marker, q.keys.job + id},
 		Args: []string{id, strconv.FormatInt(tok, 10)},
 	})[0]
-	return fenceErr(res)
+	return scriptStatus(res, fenceStatuses)
 }
 
 // reapScript returns the jobs whose lease expired, at most 100, once per
@@ -1249,31 +1273,15 @@ func (q *Queue) Cancel(ctx context.Context, id string) error {
 }
 
 // execByID runs script on the job id, whose hash is its last key after
-// keys, with the ID as its one argument, and reads its status (statusErr).
+// keys, with the ID as its one argument, and reads its status: "OK",
+// "GONE" (ErrJobNotFound) or "BUSY" (busy).
 // A malformed ID is ErrJobNotFound before it reaches a key.
 func (q *Queue) execByID(ctx context.Context, id string, script *pipelinedScript, busy error, keys ...string) error {
 	if !ValidJobID(id) {
 		return ErrJobNotFound
 	}
 	res := q.b.ExecMulti(ctx, q.keys.pending, script, rueidis.LuaExec{Keys: append(keys, q.keys.job+id), Args: []string{id}})[0]
-	return statusErr(res, busy)
-}
-
-// statusErr reads "OK", "GONE" (ErrJobNotFound) and "BUSY" (busy).
-func statusErr(res rueidis.RedisResult, busy error) error {
-	s, err := res.ToString()
-	if err != nil {
-		return err
-	}
-	switch s {
-	case "OK":
-		return nil
-	case "GONE":
-		return ErrJobNotFound
-	case "BUSY":
-		return busy
-	}
-	return fmt.Errorf("redisecho: unexpected reply %q", s)
+	return scriptStatus(res, map[string]error{"OK": nil, "GONE": ErrJobNotFound, "BUSY": busy})
 }
 
 // Pause stops workers from starting the queue's jobs (running ones
@@ -1773,6 +1781,11 @@ type runningJob struct {
 	// lost: the lease was found lost (counted once, however many
 	// places notice it).
 	lost atomic.Bool
+	// hold (unix nanos, 0: none) keeps a transition retrying past the
+	// lease: a completion that may have claimed the next job retries
+	// until that job's lease would end, so a lost reply does not strand
+	// it (a repeat hands it back).
+	hold atomic.Int64
 }
 
 // loseLease cancels r's handler with ErrLeaseLost and counts the loss,
@@ -1909,6 +1922,13 @@ func (w *Worker) Shutdown(ctx context.Context) error {
 			wq.mu.Unlock()
 		}
 		give.Wait()
+		// Runs that settled before ctx ended may still be recording their
+		// outcome (and a completion may hand over a job, given back at
+		// once): they get the same moment.
+		select {
+		case <-done:
+		case <-time.After(time.Until(until)):
+		}
 	}
 	// Handlers are cancelled (those still running past ctx), and the
 	// heartbeats stop now rather than at their next tick.
@@ -2081,7 +2101,11 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 		if wq.transition(r, func(ctx context.Context) error {
 			var e error
 			sent = time.Now()
-			next, e = q.complete(ctx, j.ID, j.tok, data, w.stop.Err() == nil, w.cfg.Lease)
+			claim := w.stop.Err() == nil
+			if claim && r.hold.Load() == 0 {
+				r.hold.Store(sent.Add(w.cfg.Lease).UnixNano())
+			}
+			next, e = q.complete(ctx, j.ID, j.tok, data, claim, w.cfg.Lease)
 			return e
 		}) == nil {
 			q.stats.completed.Add(1)
@@ -2162,7 +2186,7 @@ func (wq *workerQueue) transitionBy(r *runningJob, until time.Time, fn func(ctx 
 			return err
 		}
 		next := time.Now().Add(wait)
-		if next.UnixNano() > r.deadline.Load() || !until.IsZero() && next.After(until) {
+		if next.UnixNano() > max(r.deadline.Load(), r.hold.Load()) || !until.IsZero() && next.After(until) {
 			wq.w.log.Warn("redisecho: job worker: could not record a job's outcome before its lease ended; it will be reaped and run again",
 				"queue", wq.q.Name(), "job", r.job.ID, "error", err)
 			return err
@@ -2212,9 +2236,10 @@ func (wq *workerQueue) heartbeats() {
 			// job whose lease ran out by this process's own reckoning
 			// may have been reaped and be running elsewhere already:
 			// stop it rather than wait for Redis to say so.
+			// (A settled run counts its own loss, from its transition.)
 			now := time.Now().UnixNano()
 			for _, r := range byLease {
-				if now > r.deadline.Load() {
+				if now > r.deadline.Load() && !r.settled.Load() {
 					wq.loseLease(r)
 				}
 			}
@@ -2223,7 +2248,10 @@ func (wq *workerQueue) heartbeats() {
 		gone := make(map[jobLease]bool, len(lost))
 		for _, l := range lost {
 			gone[l] = true
-			if r := byLease[l]; r != nil {
+			// A settled run may have just recorded its outcome (the
+			// job is no longer active for that reason): it counts its
+			// own loss, from its transition's answer.
+			if r := byLease[l]; r != nil && !r.settled.Load() {
 				wq.loseLease(r)
 			}
 		}

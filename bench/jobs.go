@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"runtime/pprof"
 	"slices"
@@ -244,7 +245,7 @@ func runJobs(ctx context.Context, o jobsOpts) error {
 	}
 
 	w := o.out
-	fmt.Fprintf(w, "Queue benchmark (`go run . jobs`): %d jobs per case, %d pickups, %d interleaved round(s), medians; Redis %s (%s), %s.\n\n",
+	fmt.Fprintf(w, "Queue benchmark (`go run . jobs`): %d jobs per case, %d pickups, %d interleaved round(s), medians (in brackets: the spread of the per-round ratios); Redis %s (%s), %s.\n\n",
 		o.n, o.pickups, o.rounds, version, kind, time.Now().UTC().Format("2006-01-02 15:04 MST"))
 	fmt.Fprintln(w, "| case | redisecho | asynq v0.26 | redisecho / asynq | Redis cmds/job (redisecho, asynq) | Redis CPU/job (redisecho, asynq) |")
 	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|")
@@ -280,7 +281,17 @@ func runJobs(ctx context.Context, o jobsOpts) error {
 		}
 		ratio := "n/a"
 		if len(re) > 0 && len(as) > 0 {
+			// The ratio of the medians, and the spread of the ratios of
+			// each round's back-to-back pair.
 			ratio = fmt.Sprintf("%.2f×", jobMedian(re, func(r jobRow) float64 { return r.perSec })/jobMedian(as, func(r jobRow) float64 { return r.perSec }))
+			if len(re) == len(as) && len(re) > 1 {
+				lo, hi := math.Inf(1), 0.0
+				for i := range re {
+					x := re[i].perSec / as[i].perSec
+					lo, hi = min(lo, x), max(hi, x)
+				}
+				ratio += fmt.Sprintf(" (%.2f–%.2f)", lo, hi)
+			}
 		}
 		cpu := func(rows []jobRow) string {
 			if len(rows) == 0 {

@@ -81,8 +81,9 @@ bench-realtime: redis-server
 	cd bench && go run . realtime
 
 ## bench-jobs: the queue table of the README (issue 12: drain, enqueue and
-## pickup latency against asynq v0.26; a few minutes). `cd bench && go run
+## pickup latency against asynq v0.26, three interleaved rounds; about 11
+## minutes, most of it asynq's one-second pickups). `cd bench && go run
 ## . jobs -quick` is a smoke run.
 .PHONY: bench-jobs
 bench-jobs: redis-server
-	cd bench && go run . jobs
+	cd bench && go run . jobs -rounds 3

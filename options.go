@@ -1154,3 +1154,15 @@ func (s *clientState) checkCache(client rueidis.Client, log *rateLog, timeout ti
 		}()
 	})
 }
+
+// statusReply reads a script's reply of the form {status, values...}: the
+// array and its first element as a string ("" when missing).
+func statusReply(res rueidis.RedisResult) (vals []rueidis.RedisMessage, status string, err error) {
+	if vals, err = res.ToArray(); err != nil {
+		return nil, "", err
+	}
+	if len(vals) > 0 {
+		status, _ = vals[0].ToString()
+	}
+	return vals, status, nil
+}

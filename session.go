@@ -219,6 +219,8 @@ type SessionStore struct {
 
 	gone  sync.Map // session key -> unix nanos: destroyed or renamed here
 	goneN atomic.Int64
+
+	x *expressMode // Express mode (NewExpressSessionStore), else nil
 }
 
 // NewSessionStore validates cfg, fills its defaults and returns the store.
@@ -682,6 +684,12 @@ type sessionData struct {
 	seen     int64
 	idle     int64 // the idle timeout the session lives under, ms
 	loadedAt int64 // the clock when it was read
+
+	// Express mode: the stored JSON, its top-level members, and the
+	// key's PTTL (ms) when read.
+	blob    []byte
+	members []jsonMember
+	pttl    int64
 }
 
 // touchDue reports whether TouchAfter of the session's idle timeout passed
@@ -811,6 +819,9 @@ type UserSession struct {
 // from the user's index: it never scans the keyspace. Entries whose session
 // expired are pruned on the way.
 func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]UserSession, error) {
+	if st.x != nil {
+		return nil, ErrNotInExpressMode
+	}
 	if err := checkUserID(userID); err != nil {
 		return nil, err
 	}
@@ -866,6 +877,9 @@ func (st *SessionStore) ListUserSessions(ctx context.Context, userID string) ([]
 // should end too; without it, a lost index cannot be told from a user with
 // no other session.
 func (st *SessionStore) DestroyUserSessions(ctx context.Context, userID string, except ...string) (int, error) {
+	if st.x != nil {
+		return 0, ErrNotInExpressMode
+	}
 	if err := checkUserID(userID); err != nil {
 		return 0, err
 	}
@@ -964,7 +978,9 @@ type SessionState struct {
 	spare         []*verifiedCookie // further valid cookies of our name, tried in order if tok names no session
 	badCookie     bool              // the request carried a cookie we rejected
 	cookieVersion int64
-	rotated       bool // signed by an older key of the ring
+	rotated       bool     // signed by an older key of the ring
+	xid           string   // Express mode: the session ID
+	xspare        []string // Express mode: IDs of further valid cookies
 
 	loaded   bool
 	found    bool // the session exists in Redis (when loaded)
@@ -1010,6 +1026,9 @@ func GetSession(c echo.Context) (*SessionState, error) {
 }
 
 func (st *SessionStore) newSession(r *http.Request) *SessionState {
+	if st.x != nil {
+		return st.newExpressSession(r)
+	}
 	s := &SessionState{st: st, ctx: r.Context(), remember: !st.cfg.BrowserSessionCookie}
 	if st.cfg.RecordUserAgent {
 		s.ua = r.UserAgent()
@@ -1068,6 +1087,10 @@ func (s *SessionState) ensureLoaded() {
 		return
 	}
 	s.loaded = true
+	if s.st.x != nil {
+		s.loadExpress()
+		return
+	}
 	d, found, err := s.st.loadKey(s.ctx, s.key, s.hgetall, s.cookieVersion)
 	for err == nil && !found && len(s.spare) > 0 {
 		// Several cookies of our name verified (one planted on a sub-path by
@@ -1200,6 +1223,15 @@ func (s *SessionState) writable() error {
 	return nil
 }
 
+// checkKey is checkValueKey, and in Express mode refuses the keys that
+// express-session owns (cookie, id, its methods).
+func (s *SessionState) checkKey(key string) error {
+	if s.st.x != nil && reservedExpressKey(key) {
+		return fmt.Errorf("%w: %q belongs to express-session", ErrInvalidSessionKey, key)
+	}
+	return checkValueKey(key)
+}
+
 func checkValueKey(key string) error {
 	if key == "" || len(key) > 256 {
 		return fmt.Errorf("%w: %q", ErrInvalidSessionKey, key)
@@ -1212,7 +1244,7 @@ func checkValueKey(key string) error {
 // exceed MaxSize, or grow beyond AnonymousMaxSize while the session is bound
 // to no user; the save re-checks atomically against what Redis holds.
 func (s *SessionState) Set(key string, value any) error {
-	if err := checkValueKey(key); err != nil {
+	if err := s.checkKey(key); err != nil {
 		return err
 	}
 	b, err := s.st.cfg.Codec.Marshal(value)
@@ -1302,7 +1334,7 @@ func isDataField(f string) bool { return strings.HasPrefix(f, "v:") || strings.H
 
 // Delete removes the value of key.
 func (s *SessionState) Delete(key string) error {
-	if err := checkValueKey(key); err != nil {
+	if err := s.checkKey(key); err != nil {
 		return err
 	}
 	s.mu.Lock()
@@ -1325,6 +1357,9 @@ func (s *SessionState) deleteField(field string) error {
 // SetFlash stores a flash message under key: it is read once, by Flash, in
 // this or a later request.
 func (s *SessionState) SetFlash(key string, value any) error {
+	if s.st.x != nil {
+		return ErrNotInExpressMode
+	}
 	if err := checkValueKey(key); err != nil {
 		return err
 	}
@@ -1415,6 +1450,9 @@ func (s *SessionState) Destroy() error {
 // AnonymousIdleTimeout and AnonymousMaxSize. It returns ErrInvalidUserID
 // for an ID longer than MaxUserIDLength.
 func (s *SessionState) SetUserID(id string) error {
+	if s.st.x != nil {
+		return ErrNotInExpressMode
+	}
 	if len(id) > MaxUserIDLength {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrInvalidUserID, len(id), MaxUserIDLength)
 	}
@@ -1441,6 +1479,9 @@ func (s *SessionState) UserID() string {
 // SetRememberMe chooses a persistent cookie (Max-Age = remaining lifetime)
 // when on, or a browser-session cookie when off, for this session.
 func (s *SessionState) SetRememberMe(on bool) error {
+	if s.st.x != nil {
+		return ErrNotInExpressMode
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.writable(); err != nil {
@@ -1464,7 +1505,7 @@ func (s *SessionState) Handle() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.ensureLoaded()
-	if !s.found {
+	if !s.found || s.st.x != nil {
 		return ""
 	}
 	return s.tok.handle()
@@ -1510,11 +1551,17 @@ func (s *SessionState) dirty() bool {
 type sessionCookie struct {
 	value  string
 	maxAge int // > 0 persistent, 0 browser session, < 0 clear
+	// expires: Express mode sends Expires = now + maxAge, as
+	// express-session does, instead of Max-Age.
+	expires bool
 }
 
 // save writes the pending changes and tells what cookie to send (nil: none).
 // Callers hold s.mu.
 func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
+	if s.st.x != nil {
+		return s.saveExpress()
+	}
 	s.committed = true
 	st := s.st
 	if s.degraded || s.err != nil {
@@ -1838,7 +1885,7 @@ func (st *SessionStore) commit(c echo.Context, s *SessionState) {
 		return
 	}
 	h := res.Header()
-	if !st.cfg.AllowSharedCaching && s.found && (s.userID != "" || s.data.fields[fUser] != "") {
+	if !st.cfg.AllowSharedCaching && s.found && (s.userID != "" || s.data.fields[fUser] != "" || st.x != nil) {
 		// The handler read a logged-in session: the response may be
 		// personal, so no shared cache may keep it.
 		if h.Get(echo.HeaderCacheControl) == "" {
@@ -1847,6 +1894,12 @@ func (st *SessionStore) commit(c echo.Context, s *SessionState) {
 		addVaryCookie(h)
 	}
 	if ck == nil {
+		return
+	}
+	if st.x != nil {
+		st.x.writeExpressCookie(h, st.cfg.CookieName, ck, st.b.clock.Now())
+		addVaryCookie(h)
+		h.Set(echo.HeaderCacheControl, "no-store")
 		return
 	}
 	cookie := &http.Cookie{

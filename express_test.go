@@ -449,3 +449,140 @@ func TestExpressBadInput(t *testing.T) {
 		}
 	})
 }
+
+// TestExpressWholeBlobWrites shows what connect-redis's whole-blob writes
+// mean for Go, as the README states them.
+func TestExpressWholeBlobWrites(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ex := expressSide(t, r, nil)
+		goURL := goSide(t, guideExpressConfig(r, r.Client()))
+		login := func() *jar {
+			b := newJar(t)
+			code, _ := b.call(http.MethodPost, ex.URL+"/login", map[string]string{"username": "alice"})
+			require.Equal(t, http.StatusOK, code)
+			return b
+		}
+		// inFlight starts an Express request that loads the session now and
+		// writes it whole 400 ms later.
+		inFlight := func(b *jar) <-chan int {
+			done := make(chan int, 1)
+			go func() {
+				code, _ := b.call(http.MethodPost, ex.URL+"/session/set?delay=400", map[string]string{"fromExpress": "yes"})
+				done <- code
+			}()
+			time.Sleep(150 * time.Millisecond) // it has loaded the session
+			return done
+		}
+
+		t.Run("an Express write overwrites Go's changes made since it loaded", func(t *testing.T) {
+			b := login()
+			done := inFlight(b)
+			code, _ := b.call(http.MethodPost, goURL+"/session/set", map[string]string{"theme": "dark"})
+			require.Equal(t, http.StatusNoContent, code)
+			require.Equal(t, http.StatusOK, <-done)
+			_, dump := b.call(http.MethodGet, goURL+"/session/dump", nil)
+			require.Equal(t, "yes", dump["fromExpress"])
+			require.NotContains(t, dump, "theme", "lost to Express's whole-blob SET")
+		})
+		t.Run("an Express request in flight re-creates a session Go destroyed", func(t *testing.T) {
+			b := login()
+			done := inFlight(b)
+			code, _ := b.call(http.MethodPost, goURL+"/logout", nil)
+			require.Equal(t, http.StatusOK, code)
+			require.Equal(t, http.StatusOK, <-done)
+			code, _ = b.call(http.MethodGet, goURL+"/profile", nil)
+			require.Equal(t, http.StatusOK, code, "connect-redis's plain SET brought it back")
+		})
+		t.Run("Express requests that only read keep Go's changes", func(t *testing.T) {
+			b := login()
+			code, _ := b.call(http.MethodPost, goURL+"/session/set", map[string]string{"theme": "dark"})
+			require.Equal(t, http.StatusNoContent, code)
+			for range 3 {
+				code, _ := b.call(http.MethodGet, ex.URL+"/profile", nil)
+				require.Equal(t, http.StatusOK, code)
+			}
+			_, dump := b.call(http.MethodGet, goURL+"/session/dump", nil)
+			require.Equal(t, "dark", dump["theme"])
+		})
+		t.Run("Express's regenerate drops the data; Go's keeps it", func(t *testing.T) {
+			b := login()
+			code, _ := b.call(http.MethodPost, goURL+"/session/set", map[string]string{"theme": "dark"})
+			require.Equal(t, http.StatusNoContent, code)
+			old := b.cookie(goURL, "sessionId")
+			code, _ = b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"}) // Go's login regenerates
+			require.Equal(t, http.StatusOK, code)
+			require.NotEqual(t, old, b.cookie(goURL, "sessionId"), "a new ID")
+			_, dump := b.call(http.MethodGet, ex.URL+"/session/dump", nil)
+			require.Equal(t, "dark", dump["theme"], "Go's regenerate kept it")
+			code, _ = b.call(http.MethodPost, ex.URL+"/session/regenerate", nil)
+			require.Equal(t, http.StatusOK, code)
+			_, dump = b.call(http.MethodGet, goURL+"/session/dump", nil)
+			require.Empty(t, dump, "Express's regenerate dropped everything")
+		})
+	})
+}
+
+// TestExpressExpiry: Go decides expiry from the key's TTL, never from the
+// stored cookie.expires; a read that changes nothing extends a session
+// once a quarter of its TTL has passed, as Express's touch does.
+func TestExpressExpiry(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		ctx := context.Background()
+		cfg := guideExpressConfig(r, client)
+		goURL := goSide(t, cfg)
+		b := newJar(t)
+		code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
+		require.Equal(t, http.StatusOK, code)
+		key := cfg.KeyPrefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
+		pttl := func() time.Duration {
+			ms, err := client.Do(ctx, client.B().Pttl().Key(key).Build()).AsInt64()
+			require.NoError(t, err)
+			return time.Duration(ms) * time.Millisecond
+		}
+		require.Greater(t, pttl(), 23*time.Hour, "the cookie's max age")
+
+		// A stale cookie.expires does not end a live session.
+		blob := sessionBlob(t, client, key)
+		stale := strings.Replace(blob, `"expires":"`, `"expires":"2001-01-01T00:00:00.000Z","x":"`, 1)
+		require.NoError(t, client.Do(ctx, client.B().Set().Key(key).Value(stale).Px(time.Hour).Build()).Error())
+		code, _ = b.call(http.MethodGet, goURL+"/profile", nil)
+		require.Equal(t, http.StatusOK, code)
+		require.Greater(t, pttl(), 23*time.Hour, "an hour left of 24: the read extended it")
+
+		// The TTL ends it.
+		require.NoError(t, client.Do(ctx, client.B().Pexpire().Key(key).Milliseconds(100).Build()).Error())
+		time.Sleep(200 * time.Millisecond)
+		code, _ = b.call(http.MethodGet, goURL+"/profile", nil)
+		require.Equal(t, http.StatusUnauthorized, code)
+	})
+}
+
+// TestExpressSetCookieMatches: the Set-Cookie Go sends has the attributes
+// of the one Express sends for the same options.
+func TestExpressSetCookieMatches(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ex := expressSide(t, r, nil)
+		goURL := goSide(t, guideExpressConfig(r, r.Client()))
+		attrs := func(base string) []string {
+			resp, err := http.Post(base+"/login", "application/json", strings.NewReader(`{"username":"alice"}`))
+			require.NoError(t, err)
+			_ = resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			parts := strings.Split(resp.Header.Get("Set-Cookie"), "; ")
+			require.True(t, strings.HasPrefix(parts[0], "sessionId=s%3A"), parts[0])
+			var out []string
+			for _, p := range parts[1:] {
+				if strings.HasPrefix(p, "Expires=") {
+					exp, err := http.ParseTime(strings.TrimPrefix(p, "Expires="))
+					require.NoError(t, err)
+					require.InDelta(t, 24*time.Hour.Seconds(), time.Until(exp).Seconds(), 5)
+					p = "Expires"
+				}
+				out = append(out, p)
+			}
+			return out
+		}
+		require.Equal(t, attrs(ex.URL), attrs(goURL))
+	})
+}

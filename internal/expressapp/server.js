@@ -199,7 +199,12 @@ app.post('/logout', async (req, res) => {
 // ---- Test-only routes -----------------------------------------------------
 
 // Merges a JSON object into the session (any JSON values, nested).
-app.post('/session/set', (req, res) => {
+// ?delay=<ms> waits that long first: the session was loaded when the
+// request came in, so the tests can show what a whole-blob write of a
+// request in flight does.
+app.post('/session/set', async (req, res) => {
+  const delay = Number(req.query.delay || 0);
+  if (delay > 0) await new Promise((resolve) => setTimeout(resolve, Math.min(delay, 10000)));
   merge(req.session, req.body);
   sessionHeaders(req, res);
   res.json(req.session);

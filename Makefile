@@ -1,6 +1,6 @@
 # redisecho: the two set-up commands are `go -C example run .` and `make test`.
 # Every target works on a fresh Debian/Ubuntu machine with Go 1.26: what is
-# missing (redis-server, wrk) is installed with apt-get.
+# missing (redis-server, Node.js and npm, wrk) is installed with apt-get.
 
 SHELL := /bin/bash
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
@@ -11,14 +11,20 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZTIME ?= 10000x
 FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON FuzzLimiterKeys FuzzDecodeStreamID
 
-.PHONY: test redis-server wrk fmt vet staticcheck unit fuzz build bench e2e
+.PHONY: test redis-server node wrk fmt vet staticcheck unit fuzz build bench e2e
 
-## test: everything CI runs (installs redis-server when missing).
-test: redis-server fmt vet staticcheck unit fuzz build e2e
+## test: everything CI runs (installs redis-server, Node.js and npm when
+## missing: the Express migration tests run the real express-session and
+## connect-redis, installed with `npm ci` from internal/expressapp's lock).
+test: redis-server node fmt vet staticcheck unit fuzz build e2e
 
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 	@redis-server --version
+
+node:
+	@{ command -v node && command -v npm; } >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	@node --version
 
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }

@@ -689,6 +689,9 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 			}
 			return nil, nil
 		}
+		if len(s.xspare) > 0 {
+			s.ensureLoaded() // several cookies verified: end the live one, not a planted one
+		}
 		if err := st.b.Do(ctx, s.key, st.b.client.B().Del().Key(s.key).Build()).Error(); err != nil {
 			return nil, st.saveFailed(err)
 		}

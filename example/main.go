@@ -26,6 +26,16 @@
 //	                at least 32 bytes. Unset: a development key, with a loud
 //	                warning. Set but holding no key (empty, only commas or
 //	                spaces): the app refuses to start.
+//	EXPRESS_SESSION_SECRET
+//	                set: share sessions with an Express app running the
+//	                guide's express-session + connect-redis setup on the
+//	                same Redis (the README's migration section): its secret,
+//	                or its comma-separated list in express-session's order.
+//	                SESSION_SECRET is then ignored. /sessions and
+//	                /logout-all answer 501 (Express keeps no per-user index).
+//	EXPRESS_SESSION_PREFIX, EXPRESS_SESSION_COOKIE
+//	                connect-redis's prefix and express-session's cookie
+//	                name. Defaults: the guide's "session:" and "sessionId".
 //	COOKIE_INSECURE "1" drops the Secure cookie attribute, for plain-HTTP
 //	                development on a host other than localhost. Default: Secure.
 //	TRUSTED_PROXIES comma-separated addresses or CIDR ranges of the reverse
@@ -117,12 +127,19 @@ type config struct {
 	addr           string
 	redisURL       string
 	sessionKeys    []string
+	express        *expressSessions // EXPRESS_SESSION_SECRET set
 	insecureCookie bool
 	trustedProxies []*net.IPNet
 	fallbackShare  float64
 	timeouts       timeouts
 	jobWorkers     int
 	jobLease       time.Duration
+}
+
+// expressSessions is the Express mode's configuration.
+type expressSessions struct {
+	secrets        []string
+	prefix, cookie string
 }
 
 // timeouts are the HTTP server's.
@@ -145,7 +162,31 @@ func loadConfig(lookup lookupEnv, logger *slog.Logger) (cfg config, err error) {
 	if cfg.addr == "" {
 		cfg.addr = ":8080"
 	}
+	if xs, ok := lookup("EXPRESS_SESSION_SECRET"); ok {
+		x := &expressSessions{prefix: "session:", cookie: "sessionId"}
+		for _, k := range strings.Split(xs, ",") {
+			if k = strings.TrimSpace(k); k != "" {
+				x.secrets = append(x.secrets, k)
+			}
+		}
+		if len(x.secrets) == 0 {
+			return cfg, errors.New("EXPRESS_SESSION_SECRET is set but holds no secret: set it to the Express app's session secret (comma-separated, in express-session's order)")
+		}
+		if v, ok := lookup("EXPRESS_SESSION_PREFIX"); ok {
+			x.prefix = v
+		}
+		if v := strings.TrimSpace(getenv("EXPRESS_SESSION_COOKIE")); v != "" {
+			x.cookie = v
+		}
+		cfg.express = x
+		if _, ok := lookup("SESSION_SECRET"); ok {
+			logger.Info("EXPRESS_SESSION_SECRET is set: sessions are shared with the Express app, and SESSION_SECRET is ignored")
+		}
+	}
 	secret, secretSet := lookup("SESSION_SECRET")
+	if cfg.express != nil {
+		secret, secretSet = devSessionKey, true
+	}
 	for _, k := range strings.Split(secret, ",") {
 		if k = strings.TrimSpace(k); k != "" {
 			cfg.sessionKeys = append(cfg.sessionKeys, k)
@@ -341,13 +382,24 @@ func newAppParts(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.
 	probe(e, "/livez", redisecho.Liveness())
 
 	opts := redisecho.Options{Logger: logger}
-	sessions, err := redisecho.SessionConfig{
-		Client:          client,
-		Options:         opts,
-		Keys:            cfg.sessionKeys,
-		InsecureCookie:  cfg.insecureCookie,
-		RecordUserAgent: true,
-	}.ToMiddleware()
+	var sessions echo.MiddlewareFunc
+	var err error
+	if x := cfg.express; x != nil {
+		// The guide's express-session options, so that both apps read
+		// and write the same sessions and set the same cookie.
+		sessions, err = redisecho.ExpressSessionConfig{
+			Client: client, Options: opts, Secrets: x.secrets, CookieName: x.cookie, KeyPrefix: x.prefix,
+			Cookie: redisecho.ExpressCookie{MaxAge: 24 * time.Hour, SameSite: http.SameSiteLaxMode, Secure: !cfg.insecureCookie},
+		}.ToMiddleware()
+	} else {
+		sessions, err = redisecho.SessionConfig{
+			Client:          client,
+			Options:         opts,
+			Keys:            cfg.sessionKeys,
+			InsecureCookie:  cfg.insecureCookie,
+			RecordUserAgent: true,
+		}.ToMiddleware()
+	}
 	if err != nil {
 		return nil, nil, nil, err
 	}

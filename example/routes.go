@@ -62,14 +62,22 @@ func login(c echo.Context) error {
 		return err
 	}
 	uid := strconv.Itoa(u.id)
-	if prev := s.UserID(); prev != "" && prev != uid {
+	prev := s.UserID()
+	if p, ok := s.GetInt("userId"); ok && prev == "" {
+		prev = strconv.Itoa(p) // Express sessions have no binding: the value tells
+	}
+	if prev != "" && prev != uid {
 		if err := s.Clear(); err != nil {
 			return err
 		}
 	}
+	bind := s.SetUserID(uid)
+	if errors.Is(bind, redisecho.ErrNotInExpressMode) {
+		bind = nil // the Express mode keeps only values
+	}
 	if err := errors.Join(
 		s.Regenerate(),
-		s.SetUserID(uid),
+		bind,
 		s.Set("userId", u.id),
 		s.Set("username", u.username),
 		s.Set("isAuthenticated", true),
@@ -118,6 +126,9 @@ func listSessions(c echo.Context) error {
 		return jsonError(c, http.StatusUnauthorized, "Not authenticated")
 	}
 	list, err := s.Store().ListUserSessions(c.Request().Context(), strconv.Itoa(id))
+	if errors.Is(err, redisecho.ErrNotInExpressMode) {
+		return jsonError(c, http.StatusNotImplemented, "Not available while sessions are shared with the Express app: it keeps no list of a user's sessions")
+	}
 	if err != nil {
 		return echo.NewHTTPError(http.StatusServiceUnavailable).SetInternal(err)
 	}
@@ -141,6 +152,9 @@ func logoutAll(c echo.Context) error {
 	// that the store can tell a lost index (other sessions may live on
 	// unseen) from a user with no other session.
 	n, err := s.Store().DestroyUserSessions(c.Request().Context(), strconv.Itoa(id), s.Handle())
+	if errors.Is(err, redisecho.ErrNotInExpressMode) {
+		return jsonError(c, http.StatusNotImplemented, "Not available while sessions are shared with the Express app: it keeps no list of a user's sessions; log out here, or on the Express app")
+	}
 	if errors.Is(err, redisecho.ErrSessionIndexMissing) {
 		if err := s.Destroy(); err != nil {
 			return err

@@ -336,8 +336,25 @@ func newExpressID() string {
 // cookieValue is the Set-Cookie value express-session writes for id:
 // encodeURIComponent("s:" + signed ID).
 func (x *expressMode) cookieValue(id string) string {
-	v := "s:" + x.sign(id, x.secrets[0])
-	return strings.NewReplacer(":", "%3A", "+", "%2B", "/", "%2F", "=", "%3D").Replace(v)
+	return encodeURIComponent("s:" + x.sign(id, x.secrets[0]))
+}
+
+// encodeURIComponent is JavaScript's: every byte outside A-Z a-z 0-9 and
+// -_.!~*'() is percent-encoded (upper-case hex).
+func encodeURIComponent(s string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || strings.IndexByte("-_.!~*'()", c) >= 0 {
+			b.WriteByte(c)
+			continue
+		}
+		b.WriteByte('%')
+		b.WriteByte(hex[c>>4])
+		b.WriteByte(hex[c&15])
+	}
+	return b.String()
 }
 
 // cookieJSON is the stored cookie object of a session Go creates at now,
@@ -581,27 +598,35 @@ func (st *SessionStore) readExpress(ctx context.Context, key string) (d sessionD
 	return d, true, nil
 }
 
-// expressTTL is how long a session with cookie object c is kept from a
-// save: its originalMaxAge (express-session resets expires to now +
-// originalMaxAge before connect-redis computes the TTL), else the store's
-// TTL.
-func (x *expressMode) expressTTL(members []jsonMember) time.Duration {
+// expressTTL is how long a session whose members are these (nil: a new
+// session) is kept from a save, and whether its cookie is persistent: its
+// cookie object's originalMaxAge when that is a number (express-session
+// resets expires to now + originalMaxAge before connect-redis computes the
+// TTL), else (null or false: a browser-session cookie, which an Express
+// app may choose per session) the store's TTL. A new session follows the
+// configured Cookie.MaxAge.
+func (x *expressMode) expressTTL(members []jsonMember) (ttl time.Duration, persistent bool) {
+	if members == nil {
+		if x.cookie.MaxAge > 0 {
+			return x.cookie.MaxAge, true
+		}
+		return x.ttl, false
+	}
 	for _, m := range members {
 		if m.key != "cookie" {
 			continue
 		}
 		var c struct {
-			OriginalMaxAge *float64 `json:"originalMaxAge"`
+			OriginalMaxAge json.RawMessage `json:"originalMaxAge"`
 		}
-		if json.Unmarshal(m.value, &c) == nil && c.OriginalMaxAge != nil && *c.OriginalMaxAge >= 1000 {
-			return time.Duration(*c.OriginalMaxAge) * time.Millisecond
+		if json.Unmarshal(m.value, &c) == nil {
+			if ms, err := strconv.ParseFloat(string(c.OriginalMaxAge), 64); err == nil && ms >= 1000 {
+				return time.Duration(ms) * time.Millisecond, true
+			}
 		}
 		break
 	}
-	if members == nil && x.cookie.MaxAge > 0 {
-		return x.cookie.MaxAge
-	}
-	return x.ttl
+	return x.ttl, false
 }
 
 // expressSaveScript writes a session if it is still what the save read.
@@ -712,13 +737,15 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 		switch {
 		case s.found && s.expressTouchDue():
 			// Express's store.touch on every request: the session slides.
-			_, err := st.writeExpress(ctx, s.key, "touch", nil, nil, x.expressTTL(s.data.members))
+			ttl, _ := x.expressTTL(s.data.members)
+			_, err := st.writeExpress(ctx, s.key, "touch", nil, nil, ttl)
 			if err != nil && !errors.Is(err, errExpressGone) {
 				st.b.log.Error("redisecho: session: extending the session failed", err)
 			}
-		case s.badCookie || (s.hasToken && s.loaded && !s.found && s.err == nil):
-			return clearCookie, nil
 		}
+		// A bad cookie, or one naming no session, is left alone, as
+		// express-session leaves it: clearing it could delete a valid
+		// cookie of the same name that a parallel login just set.
 		return nil, nil
 	}
 	if s.hasToken && s.found {
@@ -731,15 +758,15 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 				time.Sleep(time.Duration(mrand.Int64N(int64(attempt) * int64(time.Millisecond))))
 			}
 			value := s.mergeSession(members, nil)
-			if len(value) > st.cfg.MaxSize {
-				return nil, failTooLarge
+			if len(value) > st.cfg.MaxSize && len(value) > len(blob) {
+				return nil, failTooLarge // (one already over the bound may shrink)
 			}
-			ttl := x.expressTTL(members)
+			ttl, persistent := x.expressTTL(members)
 			cur, err := st.writeExpress(ctx, s.key, "update", blob, value, ttl)
 			switch {
 			case err == nil:
 				st.saves.Add(1)
-				return x.cookieFor(s.xid, ttl), nil
+				return x.cookieFor(s.xid, ttl, persistent), nil
 			case errors.Is(err, errExpressChanged):
 				// Another request (Go or Express) saved meanwhile: apply
 				// this request's changes to what it wrote.
@@ -748,11 +775,13 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 					continue
 				}
 				// Overwritten with something that is no session: gone.
-				return clearCookie, nil
+				return nil, nil
 			case errors.Is(err, errExpressGone):
-				// Destroyed or expired meanwhile (a logout elsewhere must
-				// stick): nothing is written, the cookie goes.
-				return clearCookie, nil
+				// Destroyed, expired or regenerated meanwhile (a logout
+				// elsewhere must stick): nothing is written, and no
+				// cookie is sent (a clearing one could delete the cookie
+				// of the login that regenerated it).
+				return nil, nil
 			default:
 				return nil, st.saveFailed(err)
 			}
@@ -761,16 +790,13 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 	}
 	// A new session: only if it holds a value (saveUninitialized: false).
 	if !slices.ContainsFunc(slices.Collect(maps.Keys(s.set)), isDataField) {
-		if s.badCookie || s.hasToken {
-			return clearCookie, nil
-		}
 		return nil, nil
 	}
 	value := s.mergeSession(nil, x.cookieJSON(now))
 	if len(value) > st.cfg.MaxSize {
 		return nil, failTooLarge
 	}
-	ttl := x.expressTTL(nil)
+	ttl, persistent := x.expressTTL(nil)
 	for range 3 {
 		id := newExpressID()
 		_, err := st.writeExpress(ctx, x.prefix+id, "new", nil, value, ttl)
@@ -782,7 +808,7 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 		}
 		st.saves.Add(1)
 		s.xid, s.key, s.hasToken, s.found = id, x.prefix+id, true, true
-		return x.cookieFor(id, ttl), nil
+		return x.cookieFor(id, ttl, persistent), nil
 	}
 	return nil, st.saveFailed(errExpressExists)
 }
@@ -800,13 +826,13 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 	mode := "new"
 	for attempt := 0; ; attempt++ {
 		value := s.mergeSession(members, nil)
-		if len(value) > st.cfg.MaxSize {
+		if len(value) > st.cfg.MaxSize && len(value) > len(blob) {
 			if mode == "put" {
 				st.b.Do(ctx, x.prefix+id, st.b.client.B().Del().Key(x.prefix+id).Build())
 			}
 			return nil, failTooLarge
 		}
-		ttl := x.expressTTL(members)
+		ttl, persistent := x.expressTTL(members)
 		if mode == "new" {
 			id = newExpressID()
 		}
@@ -823,7 +849,7 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 		case err == nil:
 			st.saves.Add(1)
 			s.xid, s.key = id, x.prefix+id
-			return x.cookieFor(id, ttl), nil
+			return x.cookieFor(id, ttl, persistent), nil
 		case errors.Is(err, errExpressChanged) && attempt < expressCASRetries:
 			time.Sleep(time.Duration(mrand.Int64N(int64(attempt+1) * int64(time.Millisecond))))
 			if m, perr := parseSessionJSON(cur); perr == nil {
@@ -838,7 +864,9 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 			st.b.log.Error("redisecho: session: deleting a regenerated session's new ID failed", derr)
 		}
 		if errors.Is(err, errExpressGone) {
-			return &sessionCookie{maxAge: -1}, nil
+			// Another request regenerated or destroyed it first (a
+			// double-submitted login): its cookie stands.
+			return nil, nil
 		}
 		return nil, st.saveFailed(err)
 	}
@@ -848,16 +876,16 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 // Express's touch does on every request) once a quarter of its TTL has
 // passed, so that most reads write nothing.
 func (s *SessionState) expressTouchDue() bool {
-	ttl := s.st.x.expressTTL(s.data.members)
+	ttl, _ := s.st.x.expressTTL(s.data.members)
 	return s.data.pttl >= 0 && time.Duration(s.data.pttl)*time.Millisecond < ttl-ttl/4
 }
 
 // cookieFor is the cookie for session id, as express-session sets it:
-// Expires = now + the session's max age, or none for a browser-session
-// cookie.
-func (x *expressMode) cookieFor(id string, ttl time.Duration) *sessionCookie {
+// Expires = now + the session's own max age, or none for a
+// browser-session cookie.
+func (x *expressMode) cookieFor(id string, ttl time.Duration, persistent bool) *sessionCookie {
 	ck := &sessionCookie{value: x.cookieValue(id)}
-	if x.cookie.MaxAge > 0 {
+	if persistent {
 		ck.maxAge = int(ttl / time.Second)
 		ck.expires = true
 	}

@@ -586,3 +586,159 @@ func TestExpressSetCookieMatches(t *testing.T) {
 		require.Equal(t, attrs(ex.URL), attrs(goURL))
 	})
 }
+
+// TestExpressRedisDown: with Redis frozen, a request that uses the
+// session answers 503 within its deadline (no internal text), or runs
+// with an empty, unsaved session under Degrade; nothing stored changes.
+func TestExpressRedisDown(t *testing.T) {
+	forEachFaultTopology(t, func(t *testing.T, f *faultRedis) {
+		client := f.Client()
+		for _, degrade := range []bool{false, true} {
+			cfg := guideExpressConfig(f.testRedis, client)
+			cfg.Timeout = 300 * time.Millisecond
+			cfg.Breaker = NewBreaker(BreakerConfig{Failures: 100, Cooldown: 100 * time.Millisecond})
+			cfg.Degrade = degrade
+			goURL := goSide(t, cfg)
+			b := newJar(t)
+			code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
+			require.Equal(t, http.StatusOK, code)
+			key := cfg.KeyPrefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
+			stored := sessionBlob(t, client, key)
+			f.Pause(t)
+			t0 := time.Now()
+			code, out := b.call(http.MethodPost, goURL+"/session/set", map[string]string{"theme": "dark"})
+			if degrade {
+				require.Equal(t, http.StatusNoContent, code, "%v", out)
+			} else {
+				require.Equal(t, http.StatusServiceUnavailable, code)
+				require.Equal(t, "session store unavailable", out["error"])
+			}
+			require.Less(t, time.Since(t0), 3*time.Second)
+			f.Resume(t)
+			require.Equal(t, stored, sessionBlob(t, client, key), "nothing written (degrade %v)", degrade)
+			code, _ = b.call(http.MethodGet, goURL+"/profile", nil)
+			require.Equal(t, http.StatusOK, code, "the session lives on")
+		}
+	})
+}
+
+// TestExpressClear: Clear drops every value but keeps express-session's
+// cookie object and the session's ID; values set after it stay.
+func TestExpressClear(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		cfg := guideExpressConfig(r, client)
+		mw, err := cfg.ToMiddleware()
+		require.NoError(t, err)
+		e := echo.New()
+		e.Use(mw)
+		e.POST("/clear", func(c echo.Context) error {
+			s, _ := GetSession(c)
+			return errors.Join(s.Clear(), s.Set("after", true))
+		})
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		ex := expressSide(t, r, nil)
+		b := newJar(t)
+		code, _ := b.call(http.MethodPost, ex.URL+"/login", map[string]string{"username": "alice"})
+		require.Equal(t, http.StatusOK, code)
+		id := sessionIDOf(t, b.cookie(ex.URL, "sessionId"))
+		code, _ = b.call(http.MethodPost, srv.URL+"/clear", nil)
+		require.Equal(t, http.StatusOK, code)
+		require.Equal(t, id, sessionIDOf(t, b.cookie(ex.URL, "sessionId")), "the same session")
+		_, dump := b.call(http.MethodGet, ex.URL+"/session/dump", nil)
+		require.Contains(t, dump, "cookie")
+		require.Equal(t, true, dump["after"])
+		require.NotContains(t, dump, "userId")
+	})
+}
+
+// TestExpressReviewFindings: each case failed before its fix.
+func TestExpressReviewFindings(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		ctx := context.Background()
+		cfg := guideExpressConfig(r, client)
+		cfg.MaxSize = 4096
+		goURL := goSide(t, cfg)
+		login := func() (*jar, string) {
+			b := newJar(t)
+			code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
+			require.Equal(t, http.StatusOK, code)
+			return b, cfg.KeyPrefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
+		}
+
+		t.Run("the gorilla API refuses an Express store", func(t *testing.T) {
+			st, err := NewExpressSessionStore(cfg)
+			require.NoError(t, err)
+			gs := NewGorillaStore(st)
+			s, err := gs.New(httptest.NewRequest(http.MethodGet, "/", nil), "sessionId")
+			require.ErrorIs(t, err, ErrNotInExpressMode)
+			require.NotNil(t, s)
+			require.ErrorIs(t, gs.Save(httptest.NewRequest(http.MethodGet, "/", nil), httptest.NewRecorder(), s), ErrNotInExpressMode)
+		})
+		t.Run("a session Express grew past MaxSize may still shrink", func(t *testing.T) {
+			b, key := login()
+			blob := sessionBlob(t, client, key)
+			big := strings.TrimSuffix(blob, "}") + `,"cart":"` + strings.Repeat("x", 5000) + `"}`
+			require.NoError(t, client.Do(ctx, client.B().Set().Key(key).Value(big).Px(time.Hour).Build()).Error())
+			code, _ := b.call(http.MethodPost, goURL+"/session/delete?key=userId", nil)
+			require.Equal(t, http.StatusNoContent, code)
+			require.Less(t, len(sessionBlob(t, client, key)), len(big))
+			code, _ = b.call(http.MethodPost, goURL+"/session/set", map[string]string{"more": "x"})
+			require.Equal(t, http.StatusRequestEntityTooLarge, code, "but not grow")
+		})
+		t.Run("a stale cookie gets no clearing Set-Cookie", func(t *testing.T) {
+			b, _ := login()
+			old := b.cookie(goURL, "sessionId")
+			code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"}) // regenerates
+			require.Equal(t, http.StatusOK, code)
+			for _, path := range []string{"/profile", "/session/set"} {
+				req, _ := http.NewRequest(http.MethodPost, goURL+path, strings.NewReader(`{"x":1}`))
+				if path == "/profile" {
+					req.Method = http.MethodGet
+				}
+				req.AddCookie(&http.Cookie{Name: "sessionId", Value: old})
+				resp, err := http.DefaultClient.Do(req)
+				require.NoError(t, err)
+				_ = resp.Body.Close()
+				if path == "/profile" {
+					require.Empty(t, resp.Header.Values("Set-Cookie"), path)
+					continue
+				}
+				// A write starts a new session, as Express's would: a new
+				// cookie, never a clearing one.
+				sc := resp.Header.Get("Set-Cookie")
+				require.NotContains(t, sc, "1970", path)
+				require.NotContains(t, sc, old, path)
+			}
+		})
+		t.Run("a browser-session cookie chosen per session stays one", func(t *testing.T) {
+			b, key := login()
+			blob := sessionBlob(t, client, key)
+			i := strings.Index(blob, `"cookie":{`) + len(`"cookie":`)
+			j := i + strings.Index(blob[i:], "}") + 1
+			browser := blob[:i] + `{"originalMaxAge":null,"expires":null,"secure":false,"httpOnly":true,"path":"/","sameSite":"lax"}` + blob[j:]
+			require.NoError(t, client.Do(ctx, client.B().Set().Key(key).Value(browser).Px(time.Hour).Build()).Error())
+			req, _ := http.NewRequest(http.MethodPost, goURL+"/session/set", strings.NewReader(`{"theme":"dark"}`))
+			req.AddCookie(&http.Cookie{Name: "sessionId", Value: b.cookie(goURL, "sessionId")})
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			_ = resp.Body.Close()
+			require.Equal(t, http.StatusNoContent, resp.StatusCode)
+			sc := resp.Header.Get("Set-Cookie")
+			require.NotEmpty(t, sc)
+			require.NotContains(t, sc, "Expires=", "no persistent cookie for a session that chose a browser-session one")
+		})
+	})
+}
+
+func TestEncodeURIComponent(t *testing.T) {
+	for in, want := range map[string]string{
+		"s:abc.def+/=":  "s%3Aabc.def%2B%2F%3D",
+		"a-_.!~*'()z09": "a-_.!~*'()z09",
+		"; ,\"\\%é":     "%3B%20%2C%22%5C%25%C3%A9",
+	} {
+		require.Equal(t, want, encodeURIComponent(in), in)
+	}
+}

@@ -1274,7 +1274,9 @@ func (s *SessionState) setField(field string, b []byte) error {
 		if old, ok := s.raw(field); ok {
 			size -= valueCost(field, old)
 		}
-		if size > s.st.cfg.MaxSize {
+		// (An Express session may already be over the bound, since
+		// Express has none: it may still shrink.)
+		if size > s.st.cfg.MaxSize && (s.st.x == nil || size > cur) {
 			return tooLarge(size, s.st.cfg.MaxSize)
 		}
 		if limit := s.st.cfg.AnonymousMaxSize; s.userID == "" && size > limit && size > cur {
@@ -2028,6 +2030,8 @@ type GorillaStore struct {
 }
 
 // NewGorillaStore returns the gorilla/sessions Store of st. It does no I/O.
+// A store in Express mode (NewExpressSessionStore) has no gorilla API: its
+// New and Save return ErrNotInExpressMode.
 func NewGorillaStore(st *SessionStore) *GorillaStore {
 	return &GorillaStore{st: st}
 }
@@ -2086,6 +2090,9 @@ func (gs *GorillaStore) Get(r *http.Request, name string) (*sessions.Session, er
 // empty one. It never returns a nil session. See GorillaStore for the
 // errors.
 func (gs *GorillaStore) New(r *http.Request, name string) (*sessions.Session, error) {
+	if gs.st.x != nil {
+		return sessions.NewSession(gs, name), ErrNotInExpressMode
+	}
 	st := gs.st
 	s := sessions.NewSession(gs, name)
 	s.IsNew = true
@@ -2203,6 +2210,9 @@ func (gs *GorillaStore) defaultOptions(state *gorillaState) *sessions.Options {
 // Save writes the session's changes to Redis and sets its cookie. See
 // GorillaStore for what it writes and the errors it returns.
 func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions.Session) error {
+	if gs.st.x != nil {
+		return ErrNotInExpressMode
+	}
 	state := gs.stateOf(r, s)
 	if state == nil {
 		return ErrGorillaSessionUnknown

@@ -53,7 +53,7 @@ const (
 	// expressCASRetries bounds how often a save re-applies its changes when
 	// another request changed the session meanwhile (each retry waits a
 	// random moment of up to a millisecond per attempt made).
-	expressCASRetries = 16
+	expressCASRetries = 32
 )
 
 // ErrNotInExpressMode is returned by the session features that need data

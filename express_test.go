@@ -287,6 +287,21 @@ func TestExpressValuesRoundTrip(t *testing.T) {
 			}
 		}
 
+		// The other way: every JSON type written by Go reads the same in
+		// Express.
+		goValues := map[string]any{}
+		for k, v := range values {
+			goValues["go_"+k] = v
+		}
+		code, _ = b.call(http.MethodPost, goURL+"/session/set", goValues)
+		require.Equal(t, http.StatusNoContent, code)
+		_, exDump4 := b.call(http.MethodGet, ex.URL+"/session/dump", nil)
+		for k, v := range exDump {
+			if k != "cookie" && k != "username" && k != "userId" && k != "isAuthenticated" {
+				require.Equal(t, v, exDump4["go_"+k], "Express reads Go's %q as Express itself wrote it", k)
+			}
+		}
+
 		code, _ = b.call(http.MethodPost, goURL+"/session/delete?key=list", nil)
 		require.Equal(t, http.StatusNoContent, code)
 		_, exDump3 := b.call(http.MethodGet, ex.URL+"/session/dump", nil)
@@ -741,4 +756,58 @@ func TestEncodeURIComponent(t *testing.T) {
 	} {
 		require.Equal(t, want, encodeURIComponent(in), in)
 	}
+}
+
+// TestExpressConcurrentWithExpress: Go updates racing Express writes of
+// other keys never lose an Express field (Go merges into whatever Express
+// wrote); Go's own updates may be lost only to Express's whole-blob
+// writes, as the README says.
+func TestExpressConcurrentWithExpress(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		ex := expressSide(t, r, nil)
+		goURL := goSide(t, guideExpressConfig(r, r.Client()))
+		b := newJar(t)
+		code, _ := b.call(http.MethodPost, ex.URL+"/login", map[string]string{"username": "alice"})
+		require.Equal(t, http.StatusOK, code)
+		// Express writes one after another (each loads the last blob, so
+		// they never overwrite each other), while Go writes race them.
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 10 {
+				code, _ := b.call(http.MethodPost, ex.URL+"/session/set", map[string]int{fmt.Sprintf("e%02d", i): i})
+				require.Equal(t, http.StatusOK, code)
+			}
+		}()
+		for i := range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				code, _ := b.call(http.MethodPost, goURL+"/session/set", map[string]int{fmt.Sprintf("g%02d", i): i})
+				require.Equal(t, http.StatusNoContent, code)
+			}()
+		}
+		wg.Wait()
+		_, dump := b.call(http.MethodGet, ex.URL+"/session/dump", nil)
+		require.Equal(t, json.Number("1"), dump["userId"])
+		for i := range 10 {
+			require.Equal(t, json.Number(fmt.Sprint(i)), dump[fmt.Sprintf("e%02d", i)], "no Go write dropped Express's e%02d", i)
+		}
+		goKeys := 0
+		for k := range dump {
+			if strings.HasPrefix(k, "g") {
+				goKeys++
+			}
+		}
+		t.Logf("20 Go writes racing 10 Express writes: %d of Go's keys survived Express's whole-blob writes", goKeys)
+		// Sequential: a Go write right after an Express write keeps it.
+		code, _ = b.call(http.MethodPost, ex.URL+"/session/set", map[string]string{"last": "express"})
+		require.Equal(t, http.StatusOK, code)
+		code, _ = b.call(http.MethodPost, goURL+"/session/set", map[string]string{"after": "go"})
+		require.Equal(t, http.StatusNoContent, code)
+		_, dump = b.call(http.MethodGet, ex.URL+"/session/dump", nil)
+		require.Equal(t, "express", dump["last"])
+		require.Equal(t, "go", dump["after"])
+	})
 }

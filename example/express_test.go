@@ -62,6 +62,8 @@ func TestExpressSideBySide(t *testing.T) {
 				code, out = goSide.call(http.MethodGet, "/sessions", "")
 				require.Equal(t, http.StatusNotImplemented, code, "%v", out)
 				require.Contains(t, out["error"], "Express")
+				code, out = goSide.call(http.MethodPost, "/logout-all", "")
+				require.Equal(t, http.StatusNotImplemented, code, "%v", out)
 
 				code, _ = side[tc.logoutAt].call(http.MethodPost, "/logout", "")
 				require.Equal(t, http.StatusOK, code)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
@@ -21,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/redisecho/redisecho/internal/expresstest"
+	"github.com/redisecho/redisecho/internal/redistest"
 )
 
 // The Express migration mode against the real packages: an Express app
@@ -310,6 +312,16 @@ func TestExpressValuesRoundTrip(t *testing.T) {
 	})
 }
 
+// goLogin logs alice in on the Go app at goURL in a new browser and
+// returns it with the session's key under prefix.
+func goLogin(t *testing.T, goURL, prefix string) (*jar, string) {
+	t.Helper()
+	b := newJar(t)
+	code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
+	require.Equal(t, http.StatusOK, code)
+	return b, prefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
+}
+
 // sessionIDOf returns the session ID of an express-session cookie value.
 func sessionIDOf(t *testing.T, v string) string {
 	t.Helper()
@@ -442,10 +454,7 @@ func TestExpressBadInput(t *testing.T) {
 		cfg := guideExpressConfig(r, client)
 		cfg.MaxSize = 4096
 		goURL := goSide(t, cfg)
-		b := newJar(t)
-		code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
-		require.Equal(t, http.StatusOK, code)
-		key := cfg.KeyPrefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
+		b, key := goLogin(t, goURL, cfg.KeyPrefix)
 		stored := sessionBlob(t, client, key)
 
 		code, out := b.call(http.MethodPost, goURL+"/session/set", map[string]string{"big": strings.Repeat("x", 5000)})
@@ -546,10 +555,7 @@ func TestExpressExpiry(t *testing.T) {
 		ctx := context.Background()
 		cfg := guideExpressConfig(r, client)
 		goURL := goSide(t, cfg)
-		b := newJar(t)
-		code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
-		require.Equal(t, http.StatusOK, code)
-		key := cfg.KeyPrefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
+		b, key := goLogin(t, goURL, cfg.KeyPrefix)
 		pttl := func() time.Duration {
 			ms, err := client.Do(ctx, client.B().Pttl().Key(key).Build()).AsInt64()
 			require.NoError(t, err)
@@ -561,7 +567,7 @@ func TestExpressExpiry(t *testing.T) {
 		blob := sessionBlob(t, client, key)
 		stale := strings.Replace(blob, `"expires":"`, `"expires":"2001-01-01T00:00:00.000Z","x":"`, 1)
 		require.NoError(t, client.Do(ctx, client.B().Set().Key(key).Value(stale).Px(time.Hour).Build()).Error())
-		code, _ = b.call(http.MethodGet, goURL+"/profile", nil)
+		code, _ := b.call(http.MethodGet, goURL+"/profile", nil)
 		require.Equal(t, http.StatusOK, code)
 		require.Greater(t, pttl(), 23*time.Hour, "an hour left of 24: the read extended it")
 
@@ -614,10 +620,7 @@ func TestExpressRedisDown(t *testing.T) {
 			cfg.Breaker = NewBreaker(BreakerConfig{Failures: 100, Cooldown: 100 * time.Millisecond})
 			cfg.Degrade = degrade
 			goURL := goSide(t, cfg)
-			b := newJar(t)
-			code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
-			require.Equal(t, http.StatusOK, code)
-			key := cfg.KeyPrefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
+			b, key := goLogin(t, goURL, cfg.KeyPrefix)
 			stored := sessionBlob(t, client, key)
 			f.Pause(t)
 			t0 := time.Now()
@@ -676,12 +679,7 @@ func TestExpressReviewFindings(t *testing.T) {
 		cfg := guideExpressConfig(r, client)
 		cfg.MaxSize = 4096
 		goURL := goSide(t, cfg)
-		login := func() (*jar, string) {
-			b := newJar(t)
-			code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
-			require.Equal(t, http.StatusOK, code)
-			return b, cfg.KeyPrefix + sessionIDOf(t, b.cookie(goURL, "sessionId"))
-		}
+		login := func() (*jar, string) { return goLogin(t, goURL, cfg.KeyPrefix) }
 
 		t.Run("the gorilla API refuses an Express store", func(t *testing.T) {
 			st, err := NewExpressSessionStore(cfg)
@@ -809,5 +807,29 @@ func TestExpressConcurrentWithExpress(t *testing.T) {
 		_, dump = b.call(http.MethodGet, ex.URL+"/session/dump", nil)
 		require.Equal(t, "express", dump["last"])
 		require.Equal(t, "go", dump["after"])
+	})
+}
+
+// TestExpressBadBlobLoggedOnce: an unreadable stored session is logged
+// once, however many requests bring its cookie, and the log names neither
+// the session's key nor its ID.
+func TestExpressBadBlobLoggedOnce(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		var log redistest.SyncBuffer
+		cfg := guideExpressConfig(r, client)
+		cfg.Logger = slog.New(slog.NewTextHandler(&log, nil))
+		goURL := goSide(t, cfg)
+		b := newJar(t)
+		code, _ := b.call(http.MethodPost, goURL+"/login", map[string]string{"username": "alice"})
+		require.Equal(t, http.StatusOK, code)
+		id := sessionIDOf(t, b.cookie(goURL, "sessionId"))
+		require.NoError(t, client.Do(context.Background(), client.B().Set().Key(cfg.KeyPrefix+id).Value("{broken").Build()).Error())
+		for range 3 {
+			code, _ := b.call(http.MethodGet, goURL+"/profile", nil)
+			require.Equal(t, http.StatusUnauthorized, code)
+		}
+		require.Equal(t, 1, strings.Count(log.String(), "not session JSON"), log.String())
+		require.NotContains(t, log.String(), id)
 	})
 }

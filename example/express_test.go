@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
@@ -85,4 +87,42 @@ func mapKeys(m map[string]any) []string {
 		}
 	}
 	return keys
+}
+
+// TestExpressSessionConfig: EXPRESS_SESSION_SECRET selects the Express
+// mode with the guide's cookie name and prefix (or the overrides), says
+// that SESSION_SECRET is ignored, and refuses a secret list that holds
+// nothing.
+func TestExpressSessionConfig(t *testing.T) {
+	tests := []struct {
+		name    string
+		given   map[string]string
+		want    *expressSessions
+		wantErr string
+		wantLog string
+	}{
+		{name: "the guide's", given: map[string]string{"EXPRESS_SESSION_SECRET": "your-secret-key"},
+			want: &expressSessions{secrets: []string{"your-secret-key"}, prefix: "session:", cookie: "sessionId"}},
+		{name: "a list and overrides", given: map[string]string{"EXPRESS_SESSION_SECRET": " new , old ", "EXPRESS_SESSION_PREFIX": "sess:", "EXPRESS_SESSION_COOKIE": "connect.sid"},
+			want: &expressSessions{secrets: []string{"new", "old"}, prefix: "sess:", cookie: "connect.sid"}},
+		{name: "SESSION_SECRET ignored", given: map[string]string{"EXPRESS_SESSION_SECRET": "s", "SESSION_SECRET": "short"},
+			want: &expressSessions{secrets: []string{"s"}, prefix: "session:", cookie: "sessionId"}, wantLog: "SESSION_SECRET is ignored"},
+		{name: "empty", given: map[string]string{"EXPRESS_SESSION_SECRET": " , "}, wantErr: "EXPRESS_SESSION_SECRET is set but holds no secret"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var log bytes.Buffer
+			cfg, err := loadConfig(envOf(tt.given), slog.New(slog.NewTextHandler(&log, nil)))
+			if tt.wantErr != "" {
+				require.ErrorContains(t, err, tt.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tt.want, cfg.express)
+			require.NotContains(t, log.String(), "development key", "no warning about a key this mode does not use")
+			if tt.wantLog != "" {
+				require.Contains(t, log.String(), tt.wantLog)
+			}
+		})
+	}
 }

@@ -114,6 +114,12 @@ type ExpressSessionConfig struct {
 	TTL time.Duration
 	// Cookie is express-session's cookie options.
 	Cookie ExpressCookie
+	// UserIDKey is the session value that names the logged-in user, as a
+	// JSON string or number (the guide's req.session.userId): UserID
+	// returns it, so that features keyed by user (the realtime hub's
+	// streams and presence, UserOrIPKey) see Express logins. "-" means
+	// none. Default: "userId".
+	UserIDKey string
 	// MaxSize bounds a session's stored JSON, in bytes: a change that
 	// would make it larger is refused with 413. Default: 64 KiB.
 	MaxSize int
@@ -153,6 +159,7 @@ func (cfg ExpressSessionConfig) ToMiddleware() (echo.MiddlewareFunc, error) {
 // expressMode is what a SessionStore in Express mode adds.
 type expressMode struct {
 	secrets [][]byte
+	userKey string // "v:" + UserIDKey, or "" for none
 	prefix  string
 	ttl     time.Duration
 	cookie  ExpressCookie
@@ -178,6 +185,13 @@ func NewExpressSessionStore(cfg ExpressSessionConfig) (*SessionStore, error) {
 	}
 	if x.prefix == "" {
 		x.prefix = DefaultExpressKeyPrefix
+	}
+	switch cfg.UserIDKey {
+	case "":
+		x.userKey = "v:userId"
+	case "-":
+	default:
+		x.userKey = "v:" + cfg.UserIDKey
 	}
 	if x.ttl == 0 {
 		x.ttl = DefaultExpressTTL
@@ -551,6 +565,7 @@ func (s *SessionState) loadExpress() {
 		}
 		if found {
 			s.found, s.data = true, d
+			s.userID = st.x.userOf(d.fields)
 			return
 		}
 		if len(s.xspare) == 0 {
@@ -558,6 +573,29 @@ func (s *SessionState) loadExpress() {
 		}
 		s.xid, s.key, s.xspare = s.xspare[0], st.x.prefix+s.xspare[0], s.xspare[1:]
 	}
+}
+
+// userOf is the user a session's values name (UserIDKey), or "".
+func (x *expressMode) userOf(fields map[string]string) string {
+	raw, ok := fields[x.userKey]
+	if x.userKey == "" || !ok {
+		return ""
+	}
+	var v any
+	d := json.NewDecoder(strings.NewReader(raw))
+	d.UseNumber()
+	if d.Decode(&v) != nil {
+		return ""
+	}
+	switch v := v.(type) {
+	case string:
+		if len(v) <= MaxUserIDLength {
+			return v
+		}
+	case json.Number:
+		return v.String()
+	}
+	return ""
 }
 
 // readExpress reads key's blob and its remaining TTL in one round trip.

@@ -95,6 +95,10 @@ func goSide(t *testing.T, cfg ExpressSessionConfig) string {
 		name, _ := s.GetString("username")
 		return c.JSON(http.StatusOK, map[string]any{"userId": id, "username": name})
 	})
+	e.GET("/whoami", func(c echo.Context) error {
+		s, _ := GetSession(c)
+		return c.JSON(http.StatusOK, map[string]string{"userID": s.UserID()})
+	})
 	e.POST("/logout", func(c echo.Context) error {
 		s, _ := GetSession(c)
 		if err := s.Destroy(); err != nil {
@@ -221,6 +225,8 @@ func TestExpressSharedLogin(t *testing.T) {
 					require.Equal(t, json.Number("1"), p["userId"], "a JSON number on both sides")
 					require.Equal(t, "alice", p["username"])
 				}
+				_, who := b.call(http.MethodGet, goURL+"/whoami", nil)
+				require.Equal(t, "1", who["userID"], "UserID is the session's userId")
 				code, _ = b.call(http.MethodPost, tc.logoutAt+"/logout", nil)
 				require.Equal(t, http.StatusOK, code)
 				for _, side := range []string{ex.URL, goURL} {

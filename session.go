@@ -1470,7 +1470,9 @@ func (s *SessionState) SetUserID(id string) error {
 	return nil
 }
 
-// UserID returns the user the session is bound to, or "".
+// UserID returns the user the session is bound to, or "". In Express mode
+// it is the value of ExpressSessionConfig.UserIDKey (the guide's userId),
+// as stored when the session was read.
 func (s *SessionState) UserID() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()

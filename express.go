@@ -34,6 +34,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
@@ -83,6 +84,10 @@ type ExpressCookie struct {
 	// SameSite is cookie.sameSite. Default: none (express-session's
 	// default; the guide sets 'lax', http.SameSiteLaxMode).
 	SameSite http.SameSite
+	// Rolling is express-session's rolling: every response to a request
+	// with a session sends its cookie again with a fresh Expires, and
+	// extends the session. Default: false.
+	Rolling bool
 }
 
 // ExpressSessionConfig configures sessions shared with an Express app:
@@ -420,7 +425,6 @@ func parseSessionJSON(blob []byte) ([]jsonMember, error) {
 		return nil, errors.New("not a JSON object")
 	}
 	var members []jsonMember
-	seen := map[string]bool{}
 	hasCookie := false
 	for dec.More() {
 		start := dec.InputOffset()
@@ -437,10 +441,8 @@ func parseSessionJSON(blob []byte) ([]jsonMember, error) {
 		if err := dec.Decode(&v); err != nil {
 			return nil, err
 		}
-		if seen[key] {
-			return nil, fmt.Errorf("duplicate key %q", key)
-		}
-		seen[key] = true
+		// A repeated key (two lone surrogates both decode to U+FFFD) is
+		// kept as it is; the last one is its value, as for JSON.parse.
 		if key == "cookie" {
 			hasCookie = len(v) > 0 && v[0] == '{'
 		}
@@ -459,14 +461,19 @@ func parseSessionJSON(blob []byte) ([]jsonMember, error) {
 }
 
 // reservedExpressKey reports the keys a Go Set or Delete may not touch:
-// the cookie object, and the names express-session's Session drops or
-// owns on load (its methods, id, req).
+// the cookie object, the names express-session's Session drops or owns on
+// load (its methods, id, req, and what every JavaScript object inherits),
+// and keys that are not UTF-8.
 func reservedExpressKey(key string) bool {
 	switch key {
-	case "cookie", "id", "req", "touch", "resetMaxAge", "save", "reload", "destroy", "regenerate", "__proto__", "constructor":
+	case "cookie", "id", "req", "touch", "resetMaxAge", "save", "reload", "destroy", "regenerate",
+		// What every JavaScript object inherits: express-session copies a
+		// stored key only if the session object does not have it already.
+		"__proto__", "constructor", "toString", "toLocaleString", "valueOf", "hasOwnProperty", "isPrototypeOf",
+		"propertyIsEnumerable", "__defineGetter__", "__defineSetter__", "__lookupGetter__", "__lookupSetter__":
 		return true
 	}
-	return false
+	return !utf8.ValidString(key) // it would be stored as U+FFFD, another key
 }
 
 // mergeSession applies the session's pending changes to the members of a
@@ -518,6 +525,36 @@ func (s *SessionState) mergeSession(members []jsonMember, cookie []byte) []byte 
 	}
 	b.WriteByte('}')
 	return b.Bytes()
+}
+
+// expressSizes is the size of the JSON a save would store with the
+// pending changes (cur), and with field = b too (size): MaxSize counts
+// the stored JSON, byte for byte. Callers hold s.mu and have loaded the
+// session.
+func (s *SessionState) expressSizes(field string, b []byte) (cur, size int) {
+	var cookie []byte
+	members := s.data.members
+	if !s.found {
+		members, cookie = nil, s.st.x.cookieJSON(s.st.b.clock.Now())
+	}
+	if s.set == nil {
+		s.set = make(map[string][]byte)
+	}
+	old, had := s.set[field]
+	_, deleted := s.del[field]
+	cur = len(s.mergeSession(members, cookie))
+	s.set[field] = b
+	delete(s.del, field)
+	size = len(s.mergeSession(members, cookie))
+	if had {
+		s.set[field] = old
+	} else {
+		delete(s.set, field)
+	}
+	if deleted {
+		s.del[field] = struct{}{}
+	}
+	return cur, size
 }
 
 // newExpressSession reads the request's cookie: the first cookie of the
@@ -773,6 +810,15 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 	}
 	if !dirty {
 		switch {
+		case s.found && x.cookie.Rolling:
+			ttl, persistent := x.expressTTL(s.data.members)
+			if _, err := st.writeExpress(ctx, s.key, "touch", nil, nil, ttl); err != nil {
+				if !errors.Is(err, errExpressGone) {
+					st.b.log.Error("redisecho: session: extending the session failed", err)
+				}
+				return nil, nil
+			}
+			return x.cookieFor(s.xid, ttl, persistent), nil
 		case s.found && s.expressTouchDue():
 			// Express's store.touch on every request: the session slides.
 			ttl, _ := x.expressTTL(s.data.members)
@@ -907,6 +953,20 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 			return nil, nil
 		}
 		return nil, st.saveFailed(err)
+	}
+}
+
+// expressAlive returns a check that the session still exists (one
+// uncached EXISTS), for streams that must end with it; nil for a session
+// not stored. Callers hold s.mu and have loaded the session.
+func (s *SessionState) expressAlive() func(ctx context.Context) (bool, error) {
+	if !s.found {
+		return nil
+	}
+	st, key := s.st, s.key
+	return func(ctx context.Context) (bool, error) {
+		n, err := st.b.Do(ctx, key, st.b.client.B().Exists().Key(key).Build()).AsInt64()
+		return n == 1, err
 	}
 }
 

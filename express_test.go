@@ -839,3 +839,103 @@ func TestExpressBadBlobLoggedOnce(t *testing.T) {
 		require.NotContains(t, log.String(), id)
 	})
 }
+
+// TestExpressSecondReview: each case failed before its fix.
+func TestExpressSecondReview(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		ctx := context.Background()
+		cfg := guideExpressConfig(r, client)
+		cfg.MaxSize = 4096
+		goURL := goSide(t, cfg)
+
+		t.Run("keys Express would drop or mangle are refused", func(t *testing.T) {
+			b, key := goLogin(t, goURL, cfg.KeyPrefix)
+			before := sessionBlob(t, client, key)
+			for _, k := range []string{"toString", "hasOwnProperty", "valueOf"} {
+				code, _ := b.call(http.MethodPost, goURL+"/session/set", map[string]int{k: 1})
+				require.Equal(t, http.StatusBadRequest, code, "%q", k)
+			}
+			require.Equal(t, before, sessionBlob(t, client, key))
+			// A key that is not UTF-8 would be stored as U+FFFD.
+			mw, err := cfg.ToMiddleware()
+			require.NoError(t, err)
+			e := echo.New()
+			e.GET("/", func(c echo.Context) error {
+				s, _ := GetSession(c)
+				require.ErrorIs(t, s.Set("\xff", 1), ErrInvalidSessionKey)
+				return c.NoContent(http.StatusOK)
+			}, mw)
+			e.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/", nil))
+		})
+		t.Run("a blob with a repeated key is still a session", func(t *testing.T) {
+			b, key := goLogin(t, goURL, cfg.KeyPrefix)
+			blob := sessionBlob(t, client, key)
+			dup := strings.TrimSuffix(blob, "}") + `,"\ud800":1,"\ud801":2}`
+			require.NoError(t, client.Do(ctx, client.B().Set().Key(key).Value(dup).Px(time.Hour).Build()).Error())
+			code, _ := b.call(http.MethodGet, goURL+"/profile", nil)
+			require.Equal(t, http.StatusOK, code)
+		})
+		t.Run("MaxSize counts the stored JSON, not the native per-value overhead", func(t *testing.T) {
+			b, key := goLogin(t, goURL, cfg.KeyPrefix)
+			many := map[string]int{}
+			for i := range 110 {
+				many[fmt.Sprintf("v%03d", i)] = i
+			}
+			code, _ := b.call(http.MethodPost, goURL+"/session/set", many)
+			require.Equal(t, http.StatusNoContent, code)
+			require.Less(t, len(sessionBlob(t, client, key)), 2500)
+			code, _ = b.call(http.MethodPost, goURL+"/session/set", map[string]string{"theme": "dark"})
+			require.Equal(t, http.StatusNoContent, code, "far under MaxSize")
+		})
+		t.Run("rolling sends the cookie again on every response", func(t *testing.T) {
+			rolling := cfg
+			rolling.Cookie.Rolling = true
+			rURL := goSide(t, rolling)
+			b, _ := goLogin(t, rURL, cfg.KeyPrefix)
+			req, _ := http.NewRequest(http.MethodGet, rURL+"/profile", nil)
+			req.AddCookie(&http.Cookie{Name: "sessionId", Value: b.cookie(rURL, "sessionId")})
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err)
+			_ = resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			require.Contains(t, resp.Header.Get("Set-Cookie"), "Expires=")
+		})
+	})
+}
+
+// TestExpressStreamEndsWithSession: a stream opened with an Express
+// session ends once the session is gone (a logout on the Express app, or
+// expiry), through the stream's session check.
+func TestExpressStreamEndsWithSession(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		client := r.Client()
+		cfg := guideExpressConfig(r, client)
+		mw, err := cfg.ToMiddleware()
+		require.NoError(t, err)
+		e := echo.New()
+		e.Use(mw)
+		var alive func(ctx context.Context) (bool, error)
+		e.GET("/check", func(c echo.Context) error {
+			alive = sessionAlive(c)
+			return c.NoContent(http.StatusOK)
+		})
+		srv := httptest.NewServer(e)
+		t.Cleanup(srv.Close)
+		ex := expressSide(t, r, nil)
+		b := newJar(t)
+		code, _ := b.call(http.MethodPost, ex.URL+"/login", map[string]string{"username": "alice"})
+		require.Equal(t, http.StatusOK, code)
+		code, _ = b.call(http.MethodGet, srv.URL+"/check", nil)
+		require.Equal(t, http.StatusOK, code)
+		require.NotNil(t, alive, "a logged-in Express session gets a session check")
+		ok, err := alive(context.Background())
+		require.NoError(t, err)
+		require.True(t, ok)
+		code, _ = b.call(http.MethodPost, ex.URL+"/logout", nil)
+		require.Equal(t, http.StatusOK, code)
+		ok, err = alive(context.Background())
+		require.NoError(t, err)
+		require.False(t, ok, "gone after the Express logout")
+	})
+}

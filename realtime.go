@@ -2604,6 +2604,11 @@ func sessionAlive(c echo.Context) func(ctx context.Context) (bool, error) {
 	if err != nil || s.UserID() == "" {
 		return nil
 	}
+	if s.Store().x != nil {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.expressAlive() // Express sessions have no handle
+	}
 	handle, st := s.Handle(), s.Store()
 	if handle == "" || st == nil {
 		return nil

@@ -1268,15 +1268,19 @@ func (s *SessionState) setField(field string, b []byte) error {
 	if s.err != nil {
 		return unavailableError(s.err) // a 503 the handler can return as is
 	}
-	if !s.degraded {
+	if !s.degraded && s.st.x != nil {
+		// The stored JSON, byte for byte; one that Express grew past the
+		// bound (it has none) may still shrink.
+		if cur, size := s.expressSizes(field, b); size > s.st.cfg.MaxSize && size > cur {
+			return tooLarge(size, s.st.cfg.MaxSize)
+		}
+	} else if !s.degraded {
 		cur := s.size()
 		size := cur + valueCost(field, b)
 		if old, ok := s.raw(field); ok {
 			size -= valueCost(field, old)
 		}
-		// (An Express session may already be over the bound, since
-		// Express has none: it may still shrink.)
-		if size > s.st.cfg.MaxSize && (s.st.x == nil || size > cur) {
+		if size > s.st.cfg.MaxSize {
 			return tooLarge(size, s.st.cfg.MaxSize)
 		}
 		if limit := s.st.cfg.AnonymousMaxSize; s.userID == "" && size > limit && size > cur {

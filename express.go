@@ -792,7 +792,7 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 		if len(s.xspare) > 0 {
 			s.ensureLoaded() // several cookies verified: end the live one, not a planted one
 		}
-		if err := st.b.Do(ctx, s.key, st.b.client.B().Del().Key(s.key).Build()).Error(); err != nil {
+		if err := st.delExpress(ctx, s.key); err != nil {
 			return nil, st.saveFailed(err)
 		}
 		st.saves.Add(1)
@@ -809,27 +809,25 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 		}
 	}
 	if !dirty {
-		switch {
-		case s.found && x.cookie.Rolling:
-			ttl, persistent := x.expressTTL(s.data.members)
-			if _, err := st.writeExpress(ctx, s.key, "touch", nil, nil, ttl); err != nil {
-				if !errors.Is(err, errExpressGone) {
-					st.b.log.Error("redisecho: session: extending the session failed", err)
-				}
-				return nil, nil
-			}
-			return x.cookieFor(s.xid, ttl, persistent), nil
-		case s.found && s.expressTouchDue():
-			// Express's store.touch on every request: the session slides.
-			ttl, _ := x.expressTTL(s.data.members)
-			_, err := st.writeExpress(ctx, s.key, "touch", nil, nil, ttl)
-			if err != nil && !errors.Is(err, errExpressGone) {
+		// Express's store.touch on every request: the session slides
+		// (here once a quarter of it has passed, or always with Rolling,
+		// which re-sends the cookie too). A bad cookie, or one naming no
+		// session, is left alone, as express-session leaves it: clearing
+		// it could delete a valid cookie of the same name that a parallel
+		// login just set.
+		if !s.found || !x.cookie.Rolling && !s.expressTouchDue() {
+			return nil, nil
+		}
+		ttl, persistent := x.expressTTL(s.data.members)
+		if _, err := st.writeExpress(ctx, s.key, "touch", nil, nil, ttl); err != nil {
+			if !errors.Is(err, errExpressGone) {
 				st.b.log.Error("redisecho: session: extending the session failed", err)
 			}
+			return nil, nil
 		}
-		// A bad cookie, or one naming no session, is left alone, as
-		// express-session leaves it: clearing it could delete a valid
-		// cookie of the same name that a parallel login just set.
+		if x.cookie.Rolling {
+			return x.cookieFor(s.xid, ttl, persistent), nil
+		}
 		return nil, nil
 	}
 	if s.hasToken && s.found {
@@ -897,6 +895,19 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 	return nil, st.saveFailed(errExpressExists)
 }
 
+// delExpress deletes a session's key.
+func (st *SessionStore) delExpress(ctx context.Context, key string) error {
+	return st.b.Do(ctx, key, st.b.client.B().Del().Key(key).Build()).Error()
+}
+
+// dropNewExpress deletes the new key of a regeneration that did not
+// complete, so that it does not outlive it; a failure is logged.
+func (st *SessionStore) dropNewExpress(ctx context.Context, key string) {
+	if err := st.delExpress(ctx, key); err != nil {
+		st.b.log.Error("redisecho: session: deleting a regenerated session's new ID failed", err)
+	}
+}
+
 // regenerateExpress moves the session to a new ID with this request's
 // changes: the new key is written first, then the old one deleted if it
 // still holds what this request read (the two live in different slots on
@@ -912,7 +923,7 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 		value := s.mergeSession(members, nil)
 		if len(value) > st.cfg.MaxSize && len(value) > len(blob) {
 			if mode == "put" {
-				st.b.Do(ctx, x.prefix+id, st.b.client.B().Del().Key(x.prefix+id).Build())
+				st.dropNewExpress(ctx, x.prefix+id)
 			}
 			return nil, failTooLarge
 		}
@@ -944,9 +955,7 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 		}
 		// Gone meanwhile (a logout elsewhere must stick), or an error: the
 		// new key must not outlive this.
-		if derr := st.b.Do(ctx, x.prefix+id, st.b.client.B().Del().Key(x.prefix+id).Build()).Error(); derr != nil {
-			st.b.log.Error("redisecho: session: deleting a regenerated session's new ID failed", derr)
-		}
+		st.dropNewExpress(ctx, x.prefix+id)
 		if errors.Is(err, errExpressGone) {
 			// Another request regenerated or destroyed it first (a
 			// double-submitted login): its cookie stands.

@@ -91,6 +91,397 @@ type Options struct {
 	// cache bypassed because Redis failed, say), at most once per second per
 	// feature, with the number of repeats it left out. Default: slog.Default().
 	Logger *slog.Logger
+	// Observer receives the feature's events (see Observer); combine
+	// several with Observers. Default: nil, no events and no cost.
+	Observer Observer
+}
+
+// Observer receives what the library's features do, as Observations: the hook
+// that metrics (the OpenTelemetry bridge module, github.com/redisecho/
+// redisecho/otel) and the dashboard read. Observe is called synchronously
+// on the request's or worker's goroutine, often concurrently, so it must be
+// cheap, safe for concurrent use and must not block; it must not keep e
+// past the call. An Observation is passed by value and carries no pointer that
+// reaches user data, so observing allocates nothing.
+//
+// Every attribute an Observation carries has a bounded number of values: a Kind,
+// a Result and a Path from fixed lists, and a Name that is a configured
+// name (a limiter policy, a queue), a feature's name or a Redis node's
+// address. Never a user ID, session ID, cache key, job ID or URL.
+//
+// An Observer may also implement Tracer (spans for job attempts, cache
+// fills and session saves) and StateObserver (gauges read on demand).
+type Observer interface {
+	Observe(e Observation)
+}
+
+// ObserverFunc adapts a function to an Observer.
+type ObserverFunc func(e Observation)
+
+// Observe calls f(e).
+func (f ObserverFunc) Observe(e Observation) { f(e) }
+
+// Observation is one thing a feature did. Which fields are set depends on Kind;
+// see each ObsKind.
+type Observation struct {
+	// Kind says what happened.
+	Kind ObsKind
+	// Result is the outcome, for the kinds that have one.
+	Result Result
+	// Path says how a rate-limit decision was made (ObsLimitDecision).
+	Path Path
+	// Name is the low-cardinality name the event belongs to: the limiter's
+	// policy, the queue, the feature of a Redis call, the breaker scope.
+	Name string
+	// N is how many things the event counts, at least 1 (a fan-out that
+	// delivered one event to 40 clients is one Observation with N = 40).
+	N int64
+	// Size is a size in bytes (ObsCacheFill: the stored entry).
+	Size int64
+	// Duration is a duration (a Redis call, a job's run, a pickup latency).
+	Duration time.Duration
+}
+
+// ObsKind says what an Observation reports.
+type ObsKind uint8
+
+// The kinds of Observation. Each says which fields it sets besides Kind and N.
+const (
+	obsNone ObsKind = iota
+
+	// ObsSessionLoad is a session read by the middleware. Result:
+	// ResultMemory (served from process memory, client-side caching),
+	// ResultRedis (a round trip), ResultNew (no cookie, or no session
+	// behind it) or ResultInvalid (a cookie that failed its signature or
+	// format check: a new session was started).
+	ObsSessionLoad
+	// ObsSessionSave is a session write. Result: ResultOK or ResultError.
+	ObsSessionSave
+	// ObsSessionStaleBypass is a read whose cached copy was older than
+	// the client's cookie, so it went to Redis (read-your-writes).
+	ObsSessionStaleBypass
+	// ObsSessionError is a session read that Redis failed (the request
+	// answered 503, or went on without a session where the policy says so).
+	ObsSessionError
+
+	// ObsCacheRequest is a request the response cache or a cache service
+	// read answered. Result: ResultHit, ResultMiss, ResultStale (a stale
+	// entry served while it is refreshed), ResultBypass (not looked up:
+	// a method, header or Skipper said so, or Redis failed) or
+	// ResultUncacheable (looked up, missed, and the response could not be
+	// stored: a status, size or Cache-Control said no).
+	ObsCacheRequest
+	// ObsCacheFill is a value computed and stored by this instance.
+	// Size: the stored entry's bytes. Duration: compute and store.
+	ObsCacheFill
+	// ObsCacheWait is a read that waited for another fill of its key,
+	// here or on another instance (stampede protection).
+	ObsCacheWait
+	// ObsCacheInvalidation is an invalidation: a Delete, a tag or prefix
+	// flush. N: the entries removed, when known (1 otherwise).
+	ObsCacheInvalidation
+
+	// ObsLimitDecision is a rate-limit decision. Name: the policy.
+	// Result: ResultAllowed, ResultDenied or ResultDegraded (Redis failed
+	// and the fail policy decided). Path: PathRedis, PathLocal (decided in
+	// process memory without a round trip) or PathFallback (the fallback
+	// limiter while Redis is unavailable).
+	ObsLimitDecision
+
+	// ObsStreamOpen and ObsStreamClose are an SSE stream opening and
+	// closing: together, the connection gauge.
+	ObsStreamOpen
+	ObsStreamClose
+	// ObsPublish is an event published to the hub.
+	ObsPublish
+	// ObsDeliver counts events queued or replayed to clients. N: how many.
+	ObsDeliver
+	// ObsDropSlow is a client disconnected for falling behind.
+	ObsDropSlow
+	// ObsResume is a stream that resumed at least one channel.
+	ObsResume
+	// ObsReset is a reset event sent to a client (its position was lost).
+	ObsReset
+
+	// The job events. Name: the queue. ObsJobStarted's Duration is the
+	// pickup latency (from the time the job became due to its start);
+	// ObsJobCompleted's and ObsJobFailed's is the attempt's run time.
+	// A failed attempt is then ObsJobRetried or ObsJobDead.
+	ObsJobEnqueued
+	ObsJobStarted
+	ObsJobCompleted
+	ObsJobFailed
+	ObsJobRetried
+	ObsJobDead
+	ObsJobReaped
+	ObsJobLeaseLost
+
+	// ObsRedisCall is a Redis round trip (one command, pipeline or
+	// script; never a client-side cache hit, nor a blocking wait). Name:
+	// the feature. Result: ResultOK, or ResultError (a failure that counts
+	// against Redis: a timeout, a network error, a server that cannot
+	// serve). Duration: the round trip.
+	ObsRedisCall
+	// ObsBreakerChange is a breaker scope changing state. Name: the
+	// scope (a node's address, "redis" or "cluster"). Result: the new
+	// state, ResultClosed, ResultOpen or ResultHalfOpen.
+	ObsBreakerChange
+
+	obsKinds // the number of kinds
+)
+
+// NumObsKinds is one more than the largest ObsKind, for observers that
+// index arrays by kind.
+const NumObsKinds = int(obsKinds)
+
+var obsKindNames = [...]string{
+	obsNone: "none", ObsSessionLoad: "session.load", ObsSessionSave: "session.save",
+	ObsSessionStaleBypass: "session.stale_bypass", ObsSessionError: "session.error",
+	ObsCacheRequest: "cache.request", ObsCacheFill: "cache.fill", ObsCacheWait: "cache.wait",
+	ObsCacheInvalidation: "cache.invalidation", ObsLimitDecision: "ratelimit.decision",
+	ObsStreamOpen: "realtime.open", ObsStreamClose: "realtime.close", ObsPublish: "realtime.publish",
+	ObsDeliver: "realtime.deliver", ObsDropSlow: "realtime.drop_slow", ObsResume: "realtime.resume",
+	ObsReset: "realtime.reset", ObsJobEnqueued: "job.enqueued", ObsJobStarted: "job.started",
+	ObsJobCompleted: "job.completed", ObsJobFailed: "job.failed", ObsJobRetried: "job.retried",
+	ObsJobDead: "job.dead", ObsJobReaped: "job.reaped", ObsJobLeaseLost: "job.lease_lost",
+	ObsRedisCall: "redis.call", ObsBreakerChange: "redis.breaker",
+}
+
+// String returns the kind's name, e.g. "cache.request".
+func (k ObsKind) String() string {
+	if int(k) < len(obsKindNames) {
+		return obsKindNames[k]
+	}
+	return "kind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Result is the outcome an Observation reports.
+type Result uint8
+
+// The results. Each ObsKind says which it uses.
+const (
+	ResultNone Result = iota
+	ResultOK
+	ResultError
+	ResultMemory
+	ResultRedis
+	ResultNew
+	ResultInvalid
+	ResultHit
+	ResultMiss
+	ResultStale
+	ResultBypass
+	ResultUncacheable
+	ResultAllowed
+	ResultDenied
+	ResultDegraded
+	ResultClosed
+	ResultOpen
+	ResultHalfOpen
+
+	results // the number of results
+)
+
+// NumResults is one more than the largest Result.
+const NumResults = int(results)
+
+var resultNames = [...]string{
+	ResultNone: "", ResultOK: "ok", ResultError: "error", ResultMemory: "memory", ResultRedis: "redis",
+	ResultNew: "new", ResultInvalid: "invalid", ResultHit: "hit", ResultMiss: "miss", ResultStale: "stale",
+	ResultBypass: "bypass", ResultUncacheable: "uncacheable", ResultAllowed: "allowed", ResultDenied: "denied",
+	ResultDegraded: "degraded", ResultClosed: "closed", ResultOpen: "open", ResultHalfOpen: "half-open",
+}
+
+// String returns the result's name, e.g. "hit"; "" for ResultNone.
+func (r Result) String() string {
+	if int(r) < len(resultNames) {
+		return resultNames[r]
+	}
+	return "result(" + strconv.Itoa(int(r)) + ")"
+}
+
+// Path says how a rate-limit decision was made.
+type Path uint8
+
+// The paths of a rate-limit decision.
+const (
+	PathNone Path = iota
+	// PathRedis: decided by a script in Redis.
+	PathRedis
+	// PathLocal: decided in process memory, no round trip (a key already
+	// known to be over its limit until its window ends).
+	PathLocal
+	// PathFallback: decided by the fallback limiter while Redis was
+	// unavailable.
+	PathFallback
+
+	paths
+)
+
+// NumPaths is one more than the largest Path.
+const NumPaths = int(paths)
+
+// String returns "redis", "local", "fallback", or "" for PathNone.
+func (p Path) String() string {
+	switch p {
+	case PathRedis:
+		return "redis"
+	case PathLocal:
+		return "local"
+	case PathFallback:
+		return "fallback"
+	case PathNone:
+		return ""
+	}
+	return "path(" + strconv.Itoa(int(p)) + ")"
+}
+
+// Tracer is an Observer that also records spans. The library starts one for
+// each job attempt (linked to the span of the request that enqueued the
+// job), each cache fill and each session save; never for a cache hit or a
+// session read. A plain Observer that does not implement it costs nothing
+// here.
+type Tracer interface {
+	// StartSpan starts a span under ctx's span and returns the context
+	// that carries it, and the function that ends it with the operation's
+	// error (nil for success).
+	StartSpan(ctx context.Context, s Span) (context.Context, func(err error))
+	// InjectTrace returns ctx's trace context as text (W3C traceparent, or
+	// whatever the tracer's propagator writes) to be stored with a job, or
+	// "" when there is none. At most 1 KiB is stored; longer text is
+	// dropped.
+	InjectTrace(ctx context.Context) string
+}
+
+// Span describes a span the library starts through a Tracer.
+type Span struct {
+	// Op is the operation: SpanJobAttempt, SpanCacheFill or SpanSessionSave.
+	Op SpanOp
+	// Name is the low-cardinality name of what the span works on: the
+	// queue for a job, the cache store's prefix for a fill, "" for a save.
+	Name string
+	// JobType, JobID and Attempt describe a job attempt.
+	JobType, JobID string
+	Attempt        int
+	// Link is the trace context the job was enqueued under (InjectTrace's
+	// text), "" for none: a job attempt's span is linked to it.
+	Link string
+}
+
+// SpanOp is the operation a Span records.
+type SpanOp uint8
+
+// The operations the library records as spans.
+const (
+	SpanJobAttempt SpanOp = iota + 1
+	SpanCacheFill
+	SpanSessionSave
+)
+
+// String returns "job.attempt", "cache.fill" or "session.save".
+func (o SpanOp) String() string {
+	switch o {
+	case SpanJobAttempt:
+		return "job.attempt"
+	case SpanCacheFill:
+		return "cache.fill"
+	case SpanSessionSave:
+		return "session.save"
+	}
+	return "span(" + strconv.Itoa(int(o)) + ")"
+}
+
+// StateObserver is an Observer that also reads state on demand, for gauges:
+// the library hands it every Breaker and Queue its features use (a Queue
+// once per queue name: the last one built wins), when the feature is built.
+// The calls do no I/O; what the observer later reads (Breaker.Stats,
+// Queue.Counts with a deadline) is its own business.
+type StateObserver interface {
+	ObserveBreaker(b *Breaker)
+	ObserveQueue(q *Queue)
+}
+
+// Observers returns an Observer that hands every event to each of obs in
+// turn, nil entries left out: nil when none is left, the one itself when
+// one is. It implements Tracer when one of obs does (the first such one
+// records the spans) and StateObserver, passing the calls to those of obs
+// that implement it.
+func Observers(obs ...Observer) Observer {
+	var list multiObserver
+	for _, o := range obs {
+		switch o := o.(type) {
+		case nil:
+		case multiObserver:
+			list = append(list, o...)
+		default:
+			list = append(list, o)
+		}
+	}
+	switch len(list) {
+	case 0:
+		return nil
+	case 1:
+		return list[0]
+	}
+	for _, o := range list {
+		if t, ok := o.(Tracer); ok {
+			return tracingMulti{list, t}
+		}
+	}
+	return list
+}
+
+type multiObserver []Observer
+
+func (m multiObserver) Observe(e Observation) {
+	for _, o := range m {
+		o.Observe(e)
+	}
+}
+
+func (m multiObserver) ObserveBreaker(b *Breaker) {
+	for _, o := range m {
+		if s, ok := o.(StateObserver); ok {
+			s.ObserveBreaker(b)
+		}
+	}
+}
+
+func (m multiObserver) ObserveQueue(q *Queue) {
+	for _, o := range m {
+		if s, ok := o.(StateObserver); ok {
+			s.ObserveQueue(q)
+		}
+	}
+}
+
+type tracingMulti struct {
+	multiObserver
+	Tracer
+}
+
+// startSpan starts a span through the tracer when there is one; the
+// returned end is never nil.
+func (b *backend) startSpan(ctx context.Context, s Span) (context.Context, func(error)) {
+	if b.tracer == nil {
+		return ctx, noEnd
+	}
+	return b.tracer.StartSpan(ctx, s)
+}
+
+func noEnd(error) {}
+
+// obsFeatures names each feature in ObsRedisCall (Observation.Name).
+var obsFeatures = map[string]string{
+	"session": "session", "cache": "cache", "rate limit": "ratelimit", "realtime": "realtime", "queue": "jobs",
+}
+
+// observe hands e to o when there is one. Call sites that build an Observation
+// with work of their own check b.obs != nil first.
+func (b *backend) observe(e Observation) {
+	if b.obs != nil {
+		b.obs.Observe(e)
+	}
 }
 
 // Codec encodes values: session values (each on its own, so one request can
@@ -211,6 +602,9 @@ type backend struct {
 	breaker *Breaker
 	clock   Clock
 	log     *rateLog
+	obs     Observer // nil: no events
+	tracer  Tracer   // obs, when it traces; nil otherwise
+	feature string
 
 	deadline sharedDeadline
 }
@@ -236,12 +630,13 @@ func newBackend(feature string, client rueidis.Client, o Options) (*backend, err
 	if o.Clock == nil {
 		o.Clock = SystemClock{}
 	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
-	}
 	st := stateOf(client)
 	if o.Breaker == nil {
 		o.Breaker = st.breaker
+	}
+	o.Breaker.adopt(o.Logger, o.Observer)
+	if o.Logger == nil {
+		o.Logger = slog.Default()
 	}
 	b := &backend{
 		client:  client,
@@ -251,6 +646,12 @@ func newBackend(feature string, client rueidis.Client, o Options) (*backend, err
 		breaker: o.Breaker,
 		clock:   o.Clock,
 		log:     &rateLog{logger: o.Logger.With("component", "redisecho", "feature", feature), clock: o.Clock},
+		obs:     o.Observer,
+		feature: obsFeatures[feature],
+	}
+	b.tracer, _ = o.Observer.(Tracer)
+	if so, ok := o.Observer.(StateObserver); ok {
+		so.ObserveBreaker(o.Breaker)
 	}
 	return b, nil
 }
@@ -277,10 +678,29 @@ func (b *backend) callWithin(ctx context.Context, key string, timeout time.Durat
 		return ErrBreakerOpen
 	}
 	cctx, cancel := context.WithTimeout(ctx, timeout)
+	var start time.Time
+	if b.obs != nil && timeout == b.timeout { // a blocking wait is not a round trip's duration
+		start = time.Now()
+	}
 	err := fn(cctx)
 	cancel()
-	b.record(n, ctx, err, grows)
+	o := b.record(n, ctx, err, grows)
+	if !start.IsZero() {
+		b.observeCall(start, o)
+	}
 	return err
+}
+
+// observeCall reports a round trip that started at start (ObsRedisCall).
+func (b *backend) observeCall(start time.Time, o outcome) {
+	if o == unknown {
+		return // the caller gave up: neither a duration nor an error of Redis's
+	}
+	r := ResultOK
+	if o == unhealthy {
+		r = ResultError
+	}
+	b.obs.Observe(Observation{Kind: ObsRedisCall, Result: r, Name: b.feature, N: 1, Duration: time.Since(start)})
 }
 
 // record tells the breaker a call's outcome and keeps the node's OOM state:
@@ -290,7 +710,7 @@ func (b *backend) callWithin(ctx context.Context, key string, timeout time.Durat
 // cluster also re-reads the slot map (at most once a second), so that after
 // a failover the keys of a dead master map to its replacement, not to the
 // dead scope.
-func (b *backend) record(n *breakerNode, ctx context.Context, err error, grows bool) {
+func (b *backend) record(n *breakerNode, ctx context.Context, err error, grows bool) outcome {
 	o := classify(ctx, err)
 	b.breaker.record(n, o)
 	switch {
@@ -301,6 +721,7 @@ func (b *backend) record(n *breakerNode, ctx context.Context, err error, grows b
 	case err == nil && grows:
 		n.clearOOM()
 	}
+	return o
 }
 
 // isOOM reports whether err is Redis's "OOM command not allowed when used
@@ -503,6 +924,10 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 		return rueidis.NewErrorResult(ErrBreakerOpen)
 	}
 	now := b.breaker.clock.Now()
+	var start time.Time
+	if b.obs != nil {
+		start = time.Now()
+	}
 	if !n.isOOM(now) && n.closed() {
 		res = b.client.DoCache(b.deadline.get(b.timeout), cmd, ttl)
 		if res.IsCacheHit() {
@@ -510,14 +935,23 @@ func (b *backend) DoCache(ctx context.Context, key string, cmd rueidis.Cacheable
 		}
 		err := res.Error()
 		if !isOOM(err) {
-			b.record(n, ctx, err, false)
+			b.recordCall(n, ctx, err, start)
 			return res
 		}
 		n.markOOM(now)
 	}
 	res = b.client.Do(b.deadline.get(b.timeout), rueidis.Completed(cmd)) // untracked; cmd is pinned, so Do does not recycle it
-	b.record(n, ctx, res.Error(), false)
+	b.recordCall(n, ctx, res.Error(), start)
 	return res
+}
+
+// recordCall is record for a read that cannot grow memory, reporting the
+// round trip that started at start when there is an observer.
+func (b *backend) recordCall(n *breakerNode, ctx context.Context, err error, start time.Time) {
+	o := b.record(n, ctx, err, false)
+	if b.obs != nil {
+		b.observeCall(start, o)
+	}
 }
 
 // DoMultiCache sends cmds through client-side caching under one deadline,
@@ -538,13 +972,17 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 		cmds[i].Cmd = cmds[i].Cmd.Pin() // see DoCache
 	}
 	now := b.breaker.clock.Now()
+	var start time.Time
+	if b.obs != nil {
+		start = time.Now()
+	}
 	var res []rueidis.RedisResult
 	if !n.isOOM(now) && n.closed() {
 		res = b.client.DoMultiCache(b.deadline.get(b.timeout), cmds...)
 		hits, err := multiErr(res)
 		if !isOOM(err) {
 			if hits < len(res) {
-				b.record(n, ctx, err, false)
+				b.recordCall(n, ctx, err, start)
 			}
 			return res
 		}
@@ -556,7 +994,7 @@ func (b *backend) DoMultiCache(ctx context.Context, key string, cmds ...rueidis.
 	}
 	res = b.client.DoMulti(b.deadline.get(b.timeout), plain...)
 	_, err := multiErr(res)
-	b.record(n, ctx, err, false)
+	b.recordCall(n, ctx, err, start)
 	return res
 }
 
@@ -770,9 +1208,14 @@ type BreakerConfig struct {
 	Cooldown time.Duration
 	// Clock tells the time. Default: SystemClock.
 	Clock Clock
-	// Logger receives state changes (open, half-open, closed) at Warn and
-	// Info level. Default: slog.Default().
+	// Logger receives state changes (open, closed) at Warn and Info level.
+	// Default: slog.Default(); for the breaker that BreakerFor returns, the
+	// Logger of the first feature built on the client with one set.
 	Logger *slog.Logger
+	// Observer receives ObsBreakerChange on every change of state.
+	// Default: nil; for the breaker that BreakerFor returns, the Observer
+	// of the first feature built on the client with one set.
+	Observer Observer
 }
 
 // Breaker is the circuit breaker shared by the library's features. It keeps
@@ -790,8 +1233,42 @@ type Breaker struct {
 	failures int32
 	cooldown time.Duration
 	clock    Clock
-	logger   *slog.Logger
-	nodes    sync.Map // scope string -> *breakerNode
+	// logger and obs are set once: by NewBreaker when its config names
+	// them, else by the first feature that has one (adopt).
+	logger atomic.Pointer[slog.Logger]
+	obs    atomic.Pointer[Observer]
+	nodes  sync.Map // scope string -> *breakerNode
+}
+
+// adopt makes logger and obs the breaker's, each unless it has one already.
+func (b *Breaker) adopt(logger *slog.Logger, obs Observer) {
+	if logger != nil && b.logger.Load() == nil {
+		b.logger.CompareAndSwap(nil, logger)
+	}
+	if obs != nil && b.obs.Load() == nil {
+		b.obs.CompareAndSwap(nil, &obs)
+	}
+}
+
+func (b *Breaker) log() *slog.Logger {
+	if l := b.logger.Load(); l != nil {
+		return l
+	}
+	return slog.Default()
+}
+
+// changed reports scope's change to state s to the observer.
+func (b *Breaker) changed(scope string, s BreakerState) {
+	if o := b.obs.Load(); o != nil {
+		r := ResultClosed
+		switch s {
+		case BreakerOpen:
+			r = ResultOpen
+		case BreakerHalfOpen:
+			r = ResultHalfOpen
+		}
+		(*o).Observe(Observation{Kind: ObsBreakerChange, Result: r, Name: scope, N: 1})
+	}
 }
 
 // NewBreaker returns a Breaker. It panics on a negative Failures or Cooldown
@@ -809,10 +1286,9 @@ func NewBreaker(cfg BreakerConfig) *Breaker {
 	if cfg.Clock == nil {
 		cfg.Clock = SystemClock{}
 	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
-	return &Breaker{failures: int32(cfg.Failures), cooldown: cfg.Cooldown, clock: cfg.Clock, logger: cfg.Logger}
+	b := &Breaker{failures: int32(cfg.Failures), cooldown: cfg.Cooldown, clock: cfg.Clock}
+	b.adopt(cfg.Logger, cfg.Observer)
+	return b
 }
 
 // BreakerStats is a snapshot of one breaker scope.
@@ -939,7 +1415,9 @@ func (b *Breaker) allow(n *breakerNode) bool {
 		return false
 	}
 	if n.since.CompareAndSwap(since, now.UnixNano()) {
-		n.state.Store(int32(BreakerHalfOpen))
+		if BreakerState(n.state.Swap(int32(BreakerHalfOpen))) != BreakerHalfOpen {
+			b.changed(n.scope, BreakerHalfOpen)
+		}
 		return true
 	}
 	return false
@@ -953,7 +1431,8 @@ func (b *Breaker) record(n *breakerNode, o outcome) {
 			n.run.Store(0)
 		}
 		if n.state.Load() != int32(BreakerClosed) && n.state.Swap(int32(BreakerClosed)) != int32(BreakerClosed) {
-			b.logger.Info("redisecho: circuit breaker closed: Redis answers again", "scope", n.scope)
+			b.log().Info("redisecho: circuit breaker closed: Redis answers again", "scope", n.scope)
+			b.changed(n.scope, BreakerClosed)
 		}
 	case unhealthy:
 		n.failed.Add(1)
@@ -963,12 +1442,14 @@ func (b *Breaker) record(n *breakerNode, o outcome) {
 			n.since.Store(b.clock.Now().UnixNano())
 			if BreakerState(n.state.Swap(int32(BreakerOpen))) != BreakerOpen {
 				n.opened.Add(1)
-				b.logger.Warn("redisecho: circuit breaker open: Redis calls are refused during the cool-down",
+				b.changed(n.scope, BreakerOpen)
+				b.log().Warn("redisecho: circuit breaker open: Redis calls are refused during the cool-down",
 					"scope", n.scope, "consecutive_failures", run, "cooldown", b.cooldown)
 			}
 		}
 	case unknown:
-		// A probe whose caller gave up proves nothing: let the next call probe.
+		// A probe whose caller gave up proves nothing: let the next call
+		// probe (no ObsBreakerChange: nothing failed).
 		if n.state.CompareAndSwap(int32(BreakerHalfOpen), int32(BreakerOpen)) {
 			n.since.Store(0)
 		}

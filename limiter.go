@@ -256,8 +256,10 @@ type LimiterConfig struct {
 	// Client is the rueidis client. Required.
 	Client rueidis.Client
 	// Options is the shared plumbing (Prefix, Timeout, Breaker, Clock,
-	// Logger). The Clock drives the free path and the local fallback only;
-	// windows run on Redis TIME.
+	// Logger, Observer). The Clock drives the free path and the local
+	// fallback only; windows run on Redis TIME. The Observer receives one
+	// ObsLimitDecision per decision (see LimiterStats for what counts as
+	// one, and each Result and Path).
 	Options
 	// Name separates this limiter's counters from other limiters' on the
 	// same key. Two live limiters on one client and prefix with the same
@@ -305,6 +307,7 @@ type Limiter struct {
 	blocks blockMap
 	local  *localLimiter
 	clocks redisClocks
+	counts [limitCounts]atomic.Int64 // decisions, by limitCount
 }
 
 // limiterNames remembers the policies of every live (client, prefix, Name),
@@ -505,6 +508,116 @@ func (l *Limiter) keys(nkey string) []string {
 	return []string{h, h + ":log"}
 }
 
+// LimiterStats counts a Limiter's decisions since it was created, over all
+// its policies and those given to AllowPolicies. Every decision that Allow,
+// AllowN or AllowPolicies takes counts once, in exactly one of Allowed,
+// Denied and Degraded; a call that fails before deciding (a cost above a
+// policy's capacity, an empty key, an invalid policy, the caller's
+// cancelled context) counts nowhere. A read of cost 0 is a decision (an
+// allowed one).
+//
+// With an Observer, each decision is also an ObsLimitDecision: Allowed and
+// Denied ones with ResultAllowed or ResultDenied and PathRedis, PathLocal
+// (FromMemory) or PathFallback (Fallback); Degraded ones with
+// ResultDegraded and PathNone (no limiter decided: the FailurePolicy did).
+// Its Name is the binding policy's Name (the one Decision.Limit and the
+// X-RateLimit-* headers describe: for a denial, the policy that makes the
+// request wait longest), or the first policy's when no policy binds (a
+// Degraded decision).
+type LimiterStats struct {
+	// Allowed counts the decisions that admitted the request: taken by
+	// Redis, or by LocalFallback while Redis could not decide.
+	Allowed int64
+	// Denied counts the decisions that refused the request (a 429): taken
+	// by Redis, by the free path, or by LocalFallback while Redis could not
+	// decide.
+	Denied int64
+	// Degraded counts the requests Redis could not decide (a failed, late
+	// or timed-out call, an open breaker, a full Redis refusing an
+	// admission) that the FailurePolicy settled without a limiter: FailOpen
+	// admitted them, FailClosed refused them with ErrLimiterUnavailable (a
+	// 503). LocalFallback's decisions count in Allowed or Denied instead,
+	// and in Fallback.
+	Degraded int64
+	// FromMemory counts the denials, among Denied, that the free path took
+	// in process memory without asking Redis (Decision.FromMemory).
+	FromMemory int64
+	// Fallback counts the decisions, among Allowed and Denied, that
+	// LocalFallback took in process memory while Redis could not decide.
+	Fallback int64
+}
+
+// Stats returns the limiter's decision counts since it was created. Each
+// counter is read atomically but on its own, so under load the figures may
+// be a few decisions apart. It does no I/O.
+func (l *Limiter) Stats() LimiterStats {
+	c := func(k limitCount) int64 { return l.counts[k].Load() }
+	return LimiterStats{
+		Allowed:    c(countRedisAllowed) + c(countFallbackAllowed),
+		Denied:     c(countRedisDenied) + c(countMemoryDenied) + c(countFallbackDenied),
+		Degraded:   c(countDegraded),
+		FromMemory: c(countMemoryDenied),
+		Fallback:   c(countFallbackAllowed) + c(countFallbackDenied),
+	}
+}
+
+// limitCount is one of the limiter's disjoint decision counters: a Result
+// and a Path of ObsLimitDecision. Stats sums them, so a decision costs one
+// atomic add.
+type limitCount uint8
+
+const (
+	countRedisAllowed limitCount = iota
+	countRedisDenied
+	countMemoryDenied
+	countFallbackAllowed
+	countFallbackDenied
+	countDegraded
+	limitCounts
+)
+
+// limitCountObs is each counter's Result and Path.
+var limitCountObs = [limitCounts]struct {
+	r Result
+	p Path
+}{
+	countRedisAllowed:    {ResultAllowed, PathRedis},
+	countRedisDenied:     {ResultDenied, PathRedis},
+	countMemoryDenied:    {ResultDenied, PathLocal},
+	countFallbackAllowed: {ResultAllowed, PathFallback},
+	countFallbackDenied:  {ResultDenied, PathFallback},
+	countDegraded:        {ResultDegraded, PathNone},
+}
+
+// verdict is allowed when d admitted its request, denied otherwise.
+func verdict(d *Decision, allowed, denied limitCount) limitCount {
+	if d.Allowed {
+		return allowed
+	}
+	return denied
+}
+
+// counted counts one decision under c and reports it to the Observer
+// (ObsLimitDecision), named after d's binding policy, or pols[0] when d is
+// nil or has no policy (see LimiterStats).
+func (l *Limiter) counted(c limitCount, d *Decision, pols []Policy) {
+	l.counts[c].Add(1)
+	if l.b.obs == nil {
+		return
+	}
+	var name string
+	if d != nil {
+		if i := d.binding(); i >= 0 {
+			name = d.Policies[i].Policy.Name
+		}
+	}
+	if name == "" && len(pols) > 0 {
+		name = pols[0].Name
+	}
+	o := limitCountObs[c]
+	l.b.obs.Observe(Observation{Kind: ObsLimitDecision, Result: o.r, Path: o.p, Name: name, N: 1})
+}
+
 // Allow checks one request (cost 1) for key under the limiter's policies.
 func (l *Limiter) Allow(ctx context.Context, key string) (Decision, error) {
 	return l.AllowN(ctx, key, 1)
@@ -523,6 +636,7 @@ func (l *Limiter) AllowN(ctx context.Context, key string, n int64) (Decision, er
 	nkey := normKey(key)
 	if l.freePath && n > 0 {
 		if d, ok := l.blocks.get(nkey, n); ok {
+			l.counted(countMemoryDenied, &d, nil)
 			return d, nil
 		}
 	}
@@ -591,6 +705,7 @@ func (l *Limiter) decide(ctx context.Context, nkey string, n int64, pols []Polic
 		d, err = l.parseDecision(scope, res, pols, n)
 		if err == nil {
 			d.key = nkey
+			l.counted(verdict(&d, countRedisAllowed, countRedisDenied), &d, pols)
 			return d, nil
 		}
 	}
@@ -778,10 +893,13 @@ func (l *Limiter) degrade(nkey string, n int64, pols []Policy, cause error) (Dec
 	switch l.onError {
 	case FailClosed:
 		l.b.log.Error(why+", refusing requests (FailClosed)", cause)
+		l.counted(countDegraded, nil, pols)
 		return Decision{}, fmt.Errorf("%w: %w", ErrLimiterUnavailable, cause)
 	case LocalFallback:
 		l.b.log.Error(why+", deciding locally (LocalFallback)", cause)
-		return l.local.decide(nkey, n, pols), nil
+		d := l.local.decide(nkey, n, pols)
+		l.counted(verdict(&d, countFallbackAllowed, countFallbackDenied), &d, pols)
+		return d, nil
 	default:
 		l.b.log.Error(why+", allowing requests (FailOpen)", cause)
 		d := Decision{Allowed: true, Time: l.b.clock.Now(), Cost: n, Degraded: true, key: nkey}
@@ -789,6 +907,7 @@ func (l *Limiter) degrade(nkey string, n int64, pols []Policy, cause error) (Dec
 			d.Policies = append(d.Policies, PolicyDecision{Policy: p, Allowed: true, Remaining: p.capacity()})
 		}
 		d.bind()
+		l.counted(countDegraded, &d, pols)
 		return d, nil
 	}
 }
@@ -796,6 +915,23 @@ func (l *Limiter) degrade(nkey string, n int64, pols []Policy, cause error) (Dec
 // bind fills the Decision's summary (Limit, Remaining, Reset, RetryAfter)
 // from its binding policy.
 func (d *Decision) bind() {
+	best := d.binding()
+	if best < 0 {
+		return
+	}
+	b := d.Policies[best]
+	d.Limit, d.Remaining, d.Reset = b.Policy.capacity(), b.Remaining, b.Reset
+	d.RetryAfter = 0
+	if !d.Allowed {
+		d.RetryAfter = b.RetryAfter
+	}
+}
+
+// binding returns the index of the Decision's binding policy: when
+// allowed, the one with the smallest share of its capacity left (then the
+// longest reset); when denied, the one that makes the request wait
+// longest. The first wins a tie; -1 when there is no policy.
+func (d *Decision) binding() int {
 	best := -1
 	for i, pd := range d.Policies {
 		if best < 0 {
@@ -814,15 +950,7 @@ func (d *Decision) bind() {
 			best = i
 		}
 	}
-	if best < 0 {
-		return
-	}
-	b := d.Policies[best]
-	d.Limit, d.Remaining, d.Reset = b.Policy.capacity(), b.Remaining, b.Reset
-	d.RetryAfter = 0
-	if !d.Allowed {
-		d.RetryAfter = b.RetryAfter
-	}
+	return best
 }
 
 // parseDecision reads limitScript's reply from scope's node, and learns

@@ -483,6 +483,11 @@ type lookup struct {
 	e     *entry
 	fresh bool // usable as is
 	stale bool // usable, but a refresh is due
+	// res is how get answered, for ObsCacheRequest: ResultHit or
+	// ResultStale (found), ResultMiss (computed and storable, or waited
+	// for another fill), ResultUncacheable (computed, not storable) or
+	// ResultBypass (Redis failed: computed uncached).
+	res Result
 }
 
 // read returns the entry stored under key if it is still valid: its tags'
@@ -727,10 +732,11 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 			return ErrInvalidCacheKey
 		}
 	}
-	for _, t := range tags {
+	for i, t := range tags {
 		k := cs.tagKey(t)
 		n, err := cs.b.Exec(ctx, bumpScript, []string{k}, []string{strconv.FormatInt(cs.cfg.TagTTL.Milliseconds(), 10), newGeneration()}).AsInt64()
 		if err != nil {
+			cs.observeInvalidation(int64(i)) // the tags before this one
 			return fmt.Errorf("redisecho: cache: invalidate tag %q: %w", t, oomError(err))
 		}
 		cs.epoch.Add(1)
@@ -742,25 +748,41 @@ func (cs *CacheStore) InvalidateTags(ctx context.Context, tags ...string) error 
 		}
 		cs.sweep()
 	}
+	cs.observeInvalidation(int64(len(tags)))
 	return nil
+}
+
+// observeInvalidation reports n invalidated things (entries removed, tags
+// moved on), when there are any.
+func (cs *CacheStore) observeInvalidation(n int64) {
+	if n > 0 {
+		cs.b.observe(Observation{Kind: ObsCacheInvalidation, N: n})
+	}
 }
 
 // Delete removes the entries of keys. This instance stops serving them at
 // once; others when Redis's invalidation reaches them.
 func (cs *CacheStore) Delete(ctx context.Context, keys ...string) error {
+	var removed int64 // entries that existed, for ObsCacheInvalidation
 	for _, key := range keys {
 		// Deleting the fill lock too makes a fill in flight store nothing:
 		// its value may predate the delete.
 		ek, lk := cs.entryKey(key), cs.lockKey(key)
 		cs.epoch.Add(1)
-		for _, r := range cs.b.DoMulti(ctx, ek, cs.b.client.B().Del().Key(ek).Build(), cs.b.client.B().Del().Key(lk).Build()) {
+		for i, r := range cs.b.DoMulti(ctx, ek, cs.b.client.B().Del().Key(ek).Build(), cs.b.client.B().Del().Key(lk).Build()) {
 			if err := r.Error(); err != nil {
+				cs.observeInvalidation(removed)
 				return fmt.Errorf("redisecho: cache: delete %q: %w", key, err)
+			}
+			if i == 0 && cs.b.obs != nil {
+				n, _ := r.AsInt64()
+				removed += n
 			}
 		}
 		cs.markDelete(ek)
 		cs.forget(cs.entry(key).fp) // read untracked until it exists again
 	}
+	cs.observeInvalidation(removed)
 	return nil
 }
 
@@ -793,6 +815,7 @@ func (cs *CacheStore) Flush(ctx context.Context, pattern string) (int, error) {
 		}
 		return nil
 	})
+	cs.observeInvalidation(int64(n))
 	return n, err
 }
 
@@ -869,8 +892,9 @@ func oomError(err error) error {
 // another writer created it meanwhile (an invalidation, say), the entry
 // could never be valid and is not stored. A caller holding the lock
 // releases it when write fails; write releases it when it stores nothing
-// otherwise.
-func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken string) error {
+// otherwise. A stored entry is an ObsCacheFill whose Duration runs from
+// start (set only when there is an observer).
+func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken string, start time.Time) error {
 	if len(e.tags) > 0 {
 		// A tagged entry must not outlive its tags' counters (see TagTTL).
 		limit := e.stored + cs.cfg.TagTTL.Milliseconds()
@@ -903,7 +927,8 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 			return nil // absent when the fill began, written by another since
 		}
 	}
-	stored, err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(e.encode()), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).AsInt64()
+	enc := e.encode()
+	stored, err := cs.b.Exec(ctx, storeScript, []string{ek, lk}, []string{string(enc), strconv.FormatInt(ttl.Milliseconds(), 10), lockToken}).AsInt64()
 	if err != nil {
 		return oomError(err)
 	}
@@ -911,6 +936,9 @@ func (cs *CacheStore) write(ctx context.Context, key string, e *entry, lockToken
 		cs.fills.Add(1)
 		cs.markWrite(ek, e.id)
 		cs.setKnown(ref, e)
+		if cs.b.obs != nil { // once this instance reads what it stored
+			cs.b.obs.Observe(Observation{Kind: ObsCacheFill, N: 1, Size: int64(len(enc)), Duration: time.Since(start)})
+		}
 	}
 	return nil
 }
@@ -1056,11 +1084,13 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill f
 	l, err := cs.read(ctx, key)
 	if err != nil {
 		e, ferr := cs.fillUncached(ctx, fill, err)
-		return lookup{e: e, fresh: true}, ferr
+		return lookup{e: e, fresh: true, res: ResultBypass}, ferr
 	}
 	if l.fresh || l.stale {
 		cs.hits.Add(1)
+		l.res = ResultHit
 		if l.stale {
+			l.res = ResultStale
 			cs.refreshInBackground(key, tags, refill())
 		}
 		return l, nil
@@ -1072,8 +1102,9 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill f
 			f.finish(e, err)
 			cs.flight.CompareAndDelete(key, f)
 		}()
-		e, err = cs.fillOnce(ctx, key, tags, fill, f)
-		return lookup{e: e, fresh: true}, err
+		var res Result
+		e, res, err = cs.fillOnce(ctx, key, tags, fill, f)
+		return lookup{e: e, fresh: true, res: res}, err
 	}
 	for {
 		f := &cacheFill{done: make(chan struct{}), epoch: cs.epoch.Load()}
@@ -1089,18 +1120,25 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill f
 				return own(f)
 			}
 			cs.waits.Add(1)
+			cs.b.observe(Observation{Kind: ObsCacheWait, N: 1})
 			select {
 			case <-of.done:
 				if of.err != nil && (errors.Is(of.err, context.Canceled) || errors.Is(of.err, context.DeadlineExceeded)) && ctx.Err() == nil {
 					continue // its client gave up, not ours: take over
 				}
-				return lookup{e: of.e, fresh: true}, of.err
+				res := ResultMiss
+				if of.e == nil && of.err == nil {
+					// The fill found its response not storable: the caller
+					// computes its own, uncached.
+					res = ResultUncacheable
+				}
+				return lookup{e: of.e, fresh: true, res: res}, of.err
 			case <-ctx.Done():
-				return lookup{}, ctx.Err()
+				return lookup{res: ResultMiss}, ctx.Err()
 			case <-time.After(2 * cs.cfg.LockTTL):
 				// The leader may wait LockTTL for another instance before it
 				// computes; beyond twice that, compute uncached.
-				return lookup{}, nil
+				return lookup{res: ResultMiss}, nil
 			}
 		}
 		return own(f)
@@ -1108,30 +1146,35 @@ func (cs *CacheStore) get(ctx context.Context, key string, tags []string, fill f
 }
 
 // fillOnce runs the cross-instance part of get for the in-process fill f.
-func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, fill fillFunc, f *cacheFill) (*entry, error) {
+// Its Result is the request's, for ObsCacheRequest (see lookup.res).
+func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, fill fillFunc, f *cacheFill) (*entry, Result, error) {
 	if cs.b.OOM(cs.entryKey(key)) {
 		// Redis is full: no lock (SET would be refused), nothing stored.
 		// The handler runs and answers as usual; in-process waiters share
 		// its result.
 		cs.b.log.Error("redisecho: cache: Redis is out of memory; computing without storing", ErrCacheOutOfMemory)
-		return fill(ctx)
+		e, err := fill(ctx)
+		if e == nil || err != nil {
+			return e, ResultUncacheable, err
+		}
+		return e, ResultMiss, nil
 	}
 	gens, err := cs.tagGens(ctx, tags)
 	if err != nil {
-		return cs.fillUncached(ctx, fill, err)
+		return cs.bypass(ctx, fill, err)
 	}
 	deadline := time.Now().Add(cs.cfg.LockTTL)
 	var tok string
 	for waited := false; ; waited = true {
 		if tok, err = cs.tryLock(ctx, key); err != nil {
-			return cs.fillUncached(ctx, fill, err)
+			return cs.bypass(ctx, fill, err)
 		}
 		if tok != "" {
 			// Ours now. A fill that ended just before may have stored the
 			// entry: look in Redis itself before computing it again.
 			if l, err := cs.readFromRedis(ctx, key); err == nil && (l.fresh || l.stale) {
 				cs.unlock(context.WithoutCancel(ctx), key, tok)
-				return l.e, nil
+				return l.e, ResultMiss, nil
 			}
 			break
 		}
@@ -1139,7 +1182,7 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 			// The lock went, and another waiter took it first: the fill we
 			// waited for may have stored the entry.
 			if l, err := cs.readFromRedis(ctx, key); err == nil && (l.fresh || l.stale) {
-				return l.e, nil
+				return l.e, ResultMiss, nil
 			}
 		}
 		// Another instance fills: wait for its lock to go (its store
@@ -1154,11 +1197,12 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 		// response that is never stored would stay in Redis's tracking
 		// table.)
 		cs.waits.Add(1)
+		cs.b.observe(Observation{Kind: ObsCacheWait, N: 1})
 		lk := cs.lockKey(key)
 		for time.Now().Before(deadline) {
 			select {
 			case <-ctx.Done():
-				return nil, ctx.Err()
+				return nil, ResultMiss, ctx.Err()
 			case <-time.After(10 * time.Millisecond):
 			}
 			err := cs.b.DoCache(ctx, lk, cs.b.client.B().Get().Key(lk).Cache().Pin(), cs.cfg.LockTTL).Error()
@@ -1166,7 +1210,7 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 				break // the lock is free: try to take it
 			}
 			if err != nil {
-				return cs.fillUncached(ctx, fill, err)
+				return cs.bypass(ctx, fill, err)
 			}
 		}
 		if !time.Now().Before(deadline) {
@@ -1183,36 +1227,61 @@ func (cs *CacheStore) fillOnce(ctx context.Context, key string, tags []string, f
 			cs.unlock(context.WithoutCancel(ctx), key, tok)
 		}
 	}
+	// A fill that holds the lock (and so may store) is a span, from the
+	// computation to the store; the computation runs under it.
+	var start time.Time
+	if cs.b.obs != nil {
+		start = time.Now()
+	}
+	fctx, end := ctx, noEnd
+	if tok != "" {
+		fctx, end = cs.b.startSpan(ctx, Span{Op: SpanCacheFill, Name: cs.b.keys.Prefix()})
+	}
+	var spanErr error
 	defer func() {
 		if p := recover(); p != nil {
+			end(errFillPanicked)
 			release() // don't make others wait for a dead fill
 			panic(p)
 		}
+		end(spanErr)
 	}()
-	e, err := fill(context.WithValue(ctx, releaseKey{}, release))
+	e, err := fill(context.WithValue(fctx, releaseKey{}, release))
+	spanErr = err
 	switch {
 	case released:
-		return e, err
+		return e, ResultUncacheable, err // streamed, or hijacked
 	case err != nil:
 		// Waiters get the error too (no second call into a failing
 		// backend); the lock goes so others may retry.
 		cs.unlock(context.WithoutCancel(ctx), key, tok)
-		return nil, err
+		return nil, ResultUncacheable, err
 	case e == nil:
 		release() // not storable: waiters compute their own
-		return nil, nil
+		return nil, ResultUncacheable, nil
 	case tok == "":
 		// Computed without the lock (the holder was too slow): a Delete or
 		// Flush may have happened meanwhile, so store nothing.
-		return e, nil
+		return e, ResultMiss, nil
 	}
 	e.tags = append(e.tags[:0], gens...)
-	if werr := cs.write(context.WithoutCancel(ctx), key, e, tok); werr != nil {
+	if werr := cs.write(context.WithoutCancel(fctx), key, e, tok, start); werr != nil {
+		spanErr = werr
 		cs.errors.Add(1)
 		cs.b.log.Error("redisecho: cache: storing an entry failed", werr)
 		cs.unlock(context.WithoutCancel(ctx), key, tok) // DEL works in a full Redis too
 	}
-	return e, nil
+	return e, ResultMiss, nil
+}
+
+// errFillPanicked ends the span of a fill that panicked.
+var errFillPanicked = errors.New("redisecho: cache: the fill panicked")
+
+// bypass is fillUncached for fillOnce: the request's result is
+// ResultBypass.
+func (cs *CacheStore) bypass(ctx context.Context, fill fillFunc, cause error) (*entry, Result, error) {
+	e, err := cs.fillUncached(ctx, fill, cause)
+	return e, ResultBypass, err
 }
 
 // readFromRedis is read without the local cache.
@@ -1279,7 +1348,15 @@ func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFu
 			return // another instance refreshes it
 		}
 		defer cs.unlock(ctx, key, tok) // a no-op once the store released it
-		e, err := fill(ctx)
+		var start time.Time
+		if cs.b.obs != nil {
+			start = time.Now()
+		}
+		fctx, end := cs.b.startSpan(ctx, Span{Op: SpanCacheFill, Name: cs.b.keys.Prefix()})
+		spanErr := errFillPanicked
+		defer func() { end(spanErr) }()
+		e, err := fill(fctx)
+		spanErr = err
 		if err != nil || e == nil {
 			if err != nil {
 				cs.b.log.Error("redisecho: cache: background refresh failed; the stale entry stays", err, "key", key)
@@ -1287,7 +1364,8 @@ func (cs *CacheStore) refreshInBackground(key string, tags []string, fill fillFu
 			return
 		}
 		e.tags = append(e.tags[:0], gens...)
-		if err := cs.write(ctx, key, e, tok); err != nil {
+		if err := cs.write(fctx, key, e, tok, start); err != nil {
+			spanErr = err
 			cs.b.log.Error("redisecho: cache: storing a refreshed entry failed", err)
 		}
 		f.finish(e, nil) // requests that joined the refresh get its entry
@@ -1303,13 +1381,20 @@ func (cs *CacheStore) Get(ctx context.Context, key string, dst any) (bool, error
 	}
 	l, err := cs.read(ctx, key)
 	if err != nil {
+		cs.b.observe(Observation{Kind: ObsCacheRequest, Result: ResultBypass, N: 1})
 		return false, err
 	}
 	if l.e == nil || l.e.notFound {
 		cs.misses.Add(1)
+		cs.b.observe(Observation{Kind: ObsCacheRequest, Result: ResultMiss, N: 1})
 		return false, nil
 	}
 	cs.hits.Add(1)
+	res := ResultHit
+	if l.stale {
+		res = ResultStale // served past its freshness (Get refreshes nothing)
+	}
+	cs.b.observe(Observation{Kind: ObsCacheRequest, Result: res, N: 1})
 	if err := cs.cfg.Codec.Unmarshal(l.e.body, dst); err != nil {
 		return false, fmt.Errorf("redisecho: cache: decode %q: %w", key, err)
 	}
@@ -1326,6 +1411,19 @@ func (cs *CacheStore) Set(ctx context.Context, key string, value any, ttl time.D
 	if err := checkCacheNames(key, tags); err != nil {
 		return err
 	}
+	// A Set is a fill (CacheStats.Fills): a span, an ObsCacheFill when
+	// stored.
+	var start time.Time
+	if cs.b.obs != nil {
+		start = time.Now()
+	}
+	ctx, end := cs.b.startSpan(ctx, Span{Op: SpanCacheFill, Name: cs.b.keys.Prefix()})
+	err := cs.set(ctx, key, value, ttl, tags, start)
+	end(err)
+	return err
+}
+
+func (cs *CacheStore) set(ctx context.Context, key string, value any, ttl time.Duration, tags []string, start time.Time) error {
 	body, err := cs.cfg.Codec.Marshal(value)
 	if err != nil {
 		return fmt.Errorf("redisecho: cache: encode %q: %w", key, err)
@@ -1337,7 +1435,7 @@ func (cs *CacheStore) Set(ctx context.Context, key string, value any, ttl time.D
 	e := cs.newEntry(ttl, 0)
 	e.body = body
 	e.tags = gens
-	return cs.write(ctx, key, e, "")
+	return cs.write(ctx, key, e, "", start)
 }
 
 func checkCacheNames(key string, tags []string) error {
@@ -1445,31 +1543,44 @@ func Remember[T any](ctx context.Context, cs *CacheStore, key string, ttl time.D
 	}
 	l, err := cs.get(ctx, key, o.tags, fill, func() fillFunc { return refill })
 	if computed != nil {
+		cs.observeRequest(l.res)
 		return *computed, err
 	}
 	if computeErr != nil {
+		cs.observeRequest(l.res)
 		return zero, fmt.Errorf("%w: %s", computeErr, key)
 	}
 	if err != nil {
+		cs.observeRequest(l.res)
 		return zero, err
 	}
 	if l.e == nil {
+		cs.observeRequest(l.res)
 		return fn(ctx) // the shared fill produced nothing to reuse
 	}
 	if l.e.notFound {
+		cs.observeRequest(l.res)
 		return zero, fmt.Errorf("%w: %s", ErrCacheNotFound, key)
 	}
 	var v T
 	if err := cs.cfg.Codec.Unmarshal(l.e.body, &v); err != nil {
 		// A value this type cannot decode (stored by older code, say) is a
-		// miss: compute afresh and replace it.
+		// miss: compute afresh and replace it. (The call that replaces it
+		// reports the request.)
 		cs.b.log.Error("redisecho: cache: a stored value does not decode; recomputing", err, "key", key)
 		if derr := cs.Delete(ctx, key); derr != nil || o.retried {
+			cs.observeRequest(ResultMiss)
 			return fn(ctx) // once is enough: another writer may keep storing the other type
 		}
 		return Remember(ctx, cs, key, ttl, fn, append(opts, func(o *rememberOptions) { o.retried = true })...)
 	}
+	cs.observeRequest(l.res)
 	return v, nil
+}
+
+// observeRequest reports a read of the cache that get answered with res.
+func (cs *CacheStore) observeRequest(res Result) {
+	cs.b.observe(Observation{Kind: ObsCacheRequest, Result: res, N: 1})
 }
 
 // CacheConfig configures the response cache middleware.
@@ -1651,16 +1762,19 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		r := c.Request()
 		if h.cfg.Skipper(c) || (r.Method != http.MethodGet && r.Method != http.MethodHead) || !h.cacheableRequest(r) {
+			h.cs.observeRequest(ResultBypass)
 			return next(c)
 		}
 		key := h.cfg.KeyFunc(c)
 		if key == "" {
+			h.cs.observeRequest(ResultBypass)
 			return next(c)
 		}
 		var tags []string
 		if h.cfg.Tags != nil {
 			tags = h.cfg.Tags(c)
 			if slices.Contains(tags, "") {
+				h.cs.observeRequest(ResultBypass)
 				return next(c)
 			}
 		}
@@ -1672,6 +1786,12 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		)
 		fill := func(ctx context.Context) (*entry, error) {
 			ran = true
+			if h.cs.b.tracer != nil {
+				// The handler runs under the fill's span. (Its context
+				// keeps no release of this fill: a cache nested in the
+				// handler must not end it.)
+				c.SetRequest(c.Request().WithContext(context.WithValue(ctx, releaseKey{}, nil)))
+			}
 			own, handlerErr = h.capture(ctx, c, next)
 			if own != nil {
 				// The client gets its response before the entry is stored:
@@ -1686,16 +1806,23 @@ func (h *httpCache) middleware(next echo.HandlerFunc) echo.HandlerFunc {
 		l, err := h.cs.get(r.Context(), key, tags, fill, func() fillFunc { return h.refiller(c, next) })
 		switch {
 		case ran && own == nil:
+			h.cs.observeRequest(l.res)
 			return handlerErr // streamed straight to the client
 		case ran:
+			h.cs.observeRequest(l.res)
 			return sendErr // sent by the fill
 		case err != nil || l.e == nil || l.e.notFound || l.e.status == 0:
 			// The wait ended without a reusable entry (another fill's
 			// response was not storable, or its client went away), or the
 			// key holds a cache-service value, not a response: run the
 			// handler uncached.
+			if l.res == ResultHit || l.res == ResultStale {
+				l.res = ResultMiss // found, but not a response
+			}
+			h.cs.observeRequest(l.res)
 			return next(c)
 		}
+		h.cs.observeRequest(l.res)
 		return h.send(c, l.e, "HIT") // a stale entry too: its Age tells
 	}
 }

@@ -615,7 +615,7 @@ func (l *Limiter) counted(c limitCount, d *Decision, pols []Policy) {
 		name = pols[0].Name
 	}
 	o := limitCountObs[c]
-	l.b.obs.Observe(Observation{Kind: ObsLimitDecision, Result: o.r, Path: o.p, Name: name, N: 1})
+	l.b.obs.Observe(Observation{Kind: ObsLimitDecision, Result: o.r, Path: o.p, Name: name, Group: l.name, N: 1})
 }
 
 // Allow checks one request (cost 1) for key under the limiter's policies.

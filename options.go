@@ -133,6 +133,11 @@ type Observation struct {
 	// Name is the low-cardinality name the event belongs to: the limiter's
 	// policy, the queue, the feature of a Redis call, the breaker scope.
 	Name string
+	// Group is the configured name of the feature instance, where the
+	// kind has one: the limiter's Name (LimiterConfig.Name) for
+	// ObsLimitDecision, so that two limiters with like-named policies are
+	// told apart.
+	Group string
 	// N is how many things the event counts, at least 1 (a fan-out that
 	// delivered one event to 40 clients is one Observation with N = 40).
 	N int64
@@ -181,11 +186,15 @@ const (
 	// flush. N: the entries removed, when known (1 otherwise).
 	ObsCacheInvalidation
 
-	// ObsLimitDecision is a rate-limit decision. Name: the policy.
-	// Result: ResultAllowed, ResultDenied or ResultDegraded (Redis failed
-	// and the fail policy decided). Path: PathRedis, PathLocal (decided in
-	// process memory without a round trip) or PathFallback (the fallback
-	// limiter while Redis is unavailable).
+	// ObsLimitDecision is a rate-limit decision. Group: the limiter's
+	// Name. Name: the binding policy's name (the one the RateLimit headers
+	// describe; the first policy for a degraded decision). Result and
+	// Path: ResultAllowed or ResultDenied with PathRedis (the script
+	// decided) or PathLocal (a denial decided in process memory: the key
+	// is known to be over its limit until its window ends); ResultAllowed
+	// or ResultDenied with PathFallback (Redis failed and LocalFallback
+	// decided in memory); ResultDegraded with PathNone (Redis failed and
+	// FailOpen admitted or FailClosed refused).
 	ObsLimitDecision
 
 	// ObsStreamOpen and ObsStreamClose are an SSE stream opening and

@@ -39,7 +39,10 @@ const (
 	// ("allowed", "denied", "degraded"), a job attempt's ("completed",
 	// "failed") or a breaker state ("closed", "open", "half-open").
 	AttrResult = attribute.Key("redisecho.result")
-	// AttrPolicy is a rate-limit policy's name.
+	// AttrLimiter is a limiter's name (LimiterConfig.Name, RateLimitConfig.Name).
+	AttrLimiter = attribute.Key("redisecho.ratelimit.limiter")
+	// AttrPolicy is a rate-limit policy's name (Policy.Name: by default
+	// "<limit>-per-<window>", e.g. "100-per-1m").
 	AttrPolicy = attribute.Key("redisecho.ratelimit.policy")
 	// AttrPath is how a rate-limit decision was made: "redis", "local",
 	// "fallback".
@@ -113,12 +116,13 @@ type Observer struct {
 }
 
 // setKey identifies an attribute set: the observation's kind, result,
-// path and name.
+// path, name and group.
 type setKey struct {
 	kind   redisecho.ObsKind
 	result redisecho.Result
 	path   redisecho.Path
 	name   string
+	group  string
 }
 
 // attrs is one attribute set as ready-made options.
@@ -232,7 +236,7 @@ func New(cfg Config) (*Observer, error) {
 		return nil, err
 	}
 	breakerState, err := m.Int64ObservableGauge("redisecho.redis.breaker.state",
-		metric.WithDescription("Circuit breaker state per node: 0 closed, 1 open, 2 half-open."), metric.WithUnit("1"))
+		metric.WithDescription("Circuit breaker state per node: 0 closed, 1 open, 2 half-open."), metric.WithUnit("{state}"))
 	if err != nil {
 		return nil, err
 	}
@@ -295,7 +299,7 @@ func (o *Observer) Observe(ob redisecho.Observation) {
 		return
 	}
 	if c := o.counters[ob.Kind]; c != nil {
-		c.Add(ctx, ob.N, o.attrs(setKey{kind: ob.Kind, result: ob.Result, path: ob.Path, name: ob.Name}).add...)
+		c.Add(ctx, ob.N, o.attrs(setKey{kind: ob.Kind, result: ob.Result, path: ob.Path, name: ob.Name, group: ob.Group}).add...)
 	}
 }
 
@@ -311,7 +315,7 @@ func (o *Observer) attrs(k setKey) *attrs {
 		return a
 	}
 	if o.nsets >= MaxAttributeSets {
-		k.name = "_other"
+		k.name, k.group = "_other", ""
 		if a, ok := cur[k]; ok {
 			return a
 		}
@@ -332,7 +336,7 @@ func attributesOf(k setKey) []attribute.KeyValue {
 	var kv []attribute.KeyValue
 	switch k.kind {
 	case redisecho.ObsLimitDecision:
-		kv = append(kv, AttrPolicy.String(k.name))
+		kv = append(kv, AttrLimiter.String(k.group), AttrPolicy.String(k.name))
 		if k.path != redisecho.PathNone {
 			kv = append(kv, AttrPath.String(k.path.String()))
 		}

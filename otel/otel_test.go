@@ -111,8 +111,8 @@ func TestCountersFromObservations(t *testing.T) {
 	obs(redisecho.ObsCacheRequest, redisecho.ResultHit, "", 5)
 	obs(redisecho.ObsCacheRequest, redisecho.ResultMiss, "", 1)
 	o.Observe(redisecho.Observation{Kind: redisecho.ObsCacheFill, N: 1, Size: 2048, Duration: 3 * time.Millisecond})
-	o.Observe(redisecho.Observation{Kind: redisecho.ObsLimitDecision, Result: redisecho.ResultDenied, Path: redisecho.PathLocal, Name: "api", N: 4})
-	o.Observe(redisecho.Observation{Kind: redisecho.ObsLimitDecision, Result: redisecho.ResultAllowed, Path: redisecho.PathRedis, Name: "api", N: 7})
+	o.Observe(redisecho.Observation{Kind: redisecho.ObsLimitDecision, Result: redisecho.ResultDenied, Path: redisecho.PathLocal, Name: "100-per-1m", Group: "api", N: 4})
+	o.Observe(redisecho.Observation{Kind: redisecho.ObsLimitDecision, Result: redisecho.ResultAllowed, Path: redisecho.PathRedis, Name: "100-per-1m", Group: "api", N: 7})
 	obs(redisecho.ObsStreamOpen, redisecho.ResultNone, "", 1)
 	obs(redisecho.ObsStreamOpen, redisecho.ResultNone, "", 1)
 	obs(redisecho.ObsStreamClose, redisecho.ResultNone, "", 1)
@@ -137,8 +137,8 @@ func TestCountersFromObservations(t *testing.T) {
 		{"redisecho.cache.requests", []attribute.KeyValue{AttrResult.String("hit")}, 5},
 		{"redisecho.cache.requests", []attribute.KeyValue{AttrResult.String("miss")}, 1},
 		{"redisecho.cache.fills", nil, 1},
-		{"redisecho.ratelimit.decisions", []attribute.KeyValue{AttrPolicy.String("api"), AttrResult.String("denied"), AttrPath.String("local")}, 4},
-		{"redisecho.ratelimit.decisions", []attribute.KeyValue{AttrPolicy.String("api"), AttrResult.String("allowed"), AttrPath.String("redis")}, 7},
+		{"redisecho.ratelimit.decisions", []attribute.KeyValue{AttrLimiter.String("api"), AttrPolicy.String("100-per-1m"), AttrResult.String("denied"), AttrPath.String("local")}, 4},
+		{"redisecho.ratelimit.decisions", []attribute.KeyValue{AttrLimiter.String("api"), AttrPolicy.String("100-per-1m"), AttrResult.String("allowed"), AttrPath.String("redis")}, 7},
 		{"redisecho.realtime.connections", nil, 1},
 		{"redisecho.realtime.delivered", nil, 40},
 		{"redisecho.jobs.enqueued", []attribute.KeyValue{AttrQueue.String("emails")}, 10},
@@ -202,7 +202,7 @@ func TestAttributeSetsAreBounded(t *testing.T) {
 	}
 	require.LessOrEqual(t, len(*s.obs.sets.Load()), MaxAttributeSets+1)
 	ms := s.collect(t)
-	got, ok := sum(t, ms, "redisecho.ratelimit.decisions", AttrPolicy.String("_other"), AttrResult.String("allowed"))
+	got, ok := sum(t, ms, "redisecho.ratelimit.decisions", AttrLimiter.String(""), AttrPolicy.String("_other"), AttrResult.String("allowed"))
 	require.True(t, ok)
 	require.Equal(t, int64(100), got, "what is past the bound is counted under _other")
 }

@@ -169,21 +169,27 @@ const (
 	// answered 503, or went on without a session where the policy says so).
 	ObsSessionError
 
-	// ObsCacheRequest is a request the response cache or a cache service
-	// read answered. Result: ResultHit, ResultMiss, ResultStale (a stale
-	// entry served while it is refreshed), ResultBypass (not looked up:
-	// a method, header or Skipper said so, or Redis failed) or
-	// ResultUncacheable (looked up, missed, and the response could not be
-	// stored: a status, size or Cache-Control said no).
+	// ObsCacheRequest is one request the response cache answered, or one
+	// read of a cache store (Get, Remember). Result: ResultHit,
+	// ResultStale (a stale entry served; the middleware and Remember
+	// refresh it in the background), ResultMiss (no usable entry: this
+	// request computed the value, or waited for another fill of it, which
+	// is also an ObsCacheWait), ResultBypass (not looked up: a method,
+	// header or Skipper said so, or Redis failed or the breaker is open)
+	// or ResultUncacheable (looked up, missed, and the response could not
+	// be stored: a status, size, Cache-Control, Set-Cookie or error said
+	// no).
 	ObsCacheRequest
-	// ObsCacheFill is a value computed and stored by this instance.
-	// Size: the stored entry's bytes. Duration: compute and store.
+	// ObsCacheFill is a value computed and stored by this instance (a
+	// Set included). Size: the stored entry's bytes. Duration: compute and
+	// store.
 	ObsCacheFill
 	// ObsCacheWait is a read that waited for another fill of its key,
 	// here or on another instance (stampede protection).
 	ObsCacheWait
-	// ObsCacheInvalidation is an invalidation: a Delete, a tag or prefix
-	// flush. N: the entries removed, when known (1 otherwise).
+	// ObsCacheInvalidation is an invalidation that removed something: a
+	// Delete or Flush (N: the entries removed) or InvalidateTags (N: the
+	// tags moved on).
 	ObsCacheInvalidation
 
 	// ObsLimitDecision is a rate-limit decision. Group: the limiter's

@@ -485,6 +485,7 @@ func (h *Hub) publish(ctx context.Context, channel string, ev Event) (Position, 
 		return Position{}, fmt.Errorf("realtime: publish: %w", err)
 	}
 	h.published.Add(1)
+	h.b.observe(Observation{Kind: ObsPublish, N: 1})
 	return pos, nil
 }
 
@@ -1231,6 +1232,7 @@ func (h *Hub) liveLocked(ch *hubChannel, m liveMsg) {
 // deliverLocked queues one event to every stream of ch past its cursor.
 // Events of a user channel end that user's streams instead.
 func (h *Hub) deliverLocked(ch *hubChannel, pos Position, ev *encodedEvent) {
+	var n int64
 	for cl, s := range ch.subs {
 		if pos.Offset <= s.cursor {
 			continue
@@ -1240,7 +1242,18 @@ func (h *Hub) deliverLocked(ch *hubChannel, pos Position, ev *encodedEvent) {
 			cl.end(endDisconnected)
 			continue
 		}
-		cl.enqueue(queued{idx: s.idx, pos: pos, ev: ev})
+		if cl.enqueue(queued{idx: s.idx, pos: pos, ev: ev}) {
+			n++
+		}
+	}
+	h.observeDelivered(n)
+}
+
+// observeDelivered reports n events queued or replayed to clients, as one
+// observation: one per fan-out, not one per client.
+func (h *Hub) observeDelivered(n int64) {
+	if n > 0 {
+		h.b.observe(Observation{Kind: ObsDeliver, N: n})
 	}
 }
 
@@ -1575,8 +1588,9 @@ type sseClient struct {
 }
 
 // enqueue adds one item to the live queue without blocking; a full queue
-// ends the stream as slow.
-func (c *sseClient) enqueue(it queued) {
+// ends the stream as slow. It reports whether it queued an event (counted
+// as delivered).
+func (c *sseClient) enqueue(it queued) bool {
 	size := 64
 	if it.ev != nil {
 		size = it.ev.size()
@@ -1584,16 +1598,19 @@ func (c *sseClient) enqueue(it queued) {
 	c.mu.Lock()
 	if c.ended {
 		c.mu.Unlock()
-		return
+		return false
 	}
 	// An empty queue takes any one event: its SSE encoding ("data: " per
 	// line) can be several times MaxEventSize, which ClientQueueBytes
 	// need only hold once.
 	if len(c.q) >= c.h.cfg.ClientQueueEvents || (len(c.q) > 0 && c.qbytes+size > c.h.cfg.ClientQueueBytes) {
+		// Ended under the same lock that saw the queue full: two channels
+		// delivering at once drop (and count) the client once.
+		c.endLocked(endSlow)
 		c.mu.Unlock()
 		c.h.droppedSlow.Add(1)
-		c.end(endSlow)
-		return
+		c.h.b.observe(Observation{Kind: ObsDropSlow, N: 1})
+		return false
 	}
 	c.q = append(c.q, it)
 	c.qbytes += size
@@ -1602,6 +1619,7 @@ func (c *sseClient) enqueue(it queued) {
 		c.h.delivered.Add(1)
 	}
 	signal(c.notify)
+	return it.ev != nil
 }
 
 // end asks the handler to end the stream with reason. A write in progress
@@ -1610,6 +1628,11 @@ func (c *sseClient) enqueue(it queued) {
 func (c *sseClient) end(reason endReason) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.endLocked(reason)
+}
+
+// endLocked is end with c.mu held.
+func (c *sseClient) endLocked(reason endReason) {
 	if c.ended {
 		return
 	}
@@ -1691,6 +1714,7 @@ func (sw *sseWriter) reset(name string, idx ...int) {
 	sw.buf = append(sw.buf, data...)
 	sw.buf = append(sw.buf, "\n\n"...)
 	sw.c.h.resets.Add(1)
+	sw.c.h.b.observe(Observation{Kind: ObsReset, N: 1})
 }
 
 // flush writes what is buffered.
@@ -1820,6 +1844,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream, reg **sseC
 	h.connections.Add(1)
 	h.streams.Add(1)
 	h.mu.Unlock()
+	h.b.observe(Observation{Kind: ObsStreamOpen, N: 1})
 
 	// Join every channel (subscribing where this instance is new to it)
 	// and wait for their positions.
@@ -1923,6 +1948,7 @@ func (h *Hub) open(w http.ResponseWriter, r *http.Request, s *Stream, reg **sseC
 	}
 	if start.Resumed {
 		h.resumes.Add(1)
+		h.b.observe(Observation{Kind: ObsResume, N: 1})
 	}
 	h.presence.join(h, c)
 
@@ -2022,13 +2048,15 @@ func (h *Hub) replay(ctx context.Context, sw *sseWriter, i int) (reset, ok bool)
 			sw.reset(sw.resetName, i)
 			reset = true
 		}
-		for _, e := range page.events {
+		for j, e := range page.events {
 			sw.event(i, e.pos, e.ev)
 			h.delivered.Add(1)
 			if len(sw.buf) >= replayFlush && sw.flush() != nil {
+				h.observeDelivered(int64(j + 1))
 				return reset, false
 			}
 		}
+		h.observeDelivered(int64(len(page.events)))
 		if !h.writeQueued(sw) || sw.flush() != nil {
 			return reset, false
 		}
@@ -2178,6 +2206,7 @@ func (h *Hub) leave(c *sseClient) {
 	delete(h.clients, c)
 	h.mu.Unlock()
 	h.connections.Add(-1)
+	h.b.observe(Observation{Kind: ObsStreamClose, N: 1})
 	h.streams.Done()
 }
 

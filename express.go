@@ -564,8 +564,7 @@ func (st *SessionStore) newExpressSession(r *http.Request) *SessionState {
 	s := &SessionState{st: st, ctx: r.Context()}
 	cookies, more := sessionCookies(r, st.cfg.CookieName)
 	if len(cookies) == 0 {
-		s.loaded = true
-		return s
+		return s // a new session, read with no I/O (ensureLoaded)
 	}
 	for _, ck := range cookies {
 		id, ok := st.x.unsign(ck.Value)
@@ -578,7 +577,7 @@ func (st *SessionStore) newExpressSession(r *http.Request) *SessionState {
 		}
 	}
 	if !s.hasToken {
-		s.badCookie, s.loaded = !more, true
+		s.badCookie, s.invalid = !more, true
 	}
 	return s
 }
@@ -592,6 +591,7 @@ func (s *SessionState) loadExpress() {
 		if err != nil {
 			if s.ctx.Err() == nil {
 				st.b.log.Error("redisecho: session: load failed", err)
+				st.b.observe(Observation{Kind: ObsSessionError, N: 1})
 			}
 			if st.cfg.Degrade {
 				s.degraded = true
@@ -603,9 +603,11 @@ func (s *SessionState) loadExpress() {
 		if found {
 			s.found, s.data = true, d
 			s.userID = st.x.userOf(d.fields)
+			st.b.observe(Observation{Kind: ObsSessionLoad, Result: ResultRedis, N: 1}) // never cached
 			return
 		}
 		if len(s.xspare) == 0 {
+			st.b.observe(Observation{Kind: ObsSessionLoad, Result: ResultNew, N: 1})
 			return
 		}
 		s.xid, s.key, s.xspare = s.xspare[0], st.x.prefix+s.xspare[0], s.xspare[1:]
@@ -772,8 +774,9 @@ func (st *SessionStore) writeExpress(ctx context.Context, key, mode string, old,
 }
 
 // saveExpress writes the pending changes of an Express session and tells
-// what cookie to send (nil: none). Callers hold s.mu.
-func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
+// what cookie to send (nil: none), its span sp started before its first
+// write. Callers hold s.mu.
+func (s *SessionState) saveExpress(sp *saveSpan) (*sessionCookie, *sessionFailure) {
 	s.committed = true
 	st, x := s.st, s.st.x
 	if s.degraded || s.err != nil {
@@ -792,17 +795,17 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 		if len(s.xspare) > 0 {
 			s.ensureLoaded() // several cookies verified: end the live one, not a planted one
 		}
-		if err := st.delExpress(ctx, s.key); err != nil {
-			return nil, st.saveFailed(err)
+		if err := st.delExpress(sp.begin(st.b, ctx), s.key); err != nil {
+			return nil, st.saveFailed(sp, err)
 		}
-		st.saves.Add(1)
+		st.saved()
 		return clearCookie, nil
 	}
 	dirty := len(s.set) > 0 || len(s.del) > 0 || s.clear || s.regenerate
 	if dirty && s.hasToken {
 		s.ensureLoaded() // the merge needs the stored JSON
 		if s.err != nil {
-			return nil, st.saveFailed(s.err)
+			return nil, st.saveFailed(sp, s.err)
 		}
 		if s.degraded {
 			return nil, nil
@@ -819,12 +822,15 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 			return nil, nil
 		}
 		ttl, persistent := x.expressTTL(s.data.members)
-		if _, err := st.writeExpress(ctx, s.key, "touch", nil, nil, ttl); err != nil {
+		if _, err := st.writeExpress(sp.begin(st.b, ctx), s.key, "touch", nil, nil, ttl); err != nil {
 			if !errors.Is(err, errExpressGone) {
 				st.b.log.Error("redisecho: session: extending the session failed", err)
+				st.saveErrored()
+				sp.fail(err)
 			}
 			return nil, nil
 		}
+		st.saved() // a touch is a save, as the native mode's
 		if x.cookie.Rolling {
 			return x.cookieFor(s.xid, ttl, persistent), nil
 		}
@@ -833,7 +839,7 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 	if s.hasToken && s.found {
 		members, blob := s.data.members, s.data.blob
 		if s.regenerate {
-			return s.regenerateExpress(ctx, members, blob)
+			return s.regenerateExpress(ctx, sp, members, blob)
 		}
 		for attempt := range expressCASRetries {
 			if attempt > 0 {
@@ -841,13 +847,15 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 			}
 			value := s.mergeSession(members, nil)
 			if len(value) > st.cfg.MaxSize && len(value) > len(blob) {
+				sp.fail(ErrSessionTooLarge)
 				return nil, failTooLarge // (one already over the bound may shrink)
 			}
 			ttl, persistent := x.expressTTL(members)
+			ctx = sp.begin(st.b, ctx)
 			cur, err := st.writeExpress(ctx, s.key, "update", blob, value, ttl)
 			switch {
 			case err == nil:
-				st.saves.Add(1)
+				st.saved()
 				return x.cookieFor(s.xid, ttl, persistent), nil
 			case errors.Is(err, errExpressChanged):
 				// Another request (Go or Express) saved meanwhile: apply
@@ -865,10 +873,10 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 				// of the login that regenerated it).
 				return nil, nil
 			default:
-				return nil, st.saveFailed(err)
+				return nil, st.saveFailed(sp, err)
 			}
 		}
-		return nil, st.saveFailed(errExpressChanged)
+		return nil, st.saveFailed(sp, errExpressChanged)
 	}
 	// A new session: only if it holds a value (saveUninitialized: false).
 	if !slices.ContainsFunc(slices.Collect(maps.Keys(s.set)), isDataField) {
@@ -879,6 +887,7 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 		return nil, failTooLarge
 	}
 	ttl, persistent := x.expressTTL(nil)
+	ctx = sp.begin(st.b, ctx)
 	for range 3 {
 		id := newExpressID()
 		_, err := st.writeExpress(ctx, x.prefix+id, "new", nil, value, ttl)
@@ -886,13 +895,13 @@ func (s *SessionState) saveExpress() (*sessionCookie, *sessionFailure) {
 			continue
 		}
 		if err != nil {
-			return nil, st.saveFailed(err)
+			return nil, st.saveFailed(sp, err)
 		}
-		st.saves.Add(1)
+		st.saved()
 		s.xid, s.key, s.hasToken, s.found = id, x.prefix+id, true, true
 		return x.cookieFor(id, ttl, persistent), nil
 	}
-	return nil, st.saveFailed(errExpressExists)
+	return nil, st.saveFailed(sp, errExpressExists)
 }
 
 // delExpress deletes a session's key.
@@ -914,8 +923,8 @@ func (st *SessionStore) dropNewExpress(ctx context.Context, key string) {
 // a cluster, so no script can do both); if another request changed it
 // meanwhile, its changes are merged into the new key and the delete is
 // tried again; if it was destroyed meanwhile, the new key goes too.
-// Callers hold s.mu.
-func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMember, blob []byte) (*sessionCookie, *sessionFailure) {
+// sp is the save's span. Callers hold s.mu.
+func (s *SessionState) regenerateExpress(ctx context.Context, sp *saveSpan, members []jsonMember, blob []byte) (*sessionCookie, *sessionFailure) {
 	st, x := s.st, s.st.x
 	var id string
 	mode := "new"
@@ -925,24 +934,26 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 			if mode == "put" {
 				st.dropNewExpress(ctx, x.prefix+id)
 			}
+			sp.fail(ErrSessionTooLarge)
 			return nil, failTooLarge
 		}
 		ttl, persistent := x.expressTTL(members)
 		if mode == "new" {
 			id = newExpressID()
 		}
+		ctx = sp.begin(st.b, ctx)
 		_, err := st.writeExpress(ctx, x.prefix+id, mode, nil, value, ttl)
 		if errors.Is(err, errExpressExists) && attempt < 3 {
 			continue
 		}
 		if err != nil {
-			return nil, st.saveFailed(err)
+			return nil, st.saveFailed(sp, err)
 		}
 		mode = "put"
 		cur, err := st.writeExpress(ctx, s.key, "delete", blob, nil, ttl)
 		switch {
 		case err == nil:
-			st.saves.Add(1)
+			st.saved()
 			s.xid, s.key = id, x.prefix+id
 			return x.cookieFor(id, ttl, persistent), nil
 		case errors.Is(err, errExpressChanged) && attempt < expressCASRetries:
@@ -961,7 +972,7 @@ func (s *SessionState) regenerateExpress(ctx context.Context, members []jsonMemb
 			// double-submitted login): its cookie stands.
 			return nil, nil
 		}
-		return nil, st.saveFailed(err)
+		return nil, st.saveFailed(sp, err)
 	}
 }
 

@@ -690,6 +690,8 @@ type sessionData struct {
 	blob    []byte
 	members []jsonMember
 	pttl    int64
+
+	cached bool // served by client-side caching, with no round trip
 }
 
 // touchDue reports whether TouchAfter of the session's idle timeout passed
@@ -721,12 +723,14 @@ func (st *SessionStore) loadKey(ctx context.Context, key string, cmd rueidis.Cac
 	if res.IsCacheHit() {
 		if d.version < minVersion || !found || (found && st.recentlyGone(key)) {
 			st.staleBypass.Add(1)
+			st.b.observe(Observation{Kind: ObsSessionStaleBypass, N: 1})
 			if m, err = st.b.Do(ctx, key, st.b.client.B().Hgetall().Key(key).Build()).AsStrMap(); err != nil {
 				return d, false, err
 			}
 			d, found = st.parse(m)
 		} else {
 			st.cacheHits.Add(1)
+			d.cached = true // (a hit that is not bypassed found the session)
 		}
 	}
 	return d, found, nil
@@ -977,6 +981,7 @@ type SessionState struct {
 	hasToken      bool              // the request carried a valid cookie
 	spare         []*verifiedCookie // further valid cookies of our name, tried in order if tok names no session
 	badCookie     bool              // the request carried a cookie we rejected
+	invalid       bool              // it carried cookies of our name and none verified
 	cookieVersion int64
 	rotated       bool     // signed by an older key of the ring
 	xid           string   // Express mode: the session ID
@@ -1038,8 +1043,7 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 	}
 	cookies, more := sessionCookies(r, st.cfg.CookieName)
 	if len(cookies) == 0 {
-		s.loaded = true // no cookie: an empty new session, no I/O
-		return s
+		return s // no cookie: an empty new session, read with no I/O (ensureLoaded)
 	}
 	for _, ck := range cookies {
 		vc := st.verify(ck.Value)
@@ -1054,7 +1058,7 @@ func (st *SessionStore) newSession(r *http.Request) *SessionState {
 	if !s.hasToken {
 		// Only bad cookies: clear ours, unless some went unread (one of
 		// those may be valid).
-		s.badCookie, s.loaded = !more, true
+		s.badCookie, s.invalid = !more, true
 	}
 	return s
 }
@@ -1087,6 +1091,13 @@ func (s *SessionState) ensureLoaded() {
 		return
 	}
 	s.loaded = true
+	if !s.hasToken {
+		// No cookie, or none that verified: an empty new session, no I/O.
+		if s.st.b.obs != nil {
+			s.st.observeLoad(s.invalid, false, false)
+		}
+		return
+	}
 	if s.st.x != nil {
 		s.loadExpress()
 		return
@@ -1103,17 +1114,89 @@ func (s *SessionState) ensureLoaded() {
 	case err != nil:
 		if s.ctx.Err() == nil { // a client that went away is not news
 			s.st.b.log.Error("redisecho: session: load failed", err)
+			s.st.b.observe(Observation{Kind: ObsSessionError, N: 1})
 		}
 		if s.st.cfg.Degrade {
 			s.degraded = true
 		} else {
 			s.err = fmt.Errorf("%w: %w", ErrSessionUnavailable, err)
 		}
+		return
 	case found:
 		s.found, s.data = true, d
 		s.userID = d.fields[fUser]
 		s.remember = d.fields[fRemember] == "1"
 		s.touch = s.st.touchDue(d)
+	}
+	if s.st.b.obs != nil {
+		s.st.observeLoad(false, found, d.cached)
+	}
+}
+
+// observeLoad reports a read of a session (ObsSessionLoad): a new session
+// when none was found, because the cookies did not verify (invalid) or
+// because there was none or it named no live session; else where the
+// session came from. Callers check b.obs first.
+func (st *SessionStore) observeLoad(invalid, found, cached bool) {
+	r := ResultNew
+	switch {
+	case invalid:
+		r = ResultInvalid
+	case found && cached:
+		r = ResultMemory
+	case found:
+		r = ResultRedis
+	}
+	st.b.obs.Observe(Observation{Kind: ObsSessionLoad, Result: r, N: 1})
+}
+
+// saved counts a successful save (ObsSessionSave, ResultOK).
+func (st *SessionStore) saved() {
+	st.saves.Add(1)
+	st.b.observe(Observation{Kind: ObsSessionSave, Result: ResultOK, N: 1})
+}
+
+// saveErrored counts a save that failed (ObsSessionSave, ResultError).
+func (st *SessionStore) saveErrored() {
+	st.saveErrors.Add(1)
+	st.b.observe(Observation{Kind: ObsSessionSave, Result: ResultError, N: 1})
+}
+
+// saveSpan is one save's span (SpanSessionSave) when the store has a
+// tracer: started before the save's first Redis write, so that a save that
+// writes nothing (a read) has none, and ended with the save's error.
+type saveSpan struct {
+	ctx context.Context // the context of the save's writes, once started
+	end func(error)     // nil until started
+	err error
+}
+
+// begin starts the span unless it runs, and returns the context for the
+// write about to be made: ctx itself when there is no tracer.
+func (sp *saveSpan) begin(b *backend, ctx context.Context) context.Context {
+	if b.tracer == nil {
+		return ctx
+	}
+	if sp.end == nil {
+		sp.ctx, sp.end = b.tracer.StartSpan(ctx, Span{Op: SpanSessionSave})
+		if sp.end == nil {
+			sp.end = noEnd
+		}
+	}
+	return sp.ctx
+}
+
+// fail records err as the save's error. sp may be nil.
+func (sp *saveSpan) fail(err error) {
+	if sp != nil {
+		sp.err = err
+	}
+}
+
+// finish ends the span, if it started.
+func (sp *saveSpan) finish() {
+	if sp.end != nil {
+		sp.end(sp.err)
 	}
 }
 
@@ -1566,10 +1649,20 @@ type sessionCookie struct {
 
 // save writes the pending changes and tells what cookie to send (nil: none).
 // Callers hold s.mu.
-func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
+func (s *SessionState) save() (ck *sessionCookie, f *sessionFailure) {
+	var sp saveSpan
 	if s.st.x != nil {
-		return s.saveExpress()
+		ck, f = s.saveExpress(&sp)
+	} else {
+		ck, f = s.saveNative(&sp)
 	}
+	sp.finish()
+	return ck, f
+}
+
+// saveNative is save outside Express mode, its span sp started before its
+// first write.
+func (s *SessionState) saveNative(sp *saveSpan) (*sessionCookie, *sessionFailure) {
 	s.committed = true
 	st := s.st
 	if s.degraded || s.err != nil {
@@ -1586,12 +1679,13 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			}
 			return nil, nil
 		}
+		ctx = sp.begin(st.b, ctx)
 		res, err := st.runSave(ctx, s.key, s.key, destroyArgs(""))
 		if err != nil {
-			return nil, st.saveFailed(err)
+			return nil, st.saveFailed(sp, err)
 		}
 		st.markGone(s.key)
-		st.saves.Add(1)
+		st.saved()
 		if res.prevUser != "" {
 			st.unindex(ctx, res.prevUser, s.tok.handle())
 		}
@@ -1600,6 +1694,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 	if !s.dirty() {
 		switch {
 		case s.touch:
+			ctx = sp.begin(st.b, ctx)
 			res, err := st.runSave(ctx, s.key, s.key, st.saveArgs("update", now, 0, false, nil, nil))
 			if errors.Is(err, errSessionGone) {
 				return &sessionCookie{maxAge: -1}, nil
@@ -1607,9 +1702,11 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			if err != nil {
 				// A failed extension loses nothing: log it, keep the response.
 				st.b.log.Error("redisecho: session: extending the idle timeout failed", err)
+				st.saveErrored()
+				sp.fail(err)
 				return nil, nil
 			}
-			st.saves.Add(1)
+			st.saved()
 			if s.rotated {
 				return st.cookieFor(s.tok, res, now), nil
 			}
@@ -1637,13 +1734,14 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			dst    = s.tok
 			dstKey = s.key
 		)
+		ctx = sp.begin(st.b, ctx)
 		for attempt := 0; ; attempt++ {
 			if s.regenerate {
 				dst = newToken(s.tok.tag)
 				dstKey = st.key(dst)
 			}
 			if s.userID != "" && (s.userChanged || s.regenerate) {
-				if f := st.index(ctx, s.userID, dst.handle(), time.UnixMilli(s.data.absolute), now); f != nil {
+				if f := st.indexFor(ctx, sp, s.userID, dst.handle(), time.UnixMilli(s.data.absolute), now); f != nil {
 					return nil, f
 				}
 			}
@@ -1661,7 +1759,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 		}
 		switch {
 		case err == nil:
-			st.saves.Add(1)
+			st.saved()
 			if res.prevUser != "" && (res.prevUser != s.userID || dst != s.tok) {
 				st.unindex(ctx, res.prevUser, s.tok.handle())
 			}
@@ -1671,7 +1769,7 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			s.tok, s.key = dst, dstKey
 			return st.cookieFor(dst, res, now), nil
 		case !errors.Is(err, errSessionGone):
-			return nil, st.saveFailed(err)
+			return nil, st.saveFailed(sp, err)
 		}
 		// Expired or destroyed meanwhile: start a new session with only the
 		// changes of this request. A user binding this request did not make
@@ -1683,11 +1781,12 @@ func (s *SessionState) save() (*sessionCookie, *sessionFailure) {
 			delete(s.set, fUser)
 		}
 	}
-	return s.create(ctx, now)
+	return s.create(ctx, sp, now)
 }
 
-// create saves a new session with the pending changes. Callers hold s.mu.
-func (s *SessionState) create(ctx context.Context, now time.Time) (*sessionCookie, *sessionFailure) {
+// create saves a new session with the pending changes, its span sp
+// started before its first write. Callers hold s.mu.
+func (s *SessionState) create(ctx context.Context, sp *saveSpan, now time.Time) (*sessionCookie, *sessionFailure) {
 	st := s.st
 	if s.userID == "" && !slices.ContainsFunc(slices.Collect(maps.Keys(s.set)), isDataField) {
 		// Nothing worth storing (a regeneration or a remember-me choice on
@@ -1705,10 +1804,11 @@ func (s *SessionState) create(ctx context.Context, now time.Time) (*sessionCooki
 	if s.userID != "" {
 		s.stage(fUser, []byte(s.userID))
 	}
+	ctx = sp.begin(st.b, ctx)
 	for range 3 { // a collision of 280 random bits is not expected; retry anyway
 		t := newToken("")
 		if s.userID != "" {
-			if f := st.index(ctx, s.userID, t.handle(), abs, now); f != nil {
+			if f := st.indexFor(ctx, sp, s.userID, t.handle(), abs, now); f != nil {
 				return nil, f
 			}
 		}
@@ -1717,13 +1817,13 @@ func (s *SessionState) create(ctx context.Context, now time.Time) (*sessionCooki
 			continue
 		}
 		if err != nil {
-			return nil, st.saveFailed(err)
+			return nil, st.saveFailed(sp, err)
 		}
-		st.saves.Add(1)
+		st.saved()
 		s.tok, s.key, s.hasToken, s.found = t, st.key(t), true, true
 		return st.cookieFor(t, res, now), nil
 	}
-	return nil, st.saveFailed(errSessionCollision)
+	return nil, st.saveFailed(sp, errSessionCollision)
 }
 
 func (s *SessionState) stage(field string, v []byte) {
@@ -1774,11 +1874,15 @@ func destroyArgs(userID string) []string {
 	return []string{"destroy", "0", "0", userID, "0", "0", "0", "0", "0", "0"}
 }
 
-func (st *SessionStore) saveFailed(err error) *sessionFailure {
+// saveFailed handles a save that err failed, whose span is sp (nil: none):
+// a refusal for size is the client's 413; anything else is counted and
+// logged, and answered 503 unless the store degrades.
+func (st *SessionStore) saveFailed(sp *saveSpan, err error) *sessionFailure {
+	sp.fail(err)
 	if errors.Is(err, ErrSessionTooLarge) {
 		return failTooLarge
 	}
-	st.saveErrors.Add(1)
+	st.saveErrored()
 	st.b.log.Error("redisecho: session: save failed", err)
 	if st.cfg.Degrade {
 		return nil
@@ -1797,12 +1901,17 @@ func (st *SessionStore) cookieFor(t token, res saveResult, now time.Time) *sessi
 // index records handle in the user's index before the session is written,
 // so a live session is never missing from it.
 func (st *SessionStore) index(ctx context.Context, userID, handle string, abs, now time.Time) *sessionFailure {
+	return st.indexFor(ctx, nil, userID, handle, abs, now)
+}
+
+// indexFor is index for the save whose span is sp.
+func (st *SessionStore) indexFor(ctx context.Context, sp *saveSpan, userID, handle string, abs, now time.Time) *sessionFailure {
 	idx := st.userKey(userID)
 	err := st.b.Exec(ctx, indexScript, []string{idx}, []string{
 		strconv.FormatInt(now.UnixMilli(), 10), handle, strconv.FormatInt(abs.UnixMilli(), 10),
 	}).Error()
 	if err != nil {
-		return st.saveFailed(err)
+		return st.saveFailed(sp, err)
 	}
 	return nil
 }
@@ -2143,6 +2252,7 @@ func (gs *GorillaStore) New(r *http.Request, name string) (*sessions.Session, er
 		if err != nil {
 			if r.Context().Err() == nil {
 				st.b.log.Error("redisecho: session: load failed", err)
+				st.b.observe(Observation{Kind: ObsSessionError, N: 1})
 			}
 			if st.cfg.Degrade {
 				state.degraded = true
@@ -2158,24 +2268,38 @@ func (gs *GorillaStore) New(r *http.Request, name string) (*sessions.Session, er
 		}
 	}
 	if !found {
-		return s, nil // none, or expired, destroyed or unknown: a new session
+		// None, or expired, destroyed or unknown: a new session.
+		if st.b.obs != nil {
+			st.observeLoad(len(cookies) > 0 && !state.hasToken, false, false)
+		}
+		return s, nil
 	}
 	now := st.b.clock.Now()
 	if st.touchDue(d) {
 		// Reading the session is activity: extend the idle timeout here,
 		// since gorilla applications often Save only when they change it.
-		ctx := context.WithoutCancel(r.Context())
+		ctx, end := st.b.startSpan(context.WithoutCancel(r.Context()), Span{Op: SpanSessionSave})
 		res, err := st.runSave(ctx, st.key(tok), st.key(tok), gs.saveArgs("update", now, 0, false, nil, nil))
 		switch {
 		case errors.Is(err, errSessionGone):
+			end(nil)
 			st.markGone(st.key(tok))
+			if st.b.obs != nil {
+				st.observeLoad(false, false, false) // gone since the read: a new session
+			}
 			return s, nil
 		case err != nil:
+			end(err)
 			st.b.log.Error("redisecho: session: extending the idle timeout failed", err)
+			st.saveErrored()
 		default:
-			st.saves.Add(1)
+			end(nil)
+			st.saved()
 			d.version = max(d.version, res.version)
 		}
+	}
+	if st.b.obs != nil {
+		st.observeLoad(false, true, d.cached)
 	}
 	state.found, state.version, state.absolute = true, d.version, time.UnixMilli(d.absolute)
 	state.remember = d.fields[fRemember] == "1"
@@ -2242,15 +2366,18 @@ func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions
 	// The save outlives a client that disconnects; it keeps its deadline.
 	ctx := context.WithoutCancel(r.Context())
 	now := st.b.clock.Now()
+	var sp saveSpan // started before the first write
+	defer sp.finish()
 
 	if opts.MaxAge < 0 {
 		if state.hasToken {
+			ctx = sp.begin(st.b, ctx)
 			res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), destroyArgs(""))
 			if err != nil {
-				return gs.saveError(err)
+				return gs.saveError(&sp, err)
 			}
 			st.markGone(st.key(state.tok))
-			st.saves.Add(1)
+			st.saved()
 			if res.prevUser != "" {
 				st.unindex(ctx, res.prevUser, state.tok.handle())
 			}
@@ -2278,15 +2405,16 @@ func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions
 			}
 			return nil
 		}
+		ctx = sp.begin(st.b, ctx)
 		res, err := st.runSave(ctx, st.key(state.tok), st.key(state.tok), gs.saveArgs("update", now, 0, true, set, del))
 		switch {
 		case err == nil:
-			st.saves.Add(1)
+			st.saved()
 			gs.saved(state, res, set, del)
 			gs.setCookie(w, s.Name(), gs.st.encodeCookie(s.Name(), state.tok, res.version), opts, gs.maxAge(opts, res.absolute, now))
 			return nil
 		case !errors.Is(err, errSessionGone):
-			return gs.saveError(err)
+			return gs.saveError(&sp, err)
 		}
 		st.markGone(st.key(state.tok))
 		// Expired or destroyed since it was loaded: it is not brought back.
@@ -2309,11 +2437,12 @@ func (gs *GorillaStore) Save(r *http.Request, w http.ResponseWriter, s *sessions
 		}
 		return nil // an empty new session is not stored
 	}
-	return gs.create(ctx, w, s, state, set, opts, now)
+	return gs.create(sp.begin(st.b, ctx), &sp, w, s, state, set, opts, now)
 }
 
-// create stores a new session with set. Callers hold state.mu.
-func (gs *GorillaStore) create(ctx context.Context, w http.ResponseWriter, s *sessions.Session, state *gorillaState, set map[string][]byte, opts *sessions.Options, now time.Time) error {
+// create stores a new session with set; sp is the save's span. Callers
+// hold state.mu.
+func (gs *GorillaStore) create(ctx context.Context, sp *saveSpan, w http.ResponseWriter, s *sessions.Session, state *gorillaState, set map[string][]byte, opts *sessions.Options, now time.Time) error {
 	st := gs.st
 	set[fRemember] = boolField(opts.MaxAge > 0)
 	if state.userAgent != "" {
@@ -2327,9 +2456,9 @@ func (gs *GorillaStore) create(ctx context.Context, w http.ResponseWriter, s *se
 			continue
 		}
 		if err != nil {
-			return gs.saveError(err)
+			return gs.saveError(sp, err)
 		}
-		st.saves.Add(1)
+		st.saved()
 		state.tok, state.hasToken, state.found, state.badCookie, state.rotated = t, true, true, false, false
 		state.snapshot = make(map[string][]byte)
 		gs.saved(state, res, set, nil)
@@ -2338,7 +2467,7 @@ func (gs *GorillaStore) create(ctx context.Context, w http.ResponseWriter, s *se
 		gs.setCookie(w, s.Name(), gs.st.encodeCookie(s.Name(), t, res.version), opts, gs.maxAge(opts, res.absolute, now))
 		return nil
 	}
-	return gs.saveError(errSessionCollision)
+	return gs.saveError(sp, errSessionCollision)
 }
 
 // saveArgs is SessionStore.saveArgs with the normal limits for every
@@ -2451,10 +2580,10 @@ func (gs *GorillaStore) stateOf(r *http.Request, s *sessions.Session) *gorillaSt
 	return nil
 }
 
-// saveError counts and logs a failed save and returns the error for the
-// handler: 413 for a session over MaxSize, 503 otherwise.
-func (gs *GorillaStore) saveError(err error) error {
-	gs.st.saveFailed(err)
+// saveError counts and logs a failed save (its span sp) and returns the
+// error for the handler: 413 for a session over MaxSize, 503 otherwise.
+func (gs *GorillaStore) saveError(sp *saveSpan, err error) error {
+	gs.st.saveFailed(sp, err)
 	if errors.Is(err, ErrSessionTooLarge) {
 		return &echo.HTTPError{Code: http.StatusRequestEntityTooLarge, Message: "session too large", Internal: ErrSessionTooLarge}
 	}

@@ -207,15 +207,19 @@ const (
 	// closing: together, the connection gauge.
 	ObsStreamOpen
 	ObsStreamClose
-	// ObsPublish is an event published to the hub.
+	// ObsPublish is an event published to the hub (Publish, and the
+	// event of a Disconnect).
 	ObsPublish
-	// ObsDeliver counts events queued or replayed to clients. N: how many.
+	// ObsDeliver counts events queued to this instance's clients or
+	// replayed to a resuming one. N: how many (one observation per
+	// fan-out).
 	ObsDeliver
 	// ObsDropSlow is a client disconnected for falling behind.
 	ObsDropSlow
 	// ObsResume is a stream that resumed at least one channel.
 	ObsResume
-	// ObsReset is a reset event sent to a client (its position was lost).
+	// ObsReset is a reset event sent to a client (its position was lost),
+	// one per event whatever the channels it names.
 	ObsReset
 
 	// The job events. Name: the queue. ObsJobStarted's Duration is the

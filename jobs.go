@@ -98,6 +98,9 @@ const (
 	jobBatch = 100
 	// maxClaim bounds the jobs one claim call takes.
 	maxClaim = 16
+	// maxJobTraceBytes bounds the trace context stored with a job
+	// (Tracer.InjectTrace's text): longer text is not stored.
+	maxJobTraceBytes = 1024
 )
 
 // JobState is where a job is.
@@ -365,6 +368,9 @@ func NewQueue(cfg QueueConfig) (*Queue, error) {
 		done: g.Key("done"), dead: g.Key("dead"), marker: g.Key("marker"), meta: g.Key("meta"), reaper: g.Key("reaper"),
 		job: g.Key("j") + ":", unique: g.Key("u") + ":", queues: b.keys.Key("jq", "queues"),
 	}}
+	if so, ok := cfg.Observer.(StateObserver); ok {
+		so.ObserveQueue(q)
+	}
 	return q, nil
 }
 
@@ -490,10 +496,12 @@ local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
 // [6] delay ms, [7] run-at ms (-1: none), [8] timeout ms, [9] backoff,
 // [10] channel, [11] "1" with a unique key, [12] unique TTL ms, [13] "1"
 // when the caller chose the ID (a generated one, 128 random bits, is
-// never checked for).
+// never checked for), [14] the trace context to store ("" for none; at
+// most maxJobTraceBytes, checked by the caller).
 // Returns {"OK", state}, {"EXISTS", state} or {"DUP", holder}.
 // A job's hash leaves out what is empty or zero: attempts, tok, timeout,
-// chan and uniq are written when they are not.
+// chan, uniq and tc (the trace context it was enqueued under, read back
+// by each claim for the attempt's span) are written when they are not.
 var enqueueScript = newPipelinedScript(luaPrelude + `
 if ARGV[13] == '1' then
   local st = redis.call('HGET', KEYS[5], 'state')
@@ -513,6 +521,7 @@ local h = {'type', ARGV[2], 'payload', ARGV[3], 'state', state, 'max', ARGV[4], 
   'score', n(score), 'backoff', ARGV[9], 'created', n(now), 'due', n(due)}
 if ARGV[8] ~= '0' then h[#h + 1] = 'timeout'; h[#h + 1] = ARGV[8] end
 if ARGV[10] ~= '' then h[#h + 1] = 'chan'; h[#h + 1] = ARGV[10] end
+if ARGV[14] ~= '' then h[#h + 1] = 'tc'; h[#h + 1] = ARGV[14] end
 if ARGV[11] == '1' then
   redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[12])
   h[#h + 1] = 'uniq'; h[#h + 1] = KEYS[6]
@@ -553,8 +562,21 @@ func Queues(ctx context.Context, client rueidis.Client, opts Options) ([]string,
 	return b.Do(ctx, key, client.B().Smembers().Key(key).Build()).AsStrSlice()
 }
 
-// enqueueExec builds the script call of one job.
-func (q *Queue) enqueueExec(jobType string, payload any, opts []JobOption) (rueidis.LuaExec, string, *jobOptions, error) {
+// traceText returns ctx's trace context to store with a job: "" without a
+// tracer, or when the tracer's text is over maxJobTraceBytes.
+func (q *Queue) traceText(ctx context.Context) string {
+	if q.b.tracer == nil {
+		return ""
+	}
+	if tc := q.b.tracer.InjectTrace(ctx); len(tc) <= maxJobTraceBytes {
+		return tc
+	}
+	return ""
+}
+
+// enqueueExec builds the script call of one job; tc is the trace context
+// to store with it ("" for none).
+func (q *Queue) enqueueExec(jobType string, payload any, opts []JobOption, tc string) (rueidis.LuaExec, string, *jobOptions, error) {
 	var o jobOptions
 	for _, f := range opts {
 		f(&o)
@@ -606,7 +628,7 @@ func (q *Queue) enqueueExec(jobType string, payload any, opts []JobOption) (ruei
 		Args: []string{o.id, jobType, string(data), strconv.Itoa(o.maxAttempts), strconv.Itoa(o.priority),
 			strconv.FormatInt(max(o.delay.Milliseconds(), 0), 10), strconv.FormatInt(runAt, 10),
 			strconv.FormatInt(max(o.timeout.Milliseconds(), 0), 10), bo.String(), o.channel, hasUnique,
-			strconv.FormatInt(q.cfg.UniqueTTL.Milliseconds(), 10), chosen},
+			strconv.FormatInt(q.cfg.UniqueTTL.Milliseconds(), 10), chosen, tc},
 	}, o.id, &o, nil
 }
 
@@ -636,13 +658,17 @@ func (q *Queue) enqueued(res rueidis.RedisResult, id string, o *jobOptions) (Enq
 // timeout) means it may have been added, so retry with a JobID to make
 // the retry safe.
 func (q *Queue) Enqueue(ctx context.Context, jobType string, payload any, opts ...JobOption) (Enqueued, error) {
-	exec, id, o, err := q.enqueueExec(jobType, payload, opts)
+	exec, id, o, err := q.enqueueExec(jobType, payload, opts, q.traceText(ctx))
 	if err != nil {
 		return Enqueued{}, err
 	}
 	q.register(ctx)
 	res := q.b.ExecMulti(ctx, q.keys.pending, enqueueScript, exec)
-	return q.enqueued(res[0], id, o)
+	e, err := q.enqueued(res[0], id, o)
+	if err == nil && !e.Existing {
+		q.b.observe(Observation{Kind: ObsJobEnqueued, Name: q.cfg.Name, N: 1})
+	}
+	return e, err
 }
 
 // BatchJob is one job of an EnqueueBatch.
@@ -668,8 +694,9 @@ func (q *Queue) EnqueueBatch(ctx context.Context, jobs []BatchJob) ([]BatchResul
 	execs := make([]rueidis.LuaExec, 0, len(jobs))
 	idx := make([]int, 0, len(jobs))
 	opts := make([]*jobOptions, len(jobs))
+	tc := q.traceText(ctx)
 	for i, j := range jobs {
-		exec, id, o, err := q.enqueueExec(j.Type, j.Payload, j.Options)
+		exec, id, o, err := q.enqueueExec(j.Type, j.Payload, j.Options, tc)
 		if err != nil {
 			out[i].Err = err
 			continue
@@ -683,16 +710,23 @@ func (q *Queue) EnqueueBatch(ctx context.Context, jobs []BatchJob) ([]BatchResul
 	}
 	q.register(ctx)
 	var first error
+	var added int64
 	for k, r := range q.b.ExecMulti(ctx, q.keys.pending, enqueueScript, execs...) {
 		i := idx[k]
 		e, err := q.enqueued(r, out[i].ID, opts[i])
 		out[i].Enqueued, out[i].Err = e, err
+		if err == nil && !e.Existing {
+			added++
+		}
 		if err != nil && first == nil {
 			var dup *DuplicateJobError
 			if !errors.As(err, &dup) {
 				first = err
 			}
 		}
+	}
+	if added > 0 {
+		q.b.observe(Observation{Kind: ObsJobEnqueued, Name: q.cfg.Name, N: added})
 	}
 	return out, first
 }
@@ -707,7 +741,10 @@ func (q *Queue) EnqueueBatch(ctx context.Context, jobs []BatchJob) ([]BatchResul
 // and then records the earliest due time left (9e15: none); it returns
 // that time. take claims one popped job under a new lease and token and
 // returns its fields ({id, token, attempt, type, payload, max, timeout,
-// backoff, channel}), or nil when its hash is gone.
+// backoff, channel, wait, trace}), or nil when its hash is gone: wait is
+// its pickup latency in µs, from its "due" (when it became ready: its
+// enqueue, delay or run-at time, or its retry, reap or give-back time) to
+// Redis's now, never negative (waitUs); trace is its "tc" ("" for none).
 const luaTake = `
 local function promote(pending, sched, retry, prefix, meta, nd)
   if nd and tonumber(nd) > now then return tonumber(nd) end
@@ -733,9 +770,14 @@ local function promote(pending, sched, retry, prefix, meta, nd)
   redis.call('HSET', meta, 'nd', n(m))
   return m
 end
+local function waitUs(due, atUs)
+  local d = tonumber(due)
+  if not d then return '0' end
+  return n(math.max(0, atUs - d * 1000))
+end
 local function take(id, prefix, meta, active, leaseMs)
   local jk = prefix .. id
-  local f = redis.call('HMGET', jk, 'tok', 'attempts', 'type', 'payload', 'max', 'timeout', 'backoff', 'chan')
+  local f = redis.call('HMGET', jk, 'tok', 'attempts', 'type', 'payload', 'max', 'timeout', 'backoff', 'chan', 'due', 'tc')
   if not f[3] then return nil end
   -- Tokens come from the queue's counter, not the job's, so that a job
   -- ID used again never hands out a token an earlier job's stale worker
@@ -749,7 +791,8 @@ local function take(id, prefix, meta, active, leaseMs)
   local att = (tonumber(f[2]) or 0) + 1
   redis.call('HSET', jk, 'tok', n(tok), 'attempts', att, 'state', 'active', 'started', n(now))
   redis.call('ZADD', active, n(now + leaseMs), id)
-  return {id, n(tok), tostring(att), f[3], f[4] or '', f[5] or '1', f[6] or '0', f[7] or '', f[8] or ''}
+  return {id, n(tok), tostring(att), f[3], f[4] or '', f[5] or '1', f[6] or '0', f[7] or '', f[8] or '',
+    waitUs(f[9], nowus), f[10] or ''}
 end
 `
 
@@ -811,13 +854,23 @@ func (q *Queue) claim(ctx context.Context, n int, lease time.Duration) (claimed,
 		}
 	}
 	q.stats.started.Add(uint64(len(c.jobs)))
+	if q.b.obs != nil {
+		for _, j := range c.jobs {
+			q.observeStarted(j)
+		}
+	}
 	return c, nil
+}
+
+// observeStarted reports j's claim, with its pickup latency.
+func (q *Queue) observeStarted(j *Job) {
+	q.b.observe(Observation{Kind: ObsJobStarted, Name: q.cfg.Name, N: 1, Duration: j.wait})
 }
 
 // takenJob reads the fields of a job luaTake claimed; nil if malformed.
 func (q *Queue) takenJob(v rueidis.RedisMessage) *Job {
 	f, err := v.AsStrSlice()
-	if err != nil || len(f) != 9 {
+	if err != nil || len(f) != 11 {
 		return nil
 	}
 	tok, _ := strconv.ParseInt(f[1], 10, 64)
@@ -828,9 +881,11 @@ func (q *Queue) takenJob(v rueidis.RedisMessage) *Job {
 	if !ok {
 		bo = q.cfg.Backoff
 	}
+	wait, _ := strconv.ParseInt(f[9], 10, 64)
 	return &Job{
 		ID: f[0], Queue: q.cfg.Name, Type: f[3], Payload: []byte(f[4]), Attempt: att, MaxAttempts: maxAtt,
 		tok: tok, q: q, timeout: time.Duration(tmo) * time.Millisecond, backoff: bo, channel: f[8],
+		wait: time.Duration(max(wait, 0)) * time.Microsecond, trace: f[10],
 	}
 }
 
@@ -963,7 +1018,8 @@ end
 // the job (the script's tag). Returns {"OK"}, {"OK", next job's fields
 // (luaTake)}, {"LOST"} or {"GONE"}. A repeat (the reply was lost) hands
 // back the job the first call claimed, if it is still under that lease
-// (its ID and token are kept in the completed job's "nx").
+// (its ID and token are kept in the completed job's "nx"), its wait
+// measured to its claim ("started"), not to the repeat.
 var completeScript = newPipelinedScript(luaPrelude + luaFence + luaTake + `
 local f = redis.call('HMGET', KEYS[3], 'state', 'tok', 'lt', 'lk', 'attempts', 'started', 'uniq', 'hist', 'nx')
 local st = fenced(f, ARGV[2], 'complete')
@@ -971,10 +1027,12 @@ if st == 'REPEAT' then
   if not f[9] or f[9] == '' then return {'OK'} end
   local id, tok = string.match(f[9], '^(.*):(%d+)$')
   local nk = ARGV[6] .. id
-  local g = redis.call('HMGET', nk, 'state', 'tok', 'attempts', 'type', 'payload', 'max', 'timeout', 'backoff', 'chan')
+  local g = redis.call('HMGET', nk, 'state', 'tok', 'attempts', 'type', 'payload', 'max', 'timeout', 'backoff', 'chan',
+    'due', 'tc', 'started')
   if g[1] ~= 'active' or g[2] ~= tok then return {'OK'} end
   redis.call('ZADD', KEYS[1], 'XX', n(now + tonumber(ARGV[8])), id)
-  return {'OK', {id, tok, g[3], g[4], g[5] or '', g[6] or '1', g[7] or '0', g[8] or '', g[9] or ''}}
+  return {'OK', {id, tok, g[3], g[4], g[5] or '', g[6] or '1', g[7] or '0', g[8] or '', g[9] or '',
+    waitUs(g[10], (tonumber(g[12]) or now) * 1000), g[11] or ''}}
 end
 if st ~= 'OK' then return {st} end
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -1043,6 +1101,7 @@ func (q *Queue) complete(ctx context.Context, id string, tok int64, result []byt
 	j := q.takenJob(vals[1])
 	if j != nil {
 		q.stats.started.Add(1)
+		q.observeStarted(j)
 	}
 	return j, nil
 }
@@ -1150,7 +1209,8 @@ func (q *Queue) progress(ctx context.Context, id string, tok int64, value []byte
 	return scriptStatus(res, fenceStatuses)
 }
 
-// giveBackScript returns a job at shutdown, without counting the attempt.
+// giveBackScript returns a job at shutdown, without counting the attempt;
+// it is due again from now (its next claim's wait counts from here).
 //
 // KEYS[1] active, KEYS[2] pending, KEYS[3] marker, KEYS[4] the job's hash.
 // ARGV[1] id, ARGV[2] token. Returns "OK", "LOST" or "GONE".
@@ -1160,7 +1220,7 @@ if st == 'REPEAT' then return 'OK' end
 if st ~= 'OK' then return st end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'attempts', -1)
-redis.call('HSET', KEYS[4], 'state', 'pending', 'lt', ARGV[2], 'lk', 'giveback')
+redis.call('HSET', KEYS[4], 'state', 'pending', 'lt', ARGV[2], 'lk', 'giveback', 'due', n(now))
 redis.call('ZADD', KEYS[2], redis.call('HGET', KEYS[4], 'score'), ARGV[1])
 redis.call('ZADD', KEYS[3], 0, 'w')
 return 'OK'
@@ -1175,7 +1235,7 @@ func (q *Queue) giveBack(ctx context.Context, id string, tok int64) error {
 }
 
 // reapScript returns the jobs whose lease expired, at most 100, once per
-// interval whoever calls it.
+// interval whoever calls it; a job put back is due again from now.
 //
 // KEYS[1] the reaper lock, KEYS[2] active, KEYS[3] pending, KEYS[4] dead,
 // KEYS[5] marker. ARGV[1] interval ms, [2] stall limit, [3] the prefix of
@@ -1202,7 +1262,7 @@ for _, id in ipairs(ids) do
       finish(KEYS[4], jk, id, tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[3])
       dead = dead + 1
     else
-      redis.call('HSET', jk, 'state', 'pending', 'error', 'lease expired')
+      redis.call('HSET', jk, 'state', 'pending', 'error', 'lease expired', 'due', n(now))
       redis.call('ZADD', KEYS[3], redis.call('HGET', jk, 'score'), id)
       redis.call('ZADD', KEYS[5], 0, 'w')
     end
@@ -1226,6 +1286,10 @@ func (q *Queue) reap(ctx context.Context, interval time.Duration, stallLimit int
 	if vals[0] > 0 {
 		q.stats.reaped.Add(uint64(vals[0]))
 		q.stats.dead.Add(uint64(vals[1]))
+		q.b.observe(Observation{Kind: ObsJobReaped, Name: q.cfg.Name, N: vals[0]})
+		if vals[1] > 0 {
+			q.b.observe(Observation{Kind: ObsJobDead, Name: q.cfg.Name, N: vals[1]})
+		}
 	}
 	return int(vals[0]), int(vals[1]), nil
 }
@@ -1580,6 +1644,8 @@ type Job struct {
 	timeout time.Duration
 	backoff Backoff
 	channel string
+	wait    time.Duration // pickup latency
+	trace   string        // the trace context it was enqueued under
 }
 
 // Decode decodes the payload into v through the queue's Codec (a *[]byte
@@ -1789,6 +1855,7 @@ type runningJob struct {
 func (wq *workerQueue) loseLease(r *runningJob) {
 	if r.lost.CompareAndSwap(false, true) {
 		wq.q.stats.leasesLost.Add(1)
+		wq.q.b.observe(Observation{Kind: ObsJobLeaseLost, Name: wq.q.cfg.Name, N: 1})
 	}
 	r.cancel(ErrLeaseLost)
 }
@@ -2066,20 +2133,35 @@ func (wq *workerQueue) call(ctx context.Context, j *Job) (res any, err error) {
 	return wq.w.cfg.Handler.ProcessJob(ctx, j)
 }
 
-// run runs one attempt and records its outcome.
+// run runs one attempt and records its outcome, under the attempt's span
+// (the Tracer's, when there is one), ended with the attempt's error: nil
+// once its completion is recorded.
 func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 	w, j, q := wq.w, r.job, wq.q
-	hctx := ctx
+	sctx, end := q.b.startSpan(ctx, Span{Op: SpanJobAttempt, Name: q.cfg.Name, JobType: j.Type, JobID: j.ID, Attempt: j.Attempt, Link: j.trace})
+	var spanErr error
+	defer func() { end(spanErr) }()
+	hctx := sctx
 	if j.timeout > 0 {
 		var cancel context.CancelFunc
-		hctx, cancel = context.WithTimeoutCause(ctx, j.timeout, errJobTimeout)
+		hctx, cancel = context.WithTimeoutCause(sctx, j.timeout, errJobTimeout)
 		defer cancel()
 	}
+	var began time.Time
+	if q.b.obs != nil {
+		began = time.Now()
+	}
 	res, err := wq.call(hctx, j)
+	var ran time.Duration
+	if q.b.obs != nil {
+		ran = time.Since(began)
+	}
 	if r.settled.Swap(true) {
+		spanErr = errWorkerShutdown
 		return // Shutdown gave it back
 	}
 	if errors.Is(context.Cause(ctx), ErrLeaseLost) {
+		spanErr = ErrLeaseLost
 		return // another worker has it; nothing of this attempt applies
 	}
 	var data []byte
@@ -2094,7 +2176,7 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 		// busy, and no claim script's fixed cost.
 		var next *Job
 		var sent time.Time
-		if wq.transition(r, func(ctx context.Context) error {
+		spanErr = wq.transition(r, func(ctx context.Context) error {
 			var e error
 			sent = time.Now()
 			claim := w.stop.Err() == nil
@@ -2103,8 +2185,10 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 			}
 			next, e = q.complete(ctx, j.ID, j.tok, data, claim, w.cfg.Lease)
 			return e
-		}) == nil {
+		})
+		if spanErr == nil {
 			q.stats.completed.Add(1)
+			q.b.observe(Observation{Kind: ObsJobCompleted, Name: q.cfg.Name, N: 1, Duration: ran})
 			if next != nil {
 				wq.start(next, sent) // before this run's done: the slot passes on
 			}
@@ -2115,6 +2199,7 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 	if errors.Is(context.Cause(hctx), errJobTimeout) && !errors.Is(err, errJobTimeout) {
 		err = fmt.Errorf("timeout after %v: %w", j.timeout, err)
 	}
+	spanErr = err
 	unknown := errors.Is(err, ErrNoJobHandler)
 	delay := w.cfg.UnknownTypeDelay
 	if !unknown {
@@ -2132,13 +2217,16 @@ func (wq *workerQueue) run(ctx context.Context, r *runningJob) {
 	}
 	if !unknown {
 		q.stats.failed.Add(1)
+		q.b.observe(Observation{Kind: ObsJobFailed, Name: q.cfg.Name, N: 1, Duration: ran})
 	}
 	w.emit(j, JobEvent{Kind: "failed", WillRetry: retry, RetryAt: at, Error: err.Error()})
 	if retry {
 		q.stats.retried.Add(1)
+		q.b.observe(Observation{Kind: ObsJobRetried, Name: q.cfg.Name, N: 1})
 		return
 	}
 	q.stats.dead.Add(1)
+	q.b.observe(Observation{Kind: ObsJobDead, Name: q.cfg.Name, N: 1})
 	w.emit(j, JobEvent{Kind: "dead", Error: err.Error()})
 }
 

@@ -154,19 +154,25 @@ type ObsKind uint8
 const (
 	obsNone ObsKind = iota
 
-	// ObsSessionLoad is a session read by the middleware. Result:
-	// ResultMemory (served from process memory, client-side caching),
-	// ResultRedis (a round trip), ResultNew (no cookie, or no session
-	// behind it) or ResultInvalid (a cookie that failed its signature or
-	// format check: a new session was started).
+	// ObsSessionLoad is a session read, by the middleware (native or
+	// Express mode) or the gorilla store. Reads are lazy: a request whose
+	// handler never uses its session reports none. Result: ResultMemory
+	// (served from process memory, client-side caching), ResultRedis (a
+	// round trip), ResultNew (no cookie, or no session behind it) or
+	// ResultInvalid (cookies that all failed their signature or format
+	// check: a new session was started).
 	ObsSessionLoad
-	// ObsSessionSave is a session write. Result: ResultOK or ResultError.
+	// ObsSessionSave is a session write: a save, a login's, a regeneration
+	// or a touch (the idle-timeout extension a read may write). Result:
+	// ResultOK or ResultError. A value refused as too large (413) is
+	// neither.
 	ObsSessionSave
 	// ObsSessionStaleBypass is a read whose cached copy was older than
 	// the client's cookie, so it went to Redis (read-your-writes).
 	ObsSessionStaleBypass
 	// ObsSessionError is a session read that Redis failed (the request
-	// answered 503, or went on without a session where the policy says so).
+	// answered 503, or went on without a session where the policy says
+	// so); not one whose client had already gone. It is no ObsSessionLoad.
 	ObsSessionError
 
 	// ObsCacheRequest is one request the response cache answered, or one
@@ -357,8 +363,8 @@ func (p Path) String() string {
 
 // Tracer is an Observer that also records spans. The library starts one for
 // each job attempt (linked to the span of the request that enqueued the
-// job), each cache fill and each session save; never for a cache hit or a
-// session read. A plain Observer that does not implement it costs nothing
+// job), each cache fill and each session write (a touch included); never
+// for a cache hit or a session read that writes nothing. A plain Observer that does not implement it costs nothing
 // here.
 type Tracer interface {
 	// StartSpan starts a span under ctx's span and returns the context

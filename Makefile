@@ -11,12 +11,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZTIME ?= 10000x
 FUZZERS := FuzzGroupKeysShareSlot FuzzDecodeCookieNeverPanics FuzzDecodeEntryNeverPanics FuzzJSONCodecMatchesEncodingJSON FuzzLimiterKeys FuzzDecodeStreamID
 
-.PHONY: test redis-server node wrk fmt vet staticcheck unit fuzz build bench e2e
+.PHONY: test redis-server node wrk fmt deps vet staticcheck unit fuzz build bench e2e
 
 ## test: everything CI runs (installs redis-server, Node.js and npm when
 ## missing: the Express migration tests run the real express-session and
 ## connect-redis, installed with `npm ci` from internal/expressapp's lock).
-test: redis-server node fmt vet staticcheck unit fuzz build e2e
+test: redis-server node fmt deps vet staticcheck unit fuzz build e2e
 
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -32,20 +32,27 @@ wrk:
 fmt:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 
-# The example, the benchmarks and the browser test are modules of their own
-# (example/, bench/, e2e/), so that users of redisecho never download what
-# only they need: each target runs in all four.
+# The OpenTelemetry bridge, the example, the benchmarks and the browser test
+# are modules of their own (otel/, example/, bench/, e2e/), so that users of
+# redisecho never download what only they need: each target runs in all five.
+MODULES := otel example bench e2e
+
+## deps: the library's go.mod requires none of what only the bridge, the
+## example, the benchmarks or the browser test need, and a build of the
+## library compiles none of it (echo-contrib, a test dependency, brings
+## client_golang into the module graph; nothing of it is built).
+FOREIGN := opentelemetry|prometheus|chromedp|miniredis|hibiken/asynq|go-redis|alexedwards/scs|boj/redistore
+deps:
+	@bad=$$(grep -E '$(FOREIGN)' go.mod; go list -deps . | grep -E '$(FOREIGN)'); \
+	if [ -n "$$bad" ]; then echo "the library must not need:"; echo "$$bad"; exit 1; fi; echo "deps: go.mod and the library's build are free of $(FOREIGN)"
+
 vet:
 	go vet ./...
-	cd example && go vet ./...
-	cd bench && go vet ./...
-	cd e2e && go vet ./...
+	@for m in $(MODULES); do echo "go vet ($$m)"; (cd $$m && go vet ./...) || exit 1; done
 
 staticcheck:
 	go run $(STATICCHECK) ./...
-	cd example && go run $(STATICCHECK) ./...
-	cd bench && go run $(STATICCHECK) ./...
-	cd e2e && go run $(STATICCHECK) ./...
+	@for m in $(MODULES); do echo "staticcheck ($$m)"; (cd $$m && go run $(STATICCHECK) ./...) || exit 1; done
 
 ## unit: the whole suite with the race detector, on a standalone server and a
 ## 3-master cluster that the tests start themselves: the library's (with the
@@ -53,6 +60,7 @@ staticcheck:
 ## the benchmarks' own tests (tiny smoke runs of the realtime and queue benchmarks).
 unit:
 	go test -race -count=1 ./...
+	cd otel && go test -race -count=1 ./...
 	cd example && go test -race -count=1 ./...
 	cd bench && go test -count=1 ./...
 

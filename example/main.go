@@ -134,6 +134,9 @@ type config struct {
 	timeouts       timeouts
 	jobWorkers     int
 	jobLease       time.Duration
+	// metrics is what GET /metrics serves (metrics.go): made by run, so
+	// that the boot app serves it too; newAppParts makes one when nil.
+	metrics *metrics
 }
 
 // expressSessions is the Express mode's configuration.
@@ -319,9 +322,10 @@ func redisOption(cfg config, logger *slog.Logger) (opt rueidis.ClientOption, sto
 // until the full app takes over, so a load balancer never routes requests
 // to an app that would refuse them. It reads no request body, so it needs
 // no body limit: the server discards what a client sends.
-func newBootApp(holder *redisecho.ClientHolder) *echo.Echo {
+func newBootApp(holder *redisecho.ClientHolder, m *metrics) *echo.Echo {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
+	m.mount(e)
 	ready := redisecho.ReadinessWithConfig(redisecho.ReadinessConfig{Holder: holder})
 	health := func(c echo.Context) error {
 		// Once the client exists the full app is on its way: "starting",
@@ -381,7 +385,16 @@ func newAppParts(client rueidis.Client, cfg config, logger *slog.Logger) (*echo.
 	probe(e, "/health", redisecho.Readiness(client))
 	probe(e, "/livez", redisecho.Liveness())
 
-	opts := redisecho.Options{Logger: logger}
+	if cfg.metrics == nil {
+		m, err := newMetrics()
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		cfg.metrics = m
+	}
+	// /metrics sits outside the /api limiter: a scraper is not a client.
+	cfg.metrics.mount(e)
+	opts := redisecho.Options{Logger: logger, Observer: cfg.metrics.obs}
 	var sessions echo.MiddlewareFunc
 	var err error
 	if x := cfg.express; x != nil {
@@ -514,6 +527,9 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 	}
 	defer stopRedis()
 
+	if cfg.metrics, err = newMetrics(); err != nil {
+		return err
+	}
 	holder := redisecho.NewClientHolder(opt)
 	holder.Start()
 	defer holder.Close()
@@ -521,7 +537,7 @@ func run(ctx context.Context, lookup lookupEnv, logger *slog.Logger, listening c
 
 	// Until Redis answers, a boot app serves; then the full app takes over.
 	var handler atomic.Pointer[http.Handler]
-	var boot http.Handler = newBootApp(holder)
+	var boot http.Handler = newBootApp(holder, cfg.metrics)
 	handler.Store(&boot)
 	tm := cfg.timeouts
 	srv := &http.Server{

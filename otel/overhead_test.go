@@ -7,7 +7,9 @@ package otelredisecho
 //
 // Each case runs a real request through an Echo app on the suite's
 // standalone Redis, with no observer ("none") and with this bridge over an
-// SDK meter provider with a manual reader ("otel").
+// SDK meter provider with a manual reader ("otel"). OVERHEAD_NOOBS=1 gives
+// the "otel" app no observer: the check that the two apps differ in
+// nothing else.
 
 import (
 	"context"

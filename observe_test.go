@@ -214,7 +214,7 @@ func TestBreakerObserverAndLogger(t *testing.T) {
 	}
 	require.Equal(t, []string{"open", "half-open", "closed"}, got)
 
-	// An abandoned probe puts the scope back to open without a change event.
+	// An abandoned probe puts the scope back to open, and says so.
 	for range 2 {
 		b.allow(n)
 		b.record(n, unhealthy)
@@ -224,7 +224,8 @@ func TestBreakerObserverAndLogger(t *testing.T) {
 	b.record(n, unknown)
 	require.Equal(t, BreakerOpen, b.State(n.scope))
 	require.Equal(t, "half-open", rec.of(ObsBreakerChange)[4].Result.String())
-	require.Len(t, rec.of(ObsBreakerChange), 5)
+	require.Equal(t, "open", rec.of(ObsBreakerChange)[5].Result.String())
+	require.Len(t, rec.of(ObsBreakerChange), 6)
 
 	// The breaker BreakerFor shares takes the first feature's logger and
 	// observer that are set; later ones do not replace them.

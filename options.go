@@ -1474,9 +1474,11 @@ func (b *Breaker) record(n *breakerNode, o outcome) {
 		}
 	case unknown:
 		// A probe whose caller gave up proves nothing: let the next call
-		// probe (no ObsBreakerChange: nothing failed).
+		// probe. The scope is open again, and says so (ObsBreakerChange),
+		// though n.opened does not count it: nothing failed.
 		if n.state.CompareAndSwap(int32(BreakerHalfOpen), int32(BreakerOpen)) {
 			n.since.Store(0)
+			b.changed(n.scope, BreakerOpen)
 		}
 	}
 }

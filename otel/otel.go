@@ -305,12 +305,20 @@ func (o *Observer) Observe(ob redisecho.Observation) {
 
 // attrs returns the options of k's attribute set, building it on first use.
 func (o *Observer) attrs(k setKey) *attrs {
-	if a, ok := (*o.sets.Load())[k]; ok {
+	cur := *o.sets.Load()
+	if a, ok := cur[k]; ok {
 		return a
+	}
+	if len(cur) >= MaxAttributeSets {
+		// Past the bound: the overflow set, without the lock.
+		k.name, k.group = "_other", ""
+		if a, ok := cur[k]; ok {
+			return a
+		}
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	cur := *o.sets.Load()
+	cur = *o.sets.Load()
 	if a, ok := cur[k]; ok {
 		return a
 	}

@@ -800,7 +800,8 @@ end
 //
 // KEYS[1] pending, KEYS[2] scheduled, KEYS[3] retry, KEYS[4] active,
 // KEYS[5] marker, KEYS[6] meta. ARGV[1] n, ARGV[2] lease ms, ARGV[3] the
-// prefix of job hashes (+ ID: the script's tag).
+// prefix of job hashes (+ ID: the script's tag), ARGV[4] "1" to put a
+// wake-up back on the marker (rearm: after an abandoned wait).
 // Returns {now, next due or -1, {job fields (luaTake)}...}.
 var claimScript = newPipelinedScript(luaPrelude + luaTake + `
 local m = redis.call('HMGET', KEYS[6], 'paused', 'nd')
@@ -816,6 +817,7 @@ if not m[1] then
   -- More left: keep the marker up for the other workers.
   if #popped == 2 * want and redis.call('ZCARD', KEYS[1]) > 0 then redis.call('ZADD', KEYS[5], 0, 'w') end
 end
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[5], 0, 'w') end
 local nd = -1
 if due < 9e15 then nd = due end
 return {n(now), n(nd), out}
@@ -830,9 +832,28 @@ type claimed struct {
 
 // claim takes up to n ready jobs with a lease, after promoting due ones.
 func (q *Queue) claim(ctx context.Context, n int, lease time.Duration) (claimed, error) {
+	return q.claimRearm(ctx, n, lease, false)
+}
+
+// claimRearm is claim that, with rearm, also puts a wake-up on the marker.
+//
+// A worker rearms after it abandoned a wait (its due timer fired, or the
+// call's deadline passed). The abandoned BZPOPMIN stays blocked in Redis
+// until rueidis's CLIENT UNBLOCK, sent asynchronously, reaches the server;
+// until then it may pop the wake-up of an enqueue or a retry made after
+// this claim, and the worker's next wait would sleep its whole server
+// timeout with work ready. The rearmed wake-up is eaten by the abandoned
+// call if it is still blocked, so a later one reaches the next wait; if
+// the abandoned call is already gone, the next wait returns at once and
+// costs one empty claim.
+func (q *Queue) claimRearm(ctx context.Context, n int, lease time.Duration, rearm bool) (claimed, error) {
+	ra := "0"
+	if rearm {
+		ra = "1"
+	}
 	res := q.b.ExecMulti(ctx, q.keys.pending, claimScript, rueidis.LuaExec{
 		Keys: []string{q.keys.pending, q.keys.scheduled, q.keys.retry, q.keys.active, q.keys.marker, q.keys.meta},
-		Args: []string{strconv.Itoa(n), strconv.FormatInt(lease.Milliseconds(), 10), q.keys.job},
+		Args: []string{strconv.Itoa(n), strconv.FormatInt(lease.Milliseconds(), 10), q.keys.job, ra},
 	})[0]
 	vals, err := res.ToArray()
 	if err != nil {
@@ -2034,6 +2055,7 @@ func (wq *workerQueue) fetch() {
 		errWait = min(errWait*2, maxFetchErrBackoff)
 		return ok
 	}
+	rearm := false // the last wait was abandoned: see claimRearm
 	for w.stop.Err() == nil {
 		idle := wq.idle()
 		if idle <= 0 {
@@ -2046,7 +2068,7 @@ func (wq *workerQueue) fetch() {
 		}
 		want := min(idle, maxClaim)
 		sent := time.Now()
-		c, err := wq.q.claim(context.Background(), want, w.cfg.Lease)
+		c, err := wq.q.claimRearm(context.Background(), want, w.cfg.Lease, rearm)
 		if err != nil {
 			if !fail("claim", err) {
 				return
@@ -2054,6 +2076,7 @@ func (wq *workerQueue) fetch() {
 			continue
 		}
 		errWait = 50 * time.Millisecond
+		rearm = false
 		for _, j := range c.jobs {
 			wq.start(j, sent)
 		}
@@ -2075,6 +2098,9 @@ func (wq *workerQueue) fetch() {
 			timer.Stop()
 		}
 		cancel()
+		// Any error but the server's timeout (nil) means the call was
+		// abandoned, possibly while still blocked in Redis.
+		rearm = err != nil
 		if err != nil && waitCtx.Err() == nil {
 			if !fail("wait", err) {
 				return

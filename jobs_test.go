@@ -392,6 +392,63 @@ func TestRetriesBackoffAndDead(t *testing.T) {
 	})
 }
 
+// TestRearmAfterAbandonedWait: a wait the worker abandoned stays blocked
+// in Redis until CLIENT UNBLOCK reaches it, and may eat the wake-up of an
+// enqueue made meanwhile. The claim after it rearms the marker, so the
+// next wait still sees the enqueue. A second client's BZPOPMIN plays the
+// abandoned call.
+func TestRearmAfterAbandonedWait(t *testing.T) {
+	forEachTopology(t, func(t *testing.T, r *testRedis) {
+		for _, tt := range []struct {
+			name  string
+			rearm bool
+			woken bool
+		}{
+			{"without rearm the enqueue's wake-up is lost", false, false},
+			{"with rearm the next wait sees the enqueue", true, true},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				ctx := context.Background()
+				q := newTestQueue(t, r, r.Client(), fmt.Sprint("rearm", tt.rearm))
+				name := fmt.Sprint("rearm-ghost-", tt.rearm)
+				ghost := r.Client(func(o *rueidis.ClientOption) { o.ClientName = name })
+				popped := make(chan rueidis.RedisResult, 1)
+				go func() {
+					gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+					defer cancel()
+					popped <- ghost.Do(gctx, ghost.B().Bzpopmin().Key(q.keys.marker).Timeout(5).Build())
+				}()
+				// The ghost is blocked in Redis before the claim.
+				require.Eventually(t, func() bool {
+					for _, node := range ghost.Nodes() {
+						list, err := node.Do(ctx, node.B().ClientList().Build()).ToString()
+						for _, line := range strings.Split(list, "\n") {
+							if err == nil && strings.Contains(line, "name="+name+" ") && strings.Contains(line, "cmd=bzpopmin") {
+								return true
+							}
+						}
+					}
+					return false
+				}, 5*time.Second, 10*time.Millisecond, "the ghost never blocked")
+				c, err := q.claimRearm(ctx, 1, time.Minute, tt.rearm)
+				require.NoError(t, err)
+				require.Empty(t, c.jobs)
+				_, err = q.Enqueue(ctx, "t", nil)
+				require.NoError(t, err)
+				select {
+				case res := <-popped:
+					require.NoError(t, res.Error(), "the ghost took a wake-up")
+				case <-time.After(5 * time.Second):
+					t.Fatal("the ghost was never woken")
+				}
+				woken, err := q.wait(ctx, 300*time.Millisecond)
+				require.NoError(t, err)
+				require.Equal(t, tt.woken, woken)
+			})
+		}
+	})
+}
+
 // TestDelayedJobsOnTime: an idle worker starts a delayed job, and a retry,
 // close to its due time, without polling.
 func TestDelayedJobsOnTime(t *testing.T) {
